@@ -1,0 +1,74 @@
+"""Checkpoints: model weights (safetensors) + tokenizer + optimizer state + step, written atomically.
+
+Layout: `<checkpoints_dir>/step-000003/` holding the Hugging Face model files
+(`model.safetensors`, `config.json`), the tokenizer files, `optimizer.pt` and
+`trainer_state.json` ({"step": 3, ...}). A checkpoint is written into a temporary sibling
+folder and renamed into place, so a folder named `step-*` is always complete. The folder
+loads with `load_policy` like any Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rl_core.policy import Policy, load_policy, save_policy
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def checkpoint_dir(checkpoints_dir: str | Path, step: int) -> Path:
+    return Path(checkpoints_dir) / f"step-{step:06d}"
+
+
+def save_checkpoint(
+    checkpoints_dir: str | Path, policy: Policy, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any] | None = None
+) -> Path:
+    """Save the policy at its current version; returns the checkpoint folder. Refuses to overwrite."""
+    final = checkpoint_dir(checkpoints_dir, policy.version)
+    if final.exists():
+        raise FileExistsError(f"checkpoint {final} already exists")
+    temp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        save_policy(policy, temp)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), temp / OPTIMIZER_FILE)
+        state = {"step": policy.version, **(extra or {})}
+        (temp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        for path in temp.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(temp, final)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, **policy_kwargs: Any) -> tuple[Policy, dict[str, Any]]:
+    """Load a checkpoint's policy (version = its step) and its trainer state."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.exists():
+        raise FileNotFoundError(f"{path} is not a Turnstile checkpoint (no {STATE_FILE})")
+    state = json.loads(state_file.read_text())
+    policy = load_policy(path, **policy_kwargs)
+    policy.version = int(state["step"])
+    return policy, state
+
+
+def restore_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer state saved in checkpoint `path` into `optimizer` (built over the loaded policy)."""
+    optimizer.load_state_dict(torch.load(Path(path) / OPTIMIZER_FILE, weights_only=True))
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    """The highest-step complete checkpoint folder, or None."""
+    folders = sorted(Path(checkpoints_dir).glob("step-[0-9]*[0-9]"))
+    return folders[-1] if folders else None

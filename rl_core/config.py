@@ -1,0 +1,163 @@
+"""The run configuration: one typed, validated `RunConfig` loaded from YAML.
+
+Every field has a one-line description. Bad values and bad combinations are rejected when
+the config is built, and the error names the field (pydantic's `ValidationError` lists
+the dotted location, e.g. `rollout.max_turns`). `load_config(path, overrides)` reads a YAML
+file and applies `section.field=value` overrides (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rl_core.paths import DATA_DIR, REPO_ROOT
+
+DEFAULT_CONFIG_PATH = DATA_DIR / "configs" / "quickstart.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PolicyConfig(_Section):
+    path: str = Field("data/checkpoints/reference", description="Hugging Face causal LM directory (or hub id when online) to start from; relative paths are resolved against the repository root.")
+    context_window: int = Field(768, gt=0, description="Longest episode in tokens (prompt + all turns); must not exceed the model's maximum positions.")
+    chat_format: Literal["turnstile", "chatml"] = Field("turnstile", description="Role markers around turns: Turnstile's own special tokens, or ChatML (<|im_start|>role ... <|im_end|>) for models trained on it.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype for training and generation.")
+    device: str = Field("cpu", description="Torch device for the policy: cpu, cuda, cuda:1 ...")
+
+
+class EnvironmentConfig(_Section):
+    domains: list[str] = Field(default_factory=lambda: ["refunds", "inventory", "access"], min_length=1, description="Built-in SOP domain names, or 'package.module:Class' paths of your own Environment classes.")
+    domains_dir: str | None = Field(None, description="Folder holding SOP domains; default: the shipped data/domains.")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to environment classes given by class path.")
+    prompt_tokens: int = Field(192, gt=0, description="Budget for the prompt (system + task) in tokens; longer prompts end the episode as context_overflow.")
+    expected_tool_output: int = Field(40, ge=0, description="Tokens budgeted per environment turn (tool result plus role markers).")
+    train_split: str = Field("train", description="Split the training tasks come from.")
+
+
+class RolloutConfig(_Section):
+    group_size: int = Field(8, ge=1, le=64, description="Episodes sampled per task (one group); 2-32 in practice.")
+    global_batch_size: int = Field(32, ge=1, description="Episodes per iteration (tasks per batch x group_size); 128 in production, 32 for debugging.")
+    max_turns: int = Field(6, ge=1, description="Policy turns before an unanswered episode ends as max_turns.")
+    max_tokens_per_turn: int = Field(40, ge=1, description="Token cap for one policy turn; hitting it ends the episode as token_cap.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for training rollouts (0 = greedy).")
+    timeout_s: float = Field(600.0, gt=0, description="Wall-clock limit for one episode; past it the episode ends as timeout.")
+    max_retries: int = Field(3, ge=0, description="Retries of an environment step that raised before the episode ends as env_error.")
+    generation_batch_size: int = Field(256, ge=1, description="Most sequences generated in one batched forward pass.")
+
+
+class AlgorithmConfig(_Section):
+    advantage_method: Literal["group_based"] = Field("group_based", description="How advantages are computed from rewards: group_based = GRPO (reward minus group mean).")
+    normalize_advantage_std: bool = Field(True, description="GRPO: divide by the group's reward standard deviation.")
+    loss_fn: Literal["ppo"] = Field("ppo", description="Policy loss: ppo = clipped surrogate over the ratio pi_new/pi_old.")
+    clip_low_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Lower bound on the ratio pi_new/pi_old (PPO 0.8; CISPO usually 1.0).")
+    clip_high_threshold: float = Field(1.2, ge=1.0, description="Upper bound on the ratio pi_new/pi_old (PPO 1.2; CISPO usually 6.0).")
+    max_steps_off_policy: int = Field(3, ge=0, description="Rollouts sampled by a policy more than this many optimizer steps old are dropped (0 = synchronous).")
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    micro_batch_size: int = Field(16, ge=1, description="Episodes per forward/backward pass; gradients accumulate to one step per iteration.")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimizerConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optimizer.betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class EvaluationConfig(_Section):
+    split: str = Field("heldout", description="Split evaluated; its tasks never appear in training.")
+    max_tasks: int | None = Field(None, ge=1, description="Evaluate only the first N tasks per environment (None = all).")
+    val_every: int = Field(5, ge=1, description="Evaluate every this many training steps (and at step 0 and the end).")
+    pass_k: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1, description="k values for pass@k and pass^k from sampled groups.")
+    num_samples: int = Field(8, ge=1, description="Samples per task for pass@k; must be >= the largest k.")
+    sample_temperature: float = Field(1.0, gt=0.0, description="Temperature of the sampled groups (pass@1 itself is greedy).")
+    success_threshold: float = Field(1.0, description="Reward at or above which an episode is a success.")
+
+    @model_validator(mode="after")
+    def _samples_cover_k(self) -> "EvaluationConfig":
+        if max(self.pass_k) > self.num_samples:
+            raise ValueError(f"evaluation.num_samples ({self.num_samples}) must be >= the largest evaluation.pass_k ({max(self.pass_k)})")
+        if min(self.pass_k) < 1:
+            raise ValueError("evaluation.pass_k values must be >= 1")
+        return self
+
+
+class StorageConfig(_Section):
+    run_dir: str = Field("runs", description="Folder for all runtime output (trajectories, checkpoints, tracking); relative to the working directory.")
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this run; generated from the time when empty.")
+
+
+class RunConfig(_Section):
+    """Everything one training run needs."""
+
+    seed: int = Field(0, description="Seed for sampling, data order and initialisation.")
+    iterations: int = Field(10, ge=1, description="Training iterations (collect -> write -> train) to run.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "RunConfig":
+        r, e, p = self.rollout, self.environment, self.policy
+        if r.global_batch_size % r.group_size:
+            raise ValueError(f"rollout.global_batch_size ({r.global_batch_size}) must be a multiple of rollout.group_size ({r.group_size})")
+        budget = r.max_turns * (r.max_tokens_per_turn + e.expected_tool_output) + e.prompt_tokens
+        if budget > p.context_window:
+            raise ValueError(
+                "context budget exceeded: rollout.max_turns * (rollout.max_tokens_per_turn + "
+                "environment.expected_tool_output) + environment.prompt_tokens = "
+                f"{r.max_turns} * ({r.max_tokens_per_turn} + {e.expected_tool_output}) + {e.prompt_tokens} = {budget} "
+                f"> policy.context_window ({p.context_window})"
+            )
+        return self
+
+    @property
+    def tasks_per_batch(self) -> int:
+        return self.rollout.global_batch_size // self.rollout.group_size
+
+    def resolved_policy_path(self) -> str:
+        """The policy path, resolved against the repository root when it is a relative local path."""
+        candidate = REPO_ROOT / self.policy.path
+        return str(candidate) if not Path(self.policy.path).is_absolute() and candidate.exists() else self.policy.path
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a nested dict (value parsed as YAML). Raises ValueError on bad syntax."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form section.field=value")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from YAML (default: data/configs/quickstart.yaml) plus overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return RunConfig.model_validate(apply_overrides(data, overrides or []))

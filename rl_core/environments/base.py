@@ -1,0 +1,87 @@
+"""The environment interface every Turnstile environment implements.
+
+An `Environment` owns a set of tasks and a system prompt; `start(task)` opens an
+`EnvSession` for one episode. The rollout engine hands the session the decoded text of
+each policy turn and gets back a `StepResult`: either an observation to show the policy
+(the episode goes on) or `done=True` with the final reward.
+
+Contract for implementers (including user environments loaded by class path):
+- `step` must not raise for bad policy output; malformed actions become error
+  observations. An exception from `step` is treated as an environment fault: the rollout
+  engine retries the same step and records `env_error` when retries run out.
+- `finish()` scores an episode that ended without the environment saying done
+  (max turns, token cap, context overflow); it must not raise either.
+- Rewards are plain floats; `reward_components` holds their logged parts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prompt the policy must solve. `expected` is the reference output (may be empty)."""
+
+    task_id: str
+    env_name: str
+    split: str
+    prompt: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+    expected: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """What the environment answers to one policy turn.
+
+    observation: text to show the policy next (None when done).
+    done: the episode is over; `reward`/`reward_components` are final.
+    finish_reason: when done, why (`answered` for a final answer, `parse_error` if the
+        environment gives up on unparseable output).
+    tool_name / tool_ok: the tool the turn called, and whether the call succeeded.
+    """
+
+    observation: str | None
+    done: bool = False
+    reward: float = 0.0
+    reward_components: dict[str, float] = field(default_factory=dict)
+    finish_reason: str | None = None
+    tool_name: str | None = None
+    tool_ok: bool | None = None
+
+
+class EnvSession(ABC):
+    """State of one episode inside an environment."""
+
+    @abstractmethod
+    def step(self, action_text: str) -> StepResult:
+        """Apply one policy turn (its decoded text) and return the environment's answer."""
+
+    @abstractmethod
+    def finish(self) -> tuple[float, dict[str, float]]:
+        """Reward and components for an episode cut off before a final answer."""
+
+
+class Environment(ABC):
+    """A family of tasks sharing tools and a system prompt."""
+
+    name: str
+
+    @abstractmethod
+    def system_prompt(self) -> str:
+        """Text shown to the policy before the task (procedure, tools, answer format)."""
+
+    @abstractmethod
+    def tasks(self, split: str) -> list[Task]:
+        """Tasks of a split (`train` or `heldout`), in a stable order."""
+
+    @abstractmethod
+    def start(self, task: Task) -> EnvSession:
+        """Open a fresh session for one episode of `task`."""
+
+    def success_threshold(self) -> float:
+        """Reward at or above which an episode counts as a success."""
+        return 1.0

@@ -1,0 +1,97 @@
+"""Held-out evaluation: greedy pass@1, sampled pass@k / pass^k, mean reward, turns, tokens.
+
+pass@1 is measured at temperature 0, one episode per task. pass@k and pass^k come from
+`num_samples` episodes per task at `sample_temperature`, with the unbiased estimators in
+`metrics.py`, averaged over tasks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from rl_core.environments.base import Environment, Task
+from rl_core.metrics import pass_at_k, pass_hat_k
+from rl_core.policy import Policy
+from rl_core.rollout import RolloutSettings, collect_rollouts
+from rl_core.trajectory import Episode
+
+
+@dataclass
+class EvalReport:
+    """Evaluation results; `metrics` uses `val/...` names, `per_env` holds greedy pass@1 per environment."""
+
+    metrics: dict[str, float]
+    per_env: dict[str, float] = field(default_factory=dict)
+    task_success: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def pass_at_1(self) -> float:
+        return self.metrics["val/pass_at_1"]
+
+
+def heldout_work(envs: list[Environment], split: str, max_tasks: int | None) -> list[tuple[Environment, Task]]:
+    """(env, task) pairs of a split, the first `max_tasks` per environment."""
+    work = []
+    for env in envs:
+        tasks = env.tasks(split)
+        if not tasks:
+            raise ValueError(f"environment {env.name!r} has no tasks in split {split!r}")
+        work += [(env, t) for t in tasks[:max_tasks]]
+    return work
+
+
+def _summary(episodes: list[Episode], prefix: str) -> dict[str, float]:
+    n = max(len(episodes), 1)
+    truncated = sum(e.finish_reason in ("token_cap", "context_overflow", "max_turns") for e in episodes)
+    return {
+        f"{prefix}/reward_mean": sum(e.reward for e in episodes) / n,
+        f"{prefix}/turns_mean": sum(e.num_turns for e in episodes) / n,
+        f"{prefix}/response_tokens_mean": sum(e.response_tokens for e in episodes) / n,
+        f"{prefix}/truncated_frac": truncated / n,
+    }
+
+
+def evaluate(
+    policy: Policy,
+    envs: list[Environment],
+    settings: RolloutSettings,
+    *,
+    split: str = "heldout",
+    max_tasks: int | None = None,
+    pass_k: list[int] | None = None,
+    num_samples: int = 0,
+    sample_temperature: float = 1.0,
+    seed: int = 0,
+) -> EvalReport:
+    """Evaluate `policy` on a split; sampled pass@k is skipped when num_samples is 0."""
+    work = heldout_work(envs, split, max_tasks)
+    greedy_settings = RolloutSettings(**{**settings.__dict__, "temperature": 0.0})
+    greedy = collect_rollouts(policy, work, greedy_settings, group_size=1, run_id="eval", iteration=0)
+    metrics = {"val/pass_at_1": sum(e.success for e in greedy) / len(greedy), **_summary(greedy, "val")}
+    per_env: dict[str, list[bool]] = defaultdict(list)
+    for e in greedy:
+        per_env[e.env_name].append(e.success)
+    for name, outcomes in per_env.items():
+        metrics[f"val/pass_at_1/{name}"] = sum(outcomes) / len(outcomes)
+
+    if num_samples:
+        sample_settings = RolloutSettings(**{**settings.__dict__, "temperature": sample_temperature})
+        generator = torch.Generator().manual_seed(seed)
+        sampled = collect_rollouts(policy, work, sample_settings, group_size=num_samples, run_id="eval", iteration=0, generator=generator)
+        successes: dict[str, int] = defaultdict(int)
+        for e in sampled:
+            successes[e.group_id] += int(e.success)
+        for k in pass_k or [1]:
+            if k > num_samples:
+                raise ValueError(f"pass@{k} needs at least {k} samples per task, got num_samples={num_samples}")
+            metrics[f"val/pass_at_k/{k}"] = sum(pass_at_k(num_samples, c, k) for c in successes.values()) / len(successes)
+            metrics[f"val/pass_hat_k/{k}"] = sum(pass_hat_k(num_samples, c, k) for c in successes.values()) / len(successes)
+        metrics.update(_summary(sampled, "val/sampled"))
+    return EvalReport(
+        metrics=metrics,
+        per_env={name: sum(o) / len(o) for name, o in per_env.items()},
+        task_success={f"{e.env_name}/{e.task_id}": e.success for e in greedy},
+    )

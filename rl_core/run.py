@@ -1,0 +1,131 @@
+"""A training run assembled from a RunConfig: the whole loop from Python, no orchestrator.
+
+`TrainingRun(cfg)` loads the environments and the starting policy and owns the trainer,
+the task sampler and the trajectory store. Its methods are the stages of one iteration
+(`collect`, `write`, `train`, `save_checkpoint`, `evaluate`); the Prefect tasks call the
+same methods. `run()` chains them for `cfg.iterations` iterations.
+
+Runtime output lives under `<storage.run_dir>/<run_id>/`: `trajectories/`, `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from rl_core.checkpoint import save_checkpoint
+from rl_core.config import RunConfig
+from rl_core.environments import load_environment
+from rl_core.environments.base import Environment
+from rl_core.evaluation import EvalReport, evaluate
+from rl_core.metrics import rollout_metrics
+from rl_core.policy import Policy, load_policy
+from rl_core.rollout import RolloutSettings, collect_rollouts
+from rl_core.store import Manifest, TrajectoryStore
+from rl_core.task_sampler import TaskSampler
+from rl_core.trainer import StepMetrics, Trainer
+from rl_core.trajectory import Episode
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+
+
+def load_environments(cfg: RunConfig) -> list[Environment]:
+    """The configured environments (built-in domains or user classes)."""
+    domains_dir = Path(cfg.environment.domains_dir) if cfg.environment.domains_dir else None
+    return [load_environment(name, domains_dir, **cfg.environment.env_kwargs) for name in cfg.environment.domains]
+
+
+def rollout_settings(cfg: RunConfig, temperature: float | None = None) -> RolloutSettings:
+    r = cfg.rollout
+    return RolloutSettings(
+        max_turns=r.max_turns,
+        max_tokens_per_turn=r.max_tokens_per_turn,
+        context_window=cfg.policy.context_window,
+        temperature=r.temperature if temperature is None else temperature,
+        timeout_s=r.timeout_s,
+        max_retries=r.max_retries,
+        generation_batch_size=r.generation_batch_size,
+        success_threshold=cfg.evaluation.success_threshold,
+    )
+
+
+def load_start_policy(cfg: RunConfig) -> Policy:
+    """The policy the run starts from, checked against the configured context window."""
+    policy = load_policy(cfg.resolved_policy_path(), chat=cfg.policy.chat_format, dtype=cfg.policy.dtype, device=cfg.policy.device)
+    if cfg.policy.context_window > policy.max_positions:
+        raise ValueError(
+            f"policy.context_window ({cfg.policy.context_window}) exceeds the model's max_position_embeddings ({policy.max_positions})"
+        )
+    return policy
+
+
+class TrainingRun:
+    """The state of one training run and the stages of its iterations."""
+
+    def __init__(self, cfg: RunConfig, policy: Policy | None = None):
+        self.cfg = cfg
+        self.run_id = cfg.storage.run_id or new_run_id()
+        self.run_dir = Path(cfg.storage.run_dir) / self.run_id
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.envs = load_environments(cfg)
+        self.policy = policy or load_start_policy(cfg)
+        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer)
+        self.tasks = TaskSampler(self.envs, cfg.environment.train_split, cfg.seed)
+        self.store = TrajectoryStore(Path(cfg.storage.run_dir))
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def collect(self, iteration: int) -> list[Episode]:
+        """Sample `group_size` episodes for each of the next `tasks_per_batch` training tasks."""
+        work = self.tasks.next_batch(self.cfg.tasks_per_batch)
+        return collect_rollouts(
+            self.policy, work, rollout_settings(self.cfg), group_size=self.cfg.rollout.group_size,
+            run_id=self.run_id, iteration=iteration, generator=self.generator,
+        )
+
+    def write(self, iteration: int, episodes: list[Episode]) -> Manifest:
+        return self.store.write(self.run_id, iteration, episodes)
+
+    def train(self, episodes: list[Episode]) -> StepMetrics:
+        return self.trainer.step(episodes)
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, {"tasks": self.tasks.state_dict(), "run_id": self.run_id})
+
+    def evaluate(self, *, samples: bool = True) -> EvalReport:
+        e = self.cfg.evaluation
+        return evaluate(
+            self.policy, self.envs, rollout_settings(self.cfg), split=e.split, max_tasks=e.max_tasks,
+            pass_k=e.pass_k, num_samples=e.num_samples if samples else 0,
+            sample_temperature=e.sample_temperature, seed=self.cfg.seed,
+        )
+
+    def run(self, log: Callable[[str], None] = print) -> dict[str, float]:
+        """Evaluate, train `cfg.iterations` iterations (evaluating every `val_every` steps), evaluate; return a summary."""
+        before = self.evaluate(samples=False).pass_at_1
+        log(f"[{self.run_id}] step 0: held-out pass@1 {before:.3f}")
+        for iteration in range(1, self.cfg.iterations + 1):
+            episodes = self.collect(iteration)
+            self.write(iteration, episodes)
+            stats = rollout_metrics(episodes)
+            step = self.train(episodes)
+            self.save_checkpoint()
+            log(
+                f"[{self.run_id}] iteration {iteration}: reward {stats['rollout/reward/mean']:.3f} "
+                f"success {stats['rollout/success/mean']:.3f} loss {step.loss:.4f} grad_norm {step.grad_norm:.3f}"
+            )
+            if iteration % self.cfg.evaluation.val_every == 0 and iteration != self.cfg.iterations:
+                log(f"[{self.run_id}] step {self.policy.version}: held-out pass@1 {self.evaluate(samples=False).pass_at_1:.3f}")
+        after = self.evaluate(samples=False).pass_at_1
+        log(f"[{self.run_id}] step {self.policy.version}: held-out pass@1 {after:.3f}")
+        return {"pass_at_1_before": before, "pass_at_1_after": after, "steps": float(self.policy.version)}

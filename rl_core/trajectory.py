@@ -1,0 +1,258 @@
+"""The trajectory record: one row per episode, the contract between pipeline stages.
+
+Column names follow `shared/DESIGN.md`. `Episode` is the in-memory form; the explicit
+Arrow schema `TRAJECTORY_SCHEMA` and the converters `episodes_to_table` /
+`table_to_episodes` are the on-disk form (see `store.py`).
+
+Contract: `table_to_episodes(episodes_to_table(eps)) == eps` for every episode that passes
+`check_episode`, including None values, maps and the UTC `created_at`. `behavior_logprobs`
+are stored as float32, so values that are not float32-exact come back rounded to float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+FINISH_REASONS = (
+    "answered",
+    "max_turns",
+    "token_cap",
+    "context_overflow",
+    "env_error",
+    "timeout",
+    "parse_error",
+)
+
+
+@dataclass
+class Turn:
+    """One turn of an episode. `start`/`end` index the episode's `tokens` (end exclusive).
+
+    role: `system`, `user`, `assistant` (policy) or `tool` (environment).
+    finish_reason: for assistant turns, why generation stopped (`stop` or `length`).
+    """
+
+    role: str
+    text: str
+    start: int
+    end: int
+    tool_name: str | None = None
+    tool_ok: bool | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Episode:
+    """One multi-turn episode with lineage, tokens, masks, log-probs and reward."""
+
+    run_id: str
+    iteration: int
+    policy_version: int
+    env_name: str
+    task_id: str
+    group_id: str
+    sample_index: int
+    tokens: list[int]
+    loss_mask: list[int]
+    behavior_logprobs: list[float]
+    turns: list[Turn]
+    reward: float
+    reward_components: dict[str, float]
+    success: bool
+    finish_reason: str
+    env_error: str | None = None
+    attempts: int = 1
+    schema_version: int = SCHEMA_VERSION
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @property
+    def num_turns(self) -> int:
+        """Policy turns taken (assistant turns)."""
+        return sum(1 for t in self.turns if t.role == "assistant")
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens before the first generated token (system + user prompt)."""
+        first = next((t.start for t in self.turns if t.role == "assistant"), len(self.tokens))
+        return first
+
+    @property
+    def response_tokens(self) -> int:
+        """Tokens the policy generated (loss_mask == 1)."""
+        return int(sum(self.loss_mask))
+
+
+def _required(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=False)
+
+
+def _list_of(type_: pa.DataType) -> pa.DataType:
+    """A list whose items are never null."""
+    return pa.list_(pa.field("item", type_, nullable=False))
+
+
+TURN_TYPE = pa.struct(
+    [
+        _required("role", pa.string()),
+        _required("text", pa.string()),
+        _required("start", pa.int32()),
+        _required("end", pa.int32()),
+        pa.field("tool_name", pa.string()),
+        pa.field("tool_ok", pa.bool_()),
+        pa.field("finish_reason", pa.string()),
+    ]
+)
+
+TRAJECTORY_SCHEMA = pa.schema(
+    [
+        _required("run_id", pa.string()),
+        _required("iteration", pa.int64()),
+        _required("policy_version", pa.int64()),
+        _required("env_name", pa.string()),
+        _required("task_id", pa.string()),
+        _required("group_id", pa.string()),
+        _required("sample_index", pa.int32()),
+        _required("tokens", _list_of(pa.int32())),
+        _required("loss_mask", _list_of(pa.int8())),
+        _required("behavior_logprobs", _list_of(pa.float32())),
+        _required("turns", _list_of(TURN_TYPE)),
+        _required("num_turns", pa.int32()),
+        _required("prompt_tokens", pa.int32()),
+        _required("response_tokens", pa.int32()),
+        _required("reward", pa.float64()),
+        _required(
+            "reward_components",
+            pa.map_(pa.string(), pa.field("value", pa.float64(), nullable=False)),
+        ),
+        _required("success", pa.bool_()),
+        _required("finish_reason", pa.string()),
+        pa.field("env_error", pa.string()),
+        _required("attempts", pa.int32()),
+        _required("schema_version", pa.int32()),
+        _required("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+# Columns computed from `Episode` properties: written for readers, recomputed on load.
+DERIVED_COLUMNS = ("num_turns", "prompt_tokens", "response_tokens")
+
+_NUMERIC_LIST_COLUMNS = ("tokens", "loss_mask", "behavior_logprobs")
+
+
+def check_episode(ep: Episode) -> None:
+    """Raise ValueError, naming the field, if `ep` cannot be a valid trajectory row."""
+    where = f"episode {ep.group_id}/{ep.sample_index} (task {ep.task_id})"
+    n = len(ep.tokens)
+    for name in ("loss_mask", "behavior_logprobs"):
+        if len(getattr(ep, name)) != n:
+            raise ValueError(
+                f"{where}: {name} has {len(getattr(ep, name))} entries but tokens has {n}"
+            )
+    if any(m not in (0, 1) for m in ep.loss_mask):
+        raise ValueError(f"{where}: loss_mask must hold only 0 and 1")
+    if ep.finish_reason not in FINISH_REASONS:
+        raise ValueError(
+            f"{where}: finish_reason {ep.finish_reason!r} is not one of {FINISH_REASONS}"
+        )
+    for i, turn in enumerate(ep.turns):
+        if not 0 <= turn.start <= turn.end <= n:
+            raise ValueError(
+                f"{where}: turns[{i}] span [{turn.start}, {turn.end}) is out of range "
+                f"for {n} tokens"
+            )
+    if ep.created_at.tzinfo is None or ep.created_at.utcoffset() is None:
+        raise ValueError(f"{where}: created_at must be timezone-aware, got {ep.created_at!r}")
+
+
+def _column_values(episodes: list[Episode], name: str) -> list:
+    if name == "turns":
+        return [[asdict(t) for t in ep.turns] for ep in episodes]
+    if name == "reward_components":
+        return [list(ep.reward_components.items()) for ep in episodes]
+    return [getattr(ep, name) for ep in episodes]
+
+
+def _find_null(array: pa.Array, type_: pa.DataType, path: str) -> str | None:
+    """Path of the first nested non-nullable child of `array` that holds a null, if any."""
+    if pa.types.is_map(type_):
+        children = [(array.keys, type_.key_field), (array.items, type_.item_field)]
+    elif pa.types.is_list(type_):
+        children = [(array.flatten(), type_.value_field)]
+    elif pa.types.is_struct(type_):
+        children = [(array.field(i), type_.field(i)) for i in range(type_.num_fields)]
+    else:
+        return None
+    for child, child_field in children:
+        child_path = f"{path}.{child_field.name}"
+        if not child_field.nullable and child.null_count:
+            return child_path
+        found = _find_null(child, child_field.type, child_path)
+        if found:
+            return found
+    return None
+
+
+def _reject_nulls(table: pa.Table) -> None:
+    """Arrow does not enforce nullability when building arrays; enforce it here."""
+    for schema_field, column in zip(table.schema, table.columns):
+        if not schema_field.nullable and column.null_count:
+            raise ValueError(f"column {schema_field.name} holds a null but is not nullable")
+        for chunk in column.chunks:
+            found = _find_null(chunk, schema_field.type, schema_field.name)
+            if found:
+                raise ValueError(f"{found} holds a null but is not nullable")
+
+
+def episodes_to_table(episodes: Iterable[Episode]) -> pa.Table:
+    """Episodes as a table with exactly `TRAJECTORY_SCHEMA` (never inferred); checks each."""
+    episodes = list(episodes)
+    for ep in episodes:
+        check_episode(ep)
+    arrays = [
+        pa.array(_column_values(episodes, f.name), type=f.type) for f in TRAJECTORY_SCHEMA
+    ]
+    table = pa.Table.from_arrays(arrays, schema=TRAJECTORY_SCHEMA)
+    _reject_nulls(table)
+    return table
+
+
+def _numeric_lists(column: pa.ChunkedArray) -> list[list]:
+    """A list<number> column as Python lists, via numpy (much faster than to_pylist)."""
+    lists: list[list] = []
+    for chunk in column.chunks:
+        if len(chunk) == 0:
+            continue
+        flat = chunk.flatten().to_numpy(zero_copy_only=False)
+        ends = np.cumsum(chunk.value_lengths().to_numpy(zero_copy_only=False))
+        lists.extend(part.tolist() for part in np.split(flat, ends[:-1]))
+    return lists
+
+
+def _python_values(table: pa.Table, name: str) -> list:
+    column = table.column(name)
+    if name in _NUMERIC_LIST_COLUMNS:
+        return _numeric_lists(column)
+    values = column.to_pylist()
+    if name == "turns":
+        return [[Turn(**t) for t in turns] for turns in values]
+    if name == "reward_components":
+        return [dict(pairs) for pairs in values]
+    if name == "created_at":
+        return [ts.astimezone(timezone.utc) for ts in values]
+    return values
+
+
+def table_to_episodes(table: pa.Table) -> list[Episode]:
+    """Episodes from a trajectory table; extra columns are ignored, derived ones recomputed."""
+    names = [f.name for f in fields(Episode)]
+    columns = {name: _python_values(table, name) for name in names}
+    return [
+        Episode(**{name: columns[name][row] for name in names}) for row in range(table.num_rows)
+    ]

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny tokenizer and policy built from text (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+CORPUS = [
+    'CALL get_order {"order_id": "4821"}',
+    'ANSWER {"decision": "refund", "amount": "120"}',
+    '{"status": "delivered", "days": "12", "customer_id": "7731"}',
+    "Customer asks for a refund on order 4821.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from rl_core.tokenizer import build_tokenizer
+
+    return build_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture()
+def tiny_policy(tiny_tokenizer):
+    """A fresh, randomly initialised 2-layer policy (same weights every time)."""
+    from rl_core.policy import Policy, build_tiny_model
+    from rl_core.tokenizer import chat_format
+
+    model = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=512, seed=0)
+    return Policy(model=model, tokenizer=tiny_tokenizer, chat=chat_format("turnstile", tiny_tokenizer))

@@ -1,0 +1,99 @@
+"""The trainer: micro-batch accumulation invariance, masking, staleness, checkpoints."""
+
+import copy
+
+import pytest
+import torch
+
+from rl_core.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from rl_core.config import AlgorithmConfig, OptimizerConfig
+from rl_core.trainer import Trainer
+from rl_core.trajectory import Episode, Turn
+
+
+def make_episodes(policy, n=6, seed=0):
+    """Episodes of random tokens with a prompt, two generated spans and an observation between."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(policy.tokenizer)
+    episodes = []
+    for i in range(n):
+        lens = torch.randint(3, 8, (4,), generator=g).tolist()
+        prompt, gen1, obs, gen2 = lens
+        tokens = torch.randint(5, vocab, (sum(lens),), generator=g).tolist()
+        mask = [0] * prompt + [1] * gen1 + [0] * obs + [1] * gen2
+        logprobs = [(-0.5 - 0.1 * (j % 3)) if m else 0.0 for j, m in enumerate(mask)]
+        turns = [Turn("user", "p", 0, prompt), Turn("assistant", "a", prompt, prompt + gen1),
+                 Turn("tool", "o", prompt + gen1, prompt + gen1 + obs), Turn("assistant", "b", prompt + gen1 + obs, len(tokens))]
+        episodes.append(Episode("r", 1, 0, "env", f"t{i // 2}", f"g{i // 2}", i % 2, tokens, mask, logprobs, turns,
+                                reward=float(i % 2), reward_components={}, success=bool(i % 2), finish_reason="answered"))
+    return episodes
+
+
+def params_after_step(policy, episodes, micro_batch_size):
+    policy = copy.deepcopy(policy)
+    trainer = Trainer(policy, AlgorithmConfig(), OptimizerConfig(lr=1e-2, micro_batch_size=micro_batch_size))
+    metrics = trainer.step(episodes)
+    return {k: v.detach().clone() for k, v in policy.model.state_dict().items()}, metrics
+
+
+def test_gradient_accumulation_gives_the_one_batch_update(tiny_policy):
+    episodes = make_episodes(tiny_policy)
+    whole, m_whole = params_after_step(tiny_policy, episodes, micro_batch_size=6)
+    for size in (1, 4):
+        parts, m_parts = params_after_step(tiny_policy, episodes, micro_batch_size=size)
+        assert m_parts.loss == pytest.approx(m_whole.loss, abs=1e-6)
+        assert m_parts.grad_norm == pytest.approx(m_whole.grad_norm, rel=1e-4)
+        for name in whole:
+            torch.testing.assert_close(parts[name], whole[name], rtol=1e-5, atol=1e-6)
+
+
+def test_environment_tokens_get_no_gradient(tiny_policy):
+    """Changing prompt/observation log-probs or advantages' masked positions changes nothing."""
+    episodes = make_episodes(tiny_policy)
+    noisy = copy.deepcopy(episodes)
+    for ep in noisy:
+        ep.behavior_logprobs = [lp if m else -9.0 for lp, m in zip(ep.behavior_logprobs, ep.loss_mask)]
+    a, _ = params_after_step(tiny_policy, episodes, 6)
+    b, _ = params_after_step(tiny_policy, noisy, 6)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
+def test_step_metrics_and_version(tiny_policy):
+    episodes = make_episodes(tiny_policy)
+    policy = copy.deepcopy(tiny_policy)
+    trainer = Trainer(policy, AlgorithmConfig(), OptimizerConfig(lr=1e-3))
+    m = trainer.step(episodes)
+    assert policy.version == 1 and m.step == 1
+    assert m.loss_tokens == sum(e.response_tokens for e in episodes)
+    assert 0.0 <= m.clip_fraction <= 1.0 and m.approx_kl >= 0.0 and m.entropy > 0.0 and m.grad_norm > 0.0
+
+
+def test_stale_episodes_are_dropped(tiny_policy):
+    policy = copy.deepcopy(tiny_policy)
+    policy.version = 5
+    episodes = make_episodes(policy)
+    for ep in episodes[:2]:
+        ep.policy_version = 1  # 4 steps behind, limit 3
+    for ep in episodes[2:]:
+        ep.policy_version = 2  # 3 steps behind: still fresh
+    m = Trainer(policy, AlgorithmConfig(max_steps_off_policy=3), OptimizerConfig()).step(episodes)
+    assert m.stale_dropped == 2 and m.episodes == 4
+
+
+def test_checkpoint_round_trip(tiny_policy, tmp_path):
+    policy = copy.deepcopy(tiny_policy)
+    trainer = Trainer(policy, AlgorithmConfig(), OptimizerConfig(lr=1e-3))
+    trainer.step(make_episodes(policy))
+    path = save_checkpoint(tmp_path, policy, trainer.optimizer, {"tasks": {"epoch": 0, "offset": 3}})
+    assert path.name == "step-000001" and latest_checkpoint(tmp_path) == path
+    assert (path / "model.safetensors").exists() and not list(tmp_path.glob("*.tmp"))
+    loaded, state = load_checkpoint(path)
+    assert loaded.version == 1 and state["tasks"]["offset"] == 3
+    for (name, a), b in zip(policy.model.state_dict().items(), loaded.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    fresh = Trainer(loaded, AlgorithmConfig(), OptimizerConfig(lr=1e-3))
+    restore_optimizer(path, fresh.optimizer)
+    assert fresh.optimizer.state_dict()["state"][0]["step"] == trainer.optimizer.state_dict()["state"][0]["step"]
+    with pytest.raises(FileExistsError):
+        save_checkpoint(tmp_path, policy, trainer.optimizer)
