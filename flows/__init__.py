@@ -1,0 +1,1 @@
+"""Flows that compose the pipeline stages, and the `turnstile` command line."""

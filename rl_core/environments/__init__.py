@@ -1,0 +1,68 @@
+"""Environments: the interface (base.py), built-in SOP domains (sop.py) and their expert (expert.py).
+
+`load_environment(name)` turns a config entry into an Environment: a "package.module:Class"
+path is imported and instantiated with the keyword arguments (a user's own environment,
+no Turnstile edits needed); any other name is a built-in SOP domain folder under
+`domains_dir` (default: the shipped data/domains).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from rl_core.environments.base import EnvSession, Environment, StepResult, Task
+from rl_core.environments.sop import SOPDomain, SOPEnvironment
+from rl_core.paths import DOMAINS_DIR
+
+__all__ = [
+    "EnvSession",
+    "Environment",
+    "SOPDomain",
+    "SOPEnvironment",
+    "StepResult",
+    "Task",
+    "available_domains",
+    "load_environment",
+]
+
+
+def available_domains(domains_dir: Path | None = None) -> list[str]:
+    """Names of the SOP domain folders (those holding a domain.json), sorted."""
+    root = Path(domains_dir) if domains_dir is not None else DOMAINS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(child.name for child in root.iterdir() if (child / "domain.json").is_file())
+
+
+def load_environment(name: str, domains_dir: Path | None = None, **kwargs: Any) -> Environment:
+    """Build the environment `name`: "package.module:Class" (with **kwargs) or a built-in domain.
+
+    `kwargs` go to class-path environments only; built-in domains take none and ignore them,
+    so one config may list both. Raises ValueError naming the class path, or listing the
+    available domains.
+    """
+    if ":" in name:
+        return _load_class(name)(**kwargs)
+    root = Path(domains_dir) if domains_dir is not None else DOMAINS_DIR
+    available = available_domains(root)
+    if name not in available:
+        raise ValueError(f"unknown environment {name!r}: available domains in {root} are {available}; a class of your own is given as 'package.module:ClassName'")
+    return SOPEnvironment(root / name)
+
+
+def _load_class(spec: str) -> type[Environment]:
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"environment class path {spec!r} must look like 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise ValueError(f"environment class path {spec!r}: cannot import module {module_name!r} ({err})") from err
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ValueError(f"environment class path {spec!r}: module {module_name!r} has no attribute {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        raise ValueError(f"environment class path {spec!r}: {class_name} is not a subclass of rl_core.environments.base.Environment")
+    return cls

@@ -1,0 +1,243 @@
+"""Data-driven procedure (SOP) environments: a procedure text, fixture-backed tools, tasks.
+
+A domain folder holds:
+  domain.json          name, description, procedure_text, tools, procedure, answer_fields
+  fixtures.json        {table: [row, ...]}; a row is a flat object of strings
+  tasks_<split>.jsonl  one task a line: task_id, prompt, inputs, expected (splits: train, heldout)
+
+A tool is {"name", "description", "parameters", "table", "key", "not_found", "returns"?}:
+`parameters` is a JSON schema of string arguments; the call reads the row of `table` whose
+`key` fields equal the same-named arguments; the observation is that row's `returns`
+fields (default: all, in the row's order) as compact JSON. No row -> an error observation
+from the `not_found` template (formatted with the arguments). `procedure` is the
+machine-readable procedure the expert solver plays (see expert.py); this module only
+stores it.
+
+Episodes (SOPSession): a valid CALL answers the row (tool_ok=True); a malformed action,
+unknown tool, schema violation or missing row answers {"error": "..."} (tool_ok=False) and
+the episode goes on. A well-formed ANSWER ends it (finish_reason "answered"). Reward: each
+answer field is worth 1/len(answer_fields) when it equals the expected value (strip +
+lowercase); an episode without a well-formed answer gets FORMAT_PENALTY subtracted.
+Components: "field/<name>" per field plus "format_penalty", summing to the reward.
+Everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rl_core.environments.actions import FinalAnswer, ParseFailure, ToolCall, check_arguments, parse_action
+from rl_core.environments.base import EnvSession, Environment, StepResult, Task
+
+SPLITS = ("train", "heldout")
+FORMAT_PENALTY = 0.1
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One fixture-backed tool; `rows` indexes its table by the `key` argument values."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    key: tuple[str, ...]
+    returns: tuple[str, ...] | None
+    not_found: str
+    rows: Mapping[tuple[str, ...], dict[str, str]]
+
+    @property
+    def argument_names(self) -> list[str]:
+        return list(self.parameters.get("properties", {}))
+
+    def run(self, arguments: dict[str, str]) -> tuple[str, bool]:
+        """Observation text and success flag for already-checked arguments."""
+        row = self.rows.get(tuple(arguments[name] for name in self.key))
+        if row is None:
+            return error_observation(self.not_found.format(**arguments)), False
+        shown = row if self.returns is None else {field: row[field] for field in self.returns}
+        return json.dumps(shown), True
+
+
+@dataclass(frozen=True)
+class SOPDomain:
+    """A domain folder, loaded and checked. Build with `SOPDomain.load(path)`."""
+
+    name: str
+    description: str
+    procedure_text: str
+    tools: dict[str, ToolSpec]
+    procedure: list[Any]
+    answer_fields: tuple[str, ...]
+    splits: dict[str, list[Task]]
+
+    @classmethod
+    def load(cls, path: Path) -> SOPDomain:
+        """Read a domain folder; raise ValueError naming the file and the problem."""
+        path = Path(path)
+        spec = _read_json(path / "domain.json")
+        tables = _read_json(path / "fixtures.json")
+        name = spec["name"]
+        tools = {tool["name"]: _build_tool(tool, tables, path) for tool in spec["tools"]}
+        answer_fields = tuple(spec["answer_fields"])
+        splits = {split: _read_tasks(path / f"tasks_{split}.jsonl", name, split, answer_fields) for split in SPLITS}
+        return cls(
+            name=name,
+            description=spec.get("description", ""),
+            procedure_text=spec["procedure_text"],
+            tools=tools,
+            procedure=spec["procedure"],
+            answer_fields=answer_fields,
+            splits=splits,
+        )
+
+
+def error_observation(reason: str) -> str:
+    """The observation for any failed action: {"error": reason}."""
+    return json.dumps({"error": reason})
+
+
+def score_answer(answer_fields: tuple[str, ...], expected: dict[str, Any], answer: dict[str, str] | None) -> tuple[float, dict[str, float]]:
+    """Reward and components for a final answer (None = no well-formed answer was given)."""
+    weight = 1.0 / len(answer_fields)
+    components: dict[str, float] = {}
+    correct = 0
+    for field in answer_fields:
+        right = answer is not None and field in answer and _normalize(answer[field]) == _normalize(expected[field])
+        correct += right
+        components[f"field/{field}"] = weight if right else 0.0
+    penalty = 0.0 if answer is not None else -FORMAT_PENALTY
+    components["format_penalty"] = penalty
+    return correct / len(answer_fields) + penalty, components
+
+
+class SOPSession(EnvSession):
+    """One episode of one task. Stepping after the final answer is a caller bug (raises)."""
+
+    def __init__(self, domain: SOPDomain, task: Task):
+        self._domain = domain
+        self._task = task
+        self._final: tuple[float, dict[str, float]] | None = None
+
+    def step(self, action_text: str) -> StepResult:
+        if self._final is not None:
+            raise RuntimeError(f"episode of task {self._task.task_id} already answered")
+        action = parse_action(action_text)
+        if isinstance(action, ParseFailure):
+            return StepResult(observation=error_observation(action.reason), tool_ok=False)
+        if isinstance(action, ToolCall):
+            return self._call(action)
+        assert isinstance(action, FinalAnswer)
+        self._final = score_answer(self._domain.answer_fields, self._task.expected, action.fields)
+        reward, components = self._final
+        return StepResult(observation=None, done=True, reward=reward, reward_components=dict(components), finish_reason="answered")
+
+    def finish(self) -> tuple[float, dict[str, float]]:
+        if self._final is not None:
+            return self._final[0], dict(self._final[1])
+        return score_answer(self._domain.answer_fields, self._task.expected, None)
+
+    def _call(self, call: ToolCall) -> StepResult:
+        tool = self._domain.tools.get(call.tool)
+        if tool is None:
+            return StepResult(observation=error_observation(f"unknown tool {call.tool!r}"), tool_name=call.tool, tool_ok=False)
+        problem = check_arguments(tool.name, tool.parameters, call.arguments)
+        if problem is not None:
+            return StepResult(observation=error_observation(problem), tool_name=tool.name, tool_ok=False)
+        observation, ok = tool.run(call.arguments)
+        return StepResult(observation=observation, tool_name=tool.name, tool_ok=ok)
+
+
+class SOPEnvironment(Environment):
+    """An Environment over one SOP domain (a loaded `SOPDomain` or its folder)."""
+
+    def __init__(self, domain: SOPDomain | str | Path):
+        self.domain = domain if isinstance(domain, SOPDomain) else SOPDomain.load(Path(domain))
+        self.name = self.domain.name
+        self._system_prompt = _render_system_prompt(self.domain)
+
+    def system_prompt(self) -> str:
+        return self._system_prompt
+
+    def tasks(self, split: str) -> list[Task]:
+        if split not in self.domain.splits:
+            raise ValueError(f"unknown split {split!r} for {self.name}; expected one of {list(SPLITS)}")
+        return list(self.domain.splits[split])
+
+    def start(self, task: Task) -> SOPSession:
+        if task.env_name != self.name:
+            raise ValueError(f"task {task.task_id} belongs to {task.env_name!r}, not {self.name!r}")
+        missing = [field for field in self.domain.answer_fields if field not in task.expected]
+        if missing:
+            raise ValueError(f"task {task.task_id} has no expected value for {missing}")
+        return SOPSession(self.domain, task)
+
+
+def _render_system_prompt(domain: SOPDomain) -> str:
+    tools = [f"{tool.name}({', '.join(tool.argument_names)}): {tool.description}" for tool in domain.tools.values()]
+    answer = ", ".join(f'"{field}": "..."' for field in domain.answer_fields)
+    return "\n".join(
+        [
+            domain.procedure_text,
+            "Tools:",
+            *tools,
+            "Reply with one action per turn:",
+            'CALL <tool> {"<arg>": "<value>"}',
+            f"ANSWER {{{answer}}}",
+        ]
+    )
+
+
+def _normalize(value: Any) -> str:
+    return str(value).strip().lower()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+
+
+def _build_tool(spec: dict[str, Any], tables: dict[str, list[dict[str, str]]], path: Path) -> ToolSpec:
+    name = spec["name"]
+    parameters = spec["parameters"]
+    properties = parameters.get("properties", {})
+    for argument, schema in properties.items():
+        if schema.get("type") != "string":
+            raise ValueError(f"{path}: tool {name} argument {argument!r}: only string arguments are supported")
+    key = tuple(spec["key"])
+    if not set(key) <= set(properties):
+        raise ValueError(f"{path}: tool {name} key {list(key)} must name its arguments")
+    if spec["table"] not in tables:
+        raise ValueError(f"{path}: tool {name} reads missing table {spec['table']!r}")
+    returns = tuple(spec["returns"]) if "returns" in spec else None
+    for row in tables[spec["table"]]:
+        absent = [field for field in (*key, *(returns or ())) if field not in row]
+        if absent:
+            raise ValueError(f"{path}: a row of table {spec['table']!r} lacks {absent}, needed by tool {name}")
+    rows = {tuple(row[field] for field in key): row for row in tables[spec["table"]]}
+    return ToolSpec(name, spec["description"], parameters, key, returns, spec["not_found"], rows)
+
+
+def _read_tasks(path: Path, env_name: str, split: str, answer_fields: tuple[str, ...]) -> list[Task]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    tasks = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: {err}") from err
+        missing = [field for field in answer_fields if field not in record["expected"]]
+        if missing:
+            raise ValueError(f"{path}:{number}: task {record['task_id']} has no expected value for {missing}")
+        tasks.append(Task(record["task_id"], env_name, split, record["prompt"], record["inputs"], record["expected"]))
+    return tasks

@@ -1,0 +1,1 @@
+"""Prefect tasks, one module per pipeline stage (collect, write, validate, train, evaluate, gate, promote)."""
