@@ -7,9 +7,10 @@ here, independently of rl_core/environments/expert.py. The tests check that the 
 playing each domain's declarative `procedure` against those fixtures, scores 1.0 on every
 task: that is the proof the procedure, the fixtures and the expected answers agree.
 
-Every entity (order, customer, sku, supplier, user, email) gets a fresh 4-digit id, and
-the train and heldout splits draw from disjoint ranges, so no held-out entity appears in
-training. Every task gets rows for all tools it could call (even off its branch), so a
+Every entity (order, customer, sku, supplier, user, email) gets a fresh 4-digit id drawn
+without replacement from one shuffled pool per domain, shared by both splits: the splits'
+ids are disjoint (no held-out entity appears in training) yet come from the same
+distribution, so a policy must copy ids from its context rather than recall them. Every task gets rows for all tools it could call (even off its branch), so a
 mistaken branch still sees real observations. Scenarios are balanced within each split.
 
 Usage: python scripts/make_domains.py [--out DIR] [--train N] [--heldout N]
@@ -27,8 +28,8 @@ from typing import Any
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "domains"
 SEED = 1729
-ID_RANGES = {"train": (1000, 5500), "heldout": (5500, 10000)}
-SPLIT_SIZES = {"train": 300, "heldout": 60}
+ID_RANGE = (1000, 10000)
+SPLIT_SIZES = {"train": 1000, "heldout": 60}
 
 REGIONS = ["north", "south", "east", "west"]
 TIERS = ["gold", "silver", "basic"]
@@ -288,8 +289,8 @@ def generate(spec: DomainSpec, sizes: dict[str, int]) -> tuple[dict[str, list[di
     rng = random.Random(f"{SEED}-{name}")
     tables: dict[str, list[dict[str, str]]] = {}
     splits: dict[str, list[dict[str, Any]]] = {}
+    ids = Ids(rng, *ID_RANGE)
     for split, size in sizes.items():
-        ids = Ids(rng, *ID_RANGES[split])
         plan = [spec.scenarios[i % len(spec.scenarios)] for i in range(size)]
         rng.shuffle(plan)
         splits[split] = []
@@ -299,7 +300,7 @@ def generate(spec: DomainSpec, sizes: dict[str, int]) -> tuple[dict[str, list[di
                 tables.setdefault(table, []).extend(rows)
             splits[split].append(
                 {
-                    "task_id": f"{name}-{split}-{index:03d}",
+                    "task_id": f"{name}-{split}-{index:04d}",
                     "prompt": case.prompt,
                     "inputs": case.inputs,
                     "expected": case.expected,

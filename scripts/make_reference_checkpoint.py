@@ -61,8 +61,8 @@ def demonstrations(policy: Policy, envs, per_task: int, mistake_rate: float, see
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DATA_DIR / "checkpoints" / "reference")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--demos-per-task", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--demos-per-task", type=int, default=1)
     parser.add_argument("--mistake-rate", type=float, default=0.35)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--vocab-size", type=int, default=768)

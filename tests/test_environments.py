@@ -295,8 +295,8 @@ def test_expert_reports_a_broken_procedure(mini_dir: Path) -> None:
 def test_builtin_domains_are_shipped(builtin: dict[str, SOPEnvironment]) -> None:
     assert available_domains() == BUILTIN
     for env in builtin.values():
-        assert (len(env.tasks("train")), len(env.tasks("heldout"))) == (300, 60)
-        assert len({task.task_id for split in SPLITS for task in env.tasks(split)}) == 360
+        assert (len(env.tasks("train")), len(env.tasks("heldout"))) == (1000, 60)
+        assert len({task.task_id for split in SPLITS for task in env.tasks(split)}) == 1060
 
 
 @pytest.mark.parametrize("name", BUILTIN)
