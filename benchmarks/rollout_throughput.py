@@ -52,6 +52,7 @@ def timed(fn, *args) -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="run config (default: the shipped quickstart)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--tasks", type=int, default=4, help="tasks per batch")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
@@ -59,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     policy = load_start_policy(cfg)
     work = TaskSampler(load_environments(cfg), cfg.environment.train_split, cfg.seed).next_batch(args.tasks)
     settings = rollout_settings(cfg)

@@ -61,10 +61,11 @@ def demonstrations(policy: Policy, envs, per_task: int, mistake_rate: float, see
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DATA_DIR / "checkpoints" / "reference")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--demos-per-task", type=int, default=1)
     parser.add_argument("--mistake-rate", type=float, default=0.35)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=768)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -79,7 +80,7 @@ def main() -> None:
     lengths = sorted(len(t) for t, _ in examples)
     print(f"{len(examples)} demonstrations, tokens median {lengths[len(lengths) // 2]} max {lengths[-1]}, "
           f"vocab {len(tokenizer)}, params {sum(p.numel() for p in model.parameters()):,}")
-    fine_tune(policy, examples, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    fine_tune(policy, examples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
 
     settings = RolloutSettings(max_turns=6, max_tokens_per_turn=40, context_window=768, temperature=0.0)
     report = evaluate(policy, envs, settings, split="heldout")
