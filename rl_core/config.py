@@ -93,6 +93,31 @@ class EvaluationConfig(_Section):
         return self
 
 
+class ValidationConfig(_Section):
+    reward_min: float = Field(-0.1, description="Lowest valid episode reward.")
+    reward_max: float = Field(1.0, description="Highest valid episode reward.")
+    max_token_cap_frac: float = Field(0.05, ge=0, le=1, description="Most episodes that may end at the per-turn token cap.")
+    max_turns_unanswered_frac: float = Field(0.10, ge=0, le=1, description="Most episodes that may hit max_turns without an answer.")
+    max_env_error_frac: float = Field(0.01, ge=0, le=1, description="Most episodes that may end in a permanent environment failure (above it: an environment bug).")
+
+    @model_validator(mode="after")
+    def _range(self) -> "ValidationConfig":
+        if self.reward_min > self.reward_max:
+            raise ValueError(f"validation.reward_min ({self.reward_min}) must be <= validation.reward_max ({self.reward_max})")
+        return self
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: a SQLite store under the run directory (runs/mlflow.db).")
+    experiment: str = Field("turnstile", description="MLflow experiment name.")
+    registered_model: str = Field("turnstile-policy", description="MLflow registry name of the policy.")
+
+
+class GateConfig(_Section):
+    min_pass_at_1: float = Field(0.0, ge=0, le=1, description="Held-out pass@1 a candidate must reach to be promoted.")
+    require_improvement: bool = Field(True, description="Promote only if the candidate beats the current champion's pass@1 on the same tasks.")
+
+
 class StorageConfig(_Section):
     run_dir: str = Field("runs", description="Folder for all runtime output (trajectories, checkpoints, tracking); relative to the working directory.")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this run; generated from the time when empty.")
@@ -109,6 +134,9 @@ class RunConfig(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 import torch
 
 from rl_core.environments.base import EnvSession, Environment, StepResult, Task
-from rl_core.generation import Generation, generate_batch
+from rl_core.generation import BatchDecoder, Generation
 from rl_core.policy import Policy
 from rl_core.trajectory import Episode, Turn
 
-# A sampler continues token-id prompts: (prompts, per-prompt token limits, temperature) -> generations.
-Sampler = Callable[[list[list[int]], list[int], float], list[Generation]]
+# A sampler continues keyed token contexts: (episode keys, contexts, per-context token limits,
+# temperature) -> one Generation per context. A key's context only grows between calls, so a
+# sampler may cache per key (the in-process one keeps each episode's KV cache across turns).
+Sampler = Callable[[list[int], list[list[int]], list[int], float], list[Generation]]
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,9 @@ class _LiveEpisode:
 
 
 def hf_sampler(policy: Policy, batch_size: int, generator: torch.Generator | None = None) -> Sampler:
-    """A Sampler running the policy's own model in this process."""
-
-    def sample(prompts: list[list[int]], limits: list[int], temperature: float) -> list[Generation]:
-        return generate_batch(
-            policy.model, prompts, limits, temperature=temperature, stop_id=policy.chat.stop_id,
-            pad_id=policy.chat.pad_id, batch_size=batch_size, generator=generator,
-        )
-
-    return sample
+    """A Sampler running the policy's own model in this process, caching each episode's keys and values."""
+    decoder = BatchDecoder(policy.model, stop_id=policy.chat.stop_id, pad_id=policy.chat.pad_id, batch_size=batch_size, generator=generator)
+    return decoder.generate
 
 
 def _start(policy: Policy, env: Environment, task: Task, group_id: str, index: int) -> _LiveEpisode:
@@ -182,11 +178,12 @@ def collect_rollouts(
             _cut_off(live, "context_overflow", settings.max_retries)
 
     while True:
-        active = [e for e in episodes if e.finish_reason is None]
-        if not active:
+        keys = [key for key, e in enumerate(episodes) if e.finish_reason is None]
+        if not keys:
             break
+        active = [episodes[key] for key in keys]
         limits = [min(settings.max_tokens_per_turn, settings.context_window - len(e.tokens)) for e in active]
-        generations = sampler([e.tokens for e in active], limits, settings.temperature)
+        generations = sampler(keys, [list(e.tokens) for e in active], limits, settings.temperature)
         for live, gen, limit in zip(active, generations, limits):
             _apply_turn(policy, live, gen, limit, settings)
 

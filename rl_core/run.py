@@ -20,7 +20,7 @@ import torch
 from rl_core.checkpoint import save_checkpoint
 from rl_core.config import RunConfig
 from rl_core.environments import load_environment
-from rl_core.environments.base import Environment
+from rl_core.environments.base import Environment, Task
 from rl_core.evaluation import EvalReport, evaluate
 from rl_core.metrics import rollout_metrics
 from rl_core.policy import Policy, load_policy
@@ -80,16 +80,22 @@ class TrainingRun:
         self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer)
         self.tasks = TaskSampler(self.envs, cfg.environment.train_split, cfg.seed)
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
+        self._work: dict[int, list[tuple[Environment, Task]]] = {}
 
     @property
     def checkpoints_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def work_for(self, iteration: int) -> list[tuple[Environment, Task]]:
+        """The training tasks of `iteration`, drawn once: a retried collection sees the same tasks."""
+        if iteration not in self._work:
+            self._work[iteration] = self.tasks.next_batch(self.cfg.tasks_per_batch)
+        return self._work[iteration]
+
     def collect(self, iteration: int) -> list[Episode]:
-        """Sample `group_size` episodes for each of the next `tasks_per_batch` training tasks."""
-        work = self.tasks.next_batch(self.cfg.tasks_per_batch)
+        """Sample `group_size` episodes for each of the iteration's `tasks_per_batch` training tasks."""
         return collect_rollouts(
-            self.policy, work, rollout_settings(self.cfg), group_size=self.cfg.rollout.group_size,
+            self.policy, self.work_for(iteration), rollout_settings(self.cfg), group_size=self.cfg.rollout.group_size,
             run_id=self.run_id, iteration=iteration, generator=self.generator,
         )
 

@@ -46,3 +46,23 @@ def test_sampling_is_reproducible_from_a_seed(tiny_policy):
     a = generate_batch(tiny_policy.model, prompts, 8, generator=torch.Generator().manual_seed(7), **kw)
     b = generate_batch(tiny_policy.model, prompts, 8, generator=torch.Generator().manual_seed(7), **kw)
     assert [g.tokens for g in a] == [g.tokens for g in b]
+
+
+def test_cache_kept_across_turns_gives_the_same_tokens_as_re_encoding(tiny_policy):
+    """Turn 2 continued from the cache (with gaps where rows waited) equals a fresh pre-fill of the whole context."""
+    from rl_core.generation import BatchDecoder
+
+    chat, tok = tiny_policy.chat, tiny_policy.tokenizer
+    prompts = _prompts(tiny_policy)
+    kw = dict(stop_id=chat.stop_id, pad_id=chat.pad_id)
+    decoder = BatchDecoder(tiny_policy.model, **kw)
+    first = decoder.generate([0, 1, 2], prompts, [3, 9, 6], 0.0)
+    observations = ['{"status": "delivered"}', "x", '{"result": "1", "days": "12"}']
+    contexts = [p + g.tokens + chat.observation(tok, o) for p, g, o in zip(prompts, first, observations)]
+    # key 1 is dropped (its episode ended): the others continue from the cache
+    second = decoder.generate([2, 0], [contexts[2], contexts[0]], [7, 7], 0.0)
+    fresh = generate_batch(tiny_policy.model, [contexts[2], contexts[0]], 7, temperature=0.0, **kw)
+    for cached, again in zip(second, fresh):
+        assert cached.tokens == again.tokens
+        assert cached.logprobs == __import__("pytest").approx(again.logprobs, abs=1e-4)
+    assert sorted(k for g in decoder.groups for k in g.keys) == [0, 2]

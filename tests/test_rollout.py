@@ -49,7 +49,7 @@ def scripted_sampler(policy, text='CALL lookup {"id": "1"}', stop=True):
     body = policy.tokenizer.encode(text, add_special_tokens=False) + ([policy.chat.stop_id] if stop else [])
     calls = []
 
-    def sample(prompts, limits, temperature):
+    def sample(keys, prompts, limits, temperature):
         calls.append(len(prompts))
         out = []
         for limit in limits:

@@ -1,0 +1,34 @@
+"""Evaluate stage: held-out pass@1 (greedy), pass@k / pass^k (sampled), as a retryable Prefect task.
+
+Publishes a markdown artifact with the summary, where a person looks for it.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from rl_core.evaluation import EvalReport
+from rl_core.run import TrainingRun
+
+
+def summary_markdown(run_id: str, step: int, report: EvalReport) -> str:
+    lines = [f"# Evaluation of {run_id} at step {step}", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| `{name}` | {value:.4f} |" for name, value in sorted(report.metrics.items())]
+    return "\n".join(lines)
+
+
+@task(name="evaluate", retries=2, retry_delay_seconds=[2, 8], cache_policy=NONE)
+def evaluate_task(run: TrainingRun, samples: bool = True) -> EvalReport:
+    """Evaluate the run's current policy on the held-out split."""
+    report = run.evaluate(samples=samples)
+    step = run.policy.version
+    get_run_logger().info("step %d: held-out pass@1 %.3f %s", step, report.pass_at_1, {k: round(v, 3) for k, v in report.per_env.items()})
+    create_markdown_artifact(markdown=summary_markdown(run.run_id, step, report), key=f"eval-{artifact_key(run.run_id)}-step-{step}", description="held-out evaluation")
+    return report
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower())
