@@ -1,57 +1,91 @@
 """The `turnstile` command line.
 
-    turnstile train [--config PATH] [--set section.field=value ...]
-    turnstile demo                      # train on the shipped quickstart config
-    turnstile eval  [--config PATH] [--set ...]
+    turnstile train [--config PATH] [--set section.field=value ...]   # the Prefect train flow
+    turnstile demo  [--set ...]                                       # train on the shipped quickstart config
+    turnstile eval  [--config PATH] [--set ...]                       # held-out evaluation of the starting policy
 
-For now the commands run the rl_core loop in this process (collect -> write Parquet ->
-train -> checkpoint, with held-out evaluation before and after); the Prefect flows that
-orchestrate the same stages as retryable tasks build on it.
+Without PREFECT_API_URL, Prefect runs the flow on a temporary local server whose database
+lives under the run directory (PREFECT_HOME defaults to `<storage.run_dir>/prefect`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
-import torch
-
-from rl_core.config import load_config
-from rl_core.run import TrainingRun
+from rl_core.config import RunConfig, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turnstile", description="Multi-turn RL for LLM agents.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("train", "run training iterations"), ("eval", "evaluate the starting policy"), ("demo", "train on the shipped quickstart config")):
+    for name, text in (("train", "run the train flow"), ("eval", "evaluate the starting policy on held-out tasks"), ("demo", "run the train flow on the shipped quickstart config")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", default=None, help="YAML run config (default: data/configs/quickstart.yaml)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. rollout.group_size=4")
     return parser
 
 
+def prepare_environment(cfg: RunConfig) -> None:
+    """Keep Prefect's state under the run directory and its telemetry off (before importing prefect)."""
+    run_dir = Path(cfg.storage.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(run_dir / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def closing_summary(summary: dict[str, Any], seconds: float) -> str:
+    """What a person needs after a run: results, where things are, how to look at them."""
+    gate = summary["gate"]
+    decision = "no candidate (no training step was taken)" if gate is None else f"{gate['verdict']}: {'; '.join(gate['reasons'])}"
+    mlflow_uri = summary["mlflow_uri"]
+    lines = [
+        "",
+        f"Run {summary['run_id']} finished in {seconds / 60:.1f} min",
+        f"  iterations run:         {summary['iterations']} ({summary['trained_steps']} trained, {len(summary['skipped'])} skipped by validation)",
+        f"  held-out pass@1:        {summary['pass_at_1_before']:.3f} before -> {summary['pass_at_1_after']:.3f} after",
+        f"  gate:                   version {summary['candidate_version']} (step {summary['candidate_step']}) {decision}",
+        f"  Parquet trajectories:   {summary['trajectories']}",
+        f"  checkpoints:            {summary['checkpoints']}",
+        f"  MLflow store:           {mlflow_uri} (run {summary['mlflow_run_id']})",
+        f"  champion:               models:/{summary['registered_model']}@champion",
+        "",
+        "Look at it:",
+        f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --workers 1 --port 5000",
+        f"  Prefect UI:  PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')} .venv/bin/prefect server start --host 127.0.0.1",
+        "               (then open http://127.0.0.1:4200; runs made with PREFECT_API_URL=http://127.0.0.1:4200/api show up live)",
+    ]
+    for skipped in summary["skipped"]:
+        lines.insert(4, f"    iteration {skipped['iteration']} skipped: {skipped['reason']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    config_path = None if args.command == "demo" else args.config
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_path, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"turnstile: bad config: {err}", file=sys.stderr)
         return 2
-    run = TrainingRun(cfg)
+    prepare_environment(cfg)
     started = time.time()
     if args.command == "eval":
-        report = run.evaluate()
+        from rl_core.run import TrainingRun
+
+        report = TrainingRun(cfg).evaluate()
         for key, value in sorted(report.metrics.items()):
             print(f"{key:40s} {value:.4f}")
         return 0
-    summary = run.run()
-    print(
-        f"\nrun {run.run_id}: {cfg.iterations} iterations in {time.time() - started:.0f}s; held-out pass@1 "
-        f"{summary['pass_at_1_before']:.3f} -> {summary['pass_at_1_after']:.3f}\n"
-        f"trajectories: {run.run_dir / 'trajectories'}\ncheckpoints:  {run.checkpoints_dir}"
-    )
+    from flows.train import train_flow
+
+    summary = train_flow(config_path=config_path, overrides=args.overrides)
+    print(closing_summary(summary, time.time() - started))
     return 0
 
 

@@ -108,10 +108,11 @@ class TrainingRun:
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, {"tasks": self.tasks.state_dict(), "run_id": self.run_id})
 
-    def evaluate(self, *, samples: bool = True) -> EvalReport:
+    def evaluate(self, *, samples: bool = True, policy: Policy | None = None) -> EvalReport:
+        """Held-out evaluation of the run's policy (or of `policy`, e.g. a champion to compare with)."""
         e = self.cfg.evaluation
         return evaluate(
-            self.policy, self.envs, rollout_settings(self.cfg), split=e.split, max_tasks=e.max_tasks,
+            policy or self.policy, self.envs, rollout_settings(self.cfg), split=e.split, max_tasks=e.max_tasks,
             pass_k=e.pass_k, num_samples=e.num_samples if samples else 0,
             sample_temperature=e.sample_temperature, seed=self.cfg.seed,
         )

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from rl_core.evaluation import EvalReport
+from rl_core.policy import load_policy
 from rl_core.run import TrainingRun
 
 
@@ -32,3 +33,13 @@ def evaluate_task(run: TrainingRun, samples: bool = True) -> EvalReport:
 def artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+
+
+@task(name="evaluate-checkpoint", retries=2, retry_delay_seconds=[2, 8], cache_policy=NONE)
+def evaluate_checkpoint_task(run: TrainingRun, checkpoint: str) -> EvalReport:
+    """Evaluate another checkpoint (e.g. the registry champion) on the run's held-out tasks, greedy only."""
+    cfg = run.cfg.policy
+    policy = load_policy(checkpoint, chat=cfg.chat_format, dtype=cfg.dtype, device=cfg.device)
+    report = run.evaluate(samples=False, policy=policy)
+    get_run_logger().info("checkpoint %s: held-out pass@1 %.3f", checkpoint, report.pass_at_1)
+    return report

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
@@ -32,7 +33,7 @@ from prefect.cache_policies import NONE
 from rl_core.checkpoint import STATE_FILE
 from rl_core.config import RunConfig
 from tasks.gate import GateDecision
-from tasks.tracking import MLFLOW_RETRIES, Tracker, VerdictError, config_hash, mlflow_client, truncate
+from tasks.tracking import MLFLOW_RETRIES, Tracker, VerdictError, config_hash, mlflow_client, tracking_uri, truncate
 
 CHAMPION_ALIAS = "champion"
 PREVIOUS_ALIAS = "previous"
@@ -252,3 +253,19 @@ def rollback_task(cfg: RunConfig) -> str:
     version = rollback(mlflow_client(cfg), name)
     get_run_logger().info("%s rolled back: version %s is %r again", name, version, CHAMPION_ALIAS)
     return version
+
+
+def champion_source(client: MlflowClient, name: str) -> str | None:
+    """Artifact URI of the champion's checkpoint folder, or None without a champion."""
+    version = _aliases(client, name).get(CHAMPION_ALIAS)
+    return None if version is None else client.get_model_version(name, version).source
+
+
+@task(name="download-champion", cache_policy=NONE, **MLFLOW_RETRIES)
+def download_champion_task(cfg: RunConfig, destination: str | Path) -> Path | None:
+    """Copy the champion's checkpoint folder to `destination` (for re-evaluating it); None without a champion."""
+    source = champion_source(mlflow_client(cfg), cfg.tracking.registered_model)
+    if source is None:
+        return None
+    Path(destination).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri(cfg)))
