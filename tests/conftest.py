@@ -17,6 +17,15 @@ CORPUS = [
 
 
 @pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (own database) for every test that runs flows or tasks."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer():
     from rl_core.tokenizer import build_tokenizer
 

@@ -366,15 +366,7 @@ def test_champion_task_set_hash_tells_whether_scores_are_comparable(cfg, tracker
 # --------------------------------------------------------------------------- Prefect tasks
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
-def test_prefect_tasks_retry_transient_failures_and_publish_the_gate(prefect_server, cfg, tmp_path, monkeypatch):
+def test_prefect_tasks_retry_transient_failures_and_publish_the_gate(prefect_harness, cfg, tmp_path, monkeypatch):
     from prefect import flow
     from prefect.artifacts import Artifact
 

@@ -383,14 +383,6 @@ def test_artifact_keys_are_valid():
 # -- the Prefect task ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
 def gate(store_root: str, iteration: int) -> ValidationReport:
     """Run the task inside a flow, as the train flow does."""
     from prefect import flow

@@ -1,0 +1,101 @@
+"""The train flow end to end through Prefect, on a tiny config and the shipped reference policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from rl_core.store import TrajectoryStore
+from rl_core.trajectory import TRAJECTORY_SCHEMA
+
+TINY = [
+    "iterations=2",
+    "rollout.group_size=4",
+    "rollout.global_batch_size=8",
+    "rollout.max_turns=4",
+    "evaluation.max_tasks=2",
+    "evaluation.num_samples=2",
+    "evaluation.pass_k=[1,2]",
+    "evaluation.val_every=1",
+    # a tiny batch of an imperfect policy: do not let the truncation limits veto it
+    "validation.max_token_cap_frac=1.0",
+    "validation.max_turns_unanswered_frac=1.0",
+]
+
+
+def run_flow(tmp_path, run_id, extra=()):
+    from flows.train import train_flow
+
+    overrides = TINY + [f"storage.run_dir={tmp_path}", f"storage.run_id={run_id}", *extra]
+    return train_flow(overrides=overrides)
+
+
+def test_two_iterations_end_to_end(prefect_harness, tmp_path):
+    summary = run_flow(tmp_path, "e2e")
+    store = TrajectoryStore(tmp_path)
+    assert store.iterations("e2e") == [1, 2]
+    for iteration in (1, 2):
+        assert store.read_table("e2e", iteration).schema.equals(TRAJECTORY_SCHEMA)
+        report = json.loads((tmp_path / "e2e" / "trajectories" / f"iteration-{iteration:06d}.validation.json").read_text())
+        assert report["passed"] is True and report["rows"] == 8
+    assert summary["trained_steps"] == 2 and summary["skipped"] == []
+
+    client = MlflowClient(summary["mlflow_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["rollout.group_size"] == "4"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "rollout/reward/mean")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/pass_at_1")] == [0, 1, 2]
+    assert client.get_metric_history(run.info.run_id, "val/pass_at_k/2")
+    assert client.get_metric_history(run.info.run_id, "train/grad_norm")
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "validation")]
+    assert len(artifacts) == 2
+
+    versions = client.search_model_versions("name='turnstile-policy'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]  # both evaluated checkpoints registered
+    candidate = client.get_model_version("turnstile-policy", summary["candidate_version"])
+    assert candidate.tags["gate.decision"] in ("promoted", "rejected")
+    assert json.loads(candidate.tags["gate.reasons"])
+    trained_on = json.loads(candidate.tags["manifests"])
+    assert [m["iteration"] for m in trained_on] == list(range(1, summary["candidate_step"] + 1))
+    assert all(len(m["sha256"]) == 64 for m in trained_on)
+    assert summary["gate"]["verdict"] == "promoted"  # first run: no champion, floor 0
+    assert str(client.get_model_version_by_alias("turnstile-policy", "champion").version) == summary["candidate_version"]
+
+
+def test_permanent_environment_failures_quarantine_the_batch(prefect_harness, tmp_path):
+    extra = [
+        "iterations=1",
+        "rollout.group_size=4",
+        "rollout.global_batch_size=20",
+        "environment.domains=['tests.fault_envs:FailingDomain']",
+        "environment.env_kwargs={domain: refunds, fail_every: 20}",
+    ]
+    summary = run_flow(tmp_path, "faulty", extra)
+    assert summary["trained_steps"] == 0
+    [skipped] = summary["skipped"]
+    assert "5.0%" in skipped["reason"] and "environment" in skipped["reason"] and "tool backend unreachable" in skipped["reason"]
+    store = TrajectoryStore(tmp_path)
+    assert store.iterations("faulty") == []
+    quarantined = tmp_path / "faulty" / "quarantine" / "iteration-000001"
+    assert (quarantined / "iteration-000001.parquet").exists() and (quarantined / "iteration-000001.manifest.json").exists()
+    assert summary["gate"] is None and not (tmp_path / "faulty" / "checkpoints").exists()
+
+
+def test_a_transient_collection_failure_is_retried(prefect_harness, tmp_path, monkeypatch):
+    from rl_core.run import TrainingRun
+
+    original, calls = TrainingRun.collect, []
+
+    def flaky_collect(self, iteration):
+        calls.append(iteration)
+        if len(calls) == 1:
+            raise ConnectionError("generation server dropped the connection")
+        return original(self, iteration)
+
+    monkeypatch.setattr(TrainingRun, "collect", flaky_collect)
+    summary = run_flow(tmp_path, "retried", ["iterations=1"])
+    assert calls == [1, 1]
+    assert summary["trained_steps"] == 1 and TrajectoryStore(tmp_path).iterations("retried") == [1]
