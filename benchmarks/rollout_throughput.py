@@ -8,7 +8,7 @@ engine code (`collect_rollouts`); the only difference is batching:
 Prints generated tokens per second for both and their ratio. The sides alternate over
 `--repeats` rounds and the best round of each is reported, to damp noise on a shared machine.
 
-    python benchmarks/rollout_throughput.py [--tasks 4] [--group-size 8] [--repeats 2]
+    python benchmarks/rollout_throughput.py [--tasks 32] [--group-size 8] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="run config (default: the shipped quickstart)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--tasks", type=int, default=4, help="tasks per batch")
+    parser.add_argument("--tasks", type=int, default=32, help="tasks (groups) per batch")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

@@ -66,3 +66,16 @@ def test_cache_kept_across_turns_gives_the_same_tokens_as_re_encoding(tiny_polic
         assert cached.tokens == again.tokens
         assert cached.logprobs == __import__("pytest").approx(again.logprobs, abs=1e-4)
     assert sorted(k for g in decoder.groups for k in g.keys) == [0, 2]
+
+
+def test_shared_prompts_are_encoded_once_and_give_per_row_results(tiny_policy):
+    """A group of samples of one prompt shares its pre-fill; each row still matches a solo run."""
+    prompts = _prompts(tiny_policy)
+    batch = [prompts[0], prompts[1], prompts[0], prompts[0], prompts[2]]
+    kw = dict(temperature=0.0, stop_id=tiny_policy.chat.stop_id, pad_id=tiny_policy.chat.pad_id)
+    limits = [7, 3, 11, 5, 9]
+    got = generate_batch(tiny_policy.model, batch, limits, **kw)
+    for prompt, limit, gen in zip(batch, limits, got):
+        alone = generate_batch(tiny_policy.model, [prompt], limit, **kw)[0]
+        assert gen.tokens == alone.tokens
+        assert gen.logprobs == __import__("pytest").approx(alone.logprobs, abs=1e-4)
