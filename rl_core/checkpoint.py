@@ -68,6 +68,15 @@ def restore_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> Non
     optimizer.load_state_dict(torch.load(Path(path) / OPTIMIZER_FILE, weights_only=True))
 
 
+def prune_checkpoints(checkpoints_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints; returns the deleted folders."""
+    folders = sorted(Path(checkpoints_dir).glob("step-[0-9]*[0-9]"))
+    doomed = folders[:-keep] if keep > 0 else []
+    for folder in doomed:
+        shutil.rmtree(folder)
+    return doomed
+
+
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     """The highest-step complete checkpoint folder, or None."""
     folders = sorted(Path(checkpoints_dir).glob("step-[0-9]*[0-9]"))

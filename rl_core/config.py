@@ -121,6 +121,7 @@ class GateConfig(_Section):
 class StorageConfig(_Section):
     run_dir: str = Field("runs", description="Folder for all runtime output (trajectories, checkpoints, tracking); relative to the working directory.")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this run; generated from the time when empty.")
+    keep_checkpoints: int | None = Field(5, ge=1, description="Keep only the newest N step checkpoints of a run (None = all); registered ones live on in the MLflow store.")
 
 
 class RunConfig(_Section):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rl_core.checkpoint import save_checkpoint
+from rl_core.checkpoint import prune_checkpoints, save_checkpoint
 from rl_core.config import RunConfig
 from rl_core.environments import load_environment
 from rl_core.environments.base import Environment, Task
@@ -106,7 +106,11 @@ class TrainingRun:
         return self.trainer.step(episodes)
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, {"tasks": self.tasks.state_dict(), "run_id": self.run_id})
+        """Checkpoint the policy at its current step, then drop the oldest beyond `storage.keep_checkpoints`."""
+        path = save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, {"tasks": self.tasks.state_dict(), "run_id": self.run_id})
+        if self.cfg.storage.keep_checkpoints is not None:
+            prune_checkpoints(self.checkpoints_dir, self.cfg.storage.keep_checkpoints)
+        return path
 
     def evaluate(self, *, samples: bool = True, policy: Policy | None = None) -> EvalReport:
         """Held-out evaluation of the run's policy (or of `policy`, e.g. a champion to compare with)."""

@@ -97,3 +97,15 @@ def test_checkpoint_round_trip(tiny_policy, tmp_path):
     assert fresh.optimizer.state_dict()["state"][0]["step"] == trainer.optimizer.state_dict()["state"][0]["step"]
     with pytest.raises(FileExistsError):
         save_checkpoint(tmp_path, policy, trainer.optimizer)
+
+
+def test_prune_keeps_the_newest_checkpoints(tiny_policy, tmp_path):
+    from rl_core.checkpoint import prune_checkpoints
+
+    policy = copy.deepcopy(tiny_policy)
+    for step in range(1, 5):
+        policy.version = step
+        save_checkpoint(tmp_path, policy, None)
+    deleted = prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in deleted] == ["step-000001", "step-000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003", "step-000004"]
