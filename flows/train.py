@@ -92,7 +92,7 @@ def _iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, iteratio
         return False
     progress.verdicts.append(verdict)
     progress.manifests.append(manifest)
-    metrics, progress.last_checkpoint = train_step_task(run, episodes)
+    metrics, progress.last_checkpoint = train_step_task(run, iteration, episodes)
     log_metrics_task(tracker, metrics.as_dict(), step=iteration)
     return True
 

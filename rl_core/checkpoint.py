@@ -1,8 +1,8 @@
 """Checkpoints: model weights (safetensors) + tokenizer + optimizer state + step, written atomically.
 
 Layout: `<checkpoints_dir>/step-000003/` holding the Hugging Face model files
-(`model.safetensors`, `config.json`), the tokenizer files, `optimizer.pt` and
-`trainer_state.json` ({"step": 3, ...}). A checkpoint is written into a temporary sibling
+(`model.safetensors`, `config.json`), the tokenizer files, `optimizer.pt`, `rng.pt` (random
+number generator states, for exact resume) and `trainer_state.json` ({"step": 3, ...}). A checkpoint is written into a temporary sibling
 folder and renamed into place, so a folder named `step-*` is always complete. The folder
 loads with `load_policy` like any Hugging Face model directory.
 """
@@ -21,6 +21,7 @@ from rl_core.policy import Policy, load_policy, save_policy
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
 
 
 def checkpoint_dir(checkpoints_dir: str | Path, step: int) -> Path:
@@ -28,7 +29,11 @@ def checkpoint_dir(checkpoints_dir: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    checkpoints_dir: str | Path, policy: Policy, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any] | None = None
+    checkpoints_dir: str | Path,
+    policy: Policy,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict[str, Any] | None = None,
+    rng_states: dict[str, Any] | None = None,
 ) -> Path:
     """Save the policy at its current version; returns the checkpoint folder. Refuses to overwrite."""
     final = checkpoint_dir(checkpoints_dir, policy.version)
@@ -40,6 +45,8 @@ def save_checkpoint(
         save_policy(policy, temp)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), temp / OPTIMIZER_FILE)
+        if rng_states is not None:
+            torch.save(rng_states, temp / RNG_FILE)
         state = {"step": policy.version, **(extra or {})}
         (temp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
         for path in temp.iterdir():
@@ -66,6 +73,12 @@ def load_checkpoint(path: str | Path, **policy_kwargs: Any) -> tuple[Policy, dic
 def restore_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
     """Load the optimizer state saved in checkpoint `path` into `optimizer` (built over the loaded policy)."""
     optimizer.load_state_dict(torch.load(Path(path) / OPTIMIZER_FILE, weights_only=True))
+
+
+def load_rng_states(path: str | Path) -> dict[str, Any] | None:
+    """The random generator states saved with checkpoint `path`, or None if it has none."""
+    file = Path(path) / RNG_FILE
+    return torch.load(file, weights_only=True) if file.exists() else None
 
 
 def prune_checkpoints(checkpoints_dir: str | Path, keep: int) -> list[Path]:

@@ -14,10 +14,11 @@ import random
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from rl_core.checkpoint import prune_checkpoints, save_checkpoint
+from rl_core.checkpoint import load_checkpoint, load_rng_states, prune_checkpoints, restore_optimizer, save_checkpoint
 from rl_core.config import RunConfig
 from rl_core.environments import load_environment
 from rl_core.environments.base import Environment, Task
@@ -81,6 +82,24 @@ class TrainingRun:
         self.tasks = TaskSampler(self.envs, cfg.environment.train_split, cfg.seed)
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
         self._work: dict[int, list[tuple[Environment, Task]]] = {}
+        self.last_iteration = 0  # the last iteration whose training step is checkpointed
+
+    @classmethod
+    def resume(cls, cfg: RunConfig, checkpoint: str | Path) -> "TrainingRun":
+        """Continue a run from one of its checkpoints: the next iteration is `last_iteration + 1`,
+        and the run goes on exactly as if it had never stopped."""
+        p = cfg.policy
+        policy, state = load_checkpoint(checkpoint, chat=p.chat_format, dtype=p.dtype, device=p.device)
+        cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": state["run_id"]})})
+        run = cls(cfg, policy=policy)
+        restore_optimizer(checkpoint, run.trainer.optimizer)
+        run.tasks.load_state_dict(state["tasks"])
+        run.last_iteration = int(state.get("iteration", policy.version))
+        rng = load_rng_states(checkpoint)
+        if rng is None:
+            raise ValueError(f"checkpoint {checkpoint} has no random generator states; it cannot be resumed exactly")
+        run.restore_rng_states(rng)
+        return run
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -105,9 +124,23 @@ class TrainingRun:
     def train(self, episodes: list[Episode]) -> StepMetrics:
         return self.trainer.step(episodes)
 
-    def save_checkpoint(self) -> Path:
-        """Checkpoint the policy at its current step, then drop the oldest beyond `storage.keep_checkpoints`."""
-        path = save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, {"tasks": self.tasks.state_dict(), "run_id": self.run_id})
+    def rng_states(self) -> dict[str, Any]:
+        """Every random generator the run draws from (sampling, torch, Python)."""
+        return {"sampler": self.generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def restore_rng_states(self, states: dict[str, Any]) -> None:
+        self.generator.set_state(states["sampler"])
+        torch.set_rng_state(states["torch"])
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+    def save_checkpoint(self, iteration: int | None = None) -> Path:
+        """Checkpoint everything a resume needs (weights, optimizer, RNG states, step, data position),
+        then drop the oldest checkpoints beyond `storage.keep_checkpoints`."""
+        if iteration is not None:
+            self.last_iteration = iteration
+        state = {"tasks": self.tasks.state_dict(), "run_id": self.run_id, "iteration": self.last_iteration}
+        path = save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, state, self.rng_states())
         if self.cfg.storage.keep_checkpoints is not None:
             prune_checkpoints(self.checkpoints_dir, self.cfg.storage.keep_checkpoints)
         return path
@@ -122,15 +155,17 @@ class TrainingRun:
         )
 
     def run(self, log: Callable[[str], None] = print) -> dict[str, float]:
-        """Evaluate, train `cfg.iterations` iterations (evaluating every `val_every` steps), evaluate; return a summary."""
+        """Evaluate, train up to `cfg.iterations` iterations (evaluating every `val_every` steps), evaluate; return a summary.
+
+        A resumed run starts at `last_iteration + 1`."""
         before = self.evaluate(samples=False).pass_at_1
         log(f"[{self.run_id}] step 0: held-out pass@1 {before:.3f}")
-        for iteration in range(1, self.cfg.iterations + 1):
+        for iteration in range(self.last_iteration + 1, self.cfg.iterations + 1):
             episodes = self.collect(iteration)
             self.write(iteration, episodes)
             stats = rollout_metrics(episodes)
             step = self.train(episodes)
-            self.save_checkpoint()
+            self.save_checkpoint(iteration)
             log(
                 f"[{self.run_id}] iteration {iteration}: reward {stats['rollout/reward/mean']:.3f} "
                 f"success {stats['rollout/success/mean']:.3f} loss {step.loss:.4f} grad_norm {step.grad_norm:.3f}"

@@ -17,10 +17,10 @@ from rl_core.trajectory import Episode
 
 
 @task(name="train-step", cache_policy=NONE)
-def train_step_task(run: TrainingRun, episodes: list[Episode]) -> tuple[StepMetrics, Path]:
-    """Train on `episodes`; returns the step's metrics and the checkpoint folder."""
+def train_step_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -> tuple[StepMetrics, Path]:
+    """Train on iteration `iteration`'s episodes; returns the step's metrics and the checkpoint folder."""
     metrics = run.train(episodes)
-    checkpoint = run.save_checkpoint()
+    checkpoint = run.save_checkpoint(iteration)
     get_run_logger().info(
         "step %d: loss %.4f, clip %.3f, kl %.4f, entropy %.3f, grad norm %.3f -> %s",
         metrics.step, metrics.loss, metrics.clip_fraction, metrics.approx_kl, metrics.entropy, metrics.grad_norm, checkpoint.name,

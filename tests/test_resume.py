@@ -1,0 +1,39 @@
+"""Exact resume: a run stopped after step 2 and resumed ends with the same parameters as one never stopped."""
+
+import torch
+
+from rl_core.checkpoint import latest_checkpoint
+from rl_core.config import load_config
+from rl_core.run import TrainingRun
+
+SMALL = ["rollout.group_size=4", "rollout.global_batch_size=8", "optimizer.micro_batch_size=4", "optimizer.lr=3e-4"]
+
+
+def train(run: TrainingRun, iterations: range) -> None:
+    for iteration in iterations:
+        episodes = run.collect(iteration)
+        run.write(iteration, episodes)
+        run.train(episodes)
+        run.save_checkpoint(iteration)
+
+
+def test_stopped_after_step_2_and_resumed_matches_an_uninterrupted_run(tmp_path):
+    straight = TrainingRun(load_config(None, SMALL + ["iterations=4", f"storage.run_dir={tmp_path}", "storage.run_id=straight"]))
+    train(straight, range(1, 5))
+
+    cfg = load_config(None, SMALL + ["iterations=4", f"storage.run_dir={tmp_path}", "storage.run_id=stopped"])
+    first = TrainingRun(cfg)
+    train(first, range(1, 3))
+    del first  # the process "dies" after step 2
+
+    resumed = TrainingRun.resume(cfg, latest_checkpoint(tmp_path / "stopped" / "checkpoints"))
+    assert resumed.policy.version == 2 and resumed.last_iteration == 2 and resumed.run_id == "stopped"
+    train(resumed, range(resumed.last_iteration + 1, 5))
+
+    assert resumed.policy.version == straight.policy.version == 4
+    for (name, a), b in zip(straight.policy.model.state_dict().items(), resumed.policy.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # the resumed run saw exactly the tasks and samples of the uninterrupted one
+    for iteration in (3, 4):
+        a, b = straight.store.read("straight", iteration), resumed.store.read("stopped", iteration)
+        assert [e.tokens for e in a] == [e.tokens for e in b]
