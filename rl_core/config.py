@@ -52,12 +52,20 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    advantage_method: Literal["group_based"] = Field("group_based", description="How advantages are computed from rewards: group_based = GRPO (reward minus group mean).")
-    normalize_advantage_std: bool = Field(True, description="GRPO: divide by the group's reward standard deviation.")
-    loss_fn: Literal["ppo"] = Field("ppo", description="Policy loss: ppo = clipped surrogate over the ratio pi_new/pi_old.")
-    clip_low_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Lower bound on the ratio pi_new/pi_old (PPO 0.8; CISPO usually 1.0).")
+    advantage_method: Literal[
+        "monte_carlo", "group_based", "group_based_per_turn", "rloo", "reinforce_pp", "reinforce_pp_baseline", "opo", "grpo_passk", "gpg"
+    ] = Field("group_based", description="How advantages come from rewards (see rl_core/advantages.py): group_based = GRPO (reward minus group mean, over group std).")
+    normalize_advantage_std: bool = Field(True, description="group_based / group_based_per_turn: divide by the group's reward standard deviation.")
+    pass_k: int = Field(4, ge=1, description="grpo_passk: the k whose pass@k the advantages optimise (needs group_size >= k).")
+    loss_fn: Literal["importance_sampling", "ppo", "cispo"] = Field("ppo", description="Policy loss (see rl_core/losses.py): ratio-weighted policy gradient, PPO clipped surrogate, or CISPO (clipped stop-gradient weight times log-prob).")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field("token_mean", description="How per-token losses add up: over all loss tokens of the batch, or per sequence then over sequences.")
+    clip_low_threshold: float = Field(0.8, ge=0.0, le=1.0, description="Lower bound on the ratio pi_new/pi_old (PPO 0.8; CISPO usually 1.0).")
     clip_high_threshold: float = Field(1.2, ge=1.0, description="Upper bound on the ratio pi_new/pi_old (PPO 1.2; CISPO usually 6.0).")
+    kl_coef: float = Field(0.0, ge=0.0, description="Weight of a KL(pi || pi_ref) penalty against the starting policy (0 = off).")
+    tis_cap: float | None = Field(None, gt=0.0, description="Truncated importance sampling against the inference/trainer mismatch: pi_old becomes the trainer's own log-probs and each token is weighted by min(pi_trainer / pi_sampler, cap). None = off.")
     max_steps_off_policy: int = Field(3, ge=0, description="Rollouts sampled by a policy more than this many optimizer steps old are dropped (0 = synchronous).")
+    zero_variance_groups: Literal["keep", "drop", "resample"] = Field("keep", description="Groups whose rewards are all equal carry no signal: keep them (their advantages are 0 but their tokens count in the loss denominator), drop them from the loss, or resample (dynamic sampling: drop them and collect more tasks until the batch is full).")
+    max_resample_rounds: int = Field(3, ge=1, description="With zero_variance_groups=resample: most extra collection rounds per iteration.")
 
 
 class OptimizerConfig(_Section):
@@ -143,6 +151,8 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
         r, e, p = self.rollout, self.environment, self.policy
+        if self.algorithm.advantage_method == "grpo_passk" and r.group_size < self.algorithm.pass_k:
+            raise ValueError(f"algorithm.pass_k ({self.algorithm.pass_k}) must be <= rollout.group_size ({r.group_size}) for grpo_passk")
         if r.global_batch_size % r.group_size:
             raise ValueError(f"rollout.global_batch_size ({r.global_batch_size}) must be a multiple of rollout.group_size ({r.group_size})")
         budget = r.max_turns * (r.max_tokens_per_turn + e.expected_tool_output) + e.prompt_tokens

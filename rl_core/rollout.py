@@ -161,15 +161,17 @@ def collect_rollouts(
     iteration: int,
     sampler: Sampler | None = None,
     generator: torch.Generator | None = None,
+    first_group: int = 0,
 ) -> list[Episode]:
     """Play `group_size` episodes per (env, task) pair, batching generation across all live episodes.
 
-    Episodes come back grouped: all samples of work[0], then work[1], ...
+    Episodes come back grouped: all samples of work[0], then work[1], ... Group ids number the
+    pairs from `first_group` (so several collections of one iteration never share a group id).
     """
     sampler = sampler or hf_sampler(policy, settings.generation_batch_size, generator)
     episodes: list[_LiveEpisode] = []
     for index, (env, task) in enumerate(work):
-        group_id = f"{run_id}/{iteration}/{index}/{task.task_id}"
+        group_id = f"{run_id}/{iteration}/{first_group + index}/{task.task_id}"
         for sample in range(group_size):
             live = _open_episode(policy, env, task, group_id, sample, settings.max_retries)
             episodes.append(live)

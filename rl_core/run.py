@@ -28,7 +28,7 @@ from rl_core.policy import Policy, load_policy
 from rl_core.rollout import RolloutSettings, collect_rollouts
 from rl_core.store import Manifest, TrajectoryStore
 from rl_core.task_sampler import TaskSampler
-from rl_core.trainer import StepMetrics, Trainer
+from rl_core.trainer import StepMetrics, Trainer, informative
 from rl_core.trajectory import Episode
 
 
@@ -78,10 +78,10 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.envs = load_environments(cfg)
         self.policy = policy or load_start_policy(cfg)
-        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer)
+        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer, reference=self._reference_model())
         self.tasks = TaskSampler(self.envs, cfg.environment.train_split, cfg.seed)
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
-        self._work: dict[int, list[tuple[Environment, Task]]] = {}
+        self._work: dict[tuple[int, int], list[tuple[Environment, Task]]] = {}
         self.last_iteration = 0  # the last iteration whose training step is checkpointed
 
     @classmethod
@@ -101,21 +101,52 @@ class TrainingRun:
         run.restore_rng_states(rng)
         return run
 
+    def _reference_model(self) -> torch.nn.Module | None:
+        """A frozen copy of the starting policy, for the KL penalty (None when it is off)."""
+        if self.cfg.algorithm.kl_coef == 0:
+            return None
+        reference = load_start_policy(self.cfg).model.eval()
+        reference.requires_grad_(False)
+        return reference
+
     @property
     def checkpoints_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def work_for(self, iteration: int) -> list[tuple[Environment, Task]]:
-        """The training tasks of `iteration`, drawn once: a retried collection sees the same tasks."""
-        if iteration not in self._work:
-            self._work[iteration] = self.tasks.next_batch(self.cfg.tasks_per_batch)
-        return self._work[iteration]
+    def work_for(self, iteration: int, round_: int = 0, size: int | None = None) -> list[tuple[Environment, Task]]:
+        """The training tasks of `iteration` (and of its resampling round), drawn once: a retried
+        collection sees the same tasks."""
+        key = (iteration, round_)
+        if key not in self._work:
+            self._work[key] = self.tasks.next_batch(size or self.cfg.tasks_per_batch)
+        return self._work[key]
 
     def collect(self, iteration: int) -> list[Episode]:
-        """Sample `group_size` episodes for each of the iteration's `tasks_per_batch` training tasks."""
+        """Sample `group_size` episodes for each of the iteration's `tasks_per_batch` training tasks.
+
+        With `algorithm.zero_variance_groups = resample` (dynamic sampling), groups whose rewards
+        are all equal are replaced by groups of further tasks, for up to `max_resample_rounds`
+        extra rounds; what is still degenerate after that is left for the trainer to drop.
+        """
+        work = self.work_for(iteration)
+        episodes = self._collect_work(iteration, work, first_group=0)
+        if self.cfg.algorithm.zero_variance_groups != "resample":
+            return episodes
+        groups_played = len(work)
+        for round_ in range(1, self.cfg.algorithm.max_resample_rounds + 1):
+            kept = informative(episodes)
+            missing = self.cfg.tasks_per_batch - len({e.group_id for e in kept})
+            if missing <= 0:
+                return kept
+            extra_work = self.work_for(iteration, round_, missing)
+            episodes = kept + self._collect_work(iteration, extra_work, first_group=groups_played)
+            groups_played += len(extra_work)
+        return episodes
+
+    def _collect_work(self, iteration: int, work: list[tuple[Environment, Task]], first_group: int) -> list[Episode]:
         return collect_rollouts(
-            self.policy, self.work_for(iteration), rollout_settings(self.cfg), group_size=self.cfg.rollout.group_size,
-            run_id=self.run_id, iteration=iteration, generator=self.generator,
+            self.policy, work, rollout_settings(self.cfg), group_size=self.cfg.rollout.group_size,
+            run_id=self.run_id, iteration=iteration, generator=self.generator, first_group=first_group,
         )
 
     def write(self, iteration: int, episodes: list[Episode]) -> Manifest:

@@ -37,3 +37,16 @@ def test_stopped_after_step_2_and_resumed_matches_an_uninterrupted_run(tmp_path)
     for iteration in (3, 4):
         a, b = straight.store.read("straight", iteration), resumed.store.read("stopped", iteration)
         assert [e.tokens for e in a] == [e.tokens for e in b]
+
+
+def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
+    from rl_core.trainer import informative
+
+    cfg = load_config(None, ["rollout.group_size=4", "rollout.global_batch_size=32", "algorithm.zero_variance_groups=resample",
+                             f"storage.run_dir={tmp_path}", "storage.run_id=dyn"])
+    run = TrainingRun(cfg)
+    episodes = run.collect(1)
+    groups = {e.group_id for e in episodes}
+    assert len(groups) == cfg.tasks_per_batch and informative(episodes) == episodes
+    assert (1, 1) in run._work  # degenerate groups were replaced by further tasks
+    assert len(episodes) == 32

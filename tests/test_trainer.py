@@ -1,6 +1,7 @@
 """The trainer: micro-batch accumulation invariance, masking, staleness, checkpoints."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -109,3 +110,83 @@ def test_prune_keeps_the_newest_checkpoints(tiny_policy, tmp_path):
     deleted = prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in deleted] == ["step-000001", "step-000002"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003", "step-000004"]
+
+
+def test_zero_variance_groups_split_into_all_correct_and_all_wrong(tiny_policy):
+    from rl_core.metrics import rollout_metrics
+
+    episodes = make_episodes(tiny_policy, n=8)  # groups g0..g3 with rewards (0, 1) each
+    for ep in episodes[:2]:  # g0: both succeed
+        ep.reward, ep.success = 1.0, True
+    for ep in episodes[2:4]:  # g1: both fail
+        ep.reward, ep.success = 0.0, False
+    m = rollout_metrics(episodes)
+    assert m["analysis/zero_adv_groups"] == 0.5
+    assert m["analysis/zero_adv_groups/all_correct"] == 0.25 and m["analysis/zero_adv_groups/all_wrong"] == 0.25
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
+@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "cispo"])
+def test_every_loss_and_aggregation_is_accumulation_invariant_in_the_trainer(tiny_policy, loss_fn, aggregation):
+    episodes = make_episodes(tiny_policy)
+    algorithm = AlgorithmConfig(loss_fn=loss_fn, loss_aggregation=aggregation, advantage_method="rloo")
+
+    def params(micro_batch_size):
+        policy = copy.deepcopy(tiny_policy)
+        Trainer(policy, algorithm, OptimizerConfig(lr=1e-2, micro_batch_size=micro_batch_size)).step(episodes)
+        return policy.model.state_dict()
+
+    whole, parts = params(6), params(2)
+    for name in whole:  # Adam's first step moves each weight by ~lr = 1e-2; float32 summation order differs
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-4, atol=1e-5)
+
+
+def test_per_turn_advantages_land_on_their_turns_tokens(tiny_policy):
+    from rl_core.trainer import token_advantages
+
+    ep = make_episodes(tiny_policy, n=1)[0]
+    first, second = [t for t in ep.turns if t.role == "assistant"]
+    adv = token_advantages(ep, torch.tensor([0.5, -2.0]))
+    assert set(adv[first.start:first.end].tolist()) == {0.5} and set(adv[second.start:second.end].tolist()) == {-2.0}
+    assert adv[:first.start].abs().sum() == 0 and adv[first.end:second.start].abs().sum() == 0
+    assert set(token_advantages(ep, torch.tensor([1.5]))[second.start:second.end].tolist()) == {1.5}
+
+
+def test_mismatch_is_measured_and_tis_weights_are_capped(tiny_policy):
+    from rl_core.trainer import pad_batch, token_logprobs
+
+    policy = copy.deepcopy(tiny_policy)
+    episodes = make_episodes(policy)
+    # make the sampler's log-probs exactly the trainer's: mismatch 0
+    for ep in episodes:
+        batch = pad_batch([ep], [torch.zeros(1)], policy.chat.pad_id, policy.device)
+        with torch.no_grad():
+            logp, _ = token_logprobs(policy.model, batch["tokens"], batch["attention"])
+        ep.behavior_logprobs = [float(v) if m else 0.0 for v, m in zip(logp[0].tolist(), ep.loss_mask)]
+    m = Trainer(copy.deepcopy(policy), AlgorithmConfig(), OptimizerConfig()).step(episodes)
+    assert m.logprob_mismatch_mean < 1e-5 and m.logprob_mismatch_max < 1e-4
+    for ep in episodes:  # now the sampler is 0.5 nats more confident on every generated token
+        ep.behavior_logprobs = [v + 0.5 if mk else 0.0 for v, mk in zip(ep.behavior_logprobs, ep.loss_mask)]
+    m = Trainer(copy.deepcopy(policy), AlgorithmConfig(tis_cap=2.0), OptimizerConfig()).step(episodes)
+    assert m.logprob_mismatch_mean == pytest.approx(0.5, abs=1e-4)
+    assert m.is_weight_mean == pytest.approx(math.exp(-0.5), rel=1e-3)
+
+
+def test_kl_penalty_needs_a_reference_and_is_zero_against_itself(tiny_policy):
+    with pytest.raises(ValueError, match="reference"):
+        Trainer(copy.deepcopy(tiny_policy), AlgorithmConfig(kl_coef=0.1), OptimizerConfig())
+    policy = copy.deepcopy(tiny_policy)
+    m = Trainer(policy, AlgorithmConfig(kl_coef=0.1), OptimizerConfig(), reference=copy.deepcopy(tiny_policy.model)).step(make_episodes(policy))
+    assert m.ref_kl == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["monte_carlo", "group_based", "group_based_per_turn", "rloo", "reinforce_pp", "reinforce_pp_baseline", "opo", "grpo_passk", "gpg"])
+def test_every_advantage_method_trains(tiny_policy, method):
+    policy = copy.deepcopy(tiny_policy)
+    episodes = make_episodes(policy)
+    for i, ep in enumerate(episodes):  # two groups of three, rewards (0, 1, 0) and (1, 0, 1)
+        ep.group_id = f"g{i // 3}"
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    m = Trainer(policy, AlgorithmConfig(advantage_method=method, pass_k=2), OptimizerConfig(lr=1e-2)).step(episodes)
+    assert policy.version == 1 and m.grad_norm > 0
+    assert any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
