@@ -23,12 +23,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Section):
+    enabled: bool = Field(False, description="Train low-rank adapters (peft LoRA) instead of all weights; checkpoints then hold only the adapter.")
+    rank: int = Field(32, gt=0, description="LoRA rank r of each adapter (32 for large models; small models do with 4-16).")
+    alpha: int = Field(64, gt=0, description="LoRA alpha; the adapter update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the linear layers that get adapters (Llama-style attention and MLP projections by default).",
+    )
+
+
 class PolicyConfig(_Section):
     path: str = Field("data/checkpoints/reference", description="Hugging Face causal LM directory (or hub id when online) to start from; relative paths are resolved against the repository root.")
     context_window: int = Field(768, gt=0, description="Longest episode in tokens (prompt + all turns); must not exceed the model's maximum positions.")
     chat_format: Literal["turnstile", "chatml"] = Field("turnstile", description="Role markers around turns: Turnstile's own special tokens, or ChatML (<|im_start|>role ... <|im_end|>) for models trained on it.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype for training and generation.")
     device: str = Field("cpu", description="Torch device for the policy: cpu, cuda, cuda:1 ...")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Low-rank adaptation (LoRA) of the policy; off by default.")
 
 
 class EnvironmentConfig(_Section):
@@ -49,6 +62,7 @@ class RolloutConfig(_Section):
     timeout_s: float = Field(600.0, gt=0, description="Wall-clock limit for one episode; past it the episode ends as timeout.")
     max_retries: int = Field(3, ge=0, description="Retries of an environment step that raised before the episode ends as env_error.")
     generation_batch_size: int = Field(256, ge=1, description="Most sequences generated in one batched forward pass.")
+    overlap_collection: bool = Field(False, description="Collect iteration k+1 (from a snapshot of the policy) while step k trains; its rollouts are then one step off-policy, so it needs algorithm.max_steps_off_policy >= 1.")
 
 
 class AlgorithmConfig(_Section):
@@ -153,6 +167,8 @@ class RunConfig(_Section):
         r, e, p = self.rollout, self.environment, self.policy
         if self.algorithm.advantage_method == "grpo_passk" and r.group_size < self.algorithm.pass_k:
             raise ValueError(f"algorithm.pass_k ({self.algorithm.pass_k}) must be <= rollout.group_size ({r.group_size}) for grpo_passk")
+        if r.overlap_collection and self.algorithm.max_steps_off_policy < 1:
+            raise ValueError("rollout.overlap_collection samples one step off-policy: it needs algorithm.max_steps_off_policy >= 1 (0 = synchronous)")
         if r.global_batch_size % r.group_size:
             raise ValueError(f"rollout.global_batch_size ({r.global_batch_size}) must be a multiple of rollout.group_size ({r.group_size})")
         budget = r.max_turns * (r.max_tokens_per_turn + e.expected_tool_output) + e.prompt_tokens

@@ -10,8 +10,10 @@ Runtime output lives under `<storage.run_dir>/<run_id>/`: `trajectories/`, `chec
 
 from __future__ import annotations
 
+import copy
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -121,15 +123,39 @@ class TrainingRun:
             self._work[key] = self.tasks.next_batch(size or self.cfg.tasks_per_batch)
         return self._work[key]
 
-    def collect(self, iteration: int) -> list[Episode]:
-        """Sample `group_size` episodes for each of the iteration's `tasks_per_batch` training tasks.
+    def sampling_snapshot(self) -> Policy:
+        """A frozen copy of the current policy (same version) that can sample while the original trains."""
+        model = copy.deepcopy(self.policy.model).eval()
+        model.requires_grad_(False)
+        return Policy(model=model, tokenizer=self.policy.tokenizer, chat=self.policy.chat, version=self.policy.version)
+
+    def batches(self, first: int, last: int) -> Iterator[tuple[int, list[Episode]]]:
+        """(iteration, episodes) for iterations first..last. With `rollout.overlap_collection`, batch
+        k+1 is collected in a background thread from a snapshot of the policy while the caller
+        trains on batch k (so it arrives one step off-policy); otherwise each is collected in turn."""
+        if not self.cfg.rollout.overlap_collection:
+            for iteration in range(first, last + 1):
+                yield iteration, self.collect(iteration)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect") as pool:
+            pending = pool.submit(self.collect, first, self.sampling_snapshot()) if first <= last else None
+            for iteration in range(first, last + 1):
+                episodes = pending.result()
+                if iteration < last:
+                    pending = pool.submit(self.collect, iteration + 1, self.sampling_snapshot())
+                yield iteration, episodes
+
+    def collect(self, iteration: int, policy: Policy | None = None) -> list[Episode]:
+        """Sample `group_size` episodes for each of the iteration's `tasks_per_batch` training tasks
+        (with the run's policy, or with `policy`, e.g. a snapshot sampling in the background).
 
         With `algorithm.zero_variance_groups = resample` (dynamic sampling), groups whose rewards
         are all equal are replaced by groups of further tasks, for up to `max_resample_rounds`
         extra rounds; what is still degenerate after that is left for the trainer to drop.
         """
+        policy = policy or self.policy
         work = self.work_for(iteration)
-        episodes = self._collect_work(iteration, work, first_group=0)
+        episodes = self._collect_work(policy, iteration, work, first_group=0)
         if self.cfg.algorithm.zero_variance_groups != "resample":
             return episodes
         groups_played = len(work)
@@ -139,13 +165,13 @@ class TrainingRun:
             if missing <= 0:
                 return kept
             extra_work = self.work_for(iteration, round_, missing)
-            episodes = kept + self._collect_work(iteration, extra_work, first_group=groups_played)
+            episodes = kept + self._collect_work(policy, iteration, extra_work, first_group=groups_played)
             groups_played += len(extra_work)
         return episodes
 
-    def _collect_work(self, iteration: int, work: list[tuple[Environment, Task]], first_group: int) -> list[Episode]:
+    def _collect_work(self, policy: Policy, iteration: int, work: list[tuple[Environment, Task]], first_group: int) -> list[Episode]:
         return collect_rollouts(
-            self.policy, work, rollout_settings(self.cfg), group_size=self.cfg.rollout.group_size,
+            policy, work, rollout_settings(self.cfg), group_size=self.cfg.rollout.group_size,
             run_id=self.run_id, iteration=iteration, generator=self.generator, first_group=first_group,
         )
 
@@ -191,8 +217,7 @@ class TrainingRun:
         A resumed run starts at `last_iteration + 1`."""
         before = self.evaluate(samples=False).pass_at_1
         log(f"[{self.run_id}] step 0: held-out pass@1 {before:.3f}")
-        for iteration in range(self.last_iteration + 1, self.cfg.iterations + 1):
-            episodes = self.collect(iteration)
+        for iteration, episodes in self.batches(self.last_iteration + 1, self.cfg.iterations):
             self.write(iteration, episodes)
             stats = rollout_metrics(episodes)
             step = self.train(episodes)

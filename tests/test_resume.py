@@ -50,3 +50,24 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
     assert len(groups) == cfg.tasks_per_batch and informative(episodes) == episodes
     assert (1, 1) in run._work  # degenerate groups were replaced by further tasks
     assert len(episodes) == 32
+
+
+def test_overlapped_collection_samples_one_step_behind_and_nothing_is_dropped(tmp_path):
+    cfg = load_config(None, SMALL + ["rollout.overlap_collection=true", "algorithm.max_steps_off_policy=1",
+                                     f"storage.run_dir={tmp_path}", "storage.run_id=overlap"])
+    run = TrainingRun(cfg)
+    seen = []
+    for iteration, episodes in run.batches(1, 3):
+        seen.append((iteration, run.policy.version, {e.policy_version for e in episodes}))
+        metrics = run.train(episodes)
+        assert metrics.stale_dropped == 0
+    # batch k+1 was sampled by the policy of before step k: one step behind when it is trained on
+    assert seen == [(1, 0, {0}), (2, 1, {0}), (3, 2, {1})]
+
+
+def test_overlap_needs_an_off_policy_allowance():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="algorithm.max_steps_off_policy"):
+        load_config(None, ["rollout.overlap_collection=true", "algorithm.max_steps_off_policy=0"])
