@@ -5,6 +5,10 @@ Layout: `<checkpoints_dir>/step-000003/` holding the Hugging Face model files
 number generator states, for exact resume) and `trainer_state.json` ({"step": 3, ...}). A checkpoint is written into a temporary sibling
 folder and renamed into place, so a folder named `step-*` is always complete. The folder
 loads with `load_policy` like any Hugging Face model directory.
+
+For a LoRA policy the model files are the adapter in PEFT layout (`adapter_config.json`,
+`adapter_model.safetensors`, plus `base/` when the base model has no path on disk; see
+rl_core/lora.py), and `optimizer.pt` covers only the adapter parameters (the trainable ones).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def save_checkpoint(
             torch.save(rng_states, temp / RNG_FILE)
         state = {"step": policy.version, **(extra or {})}
         (temp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        for path in temp.iterdir():
+        for path in (p for p in temp.rglob("*") if p.is_file()):
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         os.replace(temp, final)

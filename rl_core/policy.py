@@ -3,7 +3,9 @@
 `build_tiny_model(tokenizer, ...)` makes a small Llama-architecture model from a config
 (no download), for tests and the shipped reference checkpoint. `load_policy(path, ...)` is
 the ordinary loading of any Hugging Face causal LM directory (or hub id, where a hub can
-be reached). `save_policy` writes safetensors weights and the tokenizer.
+be reached); a PEFT adapter folder loads as base plus trainable adapter, and `lora=` adds
+fresh LoRA adapters to a plain model (see rl_core/lora.py). `save_policy` writes safetensors
+weights (or, for a LoRA policy, the adapter in PEFT layout) and the tokenizer.
 `Policy.version` counts optimizer steps applied since the run started from `path`.
 """
 
@@ -11,11 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from rl_core.lora import apply_lora, is_adapter_dir, is_lora, load_adapter_model, save_adapter, tokenizer_dir
 from rl_core.tokenizer import ChatFormat, chat_format
+
+if TYPE_CHECKING:
+    from rl_core.config import LoraConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,18 +73,34 @@ def build_tiny_model(
     return LlamaForCausalLM(config)
 
 
-def load_policy(path: str | Path, *, chat: str = "turnstile", dtype: str = "float32", device: str = "cpu") -> Policy:
-    """Load a Hugging Face causal LM and its tokenizer from `path`."""
+def load_policy(
+    path: str | Path, *, chat: str = "turnstile", dtype: str = "float32", device: str = "cpu", lora: LoraConfig | None = None
+) -> Policy:
+    """Load a Hugging Face causal LM and its tokenizer from `path`.
+
+    A PEFT adapter folder (`adapter_config.json`) loads as its base model plus the adapter,
+    trainable. With `lora` enabled, a plain model gets fresh adapters; an adapter folder keeps
+    its own (the saved adapter's rank and targets win over `lora`).
+    """
     if not str(path) or (Path(path).is_absolute() and not Path(path).exists()):
         raise FileNotFoundError(f"policy.path {path!r} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype]).to(device)
-    return Policy(model=model, tokenizer=tokenizer, chat=chat_format(chat, tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(path))
+    if is_adapter_dir(path):
+        model = load_adapter_model(path, dtype=DTYPES[dtype], device=device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype]).to(device)
+    policy = Policy(model=model, tokenizer=tokenizer, chat=chat_format(chat, tokenizer))
+    if lora is not None and lora.enabled and not is_lora(model):
+        apply_lora(policy, lora)
+    return policy
 
 
 def save_policy(policy: Policy, directory: str | Path) -> None:
-    """Write weights (safetensors), model config and tokenizer to `directory`."""
+    """Write weights (safetensors) and model config, or a LoRA policy's adapter (PEFT layout), and the tokenizer to `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(directory, safe_serialization=True)
+    if is_lora(policy.model):
+        save_adapter(policy.model, directory)
+    else:
+        policy.model.save_pretrained(directory, safe_serialization=True)
     policy.tokenizer.save_pretrained(directory)

@@ -60,7 +60,7 @@ def rollout_settings(cfg: RunConfig, temperature: float | None = None) -> Rollou
 
 def load_start_policy(cfg: RunConfig) -> Policy:
     """The policy the run starts from, checked against the configured context window."""
-    policy = load_policy(cfg.resolved_policy_path(), chat=cfg.policy.chat_format, dtype=cfg.policy.dtype, device=cfg.policy.device)
+    policy = load_policy(cfg.resolved_policy_path(), chat=cfg.policy.chat_format, dtype=cfg.policy.dtype, device=cfg.policy.device, lora=cfg.policy.lora)
     if cfg.policy.context_window > policy.max_positions:
         raise ValueError(
             f"policy.context_window ({cfg.policy.context_window}) exceeds the model's max_position_embeddings ({policy.max_positions})"
