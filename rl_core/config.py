@@ -97,6 +97,17 @@ class OptimizerConfig(_Section):
         return self
 
 
+class TrainerConfig(_Section):
+    backend: Literal["torch", "deepspeed"] = Field("torch", description="Training backend (rl_core/backends.py): plain torch, or a DeepSpeed engine on one process (gloo on CPU) taking the same update.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (backend deepspeed only); 0-3 all run on CPU and take the torch update; on one process none saves memory, and 3 (weights kept whole for rollouts and checkpoints) cannot deep-copy the policy, as rollout.overlap_collection does.")
+
+    @model_validator(mode="after")
+    def _zero_needs_deepspeed(self) -> "TrainerConfig":
+        if self.zero_stage and self.backend != "deepspeed":
+            raise ValueError(f"trainer.zero_stage {self.zero_stage} needs trainer.backend 'deepspeed' (got {self.backend!r})")
+        return self
+
+
 class EvaluationConfig(_Section):
     split: str = Field("heldout", description="Split evaluated; its tasks never appear in training.")
     max_tasks: int | None = Field(None, ge=1, description="Evaluate only the first N tasks per environment (None = all).")
@@ -156,6 +167,7 @@ class RunConfig(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -167,6 +179,10 @@ class RunConfig(_Section):
         r, e, p = self.rollout, self.environment, self.policy
         if self.algorithm.advantage_method == "grpo_passk" and r.group_size < self.algorithm.pass_k:
             raise ValueError(f"algorithm.pass_k ({self.algorithm.pass_k}) must be <= rollout.group_size ({r.group_size}) for grpo_passk")
+        if self.trainer.backend == "deepspeed" and p.dtype != "float32":
+            raise ValueError(f"trainer.backend deepspeed trains in float32 only; policy.dtype is {p.dtype!r}")
+        if r.overlap_collection and self.trainer.zero_stage == 3:
+            raise ValueError("rollout.overlap_collection copies the model for sampling, which trainer.zero_stage 3 does not allow")
         if r.overlap_collection and self.algorithm.max_steps_off_policy < 1:
             raise ValueError("rollout.overlap_collection samples one step off-policy: it needs algorithm.max_steps_off_policy >= 1 (0 = synchronous)")
         if r.global_batch_size % r.group_size:

@@ -9,6 +9,8 @@
    policy loss (`algorithm.loss_fn`, `algorithm.loss_aggregation`, see losses.py) with
    batch-wide denominators, so the update equals the one-big-batch update;
 4. clips the gradient norm, takes an AdamW step, and bumps `policy.version`.
+Backward, clipping and the step go through a backend (backends.py, `trainer.backend`): plain
+torch, or DeepSpeed (ZeRO) taking the same update.
 pi_old in the ratio is the sampler's `behavior_logprobs`, or, with `tis_cap`, the trainer's
 own log-probs with the sampler gap as a capped per-token weight. The mismatch between the
 sampler's and the trainer's log-probs is measured every step.
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from rl_core.advantages import compute_advantages
-from rl_core.config import AlgorithmConfig, OptimizerConfig
+from rl_core.backends import make_backend
+from rl_core.config import AlgorithmConfig, OptimizerConfig, TrainerConfig
 from rl_core.losses import LossStats, logprob_mismatch, policy_loss, truncated_is_weights
 from rl_core.policy import Policy
 from rl_core.trajectory import Episode
@@ -141,14 +144,18 @@ class Trainer:
     """Owns the optimizer and applies training steps to `policy` in place.
 
     `reference` (a frozen copy of the starting model) is needed only for the KL penalty.
+    `trainer_cfg` picks the backend (default: plain torch). `optimizer` has torch's
+    state_dict()/load_state_dict() (AdamW's per-parameter format) for checkpoints, whatever the backend.
     """
 
-    def __init__(self, policy: Policy, algorithm: AlgorithmConfig, optimizer: OptimizerConfig, reference: torch.nn.Module | None = None):
+    def __init__(self, policy: Policy, algorithm: AlgorithmConfig, optimizer: OptimizerConfig, reference: torch.nn.Module | None = None,
+                 trainer_cfg: TrainerConfig | None = None):
         self.policy, self.algorithm, self.optim_cfg = policy, algorithm, optimizer
-        self.optimizer = make_optimizer(policy, optimizer)
         if algorithm.kl_coef > 0 and reference is None:
             raise ValueError("algorithm.kl_coef > 0 needs a reference model")
         self.reference = reference
+        self.backend = make_backend(trainer_cfg, policy.model, make_optimizer(policy, optimizer), optimizer)
+        self.optimizer = self.backend.optimizer
 
     def fresh(self, episodes: list[Episode]) -> list[Episode]:
         """Episodes no more than `max_steps_off_policy` versions behind the policy."""
@@ -176,9 +183,8 @@ class Trainer:
             fresh = informative(fresh)
         if self.algorithm.advantage_method == "grpo_passk":  # pass@k of a group needs k samples
             fresh = groups_of_at_least(fresh, self.algorithm.pass_k)
-        model = self.policy.model
-        model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.model.train()
+        self.backend.zero_grad()
         total_tokens = sum(e.response_tokens for e in fresh)
         totals, sums = LossStats(0.0, 0.0, 0.0, 0.0), {"loss": 0.0, "entropy": 0.0, "mismatch": 0.0, "mismatch_max": 0.0}
         if fresh and total_tokens:
@@ -188,10 +194,9 @@ class Trainer:
                 chunk = slice(start, start + size)
                 batch = pad_batch(fresh[chunk], advantages[chunk], self.policy.chat.pad_id, self.policy.device)
                 totals = totals + self._accumulate(batch, total_tokens, len(fresh), sums)
-        params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)) if total_tokens else 0.0
+        grad_norm = 0.0
         if total_tokens:
-            self.optimizer.step()
+            grad_norm = self.backend.step()  # clip to grad_clip, optimizer step; the norm before clipping
             self.policy.version += 1
         tokens = max(totals.tokens, 1.0)
         return StepMetrics(
@@ -213,7 +218,7 @@ class Trainer:
     def _accumulate(self, batch: dict[str, torch.Tensor], total_tokens: int, total_sequences: int, sums: dict[str, float]) -> LossStats:
         """Forward and backward one micro-batch; gradients add up across micro-batches."""
         a = self.algorithm
-        logprobs, entropy = token_logprobs(self.policy.model, batch["tokens"], batch["attention"])
+        logprobs, entropy = token_logprobs(self.backend.model, batch["tokens"], batch["attention"])
         mask, behavior = batch["mask"], batch["old_logprobs"]
         mean_abs, max_abs = logprob_mismatch(logprobs.detach(), behavior, mask)
         sums["mismatch"] += mean_abs * float(mask.sum())
@@ -232,7 +237,7 @@ class Trainer:
             total_tokens=total_tokens, total_sequences=total_sequences,
             is_weights=is_weights, ref_logprobs=reference, kl_coef=a.kl_coef,
         )
-        loss.backward()
+        self.backend.backward(loss)
         sums["loss"] += float(loss.detach())
         sums["entropy"] += float((entropy * mask).sum())
         return stats

@@ -1,0 +1,249 @@
+"""Training backends: how the trainer's accumulated gradients become an optimizer step.
+
+The trainer (trainer.py) runs forward passes through `backend.model`, and calls
+`backend.zero_grad()`, `backend.backward(loss)` once per micro-batch, then one
+`backend.step()`, which clips the gradient norm to `optimizer.grad_clip`, takes the AdamW
+step and returns the gradient norm before clipping. `backend.optimizer` has torch's
+`state_dict()` / `load_state_dict()` in torch AdamW's own per-parameter format, whatever the
+backend, so checkpoints (checkpoint.py) move between backends.
+
+- `TorchBackend`: plain `loss.backward()`, `clip_grad_norm_`, `AdamW.step()`.
+- `DeepSpeedBackend`: the model wrapped by `deepspeed.initialize` (ZeRO stage 0-3) on one
+  process (gloo on CPU, NCCL on GPU), with the same torch AdamW as the client optimizer and
+  `gradient_clipping = grad_clip`, so it takes the same update as `TorchBackend`. The
+  trainer's micro-batch losses are already normalised by batch-wide totals, so DeepSpeed's
+  own accumulation scaling is switched off: `gradient_accumulation_steps` is 1,
+  `engine.backward` is called with `scale_wrt_gas=False`, and
+  `managed_gradient_accumulation: false` makes `backward` only add up gradients and
+  `step()` the one accumulation boundary (reduction, clipping, optimizer step).
+  fp32 only. The model must hold its final starting weights before the backend is built:
+  ZeRO 1-3 keep their own fp32 master copy, so later in-place edits of the weights are lost.
+  ZeRO-3 keeps every weight whole (one process holds all partitions anyway), so generation and
+  checkpoints read the policy as usual, but its hooked model cannot be deep-copied.
+  DeepSpeed is imported only when this backend is built.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+
+# DeepSpeed's name for its shared-memory all-reduce kernel for several ranks on one CPU host.
+_SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+class TorchBackend:
+    """Today's plain torch path: gradients add up in `.grad`, one clipped AdamW step."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float):
+        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip the accumulated gradient to `grad_clip`, step; returns the norm before clipping."""
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        self.optimizer.step()
+        return norm
+
+
+def single_process_env() -> None:
+    """The environment variables torch.distributed needs for a one-process group, where unset."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def _import_deepspeed() -> Any:
+    """`deepspeed`, with a process group initialised (gloo on CPU) if there is none yet.
+
+    With one rank there is nothing to all-reduce, so DeepSpeed's shared-memory CPU all-reduce
+    kernel (compiled with a C++ toolchain on first use, about a minute) is marked unavailable
+    before DeepSpeed's communication layer starts: it then uses plain torch.distributed.
+    """
+    try:
+        import deepspeed
+        import deepspeed.ops
+    except ImportError as exc:  # pragma: no cover - deepspeed is a dependency
+        raise ImportError("trainer.backend 'deepspeed' needs the deepspeed package: pip install 'deepspeed>=0.19,<0.20'") from exc
+    single_process_env()
+    if os.environ["WORLD_SIZE"] == "1":
+        # deepspeed.ops.__compatible_ops__ is probed lazily and only read by build_shm_op
+        # (deepspeed/comm/torch.py); an entry set to False skips that build.
+        ops = deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})
+        ops[_SHM_COMM_OP] = False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    return deepspeed
+
+
+def deepspeed_config(optimizer_cfg: Any, zero_stage: int) -> dict[str, Any]:
+    """DeepSpeed's config for the trainer's update: fp32, one accumulation boundary per step()."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        # One process holds every partition anyway; keeping the weights whole outside the forward
+        # pass lets rollouts and checkpoints read `policy.model` as with the other stages.
+        zero["stage3_param_persistence_threshold"] = 2**62
+        zero["stage3_model_persistence_threshold"] = 2**62
+    return {
+        "train_micro_batch_size_per_gpu": optimizer_cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": optimizer_cfg.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # the client optimizer is torch's AdamW
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "steps_per_print": 2**31,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedBackend:
+    """The model wrapped by a DeepSpeed engine (ZeRO `zero_stage`), stepping the given torch AdamW."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_cfg: Any, zero_stage: int):
+        bad = {p.dtype for p in model.parameters() if p.requires_grad} - {torch.float32}
+        if bad:
+            raise ValueError(f"trainer.backend 'deepspeed' trains float32 weights only (policy.dtype float32), got {sorted(map(str, bad))}")
+        deepspeed = _import_deepspeed()
+        self.zero_stage = zero_stage
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # A state-less copy of the optimizer over the model's own parameters (ZeRO re-points the
+        # client optimizer at its flat partitions): the checkpoint format.
+        template = type(optimizer)([dict(group, params=list(group["params"])) for group in optimizer.param_groups])
+        self.engine, engine_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(optimizer_cfg, zero_stage),
+        )
+        if zero_stage == 3:  # gather the (persistent, see deepspeed_config) weights now, not at the first forward
+            partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+            if partitioned:
+                partitioned[0].all_gather(param_list=partitioned)
+        self.model = self.engine
+        self.optimizer = engine_optimizer if zero_stage == 0 else ZeroAdamWState(engine_optimizer, self.params, template)
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+        if self.zero_stage > 0:
+            self.engine.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already normalised by batch-wide totals: no 1/gradient_accumulation_steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """Reduce, clip (`gradient_clipping`), step; returns the norm before clipping."""
+        norm = None
+        if self.zero_stage == 0:  # DeepSpeed clips but does not report the norm without ZeRO
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self.engine.step()
+        if not self.engine.was_step_applied():  # pragma: no cover - fp32 has no overflow skips
+            raise RuntimeError("DeepSpeed skipped the optimizer step")
+        return norm if norm is not None else float(self.engine.get_global_grad_norm())
+
+
+class ZeroAdamWState:
+    """`state_dict()` / `load_state_dict()` of a ZeRO-wrapped AdamW in torch AdamW's per-parameter format.
+
+    ZeRO 1-3 step the AdamW over flat fp32 partitions; this view gathers each parameter's
+    `exp_avg` / `exp_avg_sq` (deepspeed.utils.safe_get_full_optimizer_state) into a state-less
+    torch AdamW over the model's parameters (`template`) and returns its state dict, and loads by
+    the reverse path, so checkpoints match the torch backend's and load into either backend.
+    """
+
+    KEYS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, zero_optimizer: Any, params: list[torch.nn.Parameter], template: torch.optim.Optimizer):
+        self.zero, self.params, self.template = zero_optimizer, params, template
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.template.param_groups
+
+    def _flat_params(self) -> list[torch.Tensor]:
+        """The flat fp32 partitions the inner AdamW steps (its state is keyed by them)."""
+        if hasattr(self.zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            return list(self.zero.fp32_partitioned_groups_flat)
+        return list(self.zero.single_partition_of_fp32_groups)  # ZeRO-1/2
+
+    def _flat_states(self) -> list[dict[str, Any]]:
+        state = self.zero.optimizer.state
+        return [state[flat] for flat in self._flat_params()]
+
+    def state_dict(self) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self.template.state.clear()
+        flat = self._flat_states()
+        if flat and all(flat):  # AdamW creates its state on the first step
+            step = flat[0]["step"]
+            for p in self.params:
+                self.template.state[p] = {"step": step.detach().clone()} | {
+                    key: safe_get_full_optimizer_state(p, key).detach().clone() for key in self.KEYS
+                }
+        try:
+            return self.template.state_dict()
+        finally:
+            self.template.state.clear()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self.template.load_state_dict(state_dict)  # torch checks groups and sizes, casts to the params' device
+        try:
+            loaded = [self.template.state.get(p) for p in self.params]
+            if not any(loaded):
+                return
+            if not all(loaded):
+                raise ValueError("optimizer state covers only some parameters; ZeRO keeps one step count for all")
+            steps = {float(s["step"]) for s in loaded}
+            if len(steps) != 1:
+                raise ValueError(f"optimizer state has several step counts {sorted(steps)}; ZeRO keeps one for all")
+            self._create_flat_state()
+            for p, state in zip(self.params, loaded):
+                for key in self.KEYS:
+                    safe_set_full_optimizer_state(p, state[key].to(torch.float32), key)
+            for flat in self._flat_states():
+                flat["step"] = loaded[0]["step"].detach().clone()
+            saved = {k: v for k, v in self.template.param_groups[0].items() if k != "params"}
+            for group in self.zero.optimizer.param_groups:  # e.g. a checkpoint's lr
+                group.update(saved)
+        finally:
+            self.template.state.clear()
+
+    def _create_flat_state(self) -> None:
+        """Zero AdamW state for every flat partition that has none yet (AdamW then uses it as is),
+        linked to the parameters' fragments (ZeRO-1/2; ZeRO-3 reads the partitions' state directly)."""
+        state = self.zero.optimizer.state
+        for flat in self._flat_params():
+            if not state.get(flat):
+                state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        if not hasattr(self.zero, "fp32_partitioned_groups_flat"):
+            from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+            for lp_params, flat in zip(self.zero.bit16_groups, self.zero.single_partition_of_fp32_groups):
+                lazy_init_hp_params_optimizer_state(lp_params, flat, state)
+
+
+def make_backend(trainer_cfg: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_cfg: Any) -> TorchBackend | DeepSpeedBackend:
+    """The backend `trainer_cfg.backend` names (None: torch)."""
+    if trainer_cfg is None or trainer_cfg.backend == "torch":
+        return TorchBackend(model, optimizer, optimizer_cfg.grad_clip)
+    if trainer_cfg.backend == "deepspeed":
+        return DeepSpeedBackend(model, optimizer, optimizer_cfg, trainer_cfg.zero_stage)
+    raise ValueError(f"trainer.backend must be 'torch' or 'deepspeed', got {trainer_cfg.backend!r}")
