@@ -319,14 +319,3 @@ def compute_advantages(
     else:
         advantages = gpg(rewards, group_ids, eps)
     return list(advantages.split(1))
-
-
-def zero_variance_groups(rewards: torch.Tensor, group_ids: Sequence[str]) -> tuple[int, int]:
-    """(number of groups, number whose rewards are all equal)."""
-    index = group_index(group_ids)
-    groups = int(index.max()) + 1 if len(index) else 0
-    equal = 0
-    for g in range(groups):
-        members = rewards[index == g]
-        equal += int(bool((members == members[0]).all()))
-    return groups, equal

@@ -8,7 +8,7 @@ pass@1 is measured at temperature 0, one episode per task. pass@k and pass^k com
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -68,7 +68,7 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate `policy` on a split; sampled pass@k is skipped when num_samples is 0."""
     work = heldout_work(envs, split, max_tasks)
-    greedy_settings = RolloutSettings(**{**settings.__dict__, "temperature": 0.0})
+    greedy_settings = replace(settings, temperature=0.0)
     greedy = collect_rollouts(policy, work, greedy_settings, group_size=1, run_id="eval", iteration=0)
     metrics = {"val/pass_at_1": sum(e.success for e in greedy) / len(greedy), **_summary(greedy, "val")}
     per_env: dict[str, list[bool]] = defaultdict(list)
@@ -78,7 +78,7 @@ def evaluate(
         metrics[f"val/pass_at_1/{name}"] = sum(outcomes) / len(outcomes)
 
     if num_samples:
-        sample_settings = RolloutSettings(**{**settings.__dict__, "temperature": sample_temperature})
+        sample_settings = replace(settings, temperature=sample_temperature)
         generator = torch.Generator().manual_seed(seed)
         sampled = collect_rollouts(policy, work, sample_settings, group_size=num_samples, run_id="eval", iteration=0, generator=generator)
         successes: dict[str, int] = defaultdict(int)

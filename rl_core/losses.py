@@ -149,24 +149,6 @@ def policy_loss(
     return loss, stats
 
 
-def ppo_clipped_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_low: float,
-    clip_high: float,
-    total_loss_tokens: float,
-) -> tuple[torch.Tensor, LossStats]:
-    """PPO clipped surrogate summed over masked tokens, divided by the batch-wide token count."""
-    return policy_loss(
-        "ppo", logprobs, old_logprobs, advantages, mask,
-        clip_low=clip_low, clip_high=clip_high, aggregation="token_mean",
-        total_tokens=total_loss_tokens, total_sequences=logprobs.shape[0],
-    )
-
-
 def truncated_is_weights(
     trainer_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
 ) -> torch.Tensor:

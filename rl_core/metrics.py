@@ -13,7 +13,6 @@ from math import comb
 
 import torch
 
-from rl_core.advantages import zero_variance_groups
 from rl_core.trajectory import FINISH_REASONS, Episode
 
 
@@ -52,7 +51,7 @@ def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
         return {"rollout/episodes": 0.0}
     rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
     response = [e.response_tokens for e in episodes]
-    groups, equal = zero_variance_groups(rewards, [e.group_id for e in episodes])
+    groups = len({e.group_id for e in episodes})
     all_correct, all_wrong = degenerate_groups(episodes)
     reasons = Counter(e.finish_reason for e in episodes)
     out = {
@@ -65,7 +64,7 @@ def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
         "rollout/tokens/response_mean": sum(response) / len(episodes),
         "rollout/tokens/response_max": float(max(response)),
         "rollout/tokens/total_mean": sum(len(e.tokens) for e in episodes) / len(episodes),
-        "analysis/zero_adv_groups": equal / groups if groups else 0.0,
+        "analysis/zero_adv_groups": (all_correct + all_wrong) / groups if groups else 0.0,
         "analysis/zero_adv_groups/all_correct": all_correct / groups if groups else 0.0,
         "analysis/zero_adv_groups/all_wrong": all_wrong / groups if groups else 0.0,
     }

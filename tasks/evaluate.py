@@ -12,6 +12,7 @@ from prefect.cache_policies import NONE
 from rl_core.evaluation import EvalReport
 from rl_core.policy import load_policy
 from rl_core.run import TrainingRun
+from tasks.validate import artifact_slug
 
 
 def summary_markdown(run_id: str, step: int, report: EvalReport) -> str:
@@ -26,13 +27,8 @@ def evaluate_task(run: TrainingRun, samples: bool = True) -> EvalReport:
     report = run.evaluate(samples=samples)
     step = run.policy.version
     get_run_logger().info("step %d: held-out pass@1 %.3f %s", step, report.pass_at_1, {k: round(v, 3) for k, v in report.per_env.items()})
-    create_markdown_artifact(markdown=summary_markdown(run.run_id, step, report), key=f"eval-{artifact_key(run.run_id)}-step-{step}", description="held-out evaluation")
+    create_markdown_artifact(markdown=summary_markdown(run.run_id, step, report), key=f"eval-{artifact_slug(run.run_id)}-step-{step}", description="held-out evaluation")
     return report
-
-
-def artifact_key(text: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return "".join(ch if ch.isalnum() else "-" for ch in text.lower())
 
 
 @task(name="evaluate-checkpoint", retries=2, retry_delay_seconds=[2, 8], cache_policy=NONE)

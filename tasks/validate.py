@@ -31,13 +31,8 @@ from prefect.exceptions import MissingContextError
 
 from rl_core.config import ValidationConfig
 from rl_core.store import CorruptTrajectoryError, TrajectoryStore
-from tasks.validation_suite import (
-    CHECK_ORDER,
-    Check,
-    ValidationReport,
-    unreadable_report,
-    validate_batch,
-)
+from tasks.validation_report import CHECK_ORDER, Check, ValidationReport
+from tasks.validation_suite import unreadable_report, validate_batch
 
 __all__ = [
     "CHECK_ORDER",
@@ -60,8 +55,12 @@ def report_path(store: TrajectoryStore, run_id: str, iteration: int) -> Path:
 
 def artifact_key(run_id: str, iteration: int, kind: str = "validation") -> str:
     """A Prefect artifact key (lowercase letters, digits and dashes only)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-") or "run"
-    return f"{kind}-{slug}-iteration-{iteration}"
+    return f"{kind}-{artifact_slug(run_id)}-iteration-{iteration}"
+
+
+def artifact_slug(text: str) -> str:
+    """`text` as a piece of a Prefect artifact key: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "run"
 
 
 @task(name="validate-trajectories", retries=0, cache_policy=NONE)

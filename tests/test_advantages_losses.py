@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rl_core.advantages import group_based, zero_variance_groups
-from rl_core.losses import ppo_clipped_loss
+from rl_core.advantages import group_based
+from rl_core.losses import policy_loss
 
 
 def test_grpo_advantages_by_hand():
@@ -32,17 +32,13 @@ def test_single_member_group_gets_zero():
     assert group_based(torch.tensor([1.0]), ["solo"]).tolist() == [0.0]
 
 
-def test_zero_variance_groups_counted():
-    assert zero_variance_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), list("aabbcc")) == (3, 2)
-
-
 def test_ppo_loss_by_hand():
     # three generated tokens and one masked one; ratios e^0.1, e^-0.5, e^0.3 ; advantages +1, +1, -1
     old = torch.zeros(1, 4)
     new = torch.tensor([[0.1, -0.5, 0.3, 5.0]], requires_grad=True)
     adv = torch.tensor([[1.0, 1.0, -1.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    loss, stats = ppo_clipped_loss(new, old, adv, mask, clip_low=0.8, clip_high=1.2, total_loss_tokens=3)
+    loss, stats = policy_loss("ppo", new, old, adv, mask, clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=1)
     r1, r2, r3 = math.exp(0.1), math.exp(-0.5), math.exp(0.3)
     # token1: min(1.105, 1.105)=1.105 ; token2: min(0.6065, 0.8)=0.6065 ; token3: min(-1.3499, -1.2) = -1.3499
     expected = -(r1 + r2 - r3) / 3
@@ -57,7 +53,7 @@ def test_ppo_loss_clips_and_zeroes_gradient_outside_bounds():
     old = torch.zeros(1, 2)
     new = torch.tensor([[0.5, -0.5]], requires_grad=True)  # ratios 1.65 (A>0) and 0.61 (A<0)
     adv = torch.tensor([[2.0, -1.0]])
-    loss, stats = ppo_clipped_loss(new, old, adv, torch.ones(1, 2), clip_low=0.8, clip_high=1.2, total_loss_tokens=2)
+    loss, stats = policy_loss("ppo", new, old, adv, torch.ones(1, 2), clip_low=0.8, clip_high=1.2, total_tokens=2, total_sequences=1)
     assert loss.item() == pytest.approx(-(1.2 * 2.0 + 0.8 * -1.0) / 2, rel=1e-6)
     assert stats.clipped_tokens == 2.0
     loss.backward()
@@ -69,7 +65,7 @@ def test_ppo_loss_normalises_by_global_token_count():
     new = torch.full((2, 3), 0.05)
     adv = torch.ones(2, 3)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    whole, _ = ppo_clipped_loss(new, old, adv, mask, clip_low=0.8, clip_high=1.2, total_loss_tokens=3)
-    first, _ = ppo_clipped_loss(new[:1], old[:1], adv[:1], mask[:1], clip_low=0.8, clip_high=1.2, total_loss_tokens=3)
-    second, _ = ppo_clipped_loss(new[1:], old[1:], adv[1:], mask[1:], clip_low=0.8, clip_high=1.2, total_loss_tokens=3)
+    whole, _ = policy_loss("ppo", new, old, adv, mask, clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=2)
+    first, _ = policy_loss("ppo", new[:1], old[:1], adv[:1], mask[:1], clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=2)
+    second, _ = policy_loss("ppo", new[1:], old[1:], adv[1:], mask[1:], clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=2)
     assert (first + second).item() == pytest.approx(whole.item(), rel=1e-6)

@@ -11,7 +11,6 @@ from rl_core.losses import (
     LossStats,
     logprob_mismatch,
     policy_loss,
-    ppo_clipped_loss,
     truncated_is_weights,
 )
 
@@ -91,15 +90,6 @@ def test_denominators_are_the_given_totals():
         loss, _ = policy_loss("ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
                               aggregation=aggregation, total_tokens=10, total_sequences=6)
         assert loss.item() == pytest.approx(EXPECTED["ppo", aggregation] * factor, rel=1e-12)
-
-
-def test_ppo_clipped_loss_is_policy_loss_ppo_token_mean():
-    logprobs, old, adv, mask = hand_batch()
-    legacy, legacy_stats = ppo_clipped_loss(logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH, total_loss_tokens=5)
-    general, general_stats = policy_loss("ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                                         total_tokens=5, total_sequences=3)
-    assert legacy.item() == general.item() == pytest.approx((-1.6 + 2.5) / 5)
-    assert legacy_stats == general_stats
 
 
 def test_cispo_usual_bounds_lift_small_ratios_to_one():

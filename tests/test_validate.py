@@ -462,7 +462,7 @@ def test_task_turns_a_corrupt_batch_into_a_failed_verdict(tmp_path, prefect_harn
 
 def test_schema_has_the_columns_the_suite_expects():
     # guards the suite against schema drift: every nested column is summarised by length
-    from tasks.validation_suite import NESTED_COLUMNS, REQUIRED_COLUMNS
+    from tasks.validation_report import NESTED_COLUMNS, REQUIRED_COLUMNS
 
     assert set(NESTED_COLUMNS) == {"tokens", "loss_mask", "behavior_logprobs", "turns", "reward_components"}
     assert "env_error" not in REQUIRED_COLUMNS
