@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in sorted(report.metrics.items()):
             print(f"{key:40s} {value:.4f}")
         return 0
+    from flows.parameters import TrainSettings
     from flows.train import train_flow
 
-    summary = train_flow(config_path=config_path, overrides=args.overrides)
+    summary = train_flow(TrainSettings(config_path=config_path, overrides=args.overrides))
     print(closing_summary(summary, time.time() - started))
     return 0
 

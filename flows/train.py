@@ -21,7 +21,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from rl_core.config import load_config
+from flows.parameters import TrainSettings
 from rl_core.evaluation import EvalReport
 from rl_core.metrics import rollout_metrics
 from rl_core.run import TrainingRun
@@ -120,9 +120,9 @@ def _gate(run: TrainingRun, progress: _Progress) -> tuple[Candidate | None, Gate
 
 
 @flow(name="turnstile-train")
-def train_flow(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train on a config file (default: the shipped quickstart) with `section.field=value` overrides."""
-    cfg = load_config(config_path, overrides or [])
+def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
+    """Train a policy: collect, validate and train for the configured iterations, then gate the best checkpoint."""
+    cfg = settings.load()
     run = TrainingRun(cfg)
     tracker = start_tracking(cfg, run.run_id)
     progress = _Progress()

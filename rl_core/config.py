@@ -151,6 +151,21 @@ class GateConfig(_Section):
     require_improvement: bool = Field(True, description="Promote only if the candidate beats the current champion's pass@1 on the same tasks.")
 
 
+class DoctorConfig(_Section):
+    """The training doctor (rl_core/doctor.py): checks run after every step on the metric history."""
+
+    enabled: bool = Field(True, description="Run the training doctor after every step and report what it finds.")
+    on_collapse: Literal["warn", "stop", "rollback"] = Field("warn", description="What to do when training reward collapses: only report it, stop the run, or roll back to the last good checkpoint and continue.")
+    max_rollbacks: int = Field(2, ge=0, description="With on_collapse=rollback: rollbacks allowed in one run before the run stops instead.")
+    window: int = Field(5, ge=2, description="Steps a symptom is averaged over before it is reported.")
+    flat_reward_steps: int = Field(10, ge=2, description="Steps after which a training reward that has not moved from step 0 is reported as flat.")
+    zero_adv_groups_max: float = Field(0.8, ge=0, le=1, description="Fraction of groups with all-equal rewards (analysis/zero_adv_groups) above which the batch carries little signal.")
+    collapse_frac: float = Field(0.5, gt=0, lt=1, description="Training reward below this fraction of its best windowed mean counts as a collapse.")
+    token_cap_frac_max: float = Field(0.2, ge=0, le=1, description="Fraction of episodes ending at the per-turn token cap above which responses are clustering at the cap.")
+    grad_clip_pinned_frac: float = Field(0.8, ge=0, le=1, description="Fraction of recent steps whose grad norm reached optimizer.grad_clip above which the norm is pinned at the clip.")
+    hacking_min_gain: float = Field(0.1, ge=0, description="Training reward gain over the evaluated span above which a flat held-out pass@1 suggests reward hacking.")
+
+
 class StorageConfig(_Section):
     run_dir: str = Field("runs", description="Folder for all runtime output (trajectories, checkpoints, tracking); relative to the working directory.")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this run; generated from the time when empty.")
@@ -172,6 +187,7 @@ class RunConfig(_Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    doctor: DoctorConfig = Field(default_factory=DoctorConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
@@ -232,3 +248,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     return RunConfig.model_validate(apply_overrides(data, overrides or []))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML that `load_config` reads back to an equal RunConfig."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_differences(a: BaseModel, b: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two configs of the same type."""
+    names: list[str] = []
+    for name in type(a).model_fields:
+        left, right = getattr(a, name), getattr(b, name)
+        if isinstance(left, BaseModel) and isinstance(right, BaseModel):
+            names += config_differences(left, right, f"{prefix}{name}.")
+        elif left != right:
+            names.append(f"{prefix}{name}")
+    return names

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from rl_core.checkpoint import load_checkpoint, load_rng_states, prune_checkpoints, restore_optimizer, save_checkpoint
-from rl_core.config import RunConfig
+from rl_core.atomic import write_text_atomically
+from rl_core.config import RunConfig, config_differences, dump_config, load_config
 from rl_core.environments import load_environment
 from rl_core.environments.base import Environment, Task
 from rl_core.evaluation import EvalReport, evaluate
@@ -32,6 +33,37 @@ from rl_core.store import Manifest, TrajectoryStore
 from rl_core.task_sampler import TaskSampler
 from rl_core.trainer import StepMetrics, Trainer, informative
 from rl_core.trajectory import Episode
+
+
+RUN_CONFIG_FILE = "config.yaml"
+# Fields a resumed run may change: how long it runs, where it lives, how it is watched and gated.
+RESUMABLE_CHANGES = ("iterations", "storage.", "doctor.", "gate.")
+
+
+def record_run_config(cfg: RunConfig, run_dir: Path) -> Path:
+    """Write the run's config to `<run_dir>/config.yaml`, or check it against the one there.
+
+    A run that already exists may only be continued with the same training setup: any
+    difference outside RESUMABLE_CHANGES raises ValueError naming the fields."""
+    path = run_dir / RUN_CONFIG_FILE
+    if path.exists():
+        stored = load_config(path)
+        changed = [f for f in config_differences(stored, cfg) if not f.startswith(RESUMABLE_CHANGES)]
+        if changed:
+            raise ValueError(
+                f"run {run_dir.name!r} already exists with a different config ({', '.join(changed)} differ from {path}); "
+                "continue it with the same settings or start a new run with another storage.run_id"
+            )
+    write_text_atomically(path, dump_config(cfg))
+    return path
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The config a run was started with (its `config.yaml`)."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a Turnstile run folder")
+    return load_config(path)
 
 
 def new_run_id() -> str:
@@ -75,6 +107,8 @@ class TrainingRun:
         self.cfg = cfg
         self.run_id = cfg.storage.run_id or new_run_id()
         self.run_dir = Path(cfg.storage.run_dir) / self.run_id
+        self.cfg = cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": self.run_id})})
+        record_run_config(cfg, self.run_dir)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rl_core.atomic import temp_path
 from rl_core.trajectory import (
     SCHEMA_VERSION,
     TRAJECTORY_SCHEMA,
@@ -186,7 +186,7 @@ class TrajectoryStore:
             )
         folder = data_path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        data_tmp, manifest_tmp = _temp_path(data_path), _temp_path(manifest_path)
+        data_tmp, manifest_tmp = temp_path(data_path), temp_path(manifest_path)
         try:
             _write_parquet_durably(table, data_tmp)
             manifest = Manifest(
@@ -257,10 +257,6 @@ def _check_lineage(run_id: str, iteration: int, episodes: list[Episode]) -> None
             raise ValueError(f"episodes[{i}].run_id is {ep.run_id!r}, expected {run_id!r}")
         if ep.iteration != iteration:
             raise ValueError(f"episodes[{i}].iteration is {ep.iteration}, expected {iteration}")
-
-
-def _temp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
 
 
 def _write_parquet_durably(table: pa.Table, path: Path) -> None:

@@ -18,9 +18,7 @@ Contract of `validate_trajectories(store_root, run_id, iteration, cfg)`:
 from __future__ import annotations
 
 import logging
-import os
 import re
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 
+from rl_core.atomic import write_text_atomically
 from rl_core.config import ValidationConfig
 from rl_core.store import CorruptTrajectoryError, TrajectoryStore
 from tasks.validation_report import CHECK_ORDER, Check, ValidationReport
@@ -79,8 +78,8 @@ def validate_trajectories(
     if not report.passed:
         quarantined = store.quarantine(run_id, iteration, report.reason).parent
         report = replace(report, quarantined_to=str(quarantined))
-        _write_atomically(quarantined / path.name, report.to_json())
-    _write_atomically(path, report.to_json())
+        write_text_atomically(quarantined / path.name, report.to_json())
+    write_text_atomically(path, report.to_json())
     _publish(report, run_id, iteration)
     if report.passed:
         logger.info("Validation passed for %s iteration %d: %s", run_id, iteration, report.reason)
@@ -117,20 +116,6 @@ def _publish(report: ValidationReport, run_id: str, iteration: int) -> None:
         key=artifact_key(run_id, iteration, kind="validation-summary"),
         description=report.reason,
     )
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder, fsync, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:

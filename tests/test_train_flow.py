@@ -26,10 +26,11 @@ TINY = [
 
 
 def run_flow(tmp_path, run_id, extra=()):
+    from flows.parameters import TrainSettings
     from flows.train import train_flow
 
     overrides = TINY + [f"storage.run_dir={tmp_path}", f"storage.run_id={run_id}", *extra]
-    return train_flow(overrides=overrides)
+    return train_flow(TrainSettings(overrides=overrides))
 
 
 def test_two_iterations_end_to_end(prefect_harness, tmp_path):
