@@ -85,10 +85,10 @@ def load_rng_states(path: str | Path) -> dict[str, Any] | None:
     return torch.load(file, weights_only=True) if file.exists() else None
 
 
-def prune_checkpoints(checkpoints_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints; returns the deleted folders."""
+def prune_checkpoints(checkpoints_dir: str | Path, keep: int, protect: set[Path] | frozenset[Path] = frozenset()) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints and those in `protect`; returns the deleted folders."""
     folders = sorted(Path(checkpoints_dir).glob("step-[0-9]*[0-9]"))
-    doomed = folders[:-keep] if keep > 0 else []
+    doomed = [f for f in (folders[:-keep] if keep > 0 else []) if f not in protect]
     for folder in doomed:
         shutil.rmtree(folder)
     return doomed

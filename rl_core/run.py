@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -20,8 +21,8 @@ from typing import Any
 
 import torch
 
-from rl_core.checkpoint import load_checkpoint, load_rng_states, prune_checkpoints, restore_optimizer, save_checkpoint
-from rl_core.atomic import write_text_atomically
+from rl_core.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, load_rng_states, prune_checkpoints, restore_optimizer, save_checkpoint
+from rl_core.atomic import sweep_temp_files, write_text_atomically
 from rl_core.config import RunConfig, config_differences, dump_config, load_config
 from rl_core.environments import load_environment
 from rl_core.environments.base import Environment, Task
@@ -119,6 +120,22 @@ class TrainingRun:
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
         self._work: dict[tuple[int, int], list[tuple[Environment, Task]]] = {}
         self.last_iteration = 0  # the last iteration whose training step is checkpointed
+        self.protected_steps: set[int] = set()  # checkpoints kept whatever storage.keep_checkpoints says
+
+    @classmethod
+    def open(cls, cfg: RunConfig) -> "TrainingRun":
+        """The run `storage.run_id` names, continued from its latest checkpoint when it has one, else
+        a new run. Leftovers of a killed writer (temp files, unfinished checkpoint folders) are removed
+        first: this process is now the run's only writer."""
+        run_id = cfg.storage.run_id
+        if run_id is None:
+            return cls(cfg)
+        run_dir = Path(cfg.storage.run_dir) / run_id
+        sweep_temp_files(run_dir)
+        for unfinished in (run_dir / "checkpoints").glob("step-*.tmp"):
+            shutil.rmtree(unfinished, ignore_errors=True)
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        return cls(cfg) if checkpoint is None else cls.resume(cfg, checkpoint)
 
     @classmethod
     def resume(cls, cfg: RunConfig, checkpoint: str | Path) -> "TrainingRun":
@@ -233,8 +250,20 @@ class TrainingRun:
         state = {"tasks": self.tasks.state_dict(), "run_id": self.run_id, "iteration": self.last_iteration}
         path = save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, state, self.rng_states())
         if self.cfg.storage.keep_checkpoints is not None:
-            prune_checkpoints(self.checkpoints_dir, self.cfg.storage.keep_checkpoints)
+            keep = {checkpoint_dir(self.checkpoints_dir, step) for step in self.protected_steps}
+            prune_checkpoints(self.checkpoints_dir, self.cfg.storage.keep_checkpoints, protect=keep)
         return path
+
+    def roll_back_to(self, checkpoint: str | Path) -> None:
+        """Load the weights and optimizer state of an earlier checkpoint of this run into the policy.
+        The step counter keeps counting up (versions stay unique; staleness stays measured in steps)."""
+        p = self.cfg.policy
+        earlier, _ = load_checkpoint(checkpoint, chat=p.chat_format, dtype=p.dtype, device=p.device)
+        with torch.no_grad():
+            trainable = dict(self.policy.model.named_parameters())
+            for name, value in earlier.model.named_parameters():
+                trainable[name].copy_(value)
+        restore_optimizer(checkpoint, self.trainer.optimizer)
 
     def evaluate(self, *, samples: bool = True, policy: Policy | None = None) -> EvalReport:
         """Held-out evaluation of the run's policy (or of `policy`, e.g. a champion to compare with)."""

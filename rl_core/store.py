@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rl_core.atomic import temp_path
+from rl_core.atomic import temp_path, write_bytes_atomically
 from rl_core.trajectory import (
     SCHEMA_VERSION,
     TRAJECTORY_SCHEMA,
@@ -153,6 +153,11 @@ class TrajectoryStore:
         return table
 
     @staticmethod
+    def manifest_at(path: Path | str) -> Manifest:
+        """The manifest at `path`, wherever it lies (e.g. in quarantine); raises like `manifest`."""
+        return _load_manifest(Path(path))
+
+    @staticmethod
     def read_manifest_path(path: Path | str) -> pa.Table:
         """The verified batch a manifest commits, wherever it lies (e.g. in quarantine)."""
         return _read_verified(Path(path))[1]
@@ -214,22 +219,47 @@ class TrajectoryStore:
 
         The batch goes to `<run_id>/quarantine/iteration-NNNNNN[-N]/` with a `reason.txt`.
         Moving the manifest first un-commits it atomically; the data file follows. Works on
-        corrupt batches too (nothing is parsed). Raises TrajectoryNotFoundError if not committed.
+        corrupt batches too (nothing is parsed). A quarantine cut short by a crash (manifest
+        moved, data file left behind) is finished instead of started again. Raises
+        TrajectoryNotFoundError if the batch is neither committed nor half-quarantined.
         """
-        manifest_path = self._committed_manifest_path(run_id, iteration)
         data_path = self.path(run_id, iteration)
+        manifest_path = self.manifest_path(run_id, iteration)
+        if not manifest_path.is_file():
+            unfinished = self._unfinished_quarantine(run_id, iteration)
+            if unfinished is None:
+                self._committed_manifest_path(run_id, iteration)  # raises, naming what is missing
+            if data_path.exists():
+                os.replace(data_path, unfinished.parent / data_path.name)
+                _fsync_dir(unfinished.parent)
+            return unfinished
         target = _new_quarantine_dir(self.root / run_id / "quarantine", _stem(iteration))
         note = (
             f"run_id: {run_id}\niteration: {iteration}\n"
             f"quarantined_at: {datetime.now(timezone.utc).isoformat()}\nreason: {reason}\n"
         )
-        _write_bytes_durably(target / "reason.txt", note.encode())
+        write_bytes_atomically(target / "reason.txt", note.encode())
         os.replace(manifest_path, target / manifest_path.name)
         if data_path.exists():
             os.replace(data_path, target / data_path.name)
         _fsync_dir(manifest_path.parent)
         _fsync_dir(target)
         return target / manifest_path.name
+
+    def quarantined(self, run_id: str, iteration: int) -> list[Path]:
+        """Manifests of the iteration's quarantined batches (oldest first)."""
+        folder = self.root / _checked_run_id(run_id) / "quarantine"
+        stem = _stem(iteration)
+        name = f"{stem}{_MANIFEST_SUFFIX}"
+        found = [d / name for d in folder.glob(f"{stem}*") if d.is_dir() and (d / name).is_file()] if folder.is_dir() else []
+        return sorted(found, key=lambda p: _quarantine_copy_number(p.parent.name, stem))
+
+    def _unfinished_quarantine(self, run_id: str, iteration: int) -> Path | None:
+        """The newest quarantined manifest of the iteration whose data file has not followed it yet."""
+        for manifest in reversed(self.quarantined(run_id, iteration)):
+            if not (manifest.parent / self.path(run_id, iteration).name).exists():
+                return manifest
+        return None
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -303,7 +333,13 @@ def _manifest_bytes(manifest: Manifest) -> bytes:
     return (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
 
+def _quarantine_copy_number(name: str, stem: str) -> int:
+    suffix = name.removeprefix(stem).removeprefix("-")
+    return int(suffix) if suffix.isdigit() else 1
+
+
 def _new_quarantine_dir(parent: Path, stem: str) -> Path:
+    """A quarantine folder for a new copy: the first free name, or one a crash left without a manifest."""
     parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):
         candidate = parent / (stem if n == 1 else f"{stem}-{n}")
@@ -311,7 +347,8 @@ def _new_quarantine_dir(parent: Path, stem: str) -> Path:
             candidate.mkdir()
             return candidate
         except FileExistsError:
-            continue
+            if not any(p.name.endswith(_MANIFEST_SUFFIX) for p in candidate.iterdir()):
+                return candidate  # a quarantine that crashed before moving anything in
     raise StoreError(f"too many quarantined copies of {stem} in {parent}")
 
 

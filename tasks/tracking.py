@@ -169,16 +169,18 @@ class Tracker:
         client = mlflow_client(cfg)
         experiment_id = ensure_experiment(client, cfg.tracking.experiment, artifact_location(cfg))
         found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'", max_results=1)
-        if found:
+        params = flatten_config(cfg)
+        if found:  # a resumed run: params already logged keep their first value (MLflow params are write-once)
             mlflow_run_id = found[0].info.run_id
             client.update_run(mlflow_run_id, status="RUNNING")
+            params = {k: v for k, v in params.items() if k not in found[0].data.params}
         else:
             tags = {RUN_ID_TAG: run_id, CONFIG_HASH_TAG: config_hash(cfg)}
             if runtime.flow_run.id:
                 tags[FLOW_RUN_TAG] = runtime.flow_run.id
             mlflow_run_id = client.create_run(experiment_id, run_name=run_id, tags=tags).info.run_id
         tracker = cls(uri=tracking_uri(cfg), mlflow_run_id=mlflow_run_id, experiment_id=experiment_id)
-        tracker.log_params(flatten_config(cfg))
+        tracker.log_params(params)
         return tracker
 
     def log_params(self, params: Mapping[str, str]) -> None:

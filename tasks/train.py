@@ -19,6 +19,7 @@ from rl_core.trajectory import Episode
 @task(name="train-step", cache_policy=NONE)
 def train_step_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -> tuple[StepMetrics, Path]:
     """Train on iteration `iteration`'s episodes; returns the step's metrics and the checkpoint folder."""
+    get_run_logger().info("iteration %d: training step %d on %d episodes", iteration, run.policy.version + 1, len(episodes))
     metrics = run.train(episodes)
     checkpoint = run.save_checkpoint(iteration)
     get_run_logger().info(

@@ -5,8 +5,9 @@ Contract of `validate_trajectories(store_root, run_id, iteration, cfg)`:
   `tasks/validation_suite.py`); a batch the store cannot read (corrupt) is a failed verdict
   whose reason is the store's error, not a crash. A missing batch (`TrajectoryNotFoundError`)
   is a fault and raises.
-- always writes the report atomically next to the batch:
-  `<store_root>/<run_id>/trajectories/iteration-NNNNNN.validation.json`;
+- always writes the report atomically next to the batch, before moving anything:
+  `<store_root>/<run_id>/trajectories/iteration-NNNNNN.validation.json`; a re-run that finds
+  it keeps that verdict (so re-running a flow never validates one batch twice);
 - on a failed verdict moves the batch to `<store_root>/<run_id>/quarantine/iteration-NNNNNN[-N]/`
   (`TrajectoryStore.quarantine`) and puts a copy of the report there too, so the batch is no
   longer listed by `store.iterations` and training skips it;
@@ -17,6 +18,7 @@ Contract of `validate_trajectories(store_root, run_id, iteration, cfg)`:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import replace
@@ -66,20 +68,28 @@ def artifact_slug(text: str) -> str:
 def validate_trajectories(
     store_root: str, run_id: str, iteration: int, cfg: ValidationConfig
 ) -> ValidationReport:
-    """Gate one iteration's batch; quarantine it when the verdict is a failure."""
+    """Gate one iteration's batch; quarantine it when the verdict is a failure.
+
+    Idempotent: the report, written before anything moves, is the verdict's commit point. A
+    re-run finds it, reaches no new verdict and finishes a quarantine a crash cut short."""
     logger = _logger()
     store = TrajectoryStore(store_root)
-    try:
-        report = validate_batch(store.read_table(run_id, iteration), cfg)
-    except CorruptTrajectoryError as err:
-        report = unreadable_report(err)
     path = report_path(store, run_id, iteration)
-    report = replace(report, run_id=run_id, iteration=iteration, report_path=str(path))
-    if not report.passed:
+    report = stored_report(store, run_id, iteration)
+    if report is not None and report.quarantined_to is not None and store.exists(run_id, iteration):
+        report = None  # that verdict's batch is in quarantine; this is a new batch of the iteration
+    if report is None:
+        try:
+            report = validate_batch(store.read_table(run_id, iteration), cfg)
+        except CorruptTrajectoryError as err:
+            report = unreadable_report(err)
+        report = replace(report, run_id=run_id, iteration=iteration, report_path=str(path))
+        write_text_atomically(path, report.to_json())
+    if not report.passed and report.quarantined_to is None:
         quarantined = store.quarantine(run_id, iteration, report.reason).parent
         report = replace(report, quarantined_to=str(quarantined))
         write_text_atomically(quarantined / path.name, report.to_json())
-    write_text_atomically(path, report.to_json())
+        write_text_atomically(path, report.to_json())
     _publish(report, run_id, iteration)
     if report.passed:
         logger.info("Validation passed for %s iteration %d: %s", run_id, iteration, report.reason)
@@ -89,6 +99,12 @@ def validate_trajectories(
             run_id, iteration, ", ".join(report.failed_checks), report.quarantined_to, report.reason,
         )
     return report
+
+
+def stored_report(store: TrajectoryStore, run_id: str, iteration: int) -> ValidationReport | None:
+    """The verdict already reached on the iteration's batch, or None if it was never validated."""
+    path = report_path(store, run_id, iteration)
+    return ValidationReport.from_dict(json.loads(path.read_text())) if path.is_file() else None
 
 
 def _publish(report: ValidationReport, run_id: str, iteration: int) -> None:

@@ -427,3 +427,29 @@ def test_quarantine_accepts_a_corrupt_batch(store: TrajectoryStore) -> None:
     moved = store.quarantine(RUN, 1, "manifest unreadable")
     assert (moved.parent / "iteration-000001.parquet").exists()
     assert store.iterations(RUN) == []
+
+
+def test_a_quarantine_cut_short_by_a_crash_is_finished_not_repeated(store: TrajectoryStore) -> None:
+    store.write(RUN, 1, make_batch())
+    data_bytes = store.path(RUN, 1).read_bytes()
+    # the crash: the quarantine folder was made and the manifest moved, the data file never followed
+    folder = store.root / RUN / "quarantine" / "iteration-000001"
+    folder.mkdir(parents=True)
+    store.manifest_path(RUN, 1).rename(folder / store.manifest_path(RUN, 1).name)
+    assert store.path(RUN, 1).exists() and not store.exists(RUN, 1)
+
+    moved = store.quarantine(RUN, 1, "finished after the crash")
+
+    assert moved == folder / "iteration-000001.manifest.json"
+    assert (folder / "iteration-000001.parquet").read_bytes() == data_bytes
+    assert not store.path(RUN, 1).exists()
+    assert [p.parent.name for p in store.quarantined(RUN, 1)] == ["iteration-000001"]
+    assert table_to_episodes(store.read_manifest_path(moved)) == make_batch()
+
+
+def test_a_quarantine_folder_left_empty_by_a_crash_is_reused(store: TrajectoryStore) -> None:
+    store.write(RUN, 1, make_batch())
+    (store.root / RUN / "quarantine" / "iteration-000001").mkdir(parents=True)  # crashed right after mkdir
+    moved = store.quarantine(RUN, 1, "bad batch")
+    assert moved.parent.name == "iteration-000001"
+    assert sorted(p.name for p in (store.root / RUN / "quarantine").iterdir()) == ["iteration-000001"]

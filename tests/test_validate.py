@@ -467,3 +467,29 @@ def test_schema_has_the_columns_the_suite_expects():
     assert set(NESTED_COLUMNS) == {"tokens", "loss_mask", "behavior_logprobs", "turns", "reward_components"}
     assert "env_error" not in REQUIRED_COLUMNS
     assert len(REQUIRED_COLUMNS) == len(TRAJECTORY_SCHEMA) - 1
+
+
+def test_task_keeps_a_verdict_already_reached_and_finishes_its_quarantine(tmp_path, prefect_harness):
+    store = TrajectoryStore(tmp_path)
+    bad = good_episodes(iteration=4)
+    for row in rows_where(bad, "answered")[:4]:
+        ep = bad[row]
+        bad[row] = make_episode(int(ep.group_id[1:]), ep.sample_index, 0.0, "env_error", CONNECTION_TEXT, iteration=4)
+    store.write(RUN, 4, bad)
+    # a first attempt reached the verdict and wrote the report, then died before quarantining
+    first = validate_batch(store.read_table(RUN, 4), ValidationConfig())
+    path = report_path(store, RUN, 4)
+    path.write_text(first.to_json())
+    written = path.stat().st_mtime_ns
+
+    report = gate(str(tmp_path), 4)
+
+    assert not report.passed and report.reason == first.reason
+    assert store.iterations(RUN) == []
+    assert report.quarantined_to == str(tmp_path / RUN / "quarantine" / "iteration-000004")
+    saved = json.loads(path.read_text())
+    assert saved["quarantined_to"] == report.quarantined_to
+    again = gate(str(tmp_path), 4)  # a third attempt changes nothing
+    assert again.quarantined_to == report.quarantined_to
+    assert len(store.quarantined(RUN, 4)) == 1
+    assert path.stat().st_mtime_ns >= written

@@ -1,0 +1,93 @@
+"""What a run has completed, as small JSON records in its folder; the memory a resumed run reads.
+
+Layout under `<storage.run_dir>/<run_id>/`:
+- `history/iteration-000003.json`: one record per finished iteration: "iteration", "step"
+  (policy version after it), "trained" (False when validation skipped it), the rollout and
+  train metrics, and "rollback_to" when the training doctor rolled the policy back after it;
+- `evaluations/step-000010.json`: one held-out evaluation per evaluated step, with the
+  registry version once the step's checkpoint is registered;
+- `gate.json`: the gate's decision for the run's candidate.
+
+Every record is written atomically (rl_core/atomic.py), after the work it records: a record
+that exists describes work that is done; a crash leaves the record missing, never half-written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rl_core.atomic import write_text_atomically
+from rl_core.evaluation import EvalReport
+
+HISTORY_DIR = "history"
+EVALUATIONS_DIR = "evaluations"
+GATE_FILE = "gate.json"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    return write_text_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# -- iteration history -------------------------------------------------------------------
+
+
+def history_path(run_dir: Path, iteration: int) -> Path:
+    return Path(run_dir) / HISTORY_DIR / f"iteration-{iteration:06d}.json"
+
+
+def save_iteration(run_dir: Path, record: dict[str, Any]) -> Path:
+    """Record a finished iteration (`record` needs "iteration" and "step")."""
+    return _write_json(history_path(run_dir, int(record["iteration"])), record)
+
+
+def load_iteration(run_dir: Path, iteration: int) -> dict[str, Any] | None:
+    return _read_json(history_path(run_dir, iteration))
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """Every finished iteration's record, in iteration order."""
+    folder = Path(run_dir) / HISTORY_DIR
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("iteration-[0-9]*.json"))] if folder.is_dir() else []
+
+
+# -- evaluations -------------------------------------------------------------------------
+
+
+def evaluation_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / EVALUATIONS_DIR / f"step-{step:06d}.json"
+
+
+def save_evaluation(run_dir: Path, step: int, report: EvalReport, version: str | None = None) -> Path:
+    """Record the held-out evaluation of `step` (and its registry version, once registered)."""
+    data = {"step": step, "metrics": report.metrics, "per_env": report.per_env, "task_success": report.task_success, "version": version}
+    return _write_json(evaluation_path(run_dir, step), data)
+
+
+def load_evaluation(run_dir: Path, step: int) -> tuple[EvalReport, str | None] | None:
+    """The recorded evaluation of `step` and its registry version, or None if it never finished."""
+    data = _read_json(evaluation_path(run_dir, step))
+    if data is None:
+        return None
+    return EvalReport(metrics=data["metrics"], per_env=data["per_env"], task_success=data["task_success"]), data["version"]
+
+
+def evaluated_steps(run_dir: Path) -> list[int]:
+    folder = Path(run_dir) / EVALUATIONS_DIR
+    return sorted(int(p.stem.removeprefix("step-")) for p in folder.glob("step-[0-9]*.json")) if folder.is_dir() else []
+
+
+# -- gate --------------------------------------------------------------------------------
+
+
+def save_gate(run_dir: Path, data: dict[str, Any]) -> Path:
+    return _write_json(Path(run_dir) / GATE_FILE, data)
+
+
+def load_gate(run_dir: Path) -> dict[str, Any] | None:
+    return _read_json(Path(run_dir) / GATE_FILE)
