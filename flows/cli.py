@@ -3,6 +3,7 @@
     turnstile train [--config PATH] [--set section.field=value ...]   # the Prefect train flow
     turnstile demo  [--set ...]                                       # train on the shipped quickstart config
     turnstile eval  [--config PATH] [--set ...]                       # held-out evaluation of the starting policy
+    turnstile resume RUN_ID [--run-dir runs] [--set iterations=N]     # continue a run on the config it started with
 
 Without PREFECT_API_URL, Prefect runs the flow on a temporary local server whose database
 lives under the run directory (PREFECT_HOME defaults to `<storage.run_dir>/prefect`).
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.replay_cli import add_replay_commands, run_replay_command
 from rl_core.config import RunConfig, load_config
 
 
@@ -27,7 +29,23 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", default=None, help="YAML run config (default: data/configs/quickstart.yaml)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. rollout.group_size=4")
+    add_replay_commands(commands)
+    resume = commands.add_parser("resume", help="continue a run (after a crash, or for more iterations) on the config it started with")
+    resume.add_argument("run_id", help="the run to continue (a folder under --run-dir)")
+    resume.add_argument("--run-dir", default="runs", help="storage.run_dir the run lives in (default: runs)")
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="change what a continued run may change, e.g. iterations=40")
     return parser
+
+
+def _settings(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The config file and overrides a command runs on (`resume`: the run's own recorded config)."""
+    if args.command == "demo":
+        return None, args.overrides
+    if args.command == "resume":
+        from rl_core.run import RUN_CONFIG_FILE
+
+        return str(Path(args.run_dir) / args.run_id / RUN_CONFIG_FILE), [*args.overrides, f"storage.run_dir={args.run_dir}", f"storage.run_id={args.run_id}"]
+    return args.config, args.overrides
 
 
 def prepare_environment(cfg: RunConfig) -> None:
@@ -62,14 +80,21 @@ def closing_summary(summary: dict[str, Any], seconds: float) -> str:
     ]
     for skipped in summary["skipped"]:
         lines.insert(4, f"    iteration {skipped['iteration']} skipped: {skipped['reason']}")
+    doctor = [f"  doctor, step {f['step']}: {f['message']} First change to try: {f['first_change']}" for f in summary["findings"]]
+    if summary["stopped"]:
+        doctor.append(f"  stopped early: {summary['stopped']}")
+    at = lines.index("Look at it:") - 1
+    lines[at:at] = [f"  curves:                 {Path(summary['checkpoints']).parent / 'curves'} (also in MLflow and Prefect)", *doctor]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config_path = None if args.command == "demo" else args.config
+    if args.command in ("replay", "transcript"):
+        return run_replay_command(args)
+    config_path, overrides = _settings(args)
     try:
-        cfg = load_config(config_path, args.overrides)
+        cfg = load_config(config_path, overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"turnstile: bad config: {err}", file=sys.stderr)
         return 2
@@ -85,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.parameters import TrainSettings
     from flows.train import train_flow
 
-    summary = train_flow(TrainSettings(config_path=config_path, overrides=args.overrides))
+    summary = train_flow(TrainSettings(config_path=config_path, overrides=overrides))
     print(closing_summary(summary, time.time() - started))
     return 0
 

@@ -3,11 +3,20 @@
 Per iteration: rollouts are collected (retried on faults), written as one Parquet batch,
 checked by the Great Expectations suite, and trained on only if the batch passed (a failed
 batch is quarantined and the iteration's training is skipped, with the reason logged in one
-sentence). The policy is evaluated on held-out tasks at step 0, every `val_every` steps and
-at the end; every evaluated checkpoint is registered in the MLflow registry with its
-lineage. The best evaluated checkpoint (latest on ties) is the candidate: the gate compares
-it with the registry champion on the same tasks (re-evaluating the champion when its
-recorded pass@1 was measured on other tasks) and promotes it, or records why not.
+sentence). Training always reads the batch back from the store, so what trains is exactly
+what was validated and what a replay re-trains on. After every step the training doctor
+(rl_core/doctor.py) reads the run's history and reports symptoms; on a reward collapse it
+warns, stops the run, or rolls back to the last good checkpoint (`doctor.on_collapse`).
+The policy is evaluated on held-out tasks at step 0, every `val_every` steps and at the end;
+every evaluated checkpoint is registered in the MLflow registry with its lineage. The best
+evaluated checkpoint (latest on ties) is gated against the champion and promoted or not.
+At the end, reward / pass@1 / truncation curves go to MLflow and Prefect as PNGs.
+
+Crash-safe and idempotent per (run, iteration): every stage leaves a record in the run folder
+(Parquet batch + manifest, validation report, checkpoint, iteration record, evaluation record,
+gate decision; see rl_core/run_records.py), written atomically after its work. Re-running the
+flow with the same `run_id` skips what is recorded, reuses a batch already written instead
+of collecting again, and continues from the latest checkpoint.
 
 Runs on Prefect's temporary server by default, or against PREFECT_API_URL when set.
 """
@@ -16,23 +25,29 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, runtime
 
 from flows.parameters import TrainSettings
+from rl_core import run_records
+from rl_core.checkpoint import checkpoint_dir
+from rl_core.config import RunConfig
 from rl_core.evaluation import EvalReport
 from rl_core.metrics import rollout_metrics
 from rl_core.run import TrainingRun
 from rl_core.store import Manifest
 from tasks.collect import collect_rollouts_task
+from tasks.curves import publish_curves_task
+from tasks.doctor import DoctorVerdict, examine_step_task, publish_findings_task
 from tasks.evaluate import evaluate_checkpoint_task, evaluate_task
 from tasks.gate import GateDecision, gate_candidate
 from tasks.promote import champion_task, download_champion_task, promote_task, register_checkpoint_task
 from tasks.tracking import Tracker, end_tracking, log_metrics_task, log_validation_report_task, start_tracking, task_set_hash, tracking_uri
 from tasks.train import train_step_task
-from tasks.validate import validate_trajectories
+from tasks.validate import report_path, validate_trajectories
 from tasks.write import write_trajectories_task
 
 
@@ -40,7 +55,6 @@ from tasks.write import write_trajectories_task
 class Candidate:
     """An evaluated checkpoint and its registry version."""
 
-    checkpoint: Path
     report: EvalReport
     version: str
     step: int
@@ -52,11 +66,44 @@ class _Progress:
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
-    last_checkpoint: Path | None = None
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
 
 
-def _register(run: TrainingRun, tracker: Tracker, progress: _Progress, report: EvalReport) -> None:
-    """Register the latest checkpoint with its lineage as a candidate."""
+def _run_id(cfg: RunConfig) -> RunConfig:
+    """Give an unnamed run a name derived from its Prefect flow run, so that re-running that flow
+    run (a retry from the UI) continues the same Turnstile run."""
+    if cfg.storage.run_id is not None:
+        return cfg
+    flow_run_id = runtime.flow_run.id
+    started = runtime.flow_run.scheduled_start_time if flow_run_id else None
+    started = started or datetime.now(timezone.utc)
+    name = f"run-{started:%Y%m%d-%H%M%S}" + (f"-{flow_run_id[:6]}" if flow_run_id else "")
+    return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": name})})
+
+
+# -- evaluation and registration -----------------------------------------------------------
+
+
+def _evaluate_once(run: TrainingRun, tracker: Tracker, progress: _Progress, iteration: int) -> EvalReport:
+    """Held-out evaluation of the policy's current step: read from its record when it was done
+    before; registered in the MLflow registry (steps > 0) before the record gets its version."""
+    step = run.policy.version
+    recorded = run_records.load_evaluation(run.run_dir, step)
+    if recorded is not None and (recorded[1] is not None or step == 0):
+        return recorded[0]
+    report = recorded[0] if recorded else evaluate_task(run)
+    if recorded is None:
+        log_metrics_task(tracker, report.metrics, step=iteration)
+        run_records.save_evaluation(run.run_dir, step, report)
+    if step > 0:
+        version = _register(run, tracker, progress, report)
+        run_records.save_evaluation(run.run_dir, step, report, version)
+        progress.candidates.append(Candidate(report, version, step))
+    return report
+
+
+def _register(run: TrainingRun, tracker: Tracker, progress: _Progress, report: EvalReport) -> str:
     lineage = {
         "step": run.policy.version,
         "manifests": list(progress.manifests),
@@ -64,37 +111,104 @@ def _register(run: TrainingRun, tracker: Tracker, progress: _Progress, report: E
         "pass_at_1": report.pass_at_1,
         "eval_tasks_hash": task_set_hash(report.task_success),
     }
-    version = register_checkpoint_task(run.cfg, tracker, progress.last_checkpoint, lineage)
-    progress.candidates.append(Candidate(progress.last_checkpoint, report, version, run.policy.version))
+    return register_checkpoint_task(run.cfg, tracker, checkpoint_dir(run.checkpoints_dir, run.policy.version), lineage)
 
 
-def _evaluate(run: TrainingRun, tracker: Tracker, progress: _Progress, iteration: int) -> EvalReport:
-    report = evaluate_task(run)
-    log_metrics_task(tracker, report.metrics, step=iteration)
-    if progress.last_checkpoint is not None:
-        _register(run, tracker, progress, report)
-    return report
+def _recorded_candidates(run: TrainingRun) -> list[Candidate]:
+    """Candidates a previous attempt of this run already evaluated and registered."""
+    candidates = []
+    for step in run_records.evaluated_steps(run.run_dir):
+        report, version = run_records.load_evaluation(run.run_dir, step)
+        if step > 0 and version is not None and step <= run.policy.version:
+            candidates.append(Candidate(report, version, step))
+    return candidates
 
 
-def _iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, iteration: int) -> bool:
-    """One collect -> write -> validate -> train pass; returns whether a training step was taken."""
-    logger = get_run_logger()
+# -- one iteration ---------------------------------------------------------------------------
+
+
+def _batch(run: TrainingRun, tracker: Tracker, iteration: int) -> None:
+    """Make sure the iteration's batch is committed: collected and written now, or reused."""
+    if run.store.exists(run.run_id, iteration) or report_path(run.store, run.run_id, iteration).is_file():
+        run.work_for(iteration)  # keep the task sampler where an uninterrupted run would be
+        get_run_logger().info("iteration %d: reusing the batch already written (%s)", iteration, run.store.path(run.run_id, iteration).name)
+        return
     episodes = collect_rollouts_task(run, iteration)
     log_metrics_task(tracker, rollout_metrics(episodes), step=iteration)
-    manifest = write_trajectories_task(run, iteration, episodes)
+    write_trajectories_task(run, iteration, episodes)
+
+
+def _train_iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, iteration: int) -> dict[str, Any]:
+    """Collect (or reuse), validate and train one iteration; returns its record (not yet saved)."""
+    _batch(run, tracker, iteration)
     report = validate_trajectories(str(run.store.root), run.run_id, iteration, run.cfg.validation)
     log_validation_report_task(tracker, report.to_dict(), iteration)
-    verdict = {"iteration": iteration, "passed": report.passed, "reason": report.reason}
     log_metrics_task(tracker, {"validation/passed": float(report.passed), "analysis/zero_var_group_frac": report.zero_variance_group_frac or 0.0}, step=iteration)
+    record: dict[str, Any] = {"iteration": iteration, "step": run.policy.version, "trained": report.passed, "reason": report.reason}
     if not report.passed:
-        progress.skipped.append(verdict)
-        logger.warning("Iteration %d: training skipped. %s", iteration, report.reason)
-        return False
-    progress.verdicts.append(verdict)
-    progress.manifests.append(manifest)
-    metrics, progress.last_checkpoint = train_step_task(run, iteration, episodes)
+        get_run_logger().warning("Iteration %d: training skipped. %s", iteration, report.reason)
+        return record
+    episodes = run.store.read(run.run_id, iteration)
+    metrics, _ = train_step_task(run, iteration, episodes)
     log_metrics_task(tracker, metrics.as_dict(), step=iteration)
-    return True
+    return {**record, "step": run.policy.version, **rollout_metrics(episodes), **metrics.as_dict()}
+
+
+def _record_after_crash(run: TrainingRun, iteration: int) -> dict[str, Any]:
+    """The record of an iteration whose checkpoint was saved but whose record was not (the process
+    died in between): rebuilt from the stored batch; the step's train metrics are lost."""
+    get_run_logger().warning("iteration %d: checkpoint found without its record (a crash after the checkpoint); rebuilding the record", iteration)
+    episodes = run.store.read(run.run_id, iteration)
+    return {"iteration": iteration, "step": run.policy.version, "trained": True, "reason": "recovered after a crash", **rollout_metrics(episodes)}
+
+
+def _remember(run: TrainingRun, progress: _Progress, record: dict[str, Any]) -> None:
+    verdict = {"iteration": record["iteration"], "passed": record["trained"], "reason": record.get("reason", "")}
+    if not record["trained"]:
+        progress.skipped.append(verdict)
+        return
+    progress.verdicts.append(verdict)
+    progress.manifests.append(run.store.manifest(run.run_id, record["iteration"]))
+
+
+def _examine(run: TrainingRun, tracker: Tracker, progress: _Progress, record: dict[str, Any]) -> dict[str, Any]:
+    """Run the training doctor on the history including `record`; act on a collapse."""
+    verdict: DoctorVerdict = examine_step_task(run, record, progress.findings)
+    progress.findings += [f for f in verdict.new_findings]
+    if verdict.new_findings:
+        log_metrics_task(tracker, {f"doctor/{f['symptom']}": 1.0 for f in verdict.new_findings}, step=record["iteration"])
+    record = {**record, "findings": verdict.new_findings}
+    if verdict.action == "rollback":
+        run.roll_back_to(checkpoint_dir(run.checkpoints_dir, verdict.rollback_to))
+        record["rollback_to"] = verdict.rollback_to
+    elif verdict.action == "stop":
+        record["stopped"] = verdict.reason
+    return record
+
+
+def _replay_recorded_action(run: TrainingRun, progress: _Progress, record: dict[str, Any]) -> None:
+    """Re-apply what the doctor decided at a recorded iteration, when a crash may have undone it."""
+    progress.findings += record.get("findings", [])
+    if record.get("rollback_to") is not None and record["step"] == run.policy.version and run.last_iteration == record["iteration"]:
+        run.roll_back_to(checkpoint_dir(run.checkpoints_dir, record["rollback_to"]))
+    if record.get("stopped"):
+        progress.stopped = record["stopped"]
+
+
+def _final_evaluation(run: TrainingRun, tracker: Tracker, progress: _Progress, before: EvalReport) -> EvalReport:
+    """The evaluation of the run's last step (made now if it is missing). After a rollback with no step
+    since, the weights are an earlier checkpoint's: its evaluation stands for the end of the run."""
+    trained = [r for r in run_records.read_history(run.run_dir) if r["trained"]]
+    if not trained:
+        return before
+    good_step = trained[-1].get("rollback_to")
+    if good_step is not None:
+        earlier = [c for c in progress.candidates if c.step <= good_step]
+        return earlier[-1].report if earlier else before
+    return _evaluate_once(run, tracker, progress, iteration=run.cfg.iterations)
+
+
+# -- gate -------------------------------------------------------------------------------------
 
 
 def _champion_pass_at_1(run: TrainingRun, candidate: Candidate) -> float | None:
@@ -110,34 +224,59 @@ def _champion_pass_at_1(run: TrainingRun, candidate: Candidate) -> float | None:
 
 
 def _gate(run: TrainingRun, progress: _Progress) -> tuple[Candidate | None, GateDecision | None]:
+    """Gate the best candidate once per run: a re-run re-applies the recorded decision (idempotent)."""
     if not progress.candidates:
         get_run_logger().warning("No candidate to gate: no training step was taken (every batch failed validation).")
         return None, None
     best = max(progress.candidates, key=lambda c: (c.report.pass_at_1, c.step))
-    decision = gate_candidate(best.report.pass_at_1, _champion_pass_at_1(run, best), run.cfg.gate, label=f"version {best.version} (step {best.step})")
+    recorded = run_records.load_gate(run.run_dir)
+    if recorded is not None and recorded["version"] == best.version:
+        decision = GateDecision(**{k: v for k, v in recorded["decision"].items() if k != "verdict"})
+    else:
+        decision = gate_candidate(best.report.pass_at_1, _champion_pass_at_1(run, best), run.cfg.gate, label=f"version {best.version} (step {best.step})")
+        run_records.save_gate(run.run_dir, {"version": best.version, "step": best.step, "decision": decision.as_dict()})
     promote_task(run.cfg, best.version, decision)
     return best, decision
 
 
+# -- the flow ---------------------------------------------------------------------------------
+
+
 @flow(name="turnstile-train")
 def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
-    """Train a policy: collect, validate and train for the configured iterations, then gate the best checkpoint."""
-    cfg = settings.load()
-    run = TrainingRun(cfg)
-    tracker = start_tracking(cfg, run.run_id)
-    progress = _Progress()
+    """Train a policy: collect, validate and train for the configured iterations, then gate the best checkpoint.
+
+    Naming an existing run (run_id) continues it from its last completed stage."""
+    logger = get_run_logger()
+    cfg = _run_id(settings.load())
+    run = TrainingRun.open(cfg)
+    if run.last_iteration:
+        logger.info("continuing run %s after iteration %d (step %d)", run.run_id, run.last_iteration, run.policy.version)
+    tracker = start_tracking(run.cfg, run.run_id)
+    progress = _Progress(candidates=_recorded_candidates(run))
     try:
-        before = _evaluate(run, tracker, progress, iteration=0)
-        trained = 0
+        before = _evaluate_once(run, tracker, progress, iteration=0) if run.policy.version == 0 else run_records.load_evaluation(run.run_dir, 0)[0]
         for iteration in range(1, cfg.iterations + 1):
-            stepped = _iteration(run, tracker, progress, iteration)
-            trained += stepped
-            due = stepped and run.policy.version % cfg.evaluation.val_every == 0
-            if due and iteration < cfg.iterations:
-                _evaluate(run, tracker, progress, iteration)
-        final_due = progress.last_checkpoint is not None and (not progress.candidates or progress.candidates[-1].step != run.policy.version)
-        after = _evaluate(run, tracker, progress, iteration=cfg.iterations) if final_due else (progress.candidates[-1].report if progress.candidates else before)
+            if progress.stopped:
+                break
+            record = run_records.load_iteration(run.run_dir, iteration)
+            if record is not None:
+                _remember(run, progress, record)
+                _replay_recorded_action(run, progress, record)
+            else:
+                record = _record_after_crash(run, iteration) if iteration <= run.last_iteration else _train_iteration(run, tracker, progress, iteration)
+                _remember(run, progress, record)
+                if record["trained"] and cfg.doctor.enabled:
+                    record = _examine(run, tracker, progress, record)
+                    progress.stopped = record.get("stopped")
+                run_records.save_iteration(run.run_dir, record)
+            due = record["trained"] and record.get("rollback_to") is None and record["step"] % cfg.evaluation.val_every == 0
+            if due and iteration < cfg.iterations and record["step"] == run.policy.version and not progress.stopped:
+                _evaluate_once(run, tracker, progress, iteration)
+        after = _final_evaluation(run, tracker, progress, before)
         best, decision = _gate(run, progress)
+        publish_findings_task(run.run_id, progress.findings, progress.stopped)
+        publish_curves_task(run, tracker)
     except BaseException:
         end_tracking(tracker, "FAILED")
         raise
@@ -145,8 +284,10 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "iterations": cfg.iterations,
-        "trained_steps": trained,
+        "trained_steps": len(progress.manifests),
         "skipped": progress.skipped,
+        "stopped": progress.stopped,
+        "findings": progress.findings,
         "pass_at_1_before": before.pass_at_1,
         "pass_at_1_after": after.pass_at_1,
         "candidate_version": best.version if best else None,
@@ -154,7 +295,7 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
         "gate": decision.as_dict() if decision else None,
         "trajectories": str(run.store.root / run.run_id / "trajectories"),
         "checkpoints": str(run.checkpoints_dir),
-        "mlflow_uri": tracking_uri(cfg),
+        "mlflow_uri": tracking_uri(run.cfg),
         "mlflow_run_id": tracker.mlflow_run_id,
-        "registered_model": cfg.tracking.registered_model,
+        "registered_model": run.cfg.tracking.registered_model,
     }

@@ -1,0 +1,339 @@
+"""The training doctor: symptoms of a failing multi-turn RL run, read from its metric history.
+
+Contract
+--------
+`diagnose(history, cfg)` runs after every training step. `history` is the run's metric entries
+in step order: each trained step's dict has "step" (the policy version after the step),
+"iteration", the rollout metrics of `rl_core.metrics.rollout_metrics` for the batch that step
+trained on, and the train metrics of `StepMetrics.as_dict`; "val/pass_at_1" appears only on
+steps where a held-out evaluation ran, and a first entry {"step": 0, "val/pass_at_1": ...} may
+hold the step-0 evaluation. Any key may be missing (and NaN counts as missing): a check without
+the data it needs stays quiet. It returns one `Finding` per symptom seen at the latest step
+(none when `cfg.doctor.enabled` is false), each naming the metric that triggered it, the value
+compared, the threshold it crossed and the first change to try. Nothing here reads files, logs
+or acts: the caller reports findings and decides what to do (`cfg.doctor.on_collapse`).
+
+Windowed values are means over the last `doctor.window` entries that hold the metric; a windowed
+check waits until it has a full window. Rewards in the entry of step s were earned by policy s-1
+(the batch step s trained on).
+
+After a rollback, pass the history without the abandoned steps (those after the step rolled back
+to), or the collapsed stretch keeps the collapse in the window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from rl_core.config import RunConfig
+
+SYMPTOMS = ("reward_flat", "zero_adv_groups", "reward_hacking", "reward_collapse", "token_cap", "grad_norm_pinned")
+
+REWARD = "rollout/reward/mean"
+ZERO_ADV = "analysis/zero_adv_groups"
+ZERO_ADV_ALL_CORRECT = "analysis/zero_adv_groups/all_correct"
+ZERO_ADV_ALL_WRONG = "analysis/zero_adv_groups/all_wrong"
+TOKEN_CAP = "rollout/finish/token_cap"
+GRAD_NORM = "train/grad_norm"
+VAL_PASS_AT_1 = "val/pass_at_1"
+
+# reward_flat: "not moved" = the fitted linear change since the first step is within this many
+# standard errors of zero; reward_hacking: the training reward's rise must exceed as many.
+FLAT_STANDARD_ERRORS = 2.0
+# reward_collapse: the best windowed reward must exceed this before a fall counts as a collapse.
+COLLAPSE_MIN_BEST = 0.05
+# reward_hacking: held-out pass@1 gaining less than this fraction of the training reward gain is "flat".
+HACKING_VAL_GAIN_FRACTION = 0.25
+# grad_norm_pinned: a norm within this relative distance below the clip counts as at the clip.
+CLIP_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One symptom seen at `step`: `metric` gave `value`, which crossed `threshold`."""
+
+    symptom: str
+    step: int
+    metric: str
+    value: float
+    threshold: float
+    message: str
+    first_change: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One log line: step, symptom, metric=value (threshold), message, first change."""
+        return (
+            f"step {self.step} {self.symptom}: {self.metric}={self.value:.4g} (threshold {self.threshold:.4g}). "
+            f"{self.message} First change: {self.first_change}"
+        )
+
+
+def diagnose(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> list[Finding]:
+    """Every symptom the history shows at its latest step, in SYMPTOMS order."""
+    if not cfg.doctor.enabled or not history:
+        return []
+    step = _latest_step(history)
+    checks = (_reward_flat, _zero_adv_groups, _reward_hacking, _reward_collapse, _token_cap, _grad_norm_pinned)
+    return [finding for check in checks if (finding := check(history, cfg, step)) is not None]
+
+
+def newly_reported(previous: Sequence[Finding], current: Sequence[Finding]) -> list[Finding]:
+    """The findings of `current` whose symptom was not reported in `previous` (for quiet logs)."""
+    seen = {f.symptom for f in previous}
+    return [f for f in current if f.symptom not in seen]
+
+
+def last_good_step(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> int | None:
+    """The step to roll back to after a collapse: the policy version that sampled the last batch of
+    the window with the best mean training reward (entry step - 1; 0 is the starting policy).
+    None without any training reward."""
+    best = _best_window(_series(history, REWARD), cfg.doctor.window)
+    return None if best is None else best[0] - 1
+
+
+# --- the checks -------------------------------------------------------------------------------
+
+
+def _reward_flat(history, cfg: RunConfig, step: int) -> Finding | None:
+    """Training reward whose fitted change since the first step is within its noise."""
+    d = cfg.doctor
+    rewards = _series(history, REWARD)
+    if len(rewards) < max(d.flat_reward_steps, 3):
+        return None
+    change, standard_error = _fitted_change(rewards)
+    tolerance = FLAT_STANDARD_ERRORS * standard_error
+    if abs(change) > tolerance:
+        return None
+    zero_adv = _window_mean(history, ZERO_ADV, d.window)
+    degenerate = f"; {zero_adv:.0%} of groups have all-equal rewards" if zero_adv is not None else ""
+    return Finding(
+        symptom="reward_flat", step=step, metric=REWARD, value=abs(change), threshold=tolerance,
+        message=(
+            f"Training reward has not moved in {len(rewards)} steps: the fitted change since step {rewards[0][0]} is "
+            f"{change:+.3f}, within {FLAT_STANDARD_ERRORS:g} standard errors ({tolerance:.3f}); "
+            f"latest {d.window}-step mean {_mean(_values(rewards[-d.window:])):.3f}{degenerate}."
+        ),
+        first_change=_flat_advice(cfg, zero_adv),
+    )
+
+
+def _flat_advice(cfg: RunConfig, zero_adv: float | None) -> str:
+    """No signal in the groups: resample them; otherwise a larger or less noisy step."""
+    if zero_adv is not None and zero_adv > 0.5:
+        return (
+            "most groups have all-equal rewards, so there is no signal: check the reward varies (rollout/reward/std) "
+            "and set algorithm.zero_variance_groups=resample"
+        )
+    return (
+        f"raise optimizer.lr (now {cfg.optimizer.lr:.2g}, e.g. x3) if the policy barely changes, or raise "
+        f"rollout.global_batch_size (now {cfg.rollout.global_batch_size}) if the per-step reward is noisy"
+    )
+
+
+def _zero_adv_groups(history, cfg: RunConfig, step: int) -> Finding | None:
+    """Most groups with all-equal rewards (no advantage, no learning signal)."""
+    d = cfg.doctor
+    share = _window_mean(history, ZERO_ADV, d.window)
+    if share is None or share <= d.zero_adv_groups_max:
+        return None
+    correct = _window_mean(history, ZERO_ADV_ALL_CORRECT, d.window)
+    wrong = _window_mean(history, ZERO_ADV_ALL_WRONG, d.window)
+    split = f" ({correct:.0%} all correct, {wrong:.0%} all wrong)" if correct is not None and wrong is not None else ""
+    return Finding(
+        symptom="zero_adv_groups", step=step, metric=ZERO_ADV, value=share, threshold=d.zero_adv_groups_max,
+        message=f"{share:.0%} of groups over the last {d.window} steps have all-equal rewards{split}, above {d.zero_adv_groups_max:.0%}.",
+        first_change=_zero_adv_advice(cfg, correct, wrong),
+    )
+
+
+def _zero_adv_advice(cfg: RunConfig, correct: float | None, wrong: float | None) -> str:
+    """Which change fits the kind of degenerate group that dominates."""
+    sampling = (
+        "raise algorithm.max_resample_rounds" if cfg.algorithm.zero_variance_groups == "resample"
+        else "set algorithm.zero_variance_groups=resample"
+    )
+    common = f"{sampling} or raise rollout.group_size (now {cfg.rollout.group_size})"
+    if correct is not None and wrong is not None and correct > wrong:
+        return f"the tasks are too easy for the policy: train on harder tasks (environment.domains / environment.train_split); {common}"
+    if correct is not None and wrong is not None and wrong > correct:
+        return f"the tasks are too hard for the policy: train on easier tasks or start from a stronger (SFT) policy.path; {common}"
+    return common
+
+
+def _reward_hacking(history, cfg: RunConfig, step: int) -> Finding | None:
+    """Training reward rising over the evaluated span while held-out pass@1 stays flat or falls."""
+    d = cfg.doctor
+    evals = _series(history, VAL_PASS_AT_1)
+    if len(evals) < 2:
+        return None
+    (first_step, first_val), (last_step, last_val) = evals[0], evals[-1]
+    # the batches sampled by policies first_step .. last_step - 1
+    span = [(s, value) for s, value in _series(history, REWARD) if first_step < s <= last_step]
+    if len(span) < 3:
+        return None
+    gain, standard_error = _fitted_change(span)
+    val_gain = last_val - first_val
+    rising = gain >= d.hacking_min_gain and gain > FLAT_STANDARD_ERRORS * standard_error
+    if not rising or val_gain >= HACKING_VAL_GAIN_FRACTION * gain:
+        return None
+    return Finding(
+        symptom="reward_hacking", step=step, metric=REWARD, value=gain, threshold=d.hacking_min_gain,
+        message=(
+            f"Training reward rose by {gain:.3f} (fitted, +-{standard_error:.3f}) between steps {first_step} and {last_step} "
+            f"while held-out {VAL_PASS_AT_1} went {first_val:.3f} -> {last_val:.3f} ({val_gain:+.3f})."
+        ),
+        first_change=(
+            "audit the reward: re-score this run's stored trajectories with `turnstile replay --scorer ...` and read the "
+            "high-reward episodes that fail held-out; then tighten the environment's reward (or raise "
+            "evaluation.success_threshold) before training on"
+        ),
+    )
+
+
+def _reward_collapse(history, cfg: RunConfig, step: int) -> Finding | None:
+    """Windowed training reward fallen below collapse_frac x its best windowed value."""
+    d = cfg.doctor
+    rewards = _series(history, REWARD)
+    best = _best_window(rewards, d.window)
+    if len(rewards) < d.window or best is None or best[1] <= COLLAPSE_MIN_BEST:
+        return None
+    best_step, best_mean = best
+    current = _mean(_values(rewards[-d.window:]))
+    threshold = d.collapse_frac * best_mean
+    if current >= threshold:
+        return None
+    return Finding(
+        symptom="reward_collapse", step=step, metric=REWARD, value=current, threshold=threshold,
+        message=(
+            f"Training reward over the last {d.window} steps averages {current:.3f}, below {d.collapse_frac:g} x its best "
+            f"windowed mean {best_mean:.3f} (window ending at step {best_step}); last good step {best_step - 1}."
+        ),
+        first_change=_collapse_advice(cfg),
+    )
+
+
+def _collapse_advice(cfg: RunConfig) -> str:
+    """CISPO: go on-policy first, then PPO's clipping; other losses: a smaller step."""
+    a, lr = cfg.algorithm, cfg.optimizer.lr
+    to_ppo = "switch to algorithm.loss_fn=ppo with clip_low_threshold=0.8, clip_high_threshold=1.2"
+    if a.loss_fn != "cispo":
+        return f"lower optimizer.lr (now {lr:.2g}, e.g. to {lr / 3:.2g}) and roll back to the last good step"
+    if cfg.rollout.overlap_collection:
+        return f"set rollout.overlap_collection=false and algorithm.max_steps_off_policy=0; if it still collapses, {to_ppo}"
+    if a.max_steps_off_policy > 0:
+        return f"set algorithm.max_steps_off_policy=0; if it still collapses, {to_ppo}"
+    return f"{to_ppo} (the run is already on-policy); if it still collapses, lower optimizer.lr (now {lr:.2g})"
+
+
+def _token_cap(history, cfg: RunConfig, step: int) -> Finding | None:
+    """Responses clustering at the per-turn token cap."""
+    d = cfg.doctor
+    share = _window_mean(history, TOKEN_CAP, d.window)
+    if share is None or share <= d.token_cap_frac_max:
+        return None
+    r = cfg.rollout
+    return Finding(
+        symptom="token_cap", step=step, metric=TOKEN_CAP, value=share, threshold=d.token_cap_frac_max,
+        message=(
+            f"{share:.0%} of episodes over the last {d.window} steps ended at the per-turn token cap "
+            f"({r.max_tokens_per_turn} tokens), above {d.token_cap_frac_max:.0%}."
+        ),
+        first_change=(
+            f"raise rollout.max_tokens_per_turn (now {r.max_tokens_per_turn}; the context budget allows up to "
+            f"{_largest_turn_cap(cfg)} with policy.context_window {cfg.policy.context_window}) or add a length penalty to the reward"
+        ),
+    )
+
+
+def _largest_turn_cap(cfg: RunConfig) -> int:
+    """The largest max_tokens_per_turn the context budget allows with the other settings unchanged."""
+    r, e = cfg.rollout, cfg.environment
+    return (cfg.policy.context_window - e.prompt_tokens) // r.max_turns - e.expected_tool_output
+
+
+def _grad_norm_pinned(history, cfg: RunConfig, step: int) -> Finding | None:
+    """The pre-clip gradient norm at or above optimizer.grad_clip on most recent steps."""
+    d, clip = cfg.doctor, cfg.optimizer.grad_clip
+    norms = _values(_series(history, GRAD_NORM)[-d.window:])
+    if len(norms) < d.window:
+        return None
+    pinned = sum(norm >= clip * (1 - CLIP_TOLERANCE) for norm in norms) / len(norms)
+    if pinned <= d.grad_clip_pinned_frac:
+        return None
+    return Finding(
+        symptom="grad_norm_pinned", step=step, metric=GRAD_NORM, value=pinned, threshold=d.grad_clip_pinned_frac,
+        message=(
+            f"{GRAD_NORM} reached optimizer.grad_clip ({clip:g}) on {pinned:.0%} of the last {d.window} steps "
+            f"(mean norm {_mean(norms):.3g}): every update is clipped, so the step size is set by the clip, not the gradient."
+        ),
+        first_change=f"lower optimizer.lr (now {cfg.optimizer.lr:.2g}, e.g. to {cfg.optimizer.lr / 3:.2g})",
+    )
+
+
+# --- reading the history ----------------------------------------------------------------------
+
+
+def _latest_step(history: Sequence[Mapping[str, float]]) -> int:
+    step = history[-1].get("step")
+    return int(step) if _is_number(step) else len(history)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _series(history: Sequence[Mapping[str, float]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every entry holding a finite `key` (entries without a step count by position)."""
+    out = []
+    for position, entry in enumerate(history):
+        value, step = entry.get(key), entry.get("step")
+        if _is_number(value):
+            out.append((int(step) if _is_number(step) else position, float(value)))
+    return out
+
+
+def _values(series: list[tuple[int, float]]) -> list[float]:
+    return [value for _, value in series]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _window_mean(history, key: str, window: int) -> float | None:
+    """Mean of the last `window` values of `key`; None with fewer."""
+    values = _values(_series(history, key)[-window:])
+    return _mean(values) if len(values) == window else None
+
+
+def _best_window(series: list[tuple[int, float]], window: int) -> tuple[int, float] | None:
+    """(last step, mean) of the trailing window with the highest mean (the earliest on ties); None
+    for an empty series. The first windows are partial (fewer than `window` entries), so a
+    collapse within the first window still has a best to compare with."""
+    best = None
+    for end in range(1, len(series) + 1):
+        mean = _mean(_values(series[max(0, end - window):end]))
+        if best is None or mean > best[1]:
+            best = (series[end - 1][0], mean)
+    return best
+
+
+def _fitted_change(series: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares line through (step, value): its change from the first to the last step, and
+    that change's standard error (from the residual spread, so batch-to-batch noise of any
+    origin counts). Needs at least three points."""
+    steps, values = [float(s) for s, _ in series], _values(series)
+    step_mean, value_mean = _mean(steps), _mean(values)
+    spread = sum((x - step_mean) ** 2 for x in steps)
+    if spread == 0:
+        return 0.0, 0.0
+    slope = sum((x - step_mean) * (y - value_mean) for x, y in zip(steps, values)) / spread
+    residuals = [y - value_mean - slope * (x - step_mean) for x, y in zip(steps, values)]
+    residual_std = math.sqrt(sum(r * r for r in residuals) / (len(values) - 2))
+    span = steps[-1] - steps[0]
+    return slope * span, residual_std / math.sqrt(spread) * span

@@ -1,0 +1,130 @@
+"""Crash-safe resume of the train flow: killed with SIGKILL mid-training, re-run, nothing lost or doubled."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from rl_core.paths import REPO_ROOT
+from rl_core.store import TrajectoryStore
+from tests.test_train_flow import TINY, run_flow
+
+RUN = "crash"
+# three iterations; one episode per micro-batch so that a training step lasts long enough to be killed in
+CRASH_RUN = [*TINY, "iterations=3", "rollout.global_batch_size=16", "optimizer.micro_batch_size=1", "evaluation.val_every=2"]
+
+
+def _train_command(run_dir: Path) -> list[str]:
+    overrides = [*CRASH_RUN, f"storage.run_dir={run_dir}", f"storage.run_id={RUN}"]
+    return [sys.executable, "-m", "flows.cli", "train", *(arg for o in overrides for arg in ("--set", o))]
+
+
+def _environment(run_dir: Path) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PREFECT_HOME=str(run_dir / "prefect"))
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the session's test server: no second server to start
+    return env
+
+
+def _kill_when(command: list[str], env: dict[str, str], marker: str, timeout_s: float = 300) -> list[str]:
+    """Start `command`, SIGKILL it as soon as it prints `marker`; returns the lines it printed."""
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.time() + timeout_s
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if marker in line:
+                process.send_signal(signal.SIGKILL)
+                break
+            assert time.time() < deadline, "".join(lines[-30:])
+        else:
+            pytest.fail("the run ended before printing %r:\n%s" % (marker, "".join(lines[-40:])))
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    return lines
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_of_iteration_2_loses_and_duplicates_nothing(prefect_harness, tmp_path):
+    env = _environment(tmp_path)
+    _kill_when(_train_command(tmp_path), env, "iteration 2: training step 2")
+
+    store = TrajectoryStore(tmp_path)
+    first = store.path(RUN, 1)
+    assert store.iterations(RUN) == [1, 2]  # both batches were committed before the kill
+    checkpoints = tmp_path / RUN / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.name.endswith(".tmp")) == ["step-000001"]  # killed mid-step 2
+    before = {i: (_sha256(store.path(RUN, i)), store.path(RUN, i).stat().st_ino) for i in (1, 2)}
+    manifest_2 = store.manifest(RUN, 2)
+
+    finished = subprocess.run(_train_command(tmp_path), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output[-4000:]
+    assert "reusing the batch already written (iteration-000002.parquet)" in output
+
+    assert store.iterations(RUN) == [1, 2, 3]
+    for i in (1, 2):  # the same files, byte for byte, never rewritten
+        assert (_sha256(store.path(RUN, i)), store.path(RUN, i).stat().st_ino) == before[i]
+    assert store.manifest(RUN, 2) == manifest_2
+    assert first.read_bytes() and _sha256(first) == store.manifest(RUN, 1).sha256
+    trajectories = tmp_path / RUN / "trajectories"
+    assert sorted(p.name for p in trajectories.glob("*.parquet")) == [f"iteration-00000{i}.parquet" for i in (1, 2, 3)]
+    assert not (tmp_path / RUN / "quarantine").exists()
+    assert _leftovers(tmp_path / RUN) == []
+
+    history = [json.loads(p.read_text()) for p in sorted((tmp_path / RUN / "history").glob("*.json"))]
+    assert [(r["iteration"], r["step"], r["trained"]) for r in history] == [(1, 1, True), (2, 2, True), (3, 3, True)]
+    assert sorted(p.name for p in (tmp_path / RUN / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [mlflow_run] = client.search_runs(client.get_experiment_by_name("turnstile").experiment_id)
+    assert mlflow_run.info.status == "FINISHED"
+    versions = client.search_model_versions("name='turnstile-policy'")
+    sources = [v.source for v in versions]
+    assert len(sources) == len(set(sources)) == 2  # steps 2 and 3 registered once each
+    assert sorted(int(v.tags["step"]) for v in versions) == [2, 3]
+    assert "gate.decision" in client.get_model_version("turnstile-policy", max(int(v.version) for v in versions)).tags
+
+
+def test_rerunning_a_finished_run_repeats_no_work(prefect_harness, tmp_path):
+    first = run_flow(tmp_path, "again")
+    checkpoints = sorted(p.name for p in (tmp_path / "again" / "checkpoints").iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "again").rglob("*") if p.is_file() and "prefect" not in p.parts}
+
+    second = run_flow(tmp_path, "again")
+
+    for key in ("trained_steps", "pass_at_1_before", "pass_at_1_after", "candidate_version", "gate"):
+        assert second[key] == first[key], key
+    assert sorted(p.name for p in (tmp_path / "again" / "checkpoints").iterdir()) == checkpoints
+    records = [p for p in stamps if "trajectories" in p.parts or "history" in p.parts or "evaluations" in p.parts]
+    assert records and all(p.stat().st_mtime_ns == stamps[p] for p in records)
+    client = MlflowClient(first["mlflow_uri"])
+    assert len(client.search_model_versions("name='turnstile-policy'")) == 2  # nothing registered twice
+
+
+def test_continuing_a_run_with_another_training_setup_is_refused(prefect_harness, tmp_path):
+    run_flow(tmp_path, "setup", ["iterations=1"])
+    with pytest.raises(ValueError, match=r"optimizer\.lr differ"):
+        run_flow(tmp_path, "setup", ["iterations=1", "optimizer.lr=0.5"])
+    extended = run_flow(tmp_path, "setup", ["iterations=2"])  # running longer is allowed
+    assert extended["trained_steps"] == 2
+    assert TrajectoryStore(tmp_path).iterations("setup") == [1, 2]
