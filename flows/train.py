@@ -179,7 +179,7 @@ def _examine(run: TrainingRun, tracker: Tracker, progress: _Progress, record: di
         log_metrics_task(tracker, {f"doctor/{f['symptom']}": 1.0 for f in verdict.new_findings}, step=record["iteration"])
     record = {**record, "findings": verdict.new_findings}
     if verdict.action == "rollback":
-        run.roll_back_to(checkpoint_dir(run.checkpoints_dir, verdict.rollback_to))
+        run.roll_back_to(verdict.rollback_to)
         record["rollback_to"] = verdict.rollback_to
     elif verdict.action == "stop":
         record["stopped"] = verdict.reason
@@ -190,7 +190,7 @@ def _replay_recorded_action(run: TrainingRun, progress: _Progress, record: dict[
     """Re-apply what the doctor decided at a recorded iteration, when a crash may have undone it."""
     progress.findings += record.get("findings", [])
     if record.get("rollback_to") is not None and record["step"] == run.policy.version and run.last_iteration == record["iteration"]:
-        run.roll_back_to(checkpoint_dir(run.checkpoints_dir, record["rollback_to"]))
+        run.roll_back_to(record["rollback_to"])
     if record.get("stopped"):
         progress.stopped = record["stopped"]
 

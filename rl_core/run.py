@@ -254,16 +254,29 @@ class TrainingRun:
             prune_checkpoints(self.checkpoints_dir, self.cfg.storage.keep_checkpoints, protect=keep)
         return path
 
-    def roll_back_to(self, checkpoint: str | Path) -> None:
-        """Load the weights and optimizer state of an earlier checkpoint of this run into the policy.
-        The step counter keeps counting up (versions stay unique; staleness stays measured in steps)."""
-        p = self.cfg.policy
-        earlier, _ = load_checkpoint(checkpoint, chat=p.chat_format, dtype=p.dtype, device=p.device)
+    def roll_back_to(self, step: int) -> None:
+        """Load the weights and optimizer state this run had at `step` (0: the starting policy, with a
+        fresh optimizer) into the policy. The step counter keeps counting up (versions stay unique;
+        staleness stays measured in steps). Raises FileNotFoundError if that checkpoint is gone."""
+        if step == 0:
+            earlier = load_start_policy(self.cfg)
+        else:
+            folder = checkpoint_dir(self.checkpoints_dir, step)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"cannot roll back to step {step}: {folder} is gone (pruned by storage.keep_checkpoints?)")
+            p = self.cfg.policy
+            earlier, _ = load_checkpoint(folder, chat=p.chat_format, dtype=p.dtype, device=p.device)
         with torch.no_grad():
             trainable = dict(self.policy.model.named_parameters())
             for name, value in earlier.model.named_parameters():
                 trainable[name].copy_(value)
-        restore_optimizer(checkpoint, self.trainer.optimizer)
+        if step == 0:
+            self.trainer.optimizer.state.clear()
+        else:
+            restore_optimizer(folder, self.trainer.optimizer)
+
+    def can_roll_back_to(self, step: int) -> bool:
+        return step == 0 or checkpoint_dir(self.checkpoints_dir, step).is_dir()
 
     def evaluate(self, *, samples: bool = True, policy: Policy | None = None) -> EvalReport:
         """Held-out evaluation of the run's policy (or of `policy`, e.g. a champion to compare with)."""

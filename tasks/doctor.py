@@ -20,7 +20,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from rl_core import run_records
-from rl_core.checkpoint import checkpoint_dir
 from rl_core.doctor import diagnose, last_good_step
 from rl_core.run import TrainingRun
 from tasks.validate import artifact_slug
@@ -74,8 +73,8 @@ def examine_step_task(run: TrainingRun, record: dict[str, Any], reported: list[d
         logger.warning("doctor, step %d: %s (%s = %.4g, threshold %.4g). First change to try: %s",
                        finding["step"], finding["message"], finding["metric"], finding["value"], finding["threshold"], finding["first_change"])
     good = last_good_step(history, run.cfg)
-    if good is not None and checkpoint_dir(run.checkpoints_dir, good).is_dir():
-        run.protected_steps = {good}
+    # keep the rollback target, and this step's checkpoint: a window ending at the next step makes it the target
+    run.protected_steps = {s for s in (good, record["step"]) if s is not None and run.can_roll_back_to(s)}
     if not any(f.symptom == COLLAPSE for f in findings) or run.cfg.doctor.on_collapse == "warn":
         return verdict
     return _collapse_action(run, verdict, good, _rollbacks_so_far(records))
@@ -84,7 +83,7 @@ def examine_step_task(run: TrainingRun, record: dict[str, Any], reported: list[d
 def _collapse_action(run: TrainingRun, verdict: DoctorVerdict, good: int | None, rollbacks: int) -> DoctorVerdict:
     logger = get_run_logger()
     cfg = run.cfg.doctor
-    can_roll_back = good is not None and checkpoint_dir(run.checkpoints_dir, good).is_dir()
+    can_roll_back = good is not None and run.can_roll_back_to(good)
     if cfg.on_collapse == "rollback" and can_roll_back and rollbacks < cfg.max_rollbacks:
         verdict.action, verdict.rollback_to = "rollback", good
         verdict.reason = f"training reward collapsed; rolled back to the checkpoint of step {good} (rollback {rollbacks + 1} of {cfg.max_rollbacks})"
