@@ -3,6 +3,8 @@
     turnstile train [--config PATH] [--set section.field=value ...]   # the Prefect train flow
     turnstile demo  [--set ...]                                       # train on the shipped quickstart config
     turnstile eval  [--config PATH] [--set ...]                       # held-out evaluation of the starting policy
+    turnstile serve [--port 4200]                                      # Prefect server + deployments + worker on this machine
+    turnstile replay RUN_ID ... / turnstile transcript RUN_ID ...     # look back at stored trajectories (flows/replay_cli.py)
     turnstile resume RUN_ID [--run-dir runs] [--set iterations=N]     # continue a run on the config it started with
 
 Without PREFECT_API_URL, Prefect runs the flow on a temporary local server whose database
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.replay_cli import add_replay_commands, run_replay_command
+from flows.serve import add_serve_command, run_serve_command
 from rl_core.config import RunConfig, load_config
 
 
@@ -30,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", default=None, help="YAML run config (default: data/configs/quickstart.yaml)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. rollout.group_size=4")
     add_replay_commands(commands)
+    add_serve_command(commands)
     resume = commands.add_parser("resume", help="continue a run (after a crash, or for more iterations) on the config it started with")
     resume.add_argument("run_id", help="the run to continue (a folder under --run-dir)")
     resume.add_argument("--run-dir", default="runs", help="storage.run_dir the run lives in (default: runs)")
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("replay", "transcript"):
         return run_replay_command(args)
+    if args.command == "serve":
+        return run_serve_command(args)
     config_path, overrides = _settings(args)
     try:
         cfg = load_config(config_path, overrides)

@@ -1,0 +1,188 @@
+"""The evaluate flow: held-out evaluation of a checkpoint folder, a registry version or the champion.
+
+Contract of `evaluate_flow(settings)`; it evaluates exactly one policy:
+- `settings.checkpoint`: a checkpoint folder on the machine that runs the flow (a relative path
+  is resolved against the repository root, then the working directory);
+- `settings.version`: a version of the registered model `tracking.registered_model`;
+- neither: the version holding the alias `champion` (an error when there is none).
+
+The policy is evaluated on the config's held-out split the way the train flow evaluates
+(`evaluation.*`: greedy pass@1, and sampled pass@k / pass^k unless `samples` is off). The
+evaluation is a run of its own, `run_id` (default `eval-<what>-<UTC time>`), with its folder under
+`storage.run_dir` and an MLflow run in the config's tracking store; the metrics are logged there
+at the checkpoint's step, tagged with what was evaluated, and published as a Prefect markdown
+artifact. A registry version is downloaded into a temporary folder under the run directory,
+removed afterwards. Registry versions are read, never changed.
+
+Returns {run_id, evaluated, version, step, pass_at_1, eval_tasks_hash, metrics, mlflow_uri,
+mlflow_run_id}.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlflow.artifacts
+from mlflow.exceptions import MlflowException
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from pydantic import Field, model_validator
+
+from flows.parameters import RunSettings
+from rl_core.checkpoint import STATE_FILE
+from rl_core.config import RunConfig
+from rl_core.run import TrainingRun
+from tasks.evaluate import evaluate_task
+from tasks.promote import CHAMPION_ALIAS, PASS_AT_1_TAG, checkpoint_step
+from tasks.tracking import MLFLOW_RETRIES, Tracker, VerdictError, end_tracking, log_metrics_task, mlflow_client, start_tracking, task_set_hash, tracking_uri
+
+EVALUATED_TAG = "turnstile.evaluated"
+EVALUATED_VERSION_TAG = "turnstile.evaluated_version"
+
+
+class EvaluateSettings(RunSettings):
+    """Parameters of the evaluate flow: what to evaluate, on the config's held-out tasks."""
+
+    checkpoint: str | None = Field(
+        None,
+        description="Checkpoint folder to evaluate, e.g. runs/<run_id>/checkpoints/step-000010, on the machine that runs the flow. "
+        "Empty: the registry version below.",
+    )
+    version: int | None = Field(
+        None, ge=1, description="Version of the registered model (tracking.registered_model) to evaluate. Empty, and no checkpoint: the current champion."
+    )
+    samples: bool = Field(True, description="Also sample evaluation.num_samples episodes per task for pass@k and pass^k (slower); off: greedy pass@1 only.")
+    max_tasks: int | None = Field(None, ge=1, description="Held-out tasks per environment (evaluation.max_tasks; empty: the config's).")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "EvaluateSettings":
+        if self.checkpoint and self.version is not None:
+            raise ValueError("give either a checkpoint folder or a registry version to evaluate, not both")
+        return self
+
+    def _typed_overrides(self) -> list[str]:
+        extra = [] if self.max_tasks is None else [f"evaluation.max_tasks={self.max_tasks}"]
+        return extra + super()._typed_overrides()
+
+
+@dataclass(frozen=True)
+class RegistryVersion:
+    """One version of the registered model: where its checkpoint folder lives and its recorded pass@1."""
+
+    name: str
+    version: str
+    source: str
+    pass_at_1: float | None
+    is_champion: bool
+
+
+@task(name="read-registry-version", cache_policy=NONE, **MLFLOW_RETRIES)
+def read_registry_version_task(cfg: RunConfig, version: int | str | None) -> RegistryVersion:
+    """Version `version` of `tracking.registered_model`, or the champion when None (VerdictError when missing)."""
+    client, name = mlflow_client(cfg), cfg.tracking.registered_model
+    try:
+        found = client.get_model_version(name, str(version)) if version is not None else client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        wanted = f"version {version}" if version is not None else f"version holding the alias {CHAMPION_ALIAS!r} (nothing promoted yet)"
+        raise VerdictError(f"registered model {name!r} in {tracking_uri(cfg)} has no {wanted}") from exc
+    recorded = found.tags.get(PASS_AT_1_TAG)
+    return RegistryVersion(
+        name=name,
+        version=str(found.version),
+        source=found.source,
+        pass_at_1=None if recorded is None else float(recorded),
+        is_champion=CHAMPION_ALIAS in (found.aliases or []),
+    )
+
+
+@task(name="download-registry-version", cache_policy=NONE, **MLFLOW_RETRIES)
+def download_registry_version_task(cfg: RunConfig, registered: RegistryVersion, destination: str | Path) -> Path:
+    """Copy a registry version's checkpoint folder under `destination`; returns the local folder."""
+    local = mlflow.artifacts.download_artifacts(artifact_uri=registered.source, dst_path=str(destination), tracking_uri=tracking_uri(cfg))
+    return Path(local)
+
+
+@task(name="tag-evaluation", cache_policy=NONE, **MLFLOW_RETRIES)
+def tag_evaluation_task(tracker: Tracker, tags: dict[str, str]) -> None:
+    """Record on the MLflow run what was evaluated."""
+    for key, value in tags.items():
+        tracker.client.set_tag(tracker.mlflow_run_id, key, value)
+
+
+def _policy_config(cfg: RunConfig, policy_path: str, run_id: str) -> RunConfig:
+    """`cfg` evaluating the policy at `policy_path` as run `run_id`."""
+    return cfg.model_copy(
+        update={
+            "policy": cfg.policy.model_copy(update={"path": policy_path}),
+            "storage": cfg.storage.model_copy(update={"run_id": run_id}),
+        }
+    )
+
+
+def _local_checkpoint(cfg: RunConfig, checkpoint: str) -> Path:
+    folder = Path(_policy_config(cfg, checkpoint, "probe").resolved_policy_path())
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {checkpoint!r} does not exist on this machine (working directory {Path.cwd()})")
+    return folder.resolve()
+
+
+def _step_of(folder: Path) -> int:
+    """The training step a checkpoint folder holds (0 for a plain model folder)."""
+    return checkpoint_step(folder) if (folder / STATE_FILE).is_file() else 0
+
+
+def _default_run_id(what: str) -> str:
+    return f"eval-{what}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def _evaluate_folder(cfg: RunConfig, folder: Path, run_id: str, tags: dict[str, str], samples: bool) -> dict[str, Any]:
+    """Evaluate the policy in `folder` as run `run_id`, logging to MLflow; returns the summary."""
+    run_cfg = _policy_config(cfg, str(folder), run_id)
+    run = TrainingRun(run_cfg)
+    run.policy.version = _step_of(folder)
+    tracker = start_tracking(run_cfg, run_id)
+    try:
+        tag_evaluation_task(tracker, tags)
+        report = evaluate_task(run, samples=samples)
+        log_metrics_task(tracker, report.metrics, step=run.policy.version)
+    except BaseException:
+        end_tracking(tracker, "FAILED")
+        raise
+    end_tracking(tracker, "FINISHED")
+    return {
+        "run_id": run_id,
+        "evaluated": tags[EVALUATED_TAG],
+        "version": tags.get(EVALUATED_VERSION_TAG),
+        "step": run.policy.version,
+        "pass_at_1": report.pass_at_1,
+        "eval_tasks_hash": task_set_hash(report.task_success),
+        "metrics": dict(report.metrics),
+        "mlflow_uri": tracker.uri,
+        "mlflow_run_id": tracker.mlflow_run_id,
+    }
+
+
+@flow(name="turnstile-evaluate")
+def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, Any]:
+    """Evaluate a checkpoint folder, a registry version or the champion on held-out tasks."""
+    cfg = settings.load()
+    if settings.checkpoint:
+        folder = _local_checkpoint(cfg, settings.checkpoint)
+        run_id = settings.run_id or _default_run_id(folder.name)
+        return _evaluate_folder(cfg, folder, run_id, {EVALUATED_TAG: f"checkpoint {folder}"}, settings.samples)
+
+    registered = read_registry_version_task(cfg, settings.version)
+    role = f"{CHAMPION_ALIAS} " if settings.version is None else ""
+    tags = {EVALUATED_TAG: f"{registered.name} {role}version {registered.version}", EVALUATED_VERSION_TAG: registered.version}
+    run_id = settings.run_id or _default_run_id(f"{role.strip() or 'version'}-v{registered.version}")
+    run_dir = Path(cfg.storage.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".download-") as scratch:
+        folder = download_registry_version_task(cfg, registered, scratch)
+        return _evaluate_folder(cfg, folder, run_id, tags, settings.samples)

@@ -1,0 +1,203 @@
+"""`turnstile serve` and the deployments of deployments/prefect.yaml, on a real Prefect server and worker.
+
+The module runs the serve command itself (`python -m flows.serve`, what `turnstile serve`
+runs) on a free port of 127.0.0.1 with its own PREFECT_HOME, waits until it has registered the
+deployments and started its worker, and at the end stops it with SIGTERM: it must exit 0 and
+leave no server, worker or flow-run process behind. A train run is started through the API the
+way the UI starts a custom run, with non-default settings, and the worker runs it to completion.
+About a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from flows.serve import PREFECT_FILE, api_url_for, child_environment, deploy_all, ensure_work_pool, load_prefect_file, wait_healthy, work_pool_name
+from rl_core.paths import REPO_ROOT
+from tests.test_train_flow import TINY
+
+pytestmark = pytest.mark.slow
+
+HOST = "127.0.0.1"
+TRAIN = "turnstile-train/nightly"
+SERVED_BANNER = "Turnstile is served."
+STARTUP_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 240
+
+
+@dataclass
+class Served:
+    api_url: str
+    deployments: dict[str, Any]
+    pool: str
+    env: dict[str, str]
+    output: Path
+
+    def output_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.output.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _client(api_url: str):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(api_url)
+
+
+def _wait_for_banner(process: subprocess.Popen, output: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while SERVED_BANNER not in output.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"serve did not come up (exit code {process.poll()}); its output:\n{output.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.5)
+
+
+def _stop_serve(process: subprocess.Popen, output: Path) -> None:
+    """SIGTERM the serve command; it must exit 0 and take every process it started with it."""
+    started = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"serve did not stop within 90 s after SIGTERM; its output:\n{output.read_text(errors='replace')[-4000:]}")
+    _, left = psutil.wait_procs(started, timeout=5)
+    for orphan in left:
+        orphan.kill()
+    assert code == 0, output.read_text(errors="replace")[-4000:]
+    assert not left, f"serve left processes behind: {[p.pid for p in left]}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Served:
+    root = tmp_path_factory.mktemp("served")
+    port = _free_port()
+    api_url = api_url_for(HOST, port)
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1", OMP_NUM_THREADS="1")
+    output = root / "serve.log"
+    with open(output, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.serve", "--host", HOST, "--port", str(port), "--run-dir", str(root / "runs")],
+            cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_banner(process, output)
+        wait_healthy(api_url, timeout_s=10)
+        pool = work_pool_name(load_prefect_file())
+        with _client(api_url) as client:
+            deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+        yield Served(api_url, deployments, pool, child_environment(api_url, env), output)
+    finally:
+        _stop_serve(process, output)
+
+
+def _settings_schema(deployment: Any) -> dict[str, Any]:
+    schema = deployment.parameter_openapi_schema
+    reference = schema["properties"]["settings"]["$ref"].rsplit("/", 1)[-1]
+    return schema["definitions"][reference]
+
+
+def _wait_until_final(client: Any, flow_run_id: Any, served: Served) -> Any:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        state = client.read_flow_run(flow_run_id).state
+        if state is not None and state.is_final():
+            return state
+        time.sleep(1)
+    pytest.fail(f"flow run {flow_run_id} not finished after {RUN_TIMEOUT_S} s; serve's output ends with:\n{served.output_tail()}")
+
+
+def test_every_deployment_is_registered_on_the_pool_with_the_portable_pull_step(served):
+    expected = {TRAIN, "turnstile-evaluate/on-demand", "turnstile-promote/on-demand", "turnstile-rollback/on-demand"}
+    if (REPO_ROOT / "flows" / "replay.py").is_file():
+        expected.add("turnstile-replay/on-demand")
+    assert set(served.deployments) == expected
+    for deployment in served.deployments.values():
+        assert deployment.work_pool_name == served.pool
+        assert deployment.pull_steps == [{"flows.serve.enter_repo_root": {}}]  # nothing machine-specific recorded
+    assert ensure_work_pool(served.api_url, served.pool) is False  # serve created it; it is not made twice
+
+
+def test_the_nightly_train_schedule_is_registered_paused(served):
+    [schedule] = served.deployments[TRAIN].schedules
+    assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
+    assert schedule.active is False
+
+
+def test_parameters_are_typed_forms_with_descriptions(served):
+    for name, deployment in served.deployments.items():
+        fields = _settings_schema(deployment)["properties"]
+        assert fields, name
+        assert all(field.get("description") for field in fields.values()), name
+    train = _settings_schema(served.deployments[TRAIN])["properties"]
+    assert {"run_id", "run_dir", "iterations", "learning_rate", "group_size", "global_batch_size", "overrides"} <= set(train)
+    assert train["iterations"]["anyOf"][0] == {"minimum": 1, "type": "integer"}
+    evaluate = _settings_schema(served.deployments["turnstile-evaluate/on-demand"])["properties"]
+    assert {"checkpoint", "version", "samples", "max_tasks"} <= set(evaluate)
+    promote = _settings_schema(served.deployments["turnstile-promote/on-demand"])
+    assert promote["required"] == ["version"] and "run_id" not in promote["properties"]
+
+
+def test_the_server_rejects_settings_outside_the_schema(served):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with _client(served.api_url) as client, pytest.raises(PrefectHTTPStatusError) as rejected:
+        client.create_flow_run_from_deployment(served.deployments[TRAIN].id, parameters={"settings": {"learning_rate": -1}})
+    assert rejected.value.response.status_code == 409
+    assert "settings.learning_rate" in rejected.value.response.json()["detail"]
+
+
+def test_a_custom_train_run_started_through_the_api_runs_on_the_worker_with_its_settings(served, tmp_path):
+    from rl_core.run import load_run_config
+    from rl_core.store import TrajectoryStore
+
+    typed = ("iterations=", "rollout.group_size=", "rollout.global_batch_size=")
+    settings = {
+        "run_id": "from-the-ui",
+        "run_dir": str(tmp_path),
+        "iterations": 1,
+        "learning_rate": 1.0e-4,
+        "group_size": 4,
+        "global_batch_size": 8,
+        "overrides": [item for item in TINY if not item.startswith(typed)],
+    }
+    with _client(served.api_url) as client:
+        flow_run = client.create_flow_run_from_deployment(served.deployments[TRAIN].id, parameters={"settings": settings})
+        state = _wait_until_final(client, flow_run.id, served)
+    assert state.is_completed(), f"{state.type}: {state.message}\n{served.output_tail()}"
+
+    cfg = load_run_config(Path(tmp_path) / "from-the-ui")
+    assert (cfg.iterations, cfg.optimizer.lr, cfg.rollout.group_size, cfg.rollout.global_batch_size) == (1, 1.0e-4, 4, 8)
+    assert cfg.evaluation.max_tasks == 2  # a free-form override
+    assert TrajectoryStore(tmp_path).iterations("from-the-ui") == [1]
+
+
+def test_registering_again_keeps_an_enabled_schedule_enabled(served):
+    deployment = served.deployments[TRAIN]
+    [schedule] = deployment.schedules
+    with _client(served.api_url) as client:
+        client.update_deployment_schedule(deployment.id, schedule.id, active=True)
+    try:
+        redeployed = deploy_all(served.api_url, PREFECT_FILE, served.env)
+        assert [s.active for s in redeployed[TRAIN].schedules] == [True]
+        assert redeployed[TRAIN].id == deployment.id
+    finally:
+        with _client(served.api_url) as client:
+            client.update_deployment_schedule(deployment.id, schedule.id, active=False)
