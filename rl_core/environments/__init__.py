@@ -8,12 +8,12 @@ no Turnstile edits needed); any other name is a built-in SOP domain folder under
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from rl_core.environments.base import EnvSession, Environment, StepResult, Task
 from rl_core.environments.sop import SOPDomain, SOPEnvironment
+from rl_core.imports import import_from_path
 from rl_core.paths import DOMAINS_DIR
 
 __all__ = [
@@ -53,16 +53,8 @@ def load_environment(name: str, domains_dir: Path | None = None, **kwargs: Any) 
 
 
 def _load_class(spec: str) -> type[Environment]:
-    module_name, _, class_name = spec.partition(":")
-    if not module_name or not class_name:
-        raise ValueError(f"environment class path {spec!r} must look like 'package.module:ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:
-        raise ValueError(f"environment class path {spec!r}: cannot import module {module_name!r} ({err})") from err
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise ValueError(f"environment class path {spec!r}: module {module_name!r} has no attribute {class_name!r}")
+    class_name = spec.partition(":")[2]
+    cls = import_from_path(spec, "environment class path", form="package.module:ClassName")
     if not (isinstance(cls, type) and issubclass(cls, Environment)):
         raise ValueError(f"environment class path {spec!r}: {class_name} is not a subclass of rl_core.environments.base.Environment")
     return cls

@@ -14,7 +14,6 @@ Contracts:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 from rl_core.config import RunConfig
 from rl_core.environments.base import Environment, Task
+from rl_core.imports import import_from_path
 from rl_core.replay.selection import ReplayError, StoredBatch, read_episodes, run_config
 from rl_core.run import load_environments
 from rl_core.trajectory import Episode
@@ -113,16 +113,14 @@ def _strict_reward(outcome: ActionReplay) -> float:
 
 
 def _import_function(spec: str) -> Scorer:
-    module_name, sep, name = spec.partition(":")
-    if not sep or not module_name or not name:
+    if ":" not in spec:
         raise ReplayError(f"scorer {spec!r}: expected one of {list(SCORERS)} or 'package.module:function'")
     try:
-        module = importlib.import_module(module_name)
-    except Exception as err:
-        raise ReplayError(f"scorer {spec!r}: cannot import module {module_name!r} ({err})") from err
-    function = getattr(module, name, None)
+        function = import_from_path(spec, "scorer", form="package.module:function", kind="function")
+    except ValueError as err:
+        raise ReplayError(str(err)) from err
     if not callable(function):
-        raise ReplayError(f"scorer {spec!r}: module {module_name!r} has no function {name!r}")
+        raise ReplayError(f"scorer {spec!r}: {spec.partition(':')[2]!r} is not a function")
     try:
         inspect.signature(function).bind(None, None)
     except TypeError as err:
