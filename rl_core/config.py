@@ -158,7 +158,7 @@ class DoctorConfig(_Section):
     on_collapse: Literal["warn", "stop", "rollback"] = Field("warn", description="What to do when training reward collapses: only report it, stop the run, or roll back to the last good checkpoint and continue.")
     max_rollbacks: int = Field(2, ge=0, description="With on_collapse=rollback: rollbacks allowed in one run before the run stops instead.")
     window: int = Field(5, ge=2, description="Steps a symptom is averaged over before it is reported.")
-    flat_reward_steps: int = Field(10, ge=2, description="Steps after which a training reward that has not moved from step 0 is reported as flat.")
+    flat_reward_steps: int = Field(20, ge=2, description="Steps after which a training reward that has not moved from step 0 is reported as flat.")
     zero_adv_groups_max: float = Field(0.8, ge=0, le=1, description="Fraction of groups with all-equal rewards (analysis/zero_adv_groups) above which the batch carries little signal.")
     collapse_frac: float = Field(0.5, gt=0, lt=1, description="Training reward below this fraction of its best windowed mean counts as a collapse.")
     token_cap_frac_max: float = Field(0.2, ge=0, le=1, description="Fraction of episodes ending at the per-turn token cap above which responses are clustering at the cap.")

@@ -14,7 +14,9 @@ compared, the threshold it crossed and the first change to try. Nothing here rea
 or acts: the caller reports findings and decides what to do (`cfg.doctor.on_collapse`).
 
 Windowed values are means over the last `doctor.window` entries that hold the metric; a windowed
-check waits until it has a full window. Rewards in the entry of step s were earned by policy s-1
+check waits until it has a full window (the best reward a collapse is measured against may also
+come from the partial windows of the first steps, so a collapse within the first window is seen).
+Rewards in the entry of step s were earned by policy s-1
 (the batch step s trained on).
 
 After a rollback, pass the history without the abandoned steps (those after the step rolled back
@@ -218,16 +220,23 @@ def _reward_collapse(history, cfg: RunConfig, step: int) -> Finding | None:
 
 
 def _collapse_advice(cfg: RunConfig) -> str:
-    """CISPO: go on-policy first, then PPO's clipping; other losses: a smaller step."""
+    """CISPO on off-policy data: go on-policy first, then PPO's clipping. Otherwise a smaller step:
+    a synchronous run takes one optimizer step per batch it sampled, so the ratio pi_new/pi_old is
+    about 1, CISPO's weights and PPO's clip change nothing, and only the step size is left."""
     a, lr = cfg.algorithm, cfg.optimizer.lr
-    to_ppo = "switch to algorithm.loss_fn=ppo with clip_low_threshold=0.8, clip_high_threshold=1.2"
-    if a.loss_fn != "cispo":
-        return f"lower optimizer.lr (now {lr:.2g}, e.g. to {lr / 3:.2g}) and roll back to the last good step"
-    if cfg.rollout.overlap_collection:
-        return f"set rollout.overlap_collection=false and algorithm.max_steps_off_policy=0; if it still collapses, {to_ppo}"
-    if a.max_steps_off_policy > 0:
-        return f"set algorithm.max_steps_off_policy=0; if it still collapses, {to_ppo}"
-    return f"{to_ppo} (the run is already on-policy); if it still collapses, lower optimizer.lr (now {lr:.2g})"
+    lower_lr = f"lower optimizer.lr (now {lr:.2g}, e.g. to {lr / 3:.2g})"
+    if a.loss_fn == "cispo" and cfg.rollout.overlap_collection:
+        return (
+            "set rollout.overlap_collection=false and algorithm.max_steps_off_policy=0; if it still collapses, "
+            "switch to algorithm.loss_fn=ppo with clip_low_threshold=0.8, clip_high_threshold=1.2"
+        )
+    if a.loss_fn == "cispo":
+        return (
+            f"{lower_lr}: this run samples on-policy (rollout.overlap_collection=false) and takes one step per batch, "
+            "so CISPO's ratio weights are about 1 and neither algorithm.max_steps_off_policy=0 nor algorithm.loss_fn=ppo "
+            "would change the update"
+        )
+    return f"{lower_lr} and roll back to the last good step"
 
 
 def _token_cap(history, cfg: RunConfig, step: int) -> Finding | None:
@@ -236,17 +245,29 @@ def _token_cap(history, cfg: RunConfig, step: int) -> Finding | None:
     share = _window_mean(history, TOKEN_CAP, d.window)
     if share is None or share <= d.token_cap_frac_max:
         return None
-    r = cfg.rollout
+    first_step, first_share = _series(history, TOKEN_CAP)[0]
     return Finding(
         symptom="token_cap", step=step, metric=TOKEN_CAP, value=share, threshold=d.token_cap_frac_max,
         message=(
             f"{share:.0%} of episodes over the last {d.window} steps ended at the per-turn token cap "
-            f"({r.max_tokens_per_turn} tokens), above {d.token_cap_frac_max:.0%}."
+            f"({cfg.rollout.max_tokens_per_turn} tokens), above {d.token_cap_frac_max:.0%} ({first_share:.0%} at step {first_step})."
         ),
-        first_change=(
+        first_change=_token_cap_advice(cfg, first_share),
+    )
+
+
+def _token_cap_advice(cfg: RunConfig, first_share: float) -> str:
+    """At the cap from the start: the cap is too tight. Drifted there while training: the policy
+    is degenerating (rambling), which a larger cap would only postpone."""
+    r = cfg.rollout
+    if first_share > cfg.doctor.token_cap_frac_max:
+        return (
             f"raise rollout.max_tokens_per_turn (now {r.max_tokens_per_turn}; the context budget allows up to "
             f"{_largest_turn_cap(cfg)} with policy.context_window {cfg.policy.context_window}) or add a length penalty to the reward"
-        ),
+        )
+    return (
+        f"the policy drifted to the cap while training (rambling, often before a collapse): lower optimizer.lr "
+        f"(now {cfg.optimizer.lr:.2g}) or add a length penalty to the reward; raising rollout.max_tokens_per_turn would only postpone it"
     )
 
 
