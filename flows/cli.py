@@ -76,6 +76,7 @@ def closing_summary(summary: dict[str, Any], seconds: float) -> str:
         f"  checkpoints:            {summary['checkpoints']}",
         f"  MLflow store:           {mlflow_uri} (run {summary['mlflow_run_id']})",
         f"  champion:               models:/{summary['registered_model']}@champion",
+        f"  continue or re-run:     .venv/bin/turnstile resume {summary['run_id']} --run-dir {Path(summary['checkpoints']).parent.parent}",
         "",
         "Look at it:",
         f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --workers 1 --port 5000",

@@ -63,6 +63,14 @@ def test_two_iterations_end_to_end(prefect_harness, tmp_path):
     assert [m["iteration"] for m in trained_on] == list(range(1, summary["candidate_step"] + 1))
     assert all(len(m["sha256"]) == 64 for m in trained_on)
     assert summary["gate"]["verdict"] == "promoted"  # first run: no champion, floor 0
+
+    pictures = sorted(a.path for a in client.list_artifacts(run.info.run_id, "curves"))
+    assert pictures == ["curves/pass_at_1.png", "curves/reward.png", "curves/truncation.png"]
+    from prefect.artifacts import Artifact
+
+    reward_curve = Artifact.get("curve-e2e-reward")
+    assert reward_curve is not None and reward_curve.type == "image" and "data:image/png;base64," in str(reward_curve.data)
+    assert Artifact.get("doctor-e2e") is not None
     assert str(client.get_model_version_by_alias("turnstile-policy", "champion").version) == summary["candidate_version"]
 
 
