@@ -140,3 +140,17 @@ def test_continuing_a_run_with_another_training_setup_is_refused(prefect_harness
     extended = run_flow(tmp_path, "setup", ["iterations=2"])  # running longer is allowed
     assert extended["trained_steps"] == 2
     assert TrajectoryStore(tmp_path).iterations("setup") == [1, 2]
+
+
+def test_resume_command_continues_a_run_on_its_recorded_config(prefect_harness, tmp_path, monkeypatch, capsys):
+    import flows.cli
+
+    monkeypatch.setattr(flows.cli, "prepare_environment", lambda cfg: None)  # keep this process's Prefect settings
+    run_flow(tmp_path, "resumed", ["iterations=1"])
+
+    assert flows.cli.main(["resume", "resumed", "--run-dir", str(tmp_path), "--set", "iterations=2"]) == 0
+    assert TrajectoryStore(tmp_path).iterations("resumed") == [1, 2]
+    assert "turnstile resume resumed" in capsys.readouterr().out
+
+    assert flows.cli.main(["resume", "no-such-run", "--run-dir", str(tmp_path)]) == 2
+    assert "no-such-run" in capsys.readouterr().err
