@@ -33,7 +33,7 @@ from prefect import flow, get_run_logger, runtime
 
 from flows.parameters import TrainSettings
 from rl_core import run_records
-from rl_core.checkpoint import checkpoint_dir
+from rl_core.checkpoint import checkpoint_dir, read_checkpoint_state
 from rl_core.config import RunConfig
 from rl_core.evaluation import EvalReport
 from rl_core.metrics import rollout_metrics
@@ -47,7 +47,7 @@ from tasks.gate import GateDecision, gate_candidate
 from tasks.promote import champion_task, download_champion_task, promote_task, register_checkpoint_task
 from tasks.tracking import Tracker, end_tracking, log_metrics_task, log_validation_report_task, start_tracking, task_set_hash, tracking_uri
 from tasks.train import train_step_task
-from tasks.validate import report_path, validate_trajectories
+from tasks.validate import report_path, stored_report, validate_trajectories
 from tasks.write import write_trajectories_task
 
 
@@ -103,6 +103,16 @@ def _evaluate_once(run: TrainingRun, tracker: Tracker, progress: _Progress, iter
     return report
 
 
+def _starting_evaluation(run: TrainingRun, tracker: Tracker, progress: _Progress) -> EvalReport:
+    """The step-0 evaluation: made now for a new run, read back for a continued one."""
+    if run.policy.version == 0:
+        return _evaluate_once(run, tracker, progress, iteration=0)
+    recorded = run_records.load_evaluation(run.run_dir, 0)
+    if recorded is None:
+        raise FileNotFoundError(f"{run_records.evaluation_path(run.run_dir, 0)} is missing: the run's step-0 evaluation was not recorded")
+    return recorded[0]
+
+
 def _register(run: TrainingRun, tracker: Tracker, progress: _Progress, report: EvalReport) -> str:
     lineage = {
         "step": run.policy.version,
@@ -128,12 +138,18 @@ def _recorded_candidates(run: TrainingRun) -> list[Candidate]:
 
 
 def _batch(run: TrainingRun, tracker: Tracker, iteration: int) -> None:
-    """Make sure the iteration's batch is committed: collected and written now, or reused."""
+    """Make sure the iteration's batch is committed: collected and written now, or reused. A reused
+    batch puts sampling back where collecting it left it, so the run goes on as if uninterrupted."""
     if run.store.exists(run.run_id, iteration) or report_path(run.store, run.run_id, iteration).is_file():
-        run.work_for(iteration)  # keep the task sampler where an uninterrupted run would be
+        state = run_records.load_sampling_state(run.run_dir, iteration)
+        if state is None:  # written by something else than this flow: keep the task order at least
+            run.work_for(iteration)
+        else:
+            run.restore_sampling_state(state)
         get_run_logger().info("iteration %d: reusing the batch already written (%s)", iteration, run.store.path(run.run_id, iteration).name)
         return
     episodes = collect_rollouts_task(run, iteration)
+    run_records.save_sampling_state(run.run_dir, iteration, run.sampling_state())  # before the batch commits
     log_metrics_task(tracker, rollout_metrics(episodes), step=iteration)
     write_trajectories_task(run, iteration, episodes)
 
@@ -156,10 +172,12 @@ def _train_iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, it
 
 def _record_after_crash(run: TrainingRun, iteration: int) -> dict[str, Any]:
     """The record of an iteration whose checkpoint was saved but whose record was not (the process
-    died in between): rebuilt from the stored batch; the step's train metrics are lost."""
+    died in between), rebuilt from the stored batch, its validation report and the checkpoint."""
     get_run_logger().warning("iteration %d: checkpoint found without its record (a crash after the checkpoint); rebuilding the record", iteration)
     episodes = run.store.read(run.run_id, iteration)
-    return {"iteration": iteration, "step": run.policy.version, "trained": True, "reason": "recovered after a crash", **rollout_metrics(episodes)}
+    state = read_checkpoint_state(checkpoint_dir(run.checkpoints_dir, run.policy.version))
+    reason = stored_report(run.store, run.run_id, iteration).reason
+    return {"iteration": iteration, "step": run.policy.version, "trained": True, "reason": reason, **rollout_metrics(episodes), **state.get("metrics", {})}
 
 
 def _remember(run: TrainingRun, progress: _Progress, record: dict[str, Any]) -> None:
@@ -177,7 +195,7 @@ def _examine(run: TrainingRun, tracker: Tracker, progress: _Progress, record: di
     progress.findings += [f for f in verdict.new_findings]
     if verdict.new_findings:
         log_metrics_task(tracker, {f"doctor/{f['symptom']}": 1.0 for f in verdict.new_findings}, step=record["iteration"])
-    record = {**record, "findings": verdict.new_findings}
+    record = {**record, "findings": verdict.new_findings, "protected_steps": sorted(run.protected_steps)}
     if verdict.action == "rollback":
         run.roll_back_to(verdict.rollback_to)
         record["rollback_to"] = verdict.rollback_to
@@ -189,6 +207,7 @@ def _examine(run: TrainingRun, tracker: Tracker, progress: _Progress, record: di
 def _replay_recorded_action(run: TrainingRun, progress: _Progress, record: dict[str, Any]) -> None:
     """Re-apply what the doctor decided at a recorded iteration, when a crash may have undone it."""
     progress.findings += record.get("findings", [])
+    run.protected_steps = {step for step in record.get("protected_steps", []) if run.can_roll_back_to(step)}
     if record.get("rollback_to") is not None and record["step"] == run.policy.version and run.last_iteration == record["iteration"]:
         run.roll_back_to(record["rollback_to"])
     if record.get("stopped"):
@@ -218,7 +237,7 @@ def _champion_pass_at_1(run: TrainingRun, candidate: Candidate) -> float | None:
         return None if champion is None else champion.pass_at_1
     if champion_tasks == task_set_hash(candidate.report.task_success):
         return champion.pass_at_1
-    with tempfile.TemporaryDirectory(dir=run.run_dir) as scratch:
+    with tempfile.TemporaryDirectory(prefix="turnstile-champion-") as scratch:
         folder = download_champion_task(run.cfg, scratch)
         return evaluate_checkpoint_task(run, str(folder)).pass_at_1
 
@@ -255,7 +274,7 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
     tracker = start_tracking(run.cfg, run.run_id)
     progress = _Progress(candidates=_recorded_candidates(run))
     try:
-        before = _evaluate_once(run, tracker, progress, iteration=0) if run.policy.version == 0 else run_records.load_evaluation(run.run_dir, 0)[0]
+        before = _starting_evaluation(run, tracker, progress)
         for iteration in range(1, cfg.iterations + 1):
             if progress.stopped:
                 break

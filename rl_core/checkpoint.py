@@ -62,14 +62,18 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, **policy_kwargs: Any) -> tuple[Policy, dict[str, Any]]:
-    """Load a checkpoint's policy (version = its step) and its trainer state."""
-    path = Path(path)
-    state_file = path / STATE_FILE
+def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's trainer state (step, iteration, the step's metrics, ...), without the weights."""
+    state_file = Path(path) / STATE_FILE
     if not state_file.exists():
         raise FileNotFoundError(f"{path} is not a Turnstile checkpoint (no {STATE_FILE})")
-    state = json.loads(state_file.read_text())
-    policy = load_policy(path, **policy_kwargs)
+    return json.loads(state_file.read_text())
+
+
+def load_checkpoint(path: str | Path, **policy_kwargs: Any) -> tuple[Policy, dict[str, Any]]:
+    """Load a checkpoint's policy (version = its step) and its trainer state."""
+    state = read_checkpoint_state(path)
+    policy = load_policy(Path(path), **policy_kwargs)
     policy.version = int(state["step"])
     return policy, state
 
@@ -89,8 +93,11 @@ def prune_checkpoints(checkpoints_dir: str | Path, keep: int, protect: set[Path]
     """Delete all but the newest `keep` complete checkpoints and those in `protect`; returns the deleted folders."""
     folders = sorted(Path(checkpoints_dir).glob("step-[0-9]*[0-9]"))
     doomed = [f for f in (folders[:-keep] if keep > 0 else []) if f not in protect]
-    for folder in doomed:
-        shutil.rmtree(folder)
+    for folder in doomed:  # renamed out of the `step-*` names first: a crash mid-delete leaves no half checkpoint
+        going = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(going, ignore_errors=True)
+        os.replace(folder, going)
+        shutil.rmtree(going)
     return doomed
 
 

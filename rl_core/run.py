@@ -242,12 +242,20 @@ class TrainingRun:
         version, internal, gauss = states["python"]
         random.setstate((version, tuple(internal), gauss))
 
-    def save_checkpoint(self, iteration: int | None = None) -> Path:
-        """Checkpoint everything a resume needs (weights, optimizer, RNG states, step, data position),
-        then drop the oldest checkpoints beyond `storage.keep_checkpoints`."""
+    def sampling_state(self) -> dict[str, Any]:
+        """Where sampling stands: the random generators and the task sampler's position."""
+        return {"rng": self.rng_states(), "tasks": self.tasks.state_dict()}
+
+    def restore_sampling_state(self, state: dict[str, Any]) -> None:
+        self.restore_rng_states(state["rng"])
+        self.tasks.load_state_dict(state["tasks"])
+
+    def save_checkpoint(self, iteration: int | None = None, metrics: dict[str, float] | None = None) -> Path:
+        """Checkpoint everything a resume needs (weights, optimizer, RNG states, step, data position,
+        and the step's metrics), then drop the oldest checkpoints beyond `storage.keep_checkpoints`."""
         if iteration is not None:
             self.last_iteration = iteration
-        state = {"tasks": self.tasks.state_dict(), "run_id": self.run_id, "iteration": self.last_iteration}
+        state = {"tasks": self.tasks.state_dict(), "run_id": self.run_id, "iteration": self.last_iteration, "metrics": metrics or {}}
         path = save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, state, self.rng_states())
         if self.cfg.storage.keep_checkpoints is not None:
             keep = {checkpoint_dir(self.checkpoints_dir, step) for step in self.protected_steps}

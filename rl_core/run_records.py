@@ -6,7 +6,10 @@ Layout under `<storage.run_dir>/<run_id>/`:
   train metrics, and "rollback_to" when the training doctor rolled the policy back after it;
 - `evaluations/step-000010.json`: one held-out evaluation per evaluated step, with the
   registry version once the step's checkpoint is registered;
-- `gate.json`: the gate's decision for the run's candidate.
+- `gate.json`: the gate's decision for the run's candidate;
+- `sampling/iteration-000003.pt`: where sampling stood (random generators, task sampler) right
+  after the iteration's batch was collected, saved before the batch is committed, so that a
+  re-run reusing the batch continues exactly as if it had collected it.
 
 Every record is written atomically (rl_core/atomic.py), after the work it records: a record
 that exists describes work that is done; a crash leaves the record missing, never half-written.
@@ -14,16 +17,20 @@ that exists describes work that is done; a crash leaves the record missing, neve
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
-from rl_core.atomic import write_text_atomically
+import torch
+
+from rl_core.atomic import write_bytes_atomically, write_text_atomically
 from rl_core.evaluation import EvalReport
 
 HISTORY_DIR = "history"
 EVALUATIONS_DIR = "evaluations"
 GATE_FILE = "gate.json"
+SAMPLING_DIR = "sampling"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -91,3 +98,22 @@ def save_gate(run_dir: Path, data: dict[str, Any]) -> Path:
 
 def load_gate(run_dir: Path) -> dict[str, Any] | None:
     return _read_json(Path(run_dir) / GATE_FILE)
+
+
+# -- sampling state ----------------------------------------------------------------------
+
+
+def sampling_path(run_dir: Path, iteration: int) -> Path:
+    return Path(run_dir) / SAMPLING_DIR / f"iteration-{iteration:06d}.pt"
+
+
+def save_sampling_state(run_dir: Path, iteration: int, state: dict[str, Any]) -> Path:
+    """Record where sampling stood after collecting `iteration` (TrainingRun.sampling_state)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return write_bytes_atomically(sampling_path(run_dir, iteration), buffer.getvalue())
+
+
+def load_sampling_state(run_dir: Path, iteration: int) -> dict[str, Any] | None:
+    path = sampling_path(run_dir, iteration)
+    return torch.load(path, weights_only=True) if path.is_file() else None

@@ -9,6 +9,7 @@ the end of a flow run and puts them in MLflow (artifacts under `curves/`) and in
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from prefect.artifacts import create_image_artifact  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
 from rl_core import run_records  # noqa: E402
+from rl_core.atomic import write_bytes_atomically  # noqa: E402
 from rl_core.run import TrainingRun  # noqa: E402
 from tasks.tracking import Tracker  # noqa: E402
 from tasks.validate import artifact_slug  # noqa: E402
@@ -45,9 +47,10 @@ def _figure(title: str, xlabel: str, ylabel: str):
 
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
-    figure.savefig(path, format="png")
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
     plt.close(figure)
-    return path
+    return write_bytes_atomically(path, png.getvalue())
 
 
 def _reward_curve(records: list[dict[str, Any]], path: Path) -> Path:

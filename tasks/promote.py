@@ -157,16 +157,15 @@ def register_checkpoint(
     if STEP_TAG not in lineage:
         lineage[STEP_TAG] = checkpoint_step(checkpoint_dir)
     artifact_path = f"checkpoints/{checkpoint_dir.name}"
-    client.log_artifacts(mlflow_run_id, str(checkpoint_dir), artifact_path)
-    full_lineage = {**lineage, MANIFESTS_TAG: manifest_refs(lineage.get(MANIFESTS_TAG, []))}
-    client.log_dict(mlflow_run_id, full_lineage, f"lineage/{checkpoint_dir.name}.json")
-
     name = cfg.tracking.registered_model
     source = f"{client.get_run(mlflow_run_id).info.artifact_uri}/{artifact_path}"
     _ensure_registered_model(client, name)
     existing = _existing_version(client, name, mlflow_run_id, source)
-    if existing is not None:
+    if existing is not None:  # registered before (a re-run): the files behind it are left as they are
         return existing
+    client.log_artifacts(mlflow_run_id, str(checkpoint_dir), artifact_path)
+    full_lineage = {**lineage, MANIFESTS_TAG: manifest_refs(lineage.get(MANIFESTS_TAG, []))}
+    client.log_dict(mlflow_run_id, full_lineage, f"lineage/{checkpoint_dir.name}.json")
     version = client.create_model_version(name, source=source, run_id=mlflow_run_id, tags=lineage_tags(cfg, lineage))
     return str(version.version)
 

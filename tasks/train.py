@@ -21,7 +21,7 @@ def train_step_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -
     """Train on iteration `iteration`'s episodes; returns the step's metrics and the checkpoint folder."""
     get_run_logger().info("iteration %d: training step %d on %d episodes", iteration, run.policy.version + 1, len(episodes))
     metrics = run.train(episodes)
-    checkpoint = run.save_checkpoint(iteration)
+    checkpoint = run.save_checkpoint(iteration, metrics.as_dict())
     get_run_logger().info(
         "step %d: loss %.4f, clip %.3f, kl %.4f, entropy %.3f, grad norm %.3f -> %s",
         metrics.step, metrics.loss, metrics.clip_fraction, metrics.approx_kl, metrics.entropy, metrics.grad_norm, checkpoint.name,

@@ -31,7 +31,7 @@ from prefect.exceptions import MissingContextError
 
 from rl_core.atomic import write_text_atomically
 from rl_core.config import ValidationConfig
-from rl_core.store import CorruptTrajectoryError, TrajectoryStore
+from rl_core.store import CorruptTrajectoryError, TrajectoryNotFoundError, TrajectoryStore
 from tasks.validation_report import CHECK_ORDER, Check, ValidationReport
 from tasks.validation_suite import unreadable_report, validate_batch
 
@@ -86,7 +86,7 @@ def validate_trajectories(
         report = replace(report, run_id=run_id, iteration=iteration, report_path=str(path))
         write_text_atomically(path, report.to_json())
     if not report.passed and report.quarantined_to is None:
-        quarantined = store.quarantine(run_id, iteration, report.reason).parent
+        quarantined = _quarantine(store, run_id, iteration, report.reason)
         report = replace(report, quarantined_to=str(quarantined))
         write_text_atomically(quarantined / path.name, report.to_json())
         write_text_atomically(path, report.to_json())
@@ -99,6 +99,17 @@ def validate_trajectories(
             run_id, iteration, ", ".join(report.failed_checks), report.quarantined_to, report.reason,
         )
     return report
+
+
+def _quarantine(store: TrajectoryStore, run_id: str, iteration: int, reason: str) -> Path:
+    """Quarantine the batch (finishing an interrupted quarantine); when a crash came after the
+    batch was fully moved but before the report said so, the folder it went to."""
+    if store.exists(run_id, iteration) or store.path(run_id, iteration).exists():
+        return store.quarantine(run_id, iteration, reason).parent
+    moved = store.quarantined(run_id, iteration)
+    if not moved:
+        raise TrajectoryNotFoundError(f"run {run_id!r} iteration {iteration}: the batch failed validation but is neither in trajectories/ nor in quarantine/")
+    return moved[-1].parent
 
 
 def stored_report(store: TrajectoryStore, run_id: str, iteration: int) -> ValidationReport | None:

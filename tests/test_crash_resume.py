@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from rl_core.paths import REPO_ROOT
@@ -70,9 +71,24 @@ KILL_POINTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(prefect_harness, tmp_path_factory) -> Path:
+    """The same run, never killed: what a resumed run must end up as."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    finished = subprocess.run(_train_command(run_dir), cwd=REPO_ROOT, env=_environment(run_dir), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]
+    return run_dir / RUN
+
+
+def _weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "model.safetensors")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(KILL_POINTS))
-def test_sigkill_in_iteration_2_loses_and_duplicates_nothing(prefect_harness, tmp_path, stage):
+def test_sigkill_in_iteration_2_loses_and_duplicates_nothing(prefect_harness, tmp_path, stage, uninterrupted):
     env = _environment(tmp_path)
     _kill_when(_train_command(tmp_path), env, KILL_POINTS[stage])
 
@@ -106,6 +122,14 @@ def test_sigkill_in_iteration_2_loses_and_duplicates_nothing(prefect_harness, tm
     history = [json.loads(p.read_text()) for p in sorted((tmp_path / RUN / "history").glob("*.json"))]
     assert [(r["iteration"], r["step"], r["trained"]) for r in history] == [(1, 1, True), (2, 2, True), (3, 3, True)]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000001", "step-000002", "step-000003"]
+
+    # sampling went on exactly where the killed attempt left it: the same batches, the same weights
+    for i in (1, 2, 3):
+        assert store.read_table(RUN, i).column("tokens").equals(
+            TrajectoryStore(uninterrupted.parent).read_table(RUN, i).column("tokens")
+        ), f"iteration {i} differs from the uninterrupted run"
+    final, reference = _weights(checkpoints / "step-000003"), _weights(uninterrupted / "checkpoints" / "step-000003")
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [mlflow_run] = client.search_runs(client.get_experiment_by_name("turnstile").experiment_id)

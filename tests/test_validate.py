@@ -493,3 +493,21 @@ def test_task_keeps_a_verdict_already_reached_and_finishes_its_quarantine(tmp_pa
     assert again.quarantined_to == report.quarantined_to
     assert len(store.quarantined(RUN, 4)) == 1
     assert path.stat().st_mtime_ns >= written
+
+
+def test_task_adopts_a_quarantine_that_finished_before_the_report_said_so(tmp_path, prefect_harness):
+    store = TrajectoryStore(tmp_path)
+    bad = good_episodes(iteration=5)
+    for row in rows_where(bad, "answered")[:4]:
+        ep = bad[row]
+        bad[row] = make_episode(int(ep.group_id[1:]), ep.sample_index, 0.0, "env_error", CONNECTION_TEXT, iteration=5)
+    store.write(RUN, 5, bad)
+    first = validate_batch(store.read_table(RUN, 5), ValidationConfig())
+    report_path(store, RUN, 5).write_text(first.to_json())
+    moved = store.quarantine(RUN, 5, first.reason)  # the crash: batch moved, report not yet updated
+
+    report = gate(str(tmp_path), 5)
+
+    assert report.quarantined_to == str(moved.parent)
+    assert json.loads(report_path(store, RUN, 5).read_text())["quarantined_to"] == str(moved.parent)
+    assert len(store.quarantined(RUN, 5)) == 1
