@@ -29,7 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, runtime
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 
 from flows.parameters import TrainSettings
 from rl_core import run_records
@@ -71,14 +72,14 @@ class _Progress:
 
 
 def _run_id(cfg: RunConfig) -> RunConfig:
-    """Give an unnamed run a name derived from its Prefect flow run, so that re-running that flow
-    run (a retry from the UI) continues the same Turnstile run."""
+    """Give an unnamed run a name derived from its Prefect flow run (its creation time and id, which
+    a retry keeps), so that re-running that flow run continues the same Turnstile run."""
     if cfg.storage.run_id is not None:
         return cfg
-    flow_run_id = runtime.flow_run.id
-    started = runtime.flow_run.scheduled_start_time if flow_run_id else None
-    started = started or datetime.now(timezone.utc)
-    name = f"run-{started:%Y%m%d-%H%M%S}" + (f"-{flow_run_id[:6]}" if flow_run_id else "")
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context else None
+    created = (flow_run.created if flow_run else None) or datetime.now(timezone.utc)
+    name = f"run-{created:%Y%m%d-%H%M%S}" + (f"-{str(flow_run.id)[:6]}" if flow_run else "")
     return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": name})})
 
 

@@ -178,3 +178,21 @@ def test_resume_command_continues_a_run_on_its_recorded_config(prefect_harness, 
 
     assert flows.cli.main(["resume", "no-such-run", "--run-dir", str(tmp_path)]) == 2
     assert "no-such-run" in capsys.readouterr().err
+
+
+def test_an_unnamed_run_is_named_after_its_flow_run(prefect_harness, tmp_path):
+    import re
+
+    from prefect.client.orchestration import get_client
+
+    from flows.parameters import TrainSettings
+    from flows.train import train_flow
+
+    state = train_flow(TrainSettings(overrides=[*TINY, "iterations=1", f"storage.run_dir={tmp_path}"]), return_state=True)
+    run_id = state.result()["run_id"]
+    match = re.fullmatch(r"run-(\d{8}-\d{6})-([0-9a-f]{6})", run_id)
+    assert match, run_id
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    assert str(flow_run.id).startswith(match.group(2)) and flow_run.created.strftime("%Y%m%d-%H%M%S") == match.group(1)
+    assert (tmp_path / run_id / "config.yaml").is_file()
