@@ -80,8 +80,8 @@ def closing_summary(summary: dict[str, Any], seconds: float) -> str:
         "",
         "Look at it:",
         f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --workers 1 --port 5000",
-        f"  Prefect UI:  PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')} .venv/bin/prefect server start --host 127.0.0.1",
-        "               (then open http://127.0.0.1:4200; runs made with PREFECT_API_URL=http://127.0.0.1:4200/api show up live)",
+        f"  Prefect UI:  .venv/bin/turnstile serve --run-dir {Path(summary['checkpoints']).parent.parent}",
+        "               (then open http://127.0.0.1:4200: this run's flow, the deployments, and runs started from the UI)",
     ]
     for skipped in summary["skipped"]:
         lines.insert(4, f"    iteration {skipped['iteration']} skipped: {skipped['reason']}")
