@@ -59,6 +59,10 @@ def prepare_environment(cfg: RunConfig) -> None:
     os.environ.setdefault("PREFECT_HOME", str(run_dir / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bar per checkpoint saved or loaded
+    from transformers.utils import logging as transformers_logging  # already imported by the policy code
+
+    transformers_logging.disable_progress_bar()
 
 
 def closing_summary(summary: dict[str, Any], seconds: float) -> str:
@@ -117,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     from flows.parameters import TrainSettings
     from flows.train import train_flow
 
-    summary = train_flow(TrainSettings(config_path=config_path, overrides=overrides))
+    try:
+        summary = train_flow(TrainSettings(config_path=config_path, overrides=overrides))
+    except (ValueError, FileNotFoundError) as err:  # e.g. continuing a run with another setup; the flow run logged the traceback
+        print(f"turnstile: {err}", file=sys.stderr)
+        return 2
     print(closing_summary(summary, time.time() - started))
     return 0
 
