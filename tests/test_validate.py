@@ -383,6 +383,15 @@ def test_artifact_keys_are_valid():
 # -- the Prefect task ------------------------------------------------------------------
 
 
+def env_failure_batch(iteration: int) -> list[Episode]:
+    """A good batch with four more episodes ended by a permanent environment failure: over the 1% limit."""
+    bad = good_episodes(iteration=iteration)
+    for row in rows_where(bad, "answered")[:4]:
+        ep = bad[row]
+        bad[row] = make_episode(int(ep.group_id[1:]), ep.sample_index, 0.0, "env_error", CONNECTION_TEXT, iteration=iteration)
+    return bad
+
+
 def gate(store_root: str, iteration: int) -> ValidationReport:
     """Run the task inside a flow, as the train flow does."""
     from prefect import flow
@@ -406,13 +415,7 @@ def test_task_quarantines_a_failing_batch_and_keeps_a_passing_one(tmp_path, pref
 
     store = TrajectoryStore(tmp_path)
     store.write(RUN, 1, good_episodes(iteration=1))
-    bad = good_episodes(iteration=2)
-    for row in rows_where(bad, "answered")[:4]:
-        ep = bad[row]
-        bad[row] = make_episode(
-            int(ep.group_id[1:]), ep.sample_index, 0.0, "env_error", CONNECTION_TEXT, iteration=2
-        )
-    store.write(RUN, 2, bad)
+    store.write(RUN, 2, env_failure_batch(iteration=2))
 
     passed = gate(str(tmp_path), 1)
     failed = gate(str(tmp_path), 2)
@@ -471,11 +474,7 @@ def test_schema_has_the_columns_the_suite_expects():
 
 def test_task_keeps_a_verdict_already_reached_and_finishes_its_quarantine(tmp_path, prefect_harness):
     store = TrajectoryStore(tmp_path)
-    bad = good_episodes(iteration=4)
-    for row in rows_where(bad, "answered")[:4]:
-        ep = bad[row]
-        bad[row] = make_episode(int(ep.group_id[1:]), ep.sample_index, 0.0, "env_error", CONNECTION_TEXT, iteration=4)
-    store.write(RUN, 4, bad)
+    store.write(RUN, 4, env_failure_batch(iteration=4))
     # a first attempt reached the verdict and wrote the report, then died before quarantining
     first = validate_batch(store.read_table(RUN, 4), ValidationConfig())
     path = report_path(store, RUN, 4)
@@ -497,11 +496,7 @@ def test_task_keeps_a_verdict_already_reached_and_finishes_its_quarantine(tmp_pa
 
 def test_task_adopts_a_quarantine_that_finished_before_the_report_said_so(tmp_path, prefect_harness):
     store = TrajectoryStore(tmp_path)
-    bad = good_episodes(iteration=5)
-    for row in rows_where(bad, "answered")[:4]:
-        ep = bad[row]
-        bad[row] = make_episode(int(ep.group_id[1:]), ep.sample_index, 0.0, "env_error", CONNECTION_TEXT, iteration=5)
-    store.write(RUN, 5, bad)
+    store.write(RUN, 5, env_failure_batch(iteration=5))
     first = validate_batch(store.read_table(RUN, 5), ValidationConfig())
     report_path(store, RUN, 5).write_text(first.to_json())
     moved = store.quarantine(RUN, 5, first.reason)  # the crash: batch moved, report not yet updated
