@@ -5,7 +5,8 @@ runs) on a free port of 127.0.0.1 with its own PREFECT_HOME, waits until it has 
 deployments and started its worker, and at the end stops it with SIGTERM: it must exit 0 and
 leave no server, worker or flow-run process behind. A train run is started through the API the
 way the UI starts a custom run, with non-default settings, and the worker runs it to completion.
-About a minute on 2 CPU cores.
+Another train run is killed with SIGKILL in iteration 2 and retried the way the UI's Retry does
+it: the same Turnstile run continues and nothing is collected twice. About 90 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+from prefect.states import AwaitingRetry
 
 from flows.serve import PREFECT_FILE, api_url_for, child_environment, deploy_all, ensure_work_pool, load_prefect_file, wait_healthy, work_pool_name
 from rl_core.paths import REPO_ROOT
@@ -201,3 +203,69 @@ def test_registering_again_keeps_an_enabled_schedule_enabled(served):
     finally:
         with _client(served.api_url) as client:
             client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+
+
+def _flow_run_processes(flow_run_id: Any) -> list[psutil.Process]:
+    """The processes the worker started for a flow run (they carry the run's id in their environment)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("PREFECT__FLOW_RUN_ID") == str(flow_run_id):
+                found.append(process)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _wait_for(path_glob: str, folder: Path, served: Served) -> Path:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        found = list(folder.glob(path_glob))
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    pytest.fail(f"{path_glob} never appeared under {folder}; serve's output ends with:\n{served.output_tail()}")
+
+
+def _retry_until_final(client: Any, flow_run_id: Any, served: Served, attempts: int = 3) -> Any:
+    """Retry a crashed flow run as the UI's Retry button does. The worker may report the crash a
+    second time, late; if that report overrules the retry, the retry is made again (as a person would)."""
+    for _ in range(attempts):
+        client.set_flow_run_state(flow_run_id, AwaitingRetry(), force=True)
+        state = _wait_until_final(client, flow_run_id, served)
+        if not (state.is_crashed() and "infrastructure" in (state.message or "")):
+            return state
+    return state
+
+
+def test_a_crashed_train_run_retried_from_the_ui_resumes_where_it_died(served, tmp_path):
+    from rl_core.store import TrajectoryStore
+
+    typed = ("iterations=", "rollout.group_size=", "rollout.global_batch_size=", "evaluation.val_every=")
+    settings = {  # no run_id: the run is named after the flow run, which a retry keeps
+        "run_dir": str(tmp_path),
+        "iterations": 3,
+        "group_size": 4,
+        "global_batch_size": 16,
+        "overrides": [*(item for item in TINY if not item.startswith(typed)), "optimizer.micro_batch_size=1", "evaluation.val_every=2"],
+    }
+    with _client(served.api_url) as client:
+        flow_run = client.create_flow_run_from_deployment(served.deployments[TRAIN].id, parameters={"settings": settings})
+        second_batch = _wait_for("*/trajectories/iteration-000002.manifest.json", tmp_path, served)
+        doomed = _flow_run_processes(flow_run.id)
+        assert doomed, f"no process runs flow run {flow_run.id}"
+        for process in doomed:
+            process.kill()  # SIGKILL in iteration 2
+        psutil.wait_procs(doomed, timeout=30)
+        crashed = _wait_until_final(client, flow_run.id, served)
+        assert crashed.is_crashed(), f"{crashed.type}: {crashed.message}"
+        run_folder = second_batch.parent.parent
+        store = TrajectoryStore(tmp_path)
+        before = {i: store.path(run_folder.name, i).stat().st_ino for i in store.iterations(run_folder.name)}
+
+        state = _retry_until_final(client, flow_run.id, served)
+        assert state.is_completed(), f"{state.type}: {state.message}\n{served.output_tail()}"
+
+    assert [p.name for p in tmp_path.iterdir() if (p / "config.yaml").exists()] == [run_folder.name]  # the same run, continued
+    assert store.iterations(run_folder.name) == [1, 2, 3]
+    assert {i: store.path(run_folder.name, i).stat().st_ino for i in before} == before  # nothing collected twice
