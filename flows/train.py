@@ -67,6 +67,8 @@ class _Progress:
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
+    pass_at_1: dict[int, float] = field(default_factory=dict)  # held-out pass@1 of every evaluated step
+    records: list[dict[str, Any]] = field(default_factory=list)  # the iterations finished so far, in order
     findings: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None
 
@@ -97,6 +99,7 @@ def _evaluate_once(run: TrainingRun, tracker: Tracker, progress: _Progress, iter
     if recorded is None:
         log_metrics_task(tracker, report.metrics, step=iteration)
         run_records.save_evaluation(run.run_dir, step, report)
+    progress.pass_at_1[step] = report.pass_at_1
     if step > 0:
         version = _register(run, tracker, progress, report)
         run_records.save_evaluation(run.run_dir, step, report, version)
@@ -125,14 +128,16 @@ def _register(run: TrainingRun, tracker: Tracker, progress: _Progress, report: E
     return register_checkpoint_task(run.cfg, tracker, checkpoint_dir(run.checkpoints_dir, run.policy.version), lineage)
 
 
-def _recorded_candidates(run: TrainingRun) -> list[Candidate]:
-    """Candidates a previous attempt of this run already evaluated and registered."""
-    candidates = []
+def _recorded_progress(run: TrainingRun) -> _Progress:
+    """What a previous attempt of this run already evaluated: held-out pass@1 per step, and the
+    registered candidates."""
+    progress = _Progress()
     for step in run_records.evaluated_steps(run.run_dir):
         report, version = run_records.load_evaluation(run.run_dir, step)
+        progress.pass_at_1[step] = report.pass_at_1
         if step > 0 and version is not None and step <= run.policy.version:
-            candidates.append(Candidate(report, version, step))
-    return candidates
+            progress.candidates.append(Candidate(report, version, step))
+    return progress
 
 
 # -- one iteration ---------------------------------------------------------------------------
@@ -192,8 +197,8 @@ def _remember(run: TrainingRun, progress: _Progress, record: dict[str, Any]) -> 
 
 def _examine(run: TrainingRun, tracker: Tracker, progress: _Progress, record: dict[str, Any]) -> dict[str, Any]:
     """Run the training doctor on the history including `record`; act on a collapse."""
-    verdict: DoctorVerdict = examine_step_task(run, record, progress.findings)
-    progress.findings += [f for f in verdict.new_findings]
+    verdict: DoctorVerdict = examine_step_task(run, [*progress.records, record], progress.pass_at_1, progress.findings)
+    progress.findings += verdict.new_findings
     if verdict.new_findings:
         log_metrics_task(tracker, {f"doctor/{f['symptom']}": 1.0 for f in verdict.new_findings}, step=record["iteration"])
     record = {**record, "findings": verdict.new_findings, "protected_steps": sorted(run.protected_steps)}
@@ -218,7 +223,7 @@ def _replay_recorded_action(run: TrainingRun, progress: _Progress, record: dict[
 def _final_evaluation(run: TrainingRun, tracker: Tracker, progress: _Progress, before: EvalReport) -> EvalReport:
     """The evaluation of the run's last step (made now if it is missing). After a rollback with no step
     since, the weights are an earlier checkpoint's: its evaluation stands for the end of the run."""
-    trained = [r for r in run_records.read_history(run.run_dir) if r["trained"]]
+    trained = [r for r in progress.records if r["trained"]]
     if not trained:
         return before
     good_step = trained[-1].get("rollback_to")
@@ -273,7 +278,7 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
     if run.last_iteration:
         logger.info("continuing run %s after iteration %d (step %d)", run.run_id, run.last_iteration, run.policy.version)
     tracker = start_tracking(run.cfg, run.run_id)
-    progress = _Progress(candidates=_recorded_candidates(run))
+    progress = _recorded_progress(run)
     try:
         before = _starting_evaluation(run, tracker, progress)
         for iteration in range(1, cfg.iterations + 1):
@@ -290,6 +295,7 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
                     record = _examine(run, tracker, progress, record)
                     progress.stopped = record.get("stopped")
                 run_records.save_iteration(run.run_dir, record)
+            progress.records.append(record)
             due = record["trained"] and record.get("rollback_to") is None and record["step"] % cfg.evaluation.val_every == 0
             if due and iteration < cfg.iterations and record["step"] == run.policy.version and not progress.stopped:
                 _evaluate_once(run, tracker, progress, iteration)

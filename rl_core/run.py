@@ -5,7 +5,8 @@ the task sampler and the trajectory store. Its methods are the stages of one ite
 (`collect`, `write`, `train`, `save_checkpoint`, `evaluate`); the Prefect tasks call the
 same methods. `run()` chains them for `cfg.iterations` iterations.
 
-Runtime output lives under `<storage.run_dir>/<run_id>/`: `trajectories/`, `checkpoints/`.
+Runtime output lives under `<storage.run_dir>/<run_id>/`: `config.yaml` (written before the run's first
+batch or checkpoint), `trajectories/`, `checkpoints/`.
 """
 
 from __future__ import annotations
@@ -105,11 +106,10 @@ class TrainingRun:
     """The state of one training run and the stages of its iterations."""
 
     def __init__(self, cfg: RunConfig, policy: Policy | None = None):
-        self.cfg = cfg
         self.run_id = cfg.storage.run_id or new_run_id()
         self.run_dir = Path(cfg.storage.run_dir) / self.run_id
         self.cfg = cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": self.run_id})})
-        record_run_config(cfg, self.run_dir)
+        self._config_recorded = False  # config.yaml is written (or checked) before the run's first write
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -135,7 +135,15 @@ class TrainingRun:
         for unfinished in (run_dir / "checkpoints").glob("step-*.tmp"):
             shutil.rmtree(unfinished, ignore_errors=True)
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        return cls(cfg) if checkpoint is None else cls.resume(cfg, checkpoint)
+        run = cls(cfg) if checkpoint is None else cls.resume(cfg, checkpoint)
+        run.record_config()  # a continued run with another training setup is refused before any work
+        return run
+
+    def record_config(self) -> None:
+        """Write the run's config.yaml, or check the existing one (`record_run_config`); once per run."""
+        if not self._config_recorded:
+            record_run_config(self.cfg, self.run_dir)
+            self._config_recorded = True
 
     @classmethod
     def resume(cls, cfg: RunConfig, checkpoint: str | Path) -> "TrainingRun":
@@ -227,6 +235,7 @@ class TrainingRun:
         )
 
     def write(self, iteration: int, episodes: list[Episode]) -> Manifest:
+        self.record_config()
         return self.store.write(self.run_id, iteration, episodes)
 
     def train(self, episodes: list[Episode]) -> StepMetrics:
@@ -253,6 +262,7 @@ class TrainingRun:
     def save_checkpoint(self, iteration: int | None = None, metrics: dict[str, float] | None = None) -> Path:
         """Checkpoint everything a resume needs (weights, optimizer, RNG states, step, data position,
         and the step's metrics), then drop the oldest checkpoints beyond `storage.keep_checkpoints`."""
+        self.record_config()
         if iteration is not None:
             self.last_iteration = iteration
         state = {"tasks": self.tasks.state_dict(), "run_id": self.run_id, "iteration": self.last_iteration, "metrics": metrics or {}}

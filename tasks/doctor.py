@@ -1,7 +1,7 @@
 """Doctor stage: the training doctor after every step, and what the run does about a collapse.
 
-`examine_step_task(run, record, reported)` builds the doctor's view of the run (the recorded
-iteration history plus this step's record, with held-out pass@1 merged in by step, and without
+`examine_step_task(run, records, pass_at_1, reported)` builds the doctor's view of the run (the
+iteration records so far, this step's last, with held-out pass@1 merged in by step, and without
 the collapsed stretch a rollback undid), runs `rl_core.doctor.diagnose`, logs each symptom not
 reported before with its metric and first change to try, and decides the action on a reward
 collapse from `doctor.on_collapse`: nothing (warn), stop, or roll back to the last good
@@ -19,7 +19,6 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from rl_core import run_records
 from rl_core.doctor import diagnose, last_good_step
 from rl_core.run import TrainingRun
 from tasks.validate import artifact_slug
@@ -51,21 +50,19 @@ def doctor_history(records: list[dict[str, Any]], evaluations: dict[int, float])
     return history
 
 
-def _evaluations(run: TrainingRun) -> dict[int, float]:
-    steps = run_records.evaluated_steps(run.run_dir)
-    return {step: run_records.load_evaluation(run.run_dir, step)[0].pass_at_1 for step in steps}
-
-
 def _rollbacks_so_far(records: list[dict[str, Any]]) -> int:
     return sum(r.get("rollback_to") is not None for r in records)
 
 
 @task(name="training-doctor", cache_policy=NONE)
-def examine_step_task(run: TrainingRun, record: dict[str, Any], reported: list[dict[str, Any]]) -> DoctorVerdict:
-    """Diagnose the run after the step in `record`; `reported` are findings already reported."""
+def examine_step_task(
+    run: TrainingRun, records: list[dict[str, Any]], pass_at_1: dict[int, float], reported: list[dict[str, Any]]
+) -> DoctorVerdict:
+    """Diagnose the run after the step of `records[-1]` (`records`: every iteration so far, in order;
+    `pass_at_1`: held-out pass@1 by evaluated step; `reported`: findings already reported)."""
     logger = get_run_logger()
-    records = [r for r in run_records.read_history(run.run_dir) if r["iteration"] < record["iteration"]] + [record]
-    history = doctor_history(records, _evaluations(run))
+    record = records[-1]
+    history = doctor_history(records, pass_at_1)
     findings = diagnose(history, run.cfg)
     known = {f["symptom"] for f in reported}
     verdict = DoctorVerdict(new_findings=[f.as_dict() for f in findings if f.symptom not in known])

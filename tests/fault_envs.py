@@ -14,20 +14,27 @@ class _BrokenSession(EnvSession):
         raise ConnectionError("tool backend unreachable")
 
 
-class FailingDomain(Environment):
-    """A built-in SOP domain whose every `fail_every`-th episode fails permanently."""
+class _WrappedDomain(Environment):
+    """A built-in SOP domain with its prompt and tasks unchanged; subclasses change what `start` returns."""
 
-    def __init__(self, domain: str = "refunds", fail_every: int = 20):
+    def __init__(self, domain: str):
         self.inner = load_environment(domain)
         self.name = self.inner.name
-        self.fail_every = fail_every
-        self.started = 0
 
     def system_prompt(self) -> str:
         return self.inner.system_prompt()
 
     def tasks(self, split: str) -> list[Task]:
         return self.inner.tasks(split)
+
+
+class FailingDomain(_WrappedDomain):
+    """A built-in SOP domain whose every `fail_every`-th episode fails permanently."""
+
+    def __init__(self, domain: str = "refunds", fail_every: int = 20):
+        super().__init__(domain)
+        self.fail_every = fail_every
+        self.started = 0
 
     def start(self, task: Task) -> EnvSession:
         self.started += 1
@@ -50,21 +57,14 @@ class _ZeroRewardSession(EnvSession):
         return 0.0, {}
 
 
-class CollapsingDomain(Environment):
+class CollapsingDomain(_WrappedDomain):
     """A built-in SOP domain whose training episodes score 0 after the first `healthy_episodes`
     (held-out episodes are scored as usual): a reward collapse on cue."""
 
     def __init__(self, domain: str = "refunds", healthy_episodes: int = 24):
-        self.inner = load_environment(domain)
-        self.name = self.inner.name
+        super().__init__(domain)
         self.healthy_episodes = healthy_episodes
         self.trained = 0
-
-    def system_prompt(self) -> str:
-        return self.inner.system_prompt()
-
-    def tasks(self, split: str) -> list[Task]:
-        return self.inner.tasks(split)
 
     def start(self, task: Task) -> EnvSession:
         session = self.inner.start(task)
