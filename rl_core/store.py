@@ -13,6 +13,8 @@ Contract:
   temp files behind. At most one writer per (run_id, iteration) at a time.
 - Every read verifies size, sha256, schema version, Arrow schema and row count against the
   manifest; any mismatch raises `CorruptTrajectoryError` naming the file and the problem.
+  Batches of an older known schema version (KNOWN_SCHEMA_VERSIONS) are checked against that
+  version's schema and returned upgraded to `TRAJECTORY_SCHEMA` (`trajectory.upgrade_table`).
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ import pyarrow.parquet as pq
 from rl_core.atomic import temp_path, write_bytes_atomically
 from rl_core.trajectory import (
     SCHEMA_VERSION,
-    TRAJECTORY_SCHEMA,
+    SCHEMAS_BY_VERSION,
     Episode,
     episodes_to_table,
     table_to_episodes,
+    upgrade_table,
 )
 
-# Schema versions this code can read. Bump alongside SCHEMA_VERSION with a migration.
-KNOWN_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
+# Schema versions this code can read: each has its Arrow schema in SCHEMAS_BY_VERSION and an
+# upgrade to the current TRAJECTORY_SCHEMA in `upgrade_table` (1: no `sampling` column).
+KNOWN_SCHEMA_VERSIONS = frozenset(SCHEMAS_BY_VERSION)
 
 _MANIFEST_SUFFIX = ".manifest.json"
 _MANIFEST_NAME = re.compile(r"^iteration-(\d+)\.manifest\.json$")
@@ -388,10 +392,12 @@ def _read_verified(manifest_path: Path) -> tuple[Manifest, pa.Table]:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as err:
         raise corrupt(f"not readable as Parquet: {err}") from err
-    if not table.schema.equals(TRAJECTORY_SCHEMA):
+    expected = SCHEMAS_BY_VERSION[manifest.schema_version]
+    if not table.schema.equals(expected):
         raise corrupt(
-            f"schema mismatch:\n{table.schema}\nexpected TRAJECTORY_SCHEMA:\n{TRAJECTORY_SCHEMA}"
+            f"schema mismatch:\n{table.schema}\nexpected the trajectory schema of version "
+            f"{manifest.schema_version}:\n{expected}"
         )
     if table.num_rows != manifest.rows:
         raise corrupt(f"row count mismatch: {table.num_rows} rows, manifest says {manifest.rows}")
-    return manifest, table
+    return manifest, upgrade_table(table, manifest.schema_version)

@@ -47,6 +47,12 @@ class StepMetrics:
     logprob_mismatch_max: float = 0.0
     ref_kl: float = 0.0
     is_weight_mean: float = 1.0
+    skipped: str | None = None
+
+    @property
+    def step_skipped(self) -> bool:
+        """True when no optimizer step was applied (see `skipped` for why)."""
+        return self.skipped is not None
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -62,6 +68,7 @@ class StepMetrics:
             "train/logprob_mismatch_max": self.logprob_mismatch_max,
             "train/ref_kl": self.ref_kl,
             "train/is_weight_mean": self.is_weight_mean,
+            "train/step_skipped": 1.0 if self.skipped is not None else 0.0,
         }
 
 
@@ -194,10 +201,12 @@ class Trainer:
                 chunk = slice(start, start + size)
                 batch = pad_batch(fresh[chunk], advantages[chunk], self.policy.chat.pad_id, self.policy.device)
                 totals = totals + self._accumulate(batch, total_tokens, len(fresh), sums)
-        grad_norm = 0.0
+        grad_norm, skipped = 0.0, None
         if total_tokens:
             grad_norm = self.backend.step()  # clip to grad_clip, optimizer step; the norm before clipping
             self.policy.version += 1
+        else:
+            skipped = "nothing to train on: no episode with generated tokens is left after dropping env_error, stale and all-equal-reward groups"
         tokens = max(totals.tokens, 1.0)
         return StepMetrics(
             step=self.policy.version,
@@ -213,6 +222,7 @@ class Trainer:
             logprob_mismatch_max=sums["mismatch_max"],
             ref_kl=totals.ref_kl_sum / tokens,
             is_weight_mean=totals.is_weight_sum / tokens,
+            skipped=skipped,
         )
 
     def _accumulate(self, batch: dict[str, torch.Tensor], total_tokens: int, total_sequences: int, sums: dict[str, float]) -> LossStats:

@@ -7,10 +7,16 @@ Arrow schema `TRAJECTORY_SCHEMA` and the converters `episodes_to_table` /
 Contract: `table_to_episodes(episodes_to_table(eps)) == eps` for every episode that passes
 `check_episode`, including None values, maps and the UTC `created_at`. `behavior_logprobs`
 are stored as float32, so values that are not float32-exact come back rounded to float32.
+
+Schema versions: 2 added the nullable `sampling` struct (what the sampler was asked:
+temperature, top_p, max tokens per turn, sampler backend, policy version). Version-1 tables
+(`TRAJECTORY_SCHEMA_V1`, no `sampling` column) are read through `upgrade_table`, which adds the
+column as null; the trainer then falls back to its configured temperature for those rows.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -18,7 +24,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 FINISH_REASONS = (
     "answered",
@@ -49,6 +55,25 @@ class Turn:
 
 
 @dataclass
+class Sampling:
+    """What the sampler was asked for one episode (the trajectory's `sampling` column).
+
+    temperature: softmax temperature T of every policy turn; the sampled distribution is
+        softmax(logits / T), and 0 means greedy (argmax, log-probs recorded at T = 1).
+    top_p: nucleus-sampling mass (1.0 = the full distribution).
+    max_tokens_per_turn: the per-turn token cap the sampler was given.
+    backend: which sampler produced the tokens (e.g. "torch").
+    policy_version: the policy version (optimizer steps taken) the sampler's weights had.
+    """
+
+    temperature: float
+    top_p: float
+    max_tokens_per_turn: int
+    backend: str
+    policy_version: int
+
+
+@dataclass
 class Episode:
     """One multi-turn episode with lineage, tokens, masks, log-probs and reward."""
 
@@ -71,6 +96,7 @@ class Episode:
     attempts: int = 1
     schema_version: int = SCHEMA_VERSION
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    sampling: Sampling | None = None
 
     @property
     def num_turns(self) -> int:
@@ -110,6 +136,16 @@ TURN_TYPE = pa.struct(
     ]
 )
 
+SAMPLING_TYPE = pa.struct(
+    [
+        _required("temperature", pa.float64()),
+        _required("top_p", pa.float64()),
+        _required("max_tokens_per_turn", pa.int32()),
+        _required("backend", pa.string()),
+        _required("policy_version", pa.int64()),
+    ]
+)
+
 TRAJECTORY_SCHEMA = pa.schema(
     [
         _required("run_id", pa.string()),
@@ -133,12 +169,33 @@ TRAJECTORY_SCHEMA = pa.schema(
         ),
         _required("success", pa.bool_()),
         _required("finish_reason", pa.string()),
+        pa.field("sampling", SAMPLING_TYPE),  # null: not recorded (schema version 1, hand-built episodes)
         pa.field("env_error", pa.string()),
         _required("attempts", pa.int32()),
         _required("schema_version", pa.int32()),
         _required("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+# Schema version 1: the same columns without `sampling`.
+TRAJECTORY_SCHEMA_V1 = pa.schema([f for f in TRAJECTORY_SCHEMA if f.name != "sampling"])
+
+# The Arrow schema of each schema version this code reads.
+SCHEMAS_BY_VERSION = {1: TRAJECTORY_SCHEMA_V1, SCHEMA_VERSION: TRAJECTORY_SCHEMA}
+
+
+def upgrade_table(table: pa.Table, version: int) -> pa.Table:
+    """A table written with schema `version` as a `TRAJECTORY_SCHEMA` table.
+
+    Version 1 gets a null `sampling` column (the sampler's settings were not recorded); the
+    current version is returned as is. Raises ValueError for a version with no upgrade path.
+    """
+    if version == SCHEMA_VERSION:
+        return table
+    if version == 1:
+        position = TRAJECTORY_SCHEMA.get_field_index("sampling")
+        return table.add_column(position, TRAJECTORY_SCHEMA.field("sampling"), pa.nulls(table.num_rows, SAMPLING_TYPE))
+    raise ValueError(f"no upgrade from trajectory schema version {version} to {SCHEMA_VERSION}")
 
 # Columns computed from `Episode` properties: written for readers, recomputed on load.
 DERIVED_COLUMNS = ("num_turns", "prompt_tokens", "response_tokens")
@@ -169,6 +226,18 @@ def check_episode(ep: Episode) -> None:
             )
     if ep.created_at.tzinfo is None or ep.created_at.utcoffset() is None:
         raise ValueError(f"{where}: created_at must be timezone-aware, got {ep.created_at!r}")
+    if ep.sampling is not None:
+        _check_sampling(where, ep.sampling)
+
+
+def _check_sampling(where: str, sampling: Sampling) -> None:
+    """Raise ValueError, naming the field, for sampler settings no sampler can have used."""
+    if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+        raise ValueError(f"{where}: sampling.temperature must be finite and >= 0, got {sampling.temperature!r}")
+    if not 0 < sampling.top_p <= 1:
+        raise ValueError(f"{where}: sampling.top_p must lie in (0, 1], got {sampling.top_p!r}")
+    if sampling.max_tokens_per_turn < 1:
+        raise ValueError(f"{where}: sampling.max_tokens_per_turn must be >= 1, got {sampling.max_tokens_per_turn!r}")
 
 
 def _column_values(episodes: list[Episode], name: str) -> list:
@@ -176,6 +245,8 @@ def _column_values(episodes: list[Episode], name: str) -> list:
         return [[asdict(t) for t in ep.turns] for ep in episodes]
     if name == "reward_components":
         return [list(ep.reward_components.items()) for ep in episodes]
+    if name == "sampling":
+        return [None if ep.sampling is None else asdict(ep.sampling) for ep in episodes]
     return [getattr(ep, name) for ep in episodes]
 
 
@@ -244,13 +315,20 @@ def _python_values(table: pa.Table, name: str) -> list:
         return [[Turn(**t) for t in turns] for turns in values]
     if name == "reward_components":
         return [dict(pairs) for pairs in values]
+    if name == "sampling":
+        return [None if value is None else Sampling(**value) for value in values]
     if name == "created_at":
         return [ts.astimezone(timezone.utc) for ts in values]
     return values
 
 
 def table_to_episodes(table: pa.Table) -> list[Episode]:
-    """Episodes from a trajectory table; extra columns are ignored, derived ones recomputed."""
+    """Episodes from a trajectory table; extra columns are ignored, derived ones recomputed.
+
+    A table without the `sampling` column (schema version 1) gives `sampling=None`.
+    """
+    if "sampling" not in table.column_names:
+        table = upgrade_table(table, 1)
     names = [f.name for f in fields(Episode)]
     columns = {name: _python_values(table, name) for name in names}
     return [

@@ -467,9 +467,9 @@ def test_schema_has_the_columns_the_suite_expects():
     # guards the suite against schema drift: every nested column is summarised by length
     from tasks.validation_report import NESTED_COLUMNS, REQUIRED_COLUMNS
 
-    assert set(NESTED_COLUMNS) == {"tokens", "loss_mask", "behavior_logprobs", "turns", "reward_components"}
-    assert "env_error" not in REQUIRED_COLUMNS
-    assert len(REQUIRED_COLUMNS) == len(TRAJECTORY_SCHEMA) - 1
+    assert set(NESTED_COLUMNS) == {"tokens", "loss_mask", "behavior_logprobs", "turns", "reward_components", "sampling"}
+    assert "env_error" not in REQUIRED_COLUMNS and "sampling" not in REQUIRED_COLUMNS
+    assert len(REQUIRED_COLUMNS) == len(TRAJECTORY_SCHEMA) - 2
 
 
 def test_task_keeps_a_verdict_already_reached_and_finishes_its_quarantine(tmp_path, prefect_harness):
