@@ -80,6 +80,21 @@ class AlgorithmConfig(_Section):
     max_steps_off_policy: int = Field(3, ge=0, description="Rollouts sampled by a policy more than this many optimizer steps old are dropped (0 = synchronous).")
     zero_variance_groups: Literal["keep", "drop", "resample"] = Field("keep", description="Groups whose rewards are all equal carry no signal: keep them (their advantages are 0 but their tokens count in the loss denominator), drop them from the loss, or resample (dynamic sampling: drop them and collect more tasks until the batch is full).")
     max_resample_rounds: int = Field(3, ge=1, description="With zero_variance_groups=resample: most extra collection rounds per iteration.")
+    mask_truncated: list[Literal["token_cap", "context_overflow", "max_turns", "timeout"]] = Field(
+        default_factory=list,
+        description=(
+            "Finish reasons that count as truncated (cut off, not judged): such episodes get no loss tokens and are left out of "
+            "their group's baseline statistics, whose advantages come from the group's other members, because a cut-off "
+            "attempt's reward is not a verdict on the attempt and counting its penalty would lift wrong answers above the "
+            "baseline ([] = train on them as on any episode)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _mask_truncated_unique(self) -> "AlgorithmConfig":
+        if len(set(self.mask_truncated)) != len(self.mask_truncated):
+            raise ValueError(f"algorithm.mask_truncated lists a finish reason twice: {self.mask_truncated}")
+        return self
 
 
 class OptimizerConfig(_Section):
@@ -88,7 +103,9 @@ class OptimizerConfig(_Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    micro_batch_size: int = Field(16, ge=1, description="Episodes per forward/backward pass; gradients accumulate to one step per iteration.")
+    micro_batch_size: int = Field(16, ge=1, description="Episodes per forward/backward pass; gradients accumulate over the micro-batches of one mini-batch into one optimizer step.")
+    mini_batches_per_step: int = Field(1, ge=1, description="Mini-batches each iteration's batch is split into (whole groups, in batch order), each taking one optimizer step; 1 = one step per batch.")
+    epochs_per_batch: int = Field(1, ge=1, description="Passes over the batch's mini-batches per iteration (PPO epochs); optimizer steps per iteration = mini_batches_per_step x epochs_per_batch.")
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> "OptimizerConfig":
@@ -201,6 +218,13 @@ class RunConfig(_Section):
             raise ValueError("rollout.overlap_collection copies the model for sampling, which trainer.zero_stage 3 does not allow")
         if r.overlap_collection and self.algorithm.max_steps_off_policy < 1:
             raise ValueError("rollout.overlap_collection samples one step off-policy: it needs algorithm.max_steps_off_policy >= 1 (0 = synchronous)")
+        steps = self.optimizer.mini_batches_per_step * self.optimizer.epochs_per_batch
+        if r.overlap_collection and self.algorithm.max_steps_off_policy < steps:
+            raise ValueError(
+                f"rollout.overlap_collection samples one iteration off-policy, which is optimizer.mini_batches_per_step x "
+                f"optimizer.epochs_per_batch = {steps} optimizer steps: it needs algorithm.max_steps_off_policy >= {steps} "
+                f"(got {self.algorithm.max_steps_off_policy}), or every overlapped batch is dropped as stale"
+            )
         if r.global_batch_size % r.group_size:
             raise ValueError(f"rollout.global_batch_size ({r.global_batch_size}) must be a multiple of rollout.group_size ({r.group_size})")
         budget = r.max_turns * (r.max_tokens_per_turn + e.expected_tool_output) + e.prompt_tokens
