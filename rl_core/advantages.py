@@ -10,8 +10,13 @@ and returns a list of per-episode tensors for every method alike.
 Notation: r_i is episode i's reward, g its group, n_g the group's size, mean_g and std_g the
 group's mean and sample standard deviation (divisor n - 1), mean_B and std_B the same over the
 whole batch of N episodes. A group whose rewards are all equal (a group of one included)
-carries no signal: every method with a group baseline gives its episodes exactly A = 0.
-Dividing by a standard deviation of 0 gives A = 0, not inf.
+carries no signal: every method with a group baseline gives its episodes exactly A = 0.0, and
+`reinforce_pp`, whose baseline is the batch, gives exactly 0.0 to a batch whose rewards are all
+equal. "Exactly": the equality is detected on the rewards themselves (max == min of the group)
+and the advantage set to 0, because the arithmetic alone leaves rounding residue (rewards of
+2/3 - 0.1 have a float mean that differs from each reward by ~1e-17, which dividing by a std
+of the same size plus eps would turn into ~1e-11). No tolerance is applied: rewards that differ
+by any amount keep their signal. Dividing by a standard deviation of 0 gives A = 0, not inf.
 
 - `monte_carlo`: A_i = r_i. No baseline (plain REINFORCE, Williams 1992). With a single final
   reward, the Monte Carlo return of every token is the episode's reward.
@@ -94,19 +99,29 @@ def _group_stats(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tenso
     return count, mean, torch.sqrt(squares / (count - 1).clamp(min=1))
 
 
-def _all_equal_groups(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per-episode bool [N]: True where every reward of the episode's group is the same."""
+def _group_range(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (max, min) [G] of `values` [N] under dense group `index` [N]."""
     groups = _num_groups(index)
     high = torch.full((groups,), -math.inf, dtype=values.dtype).scatter_reduce_(0, index, values, "amax")
     low = torch.full((groups,), math.inf, dtype=values.dtype).scatter_reduce_(0, index, values, "amin")
+    return high, low
+
+
+def _all_equal_groups(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-episode bool [N]: True where every reward of the episode's group is the same."""
+    high, low = _group_range(values, index)
     return (high == low)[index]
+
+
+def _zero_where_all_equal(advantages: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`advantages` [N] with exactly 0.0 for episodes whose group (under `index` [N]) has all-equal `values`."""
+    return torch.where(_all_equal_groups(values, index), torch.zeros_like(advantages), advantages)
 
 
 def _group_centered(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """r_i - mean_g, exactly 0 in groups whose rewards are all equal (no rounding residue)."""
     _, mean, _ = _group_stats(values, index)
-    centered = values - mean[index]
-    return torch.where(_all_equal_groups(values, index), torch.zeros_like(centered), centered)
+    return _zero_where_all_equal(values - mean[index], values, index)
 
 
 def _standardise(values: torch.Tensor, baseline: torch.Tensor, scale: torch.Tensor, normalize_std: bool, eps: float) -> torch.Tensor:
@@ -118,10 +133,11 @@ def _standardise(values: torch.Tensor, baseline: torch.Tensor, scale: torch.Tens
 
 
 def _batch_whiten(values: torch.Tensor, eps: float) -> torch.Tensor:
-    """(v - mean_B) / (std_B + eps) over the whole batch (sample std); all 0 if the batch has no spread."""
+    """(v - mean_B) / (std_B + eps) over the whole batch (sample std); exactly 0 if all values are equal."""
     everything = torch.zeros(len(values), dtype=torch.long)
     _, mean, std = _group_stats(values, everything)
-    return _standardise(values, mean[everything], std[everything], True, eps)
+    whitened = _standardise(values, mean[everything], std[everything], True, eps)
+    return _zero_where_all_equal(whitened, values, everything)
 
 
 def monte_carlo(rewards: torch.Tensor, group_ids: Sequence[str]) -> torch.Tensor:
@@ -134,7 +150,7 @@ def group_based(rewards: torch.Tensor, group_ids: Sequence[str], normalize_std: 
     values = _reward_vector(rewards, group_ids)
     index = group_index(group_ids)
     _, mean, std = _group_stats(values, index)
-    return _standardise(values, mean[index], std[index], normalize_std, eps).float()
+    return _zero_where_all_equal(_standardise(values, mean[index], std[index], normalize_std, eps), values, index).float()
 
 
 def rloo(rewards: torch.Tensor, group_ids: Sequence[str]) -> torch.Tensor:
@@ -142,8 +158,7 @@ def rloo(rewards: torch.Tensor, group_ids: Sequence[str]) -> torch.Tensor:
     values = _reward_vector(rewards, group_ids)
     index = group_index(group_ids)
     others = (_group_sum(values, index)[index] - values) / (_group_sum(torch.ones_like(values), index)[index] - 1).clamp(min=1)
-    advantages = values - others
-    return torch.where(_all_equal_groups(values, index), torch.zeros_like(advantages), advantages).float()
+    return _zero_where_all_equal(values - others, values, index).float()
 
 
 def reinforce_pp(rewards: torch.Tensor, group_ids: Sequence[str], eps: float = 1e-6) -> torch.Tensor:
@@ -152,9 +167,13 @@ def reinforce_pp(rewards: torch.Tensor, group_ids: Sequence[str], eps: float = 1
 
 
 def reinforce_pp_baseline(rewards: torch.Tensor, group_ids: Sequence[str], eps: float = 1e-6) -> torch.Tensor:
-    """REINFORCE++-baseline: c = r - mean_g, then c normalised by its mean and std over the batch. float32 [N]."""
+    """REINFORCE++-baseline: c = r - mean_g, then c normalised by its mean and std over the batch. float32 [N].
+
+    Episodes of all-equal groups get exactly 0 (c = 0, but mean_B(c) carries rounding residue).
+    """
     values = _reward_vector(rewards, group_ids)
-    return _batch_whiten(_group_centered(values, group_index(group_ids)), eps).float()
+    index = group_index(group_ids)
+    return _zero_where_all_equal(_batch_whiten(_group_centered(values, index), eps), values, index).float()
 
 
 def opo(rewards: torch.Tensor, group_ids: Sequence[str], token_counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -174,8 +193,7 @@ def opo(rewards: torch.Tensor, group_ids: Sequence[str], token_counts: torch.Ten
     if bool((total_length <= 0).any()):
         raise ValueError("token_counts: every group needs at least one generated token")
     baseline = _group_sum(lengths * values, index) / total_length
-    advantages = values - baseline[index]
-    return torch.where(_all_equal_groups(values, index), torch.zeros_like(advantages), advantages).float()
+    return _zero_where_all_equal(values - baseline[index], values, index).float()
 
 
 def grpo_passk(rewards: torch.Tensor, group_ids: Sequence[str], k: int, success_threshold: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
@@ -242,6 +260,9 @@ def group_based_per_turn(
            A_it = (G_it - mean_peers) / (std_peers + eps)    (G_it - mean_peers without normalize_std)
     3. If turn index t exists in only that one episode of the group, its statistics are those
        of turn 0, i.e. of the group's episode returns G_j0; a group of one episode gets 0.
+    4. A turn whose return equals every return it is compared with (all peers' G_jt equal, and
+       G_it among them) gets exactly 0.0, with no rounding residue; so does every turn of a
+       group whose turn rewards are all equal.
     With one turn per episode this is exactly `group_based` on the episode rewards. With only a
     final reward, G_it is the episode reward at every turn and turn t is compared with the
     episodes that lasted at least t + 1 turns.
@@ -265,6 +286,9 @@ def group_based_per_turn(
     )[cell]
     advantages = _standardise(values, mean[statistics_from], std[statistics_from], normalize_std, eps)
     advantages = torch.where(count[statistics_from] >= 2, advantages, torch.zeros_like(advantages))
+    high, low = _group_range(values, cell)
+    no_signal = (high == low)[statistics_from] & (values == high[statistics_from])
+    advantages = torch.where(no_signal, torch.zeros_like(advantages), advantages)
     return list(advantages.float().split(turn_counts))
 
 

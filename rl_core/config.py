@@ -75,6 +75,7 @@ class AlgorithmConfig(_Section):
     loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field("token_mean", description="How per-token losses add up: over all loss tokens of the batch, or per sequence then over sequences.")
     clip_low_threshold: float = Field(0.8, ge=0.0, le=1.0, description="Lower bound on the ratio pi_new/pi_old (PPO 0.8; CISPO usually 1.0).")
     clip_high_threshold: float = Field(1.2, ge=1.0, description="Upper bound on the ratio pi_new/pi_old (PPO 1.2; CISPO usually 6.0).")
+    clip_ratio_dual: float | None = Field(3.0, gt=1.0, description="Dual-clip bound c of ppo (Ye et al. 2020): on tokens with a negative advantage the loss is capped at -c * A however large the ratio grows; must be > 1 (None = off).")
     kl_coef: float = Field(0.0, ge=0.0, description="Weight of a KL(pi || pi_ref) penalty against the starting policy (0 = off).")
     tis_cap: float | None = Field(None, gt=0.0, description="Truncated importance sampling against the inference/trainer mismatch: pi_old becomes the trainer's own log-probs and each token is weighted by min(pi_trainer / pi_sampler, cap). None = off.")
     max_steps_off_policy: int = Field(3, ge=0, description="Rollouts sampled by a policy more than this many optimizer steps old are dropped (0 = synchronous).")

@@ -11,11 +11,25 @@ RATIO (PPO 0.8 / 1.2), not epsilons. Per-token losses, selected by `loss_fn`:
       l_t = -r_t * A_t
 - `ppo`: clipped surrogate (Schulman et al. 2017, arXiv:1707.06347)
       l_t = -min(r_t * A_t, clamp(r_t, low, high) * A_t)
+  with the dual-clip bound c = `clip_ratio_dual` (Ye et al. 2020, "Mastering Complex Control
+  in MOBA Games with Deep Reinforcement Learning", arXiv:1912.09729) on tokens with A_t < 0:
+      l_t = -max(min(r_t * A_t, clamp(r_t, low, high) * A_t), c * A_t)
+  For A_t < 0 the plain surrogate is -A_t * max(r_t, clamp(r_t)), unbounded as r_t grows (a
+  token the policy now likes far more than the sampler did); the dual clip caps it at -c * A_t
+  and gives such a token no gradient. c > 1 (None = off); tokens with A_t >= 0 are unchanged.
 - `cispo`: clipped IS-weight policy optimisation (MiniMax-M1, arXiv:2506.13585)
       l_t = -sg(clamp(r_t, low, high)) * A_t * logp_t
   sg = stop-gradient: the gradient flows through logp_t only, so a clipped token still gets
   gradient (unlike PPO). The paper clips only from above (no lower bound); with our ratio-bound
   convention that is `clip_low=0`. The usual (1.0, 6.0) also lifts weights below 1 up to 1.
+
+The log-ratio logp_t - old_logp_t is clamped to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND] = [-20, 20]
+before `exp` (as verl's `compute_policy_loss` does "for stability"), so r_t lies in
+[2e-9, 4.9e8]: one stale token whose log-probs moved by hundreds of nats cannot turn the loss
+into inf, nor its gradient into NaN (exp's backward would multiply 0 by inf). Outside the bound
+the ratio is constant, so such a token gets no gradient through r_t. Every in-range token is
+unaffected (a ratio beyond e^20 is far outside any clip bound anyway). The KL term's log-ratio
+ref_t - logp_t is bounded the same way.
 
 Aggregation over the masked per-token values v_t, selected by `aggregation`:
 
@@ -46,6 +60,7 @@ import torch
 
 LOSS_FUNCTIONS = ("importance_sampling", "ppo", "cispo")
 AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+LOG_RATIO_BOUND = 20.0  # |log r| is clamped to this before exp (module docstring)
 
 
 @dataclass
@@ -55,13 +70,14 @@ class LossStats:
     Every field is additive, so `a + b` accumulates micro-batches.
     """
 
-    clipped_tokens: float  # tokens whose policy term was changed by the clip (0 for importance_sampling)
+    clipped_tokens: float  # tokens whose policy term was changed by the clip, dual clip included (0 for importance_sampling)
     approx_kl_sum: float  # sum of k3 KL(pi_old || pi_new) = (r - 1) - log r
     ratio_sum: float  # sum of r = pi_new / pi_old
     tokens: float  # mask tokens
     is_weight_sum: float = 0.0  # sum of is_weights (= tokens when no correction is applied)
     ref_kl_sum: float = 0.0  # sum of k3 KL(pi || pi_ref), before kl_coef (0 without ref_logprobs)
     kl_penalty: float = 0.0  # the KL term's share of the returned loss (kl_coef * aggregated k3)
+    dual_clipped_tokens: float = 0.0  # ppo tokens with A < 0 whose term the dual-clip bound replaced (also in clipped_tokens)
 
     def __add__(self, other: LossStats) -> LossStats:
         return LossStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -82,11 +98,14 @@ def policy_loss(
     is_weights: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    clip_ratio_dual: float | None = 3.0,
 ) -> tuple[torch.Tensor, LossStats]:
     """The scalar loss of `loss_fn` aggregated by `aggregation` (see the module docstring), and its stats.
 
-    Differentiable in `logprobs` only. Raises ValueError naming the argument on an unknown name,
-    bad clip bounds, a negative kl_coef, kl_coef > 0 without ref_logprobs, or mismatched shapes.
+    Tensors are [batch, length]. `clip_ratio_dual` is ppo's dual-clip bound c on tokens with a
+    negative advantage (None = off; ignored by the other losses). Differentiable in `logprobs`
+    only. Raises ValueError naming the argument on an unknown name, bad clip bounds, a
+    clip_ratio_dual <= 1, a negative kl_coef, kl_coef > 0 without ref_logprobs, or mismatched shapes.
     """
     if loss_fn not in LOSS_FUNCTIONS:
         raise ValueError(f"loss_fn must be one of {LOSS_FUNCTIONS}, got {loss_fn!r}")
@@ -94,6 +113,8 @@ def policy_loss(
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if not 0.0 <= clip_low <= clip_high:
         raise ValueError(f"clip_low and clip_high must satisfy 0 <= clip_low <= clip_high, got {clip_low}, {clip_high}")
+    if clip_ratio_dual is not None and not clip_ratio_dual > 1.0:
+        raise ValueError(f"clip_ratio_dual must be > 1 (or None = off), got {clip_ratio_dual}")
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     if kl_coef > 0 and ref_logprobs is None:
@@ -104,19 +125,26 @@ def policy_loss(
     active = mask > 0
     # Neutral values on masked tokens first, so that inf/huge values there cannot leak into the
     # loss or (through 0 * inf) into the gradient.
-    log_ratio = torch.where(active, logprobs - old_logprobs, 0.0)
+    log_ratio = torch.where(active, logprobs - old_logprobs, 0.0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     adv = torch.where(active, advantages, 0.0)
     bounded_ratio = torch.clamp(ratio, clip_low, clip_high)
 
+    dual_clipped = torch.zeros_like(active)
     if loss_fn == "importance_sampling":
         per_token = -ratio * adv
         clipped = torch.zeros_like(active)
     elif loss_fn == "ppo":
         unclipped_objective = ratio * adv
         clipped_objective = bounded_ratio * adv
-        per_token = -torch.minimum(unclipped_objective, clipped_objective)
+        objective = torch.minimum(unclipped_objective, clipped_objective)
         clipped = clipped_objective < unclipped_objective
+        if clip_ratio_dual is not None:
+            dual_bound = clip_ratio_dual * adv
+            dual_clipped = (adv < 0) & (objective < dual_bound)
+            objective = torch.where(dual_clipped, dual_bound, objective)
+            clipped = clipped | dual_clipped
+        per_token = -objective
     else:  # cispo
         per_token = -bounded_ratio.detach() * adv * torch.where(active, logprobs, 0.0)
         clipped = bounded_ratio != ratio
@@ -127,7 +155,7 @@ def policy_loss(
 
     ref_kl = None
     if ref_logprobs is not None:
-        ref_log_ratio = torch.where(active, ref_logprobs - logprobs, 0.0)
+        ref_log_ratio = torch.where(active, ref_logprobs - logprobs, 0.0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         ref_kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1.0
     kl_term = None
     if ref_kl is not None and kl_coef > 0:
@@ -145,6 +173,7 @@ def policy_loss(
             is_weight_sum=tokens if is_weights is None else float(torch.where(active, is_weights, 0.0).sum()),
             ref_kl_sum=0.0 if ref_kl is None else float((ref_kl * weight).sum()),
             kl_penalty=0.0 if kl_term is None else float(kl_term),
+            dual_clipped_tokens=float((dual_clipped & active).sum()),
         )
     return loss, stats
 

@@ -246,6 +246,7 @@ class Trainer:
             clip_low=a.clip_low_threshold, clip_high=a.clip_high_threshold, aggregation=a.loss_aggregation,
             total_tokens=total_tokens, total_sequences=total_sequences,
             is_weights=is_weights, ref_logprobs=reference, kl_coef=a.kl_coef,
+            clip_ratio_dual=a.clip_ratio_dual,
         )
         self.backend.backward(loss)
         sums["loss"] += float(loss.detach())

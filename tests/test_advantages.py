@@ -301,3 +301,71 @@ def test_episode_order_does_not_matter(method):
         method, REWARDS[order], [GROUPS[i] for i in order], **{**kwargs, "token_counts": [TOKENS[i] for i in order]}
     ))
     assert permuted.tolist() == approx(base[order].tolist())
+
+
+# --- all-equal groups give exactly 0 -------------------------------------------------------------
+
+# Rewards that round: 2/3 - 0.1 (a success weight minus a format penalty) and 0.1, 0.7, whose
+# float mean differs from the reward by ~1e-17; before the fix group_based, group_based_per_turn
+# and reinforce_pp returned ~1e-10 here (e.g. eight episodes of 2/3 - 0.1: 1.1e-10).
+ROUNDING_REWARDS = [(2 / 3 - 0.1, n) for n in (4, 6, 7, 8)] + [(0.1, 3), (0.7, 3)]
+
+
+def _all_methods(rewards: torch.Tensor, groups: list[str], **extra) -> dict[str, list[float]]:
+    out = {}
+    for method in ADVANTAGE_METHODS:
+        kwargs = {
+            "token_counts": list(range(1, len(groups) + 1)),
+            "turn_rewards": [[float(r)] for r in rewards],
+            "pass_k": 2,
+            **extra,
+        }
+        out[method] = [float(a[0]) for a in compute_advantages(method, rewards, groups, **kwargs)]
+    return out
+
+
+@pytest.mark.parametrize("value, size", ROUNDING_REWARDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_all_equal_group_is_exactly_zero_for_every_method(value, size, dtype, normalize_std):
+    rewards = torch.tensor([value] * size, dtype=dtype)
+    out = _all_methods(rewards, ["g"] * size, normalize_std=normalize_std)
+    for method, advantages in out.items():
+        if method == "monte_carlo":  # no baseline: A = r by definition
+            continue
+        assert advantages == [0.0] * size, method  # exactly, not approximately
+
+
+def test_all_equal_group_is_exactly_zero_beside_a_group_with_signal():
+    # group "same" holds eight rewards 2/3 - 0.1; group "mixed" carries signal that must survive
+    same = [2 / 3 - 0.1] * 8
+    mixed = [1.0, 0.0, 0.5, -0.1]
+    rewards = torch.tensor(same + mixed, dtype=torch.float64)
+    groups = ["same"] * 8 + ["mixed"] * 4
+    out = _all_methods(rewards, groups)
+    for method in ("group_based", "group_based_per_turn", "rloo", "reinforce_pp_baseline", "opo", "grpo_passk", "gpg"):
+        assert out[method][:8] == [0.0] * 8, method
+        assert any(a != 0.0 for a in out[method][8:]), method
+    # reinforce_pp's baseline is the batch: the equal group is not special there
+    assert all(a != 0.0 for a in out["reinforce_pp"][:8])
+
+
+def test_a_tiny_real_difference_keeps_its_signal():
+    # no tolerance hides signal: rewards 1e-9 apart are two different rewards, A = -+1/sqrt(2)
+    # (centred +-0.5e-9, sample std 1e-9 / sqrt(2))
+    rewards = torch.tensor([0.5, 0.5 + 1e-9], dtype=torch.float64)
+    adv = group_based(rewards, ["g", "g"], eps=0.0)
+    assert adv.tolist() == approx([-1 / math.sqrt(2), 1 / math.sqrt(2)])
+
+
+def test_per_turn_returns_that_round_are_exactly_zero():
+    # three episodes with the same two turn rewards: turn 0 returns 0.1 + 0.4666.. = 0.5666..,
+    # turn 1 returns 0.4666..; every turn equals its peers, so every advantage is exactly 0
+    turns = [[0.1, 2 / 3 - 0.1 - 0.1]] * 3
+    for normalize_std in (True, False):
+        out = group_based_per_turn(turns, ["g"] * 3, normalize_std=normalize_std)
+        assert [a.tolist() for a in out] == [[0.0, 0.0]] * 3
+    # a lonely turn compared with the group's equal episode returns gets 0 only if it equals them
+    # (turn 1 of the third episode: return 0.25 against the episode returns 0.5, 0.5, 0.5)
+    lonely = group_based_per_turn([[0.5], [0.5], [0.25, 0.25]], ["g"] * 3, normalize_std=False)
+    assert [a.tolist() for a in lonely] == [[0.0], [0.0], [0.0, -0.25]]

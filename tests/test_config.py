@@ -9,6 +9,7 @@ from rl_core.config import RunConfig, apply_overrides, load_config
 def test_defaults_follow_the_design():
     cfg = RunConfig()
     assert (cfg.algorithm.clip_low_threshold, cfg.algorithm.clip_high_threshold) == (0.8, 1.2)
+    assert cfg.algorithm.clip_ratio_dual == 3.0 and RunConfig.model_validate({"algorithm": {"clip_ratio_dual": None}}).algorithm.clip_ratio_dual is None
     assert cfg.optimizer.betas == (0.9, 0.95) and cfg.optimizer.eps == 1e-8
     assert cfg.optimizer.weight_decay == 0.0 and cfg.optimizer.grad_clip == 1.0
     assert cfg.rollout.group_size == 8 and cfg.algorithm.max_steps_off_policy == 3
@@ -39,6 +40,8 @@ def test_context_budget_is_checked_with_the_fields_named():
         ({"rollout": {"temperature": -0.5}}, "rollout.temperature"),
         ({"rollout": {"max_turn": 3}}, "rollout.max_turn"),
         ({"storage": {"run_id": "../escape"}}, "storage.run_id"),
+        ({"algorithm": {"clip_ratio_dual": 1.0}}, "algorithm.clip_ratio_dual"),
+        ({"validation": {"max_context_overflow_frac": 1.5}}, "validation.max_context_overflow_frac"),
     ],
 )
 def test_bad_values_name_the_field(data, field):

@@ -331,6 +331,8 @@ def test_ref_kl_is_reported_but_not_added_when_kl_coef_is_zero():
         ({"aggregation": "seq_mean"}, "aggregation"),
         ({"clip_low": 1.3}, "clip_low"),
         ({"kl_coef": -0.1}, "kl_coef"),
+        ({"clip_ratio_dual": 1.0}, "clip_ratio_dual"),
+        ({"clip_ratio_dual": 0.5}, "clip_ratio_dual"),
         ({"kl_coef": 0.1}, "ref_logprobs"),
         ({"advantages": torch.zeros(3, 2)}, "advantages"),
     ],
@@ -348,3 +350,99 @@ def test_is_helpers_reject_bad_arguments():
         truncated_is_weights(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), cap=0.0)
     with pytest.raises(ValueError, match="behavior_logprobs"):
         logprob_mismatch(torch.zeros(1, 2), torch.zeros(1, 3), torch.ones(1, 2))
+
+
+# ---------------------------------------------------------------- dual clip and the log-ratio bound
+
+# Five ppo tokens (ratio r, advantage A), bounds (0.8, 1.2), dual-clip bound c = 3, token_mean over 5:
+#   t1  r 4.0   A -1.0   min(-4.0, 1.2*-1 = -1.2) = -4.0 ; max(-4.0, 3*-1 = -3.0) = -3.0  -> l  3.0, dual clip
+#   t2  r 2.0   A -1.0   min(-2.0, -1.2) = -2.0           ; max(-2.0, -3.0) = -2.0        -> l  2.0
+#   t3  r 0.5   A -1.0   min(-0.5, 0.8*-1 = -0.8) = -0.8  ; max(-0.8, -3.0) = -0.8        -> l  0.8, clipped low
+#   t4  r 4.0   A +1.0   min(4.0, 1.2) = 1.2 (A > 0: no dual clip)                        -> l -1.2, clipped high
+#   t5  r 10.0  A -0.5   min(-5.0, -0.6) = -5.0           ; max(-5.0, 3*-0.5 = -1.5) = -1.5 -> l 1.5, dual clip
+#   loss = (3.0 + 2.0 + 0.8 - 1.2 + 1.5) / 5 = 6.1 / 5 = 1.22
+# Without the dual clip t1 gives 4.0 and t5 5.0: loss = (4.0 + 2.0 + 0.8 - 1.2 + 5.0) / 5 = 10.6 / 5 = 2.12.
+# Gradient d l / d logp = -A * r on an unclipped token (dr/dlogp = r), 0 on a clipped one, / 5:
+#   with the dual clip:    [0, 2.0, 0, 0, 0] / 5
+#   without:               [4.0, 2.0, 0, 0, 5.0] / 5
+DUAL_RATIOS = [4.0, 2.0, 0.5, 4.0, 10.0]
+DUAL_ADVANTAGES = [-1.0, -1.0, -1.0, 1.0, -0.5]
+
+
+def dual_batch():
+    logprobs = torch.log(torch.tensor([DUAL_RATIOS], dtype=torch.float64)).requires_grad_()
+    return logprobs, torch.zeros(1, 5, dtype=torch.float64), torch.tensor([DUAL_ADVANTAGES], dtype=torch.float64), torch.ones(1, 5)
+
+
+@pytest.mark.parametrize(
+    ("dual", "expected_loss", "expected_grad", "clipped", "dual_clipped"),
+    [
+        (3.0, 1.22, [0.0, 0.4, 0.0, 0.0, 0.0], 4.0, 2.0),
+        (None, 2.12, [0.8, 0.4, 0.0, 0.0, 1.0], 2.0, 0.0),
+    ],
+)
+def test_ppo_dual_clip_by_hand(dual, expected_loss, expected_grad, clipped, dual_clipped):
+    logprobs, old, adv, mask = dual_batch()
+    loss, stats = policy_loss("ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
+                              total_tokens=5, total_sequences=1, clip_ratio_dual=dual)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+    assert (stats.clipped_tokens, stats.dual_clipped_tokens) == (clipped, dual_clipped)
+    loss.backward()
+    assert logprobs.grad[0].tolist() == pytest.approx(expected_grad, abs=1e-12)
+
+
+def test_dual_clip_is_the_default_and_only_touches_ppo():
+    logprobs, old, adv, mask = dual_batch()
+    default, _ = policy_loss("ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=1)
+    assert default.item() == pytest.approx(1.22, rel=1e-12)
+    for loss_fn in ("importance_sampling", "cispo"):
+        args = dict(clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=1)
+        on, _ = policy_loss(loss_fn, logprobs, old, adv, mask, clip_ratio_dual=3.0, **args)
+        off, _ = policy_loss(loss_fn, logprobs, old, adv, mask, clip_ratio_dual=None, **args)
+        assert on.item() == off.item()
+    # importance_sampling by hand: -sum(r * A) / 5 = -(-4 - 2 - 0.5 + 4 - 5) / 5 = 7.5 / 5
+    is_loss, _ = policy_loss("importance_sampling", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
+                             total_tokens=5, total_sequences=1)
+    assert is_loss.item() == pytest.approx(1.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_stale_token_cannot_overflow_the_ratio(dtype):
+    # log-ratios +-200 (a token whose log-prob moved by 200 nats since sampling): exp(200) is inf in
+    # float32, so unbounded the loss was inf and exp's backward gave NaN (0 * inf). Bounded to
+    # [-20, 20]: r = e^20 = 4.85e8 (or e^-20), constant beyond the bound, so those tokens get no gradient.
+    logprobs = torch.tensor([[-0.5, -0.5, -0.5, -300.0]], dtype=dtype, requires_grad=True)
+    old = torch.tensor([[-200.5, -200.5, -200.5, -100.0]], dtype=dtype)  # log-ratios 200, 200, 200, -200
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0]], dtype=dtype)
+    mask = torch.tensor([[1, 1, 0, 1]])
+    e20 = math.exp(20.0)
+    cases = {
+        # ppo, dual clip on: A>0 clipped high -> -1.2 ; A<0 dual bound -> 3.0 ; r=e^-20, A>0 -> -e^-20
+        ("ppo", 3.0): (-1.2 + 3.0 - math.exp(-20.0)) / 3,
+        # ppo, dual clip off: the A<0 token's loss is r = e^20, large but finite
+        ("ppo", None): (-1.2 + e20 - math.exp(-20.0)) / 3,
+        # importance sampling: -r*A = -e^20, +e^20, -e^-20
+        ("importance_sampling", None): (-e20 + e20 - math.exp(-20.0)) / 3,
+    }
+    for (loss_fn, dual), expected in cases.items():
+        logprobs.grad = None
+        loss, stats = policy_loss(loss_fn, logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
+                                  total_tokens=3, total_sequences=1, clip_ratio_dual=dual)
+        assert math.isfinite(loss.item()), (loss_fn, dual)
+        assert loss.item() == pytest.approx(expected, rel=2e-2, abs=1e-6), (loss_fn, dual)
+        assert math.isfinite(stats.ratio_sum) and math.isfinite(stats.approx_kl_sum)
+        loss.backward()
+        assert logprobs.grad.tolist() == [[0.0, 0.0, 0.0, 0.0]], (loss_fn, dual)
+
+
+def test_kl_term_log_ratio_is_bounded_too():
+    logprobs = torch.tensor([[-300.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-0.5, -1.0]])  # ref - logp = 299.5: k3 = exp(299.5) - ... overflows unbounded
+    loss, stats = policy_loss("ppo", logprobs, logprobs.detach(), torch.zeros(1, 2), torch.ones(1, 2),
+                              clip_low=LOW, clip_high=HIGH, total_tokens=2, total_sequences=1,
+                              ref_logprobs=ref, kl_coef=0.1)
+    expected_k3 = math.exp(20.0) - 20.0 - 1.0  # the bounded log-ratio 20, then k3 = e^x - x - 1
+    assert stats.ref_kl_sum == pytest.approx(expected_k3, rel=1e-6)
+    assert loss.item() == pytest.approx(0.1 * expected_k3 / 2, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all()
