@@ -8,6 +8,10 @@ like any Hugging Face tokenizer.
 `ChatFormat` says which token ids open and close each turn. The rollout engine builds
 episodes segment by segment from these ids (token-in, token-out: earlier turns are never
 re-tokenized), and the reference-checkpoint script renders demonstrations the same way.
+
+`repair_unicode(text)` makes text that is not valid Unicode (lone UTF-16 surrogates, which a
+Python `str` can hold but UTF-8, the tokenizer and Parquet cannot) valid before it is
+tokenized or stored.
 """
 
 from __future__ import annotations
@@ -20,6 +24,28 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 ROLES = ("system", "user", "assistant", "tool")
 TURNSTILE_SPECIAL_TOKENS = ["<|pad|>", "<|end|>"] + [f"<|{role}|>" for role in ROLES]
+
+
+def repair_unicode(text: str) -> tuple[str, int]:
+    """`text` as valid Unicode, and how many invalid code points (surrogates) it held.
+
+    A Python `str` may hold surrogate code points (U+D800-U+DFFF), e.g. from the JSON escape
+    `"\\ud83d"` (half an emoji); they have no UTF-8 encoding, so a tokenizer or a Parquet
+    writer rejects the string. A high surrogate directly followed by a low one is joined into
+    the code point the pair stands for (as UTF-16 does); every other surrogate is replaced by
+    U+FFFD REPLACEMENT CHARACTER (the Unicode standard's substitute for an ill-formed
+    sequence). Valid text comes back unchanged with count 0. Raises TypeError if `text` is not
+    a str.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"expected str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        pass
+    invalid = sum(1 for char in text if "\ud800" <= char <= "\udfff")
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace"), invalid
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
