@@ -6,6 +6,7 @@ import torch
 from rl_core.environments.base import EnvSession, Environment, StepResult, Task
 from rl_core.generation import Generation
 from rl_core.rollout import RolloutSettings, collect_rollouts
+from rl_core.trajectory import Sampling
 
 TASK = Task("t1", "scripted", "train", "Solve task one.")
 
@@ -144,3 +145,14 @@ def test_real_policy_rollout_masks_line_up(tiny_policy):
         assert [i for i, m in enumerate(ep.loss_mask) if m] == generated
         assert all(lp < 0 for lp, m in zip(ep.behavior_logprobs, ep.loss_mask) if m)
         assert ep.finish_reason in ("answered", "token_cap")
+
+
+def test_episodes_record_what_the_sampler_was_asked(tiny_policy):
+    tiny_policy.version = 3
+    [scripted] = collect_rollouts(tiny_policy, [(ScriptedEnv(answer_after=1), TASK)], settings(temperature=0.7, max_tokens_per_turn=12), group_size=1, run_id="r", iteration=1, sampler=scripted_sampler(tiny_policy), backend="vllm")
+    assert scripted.sampling == Sampling(temperature=0.7, top_p=1.0, max_tokens_per_turn=12, backend="vllm", policy_version=3)
+    [unnamed] = collect_rollouts(tiny_policy, [(ScriptedEnv(answer_after=1), TASK)], settings(), group_size=1, run_id="r", iteration=1, sampler=scripted_sampler(tiny_policy))
+    assert unnamed.sampling.backend == "custom"
+    [own] = collect_rollouts(tiny_policy, [(ScriptedEnv(answer_after=1), TASK)], settings(temperature=0.0, max_tokens_per_turn=4), group_size=1, run_id="r", iteration=1)
+    assert own.sampling == Sampling(temperature=0.0, top_p=1.0, max_tokens_per_turn=4, backend="hf", policy_version=3)
+    assert own.policy_version == 3
