@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.parameters import TrainSettings
 from flows.replay_cli import add_replay_commands, run_replay_command
 from flows.serve import add_serve_command, run_serve_command
-from rl_core.config import RunConfig, load_config
+from rl_core.config import RunConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,15 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """The config file and overrides a command runs on (`resume`: the run's own recorded config)."""
+def _settings(args: argparse.Namespace) -> TrainSettings:
+    """The config file and overrides a command runs on (`resume`: the run's own recorded config).
+
+    `resume`'s run id and folder go in as the typed settings fields, as they are: `turnstile
+    resume 2024` (or `on`, `null`) continues the run named "2024", never one named by YAML's reading of it.
+    """
     if args.command == "demo":
-        return None, args.overrides
+        return TrainSettings(overrides=args.overrides)
     if args.command == "resume":
         from rl_core.run import RUN_CONFIG_FILE
 
-        return str(Path(args.run_dir) / args.run_id / RUN_CONFIG_FILE), [*args.overrides, f"storage.run_dir={args.run_dir}", f"storage.run_id={args.run_id}"]
-    return args.config, args.overrides
+        return TrainSettings(config_path=str(Path(args.run_dir) / args.run_id / RUN_CONFIG_FILE), overrides=args.overrides,
+                             run_dir=args.run_dir, run_id=args.run_id)
+    return TrainSettings(config_path=args.config, overrides=args.overrides)
 
 
 def prepare_environment(cfg: RunConfig) -> None:
@@ -103,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_replay_command(args)
     if args.command == "serve":
         return run_serve_command(args)
-    config_path, overrides = _settings(args)
     try:
-        cfg = load_config(config_path, overrides)
+        settings = _settings(args)
+        cfg = settings.load()
     except (ValueError, FileNotFoundError) as err:
         print(f"turnstile: bad config: {err}", file=sys.stderr)
         return 2
@@ -118,11 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in sorted(report.metrics.items()):
             print(f"{key:40s} {value:.4f}")
         return 0
-    from flows.parameters import TrainSettings
     from flows.train import train_flow
 
     try:
-        summary = train_flow(TrainSettings(config_path=config_path, overrides=overrides))
+        summary = train_flow(settings)
     except (ValueError, FileNotFoundError) as err:  # e.g. continuing a run with another setup; the flow run logged the traceback
         print(f"turnstile: {err}", file=sys.stderr)
         return 2

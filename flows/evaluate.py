@@ -64,9 +64,9 @@ class EvaluateSettings(RunSettings):
             raise ValueError("give either a checkpoint folder or a registry version to evaluate, not both")
         return self
 
-    def _typed_overrides(self) -> list[str]:
-        extra = [] if self.max_tasks is None else [f"evaluation.max_tasks={self.max_tasks}"]
-        return extra + super()._typed_overrides()
+    def typed_values(self) -> dict[str, Any]:
+        extra = {} if self.max_tasks is None else {"evaluation.max_tasks": self.max_tasks}
+        return {**extra, **super().typed_values()}
 
 
 @dataclass(frozen=True)

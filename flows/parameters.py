@@ -2,14 +2,16 @@
 
 Each settings model names the config fields people change most often as typed fields with
 descriptions (left empty = the config file's value), plus free `section.field=value`
-overrides for everything else (see rl_core/config.py for every field). `to_overrides()`
-turns the form into the override list `load_config` applies, the typed fields last so that
+overrides for everything else (see rl_core/config.py for every field). `load()` builds the
+config: the free overrides are read as text by their field's type (`apply_overrides`), and
+the typed fields (`typed_values()`) are handed over as the values they already are, never
+written out as text and parsed again (run_id "2024" stays the string "2024"), last so that
 they win.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,16 +28,14 @@ class RunSettings(BaseModel):
     run_dir: str | None = Field(None, description="Folder for all runtime output (storage.run_dir; empty: the config's, 'runs' by default).")
     overrides: list[str] = Field(default_factory=list, description="Any other config field as section.field=value, e.g. rollout.max_turns=4.")
 
-    def _typed_overrides(self) -> list[str]:
+    def typed_values(self) -> dict[str, Any]:
+        """Dotted config field -> value of every typed field that is set (empty fields are left out)."""
         pairs = {"storage.run_id": self.run_id, "storage.run_dir": self.run_dir}
-        return [f"{key}={value}" for key, value in pairs.items() if value is not None]
-
-    def to_overrides(self) -> list[str]:
-        return [*self.overrides, *self._typed_overrides()]
+        return {key: value for key, value in pairs.items() if value is not None}
 
     def load(self) -> RunConfig:
         """The RunConfig these settings describe (raises ValueError naming a bad field)."""
-        return load_config(self.config_path, self.to_overrides())
+        return load_config(self.config_path, self.overrides, self.typed_values())
 
 
 class TrainSettings(RunSettings):
@@ -51,7 +51,7 @@ class TrainSettings(RunSettings):
     ] | None = Field(None, description="How advantages come from rewards (algorithm.advantage_method).")
     on_collapse: Literal["warn", "stop", "rollback"] | None = Field(None, description="What the training doctor does when training reward collapses (doctor.on_collapse).")
 
-    def _typed_overrides(self) -> list[str]:
+    def typed_values(self) -> dict[str, Any]:
         pairs = {
             "iterations": self.iterations,
             "optimizer.lr": self.learning_rate,
@@ -61,4 +61,4 @@ class TrainSettings(RunSettings):
             "algorithm.advantage_method": self.advantage_method,
             "doctor.on_collapse": self.on_collapse,
         }
-        return [f"{key}={value}" for key, value in pairs.items() if value is not None] + super()._typed_overrides()
+        return {**{key: value for key, value in pairs.items() if value is not None}, **super().typed_values()}
