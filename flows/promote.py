@@ -8,7 +8,11 @@
   `turnstile-evaluate` subflow run) and compared with the champion's pass@1 on the same tasks
   (its recorded score when it was measured on that task set, else re-evaluated the same way);
   `gate.*` of the config decides, and the decision and its reasons are recorded either way.
-Promoting the current champion changes nothing.
+Promoting the current champion changes nothing. Either way the promotion is compare-and-set on
+the champion the decision was made against (tasks/promote.py): when another promotion or a
+rollback changed the champion in between, the version is decided again against the new one
+(gated: its pass@1 on the same tasks; by hand: the same request, now replacing the new
+champion) and the reasons say so.
 
 `rollback_flow` ("turnstile-rollback") makes `previous` the champion again (the demoted
 champion becomes `previous`); it refuses when there is no `previous`.
@@ -19,6 +23,7 @@ registry logic lives in tasks/promote.py and tasks/gate.py; these flows only cho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -31,7 +36,7 @@ from flows.evaluate import EvaluateSettings, RegistryVersion, evaluate_flow, rea
 from flows.parameters import RunSettings
 from rl_core.config import RunConfig
 from tasks.gate import GateDecision, gate_candidate
-from tasks.promote import champion_task, promote_task, rollback_task
+from tasks.promote import champion_task, champion_version_task, promote_task, rollback_task, settle_promotion
 
 
 class RegistrySettings(RunSettings):
@@ -64,35 +69,47 @@ class RollbackSettings(RegistrySettings):
     reason: str | None = Field(None, description="Why: logged and published with the rollback.")
 
 
-def _champion_pass_at_1(settings: PromoteSettings, cfg: RunConfig, candidate: dict[str, Any]) -> float | None:
-    """The champion's pass@1 on the candidate's evaluated tasks (None without a champion)."""
+def _champion_pass_at_1(settings: PromoteSettings, cfg: RunConfig, candidate: dict[str, Any]) -> tuple[str | None, float | None]:
+    """The champion's registry version and its pass@1 on the candidate's evaluated tasks ((None, None) without a champion)."""
     champion, champion_tasks = champion_task(cfg)
     if champion is None:
-        return None
+        return None, None
     if champion_tasks == candidate["eval_tasks_hash"]:
-        return champion.pass_at_1
-    return evaluate_flow(settings.evaluation(int(champion.version)))["pass_at_1"]
+        return champion.version, champion.pass_at_1
+    return champion.version, evaluate_flow(settings.evaluation(int(champion.version)))["pass_at_1"]
 
 
-def _gated_decision(settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion) -> GateDecision:
+def _gated_decider(settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion) -> Callable[[], GateDecision]:
+    """Evaluate the version once; return a function that gates it against the champion of the moment."""
     candidate = evaluate_flow(settings.evaluation(settings.version))
-    champion = _champion_pass_at_1(settings, cfg, candidate)
-    decision = gate_candidate(candidate["pass_at_1"], champion, cfg.gate, label=f"version {registered.version}")
-    if not settings.reason:
+
+    def decide_now() -> GateDecision:
+        champion_version, champion = _champion_pass_at_1(settings, cfg, candidate)
+        decision = gate_candidate(candidate["pass_at_1"], champion, cfg.gate, champion_version=champion_version, label=f"version {registered.version}")
+        if not settings.reason:
+            return decision
+        return replace(decision, reasons=[*decision.reasons, f"requested because: {settings.reason}"])
+
+    return decide_now
+
+
+def _manual_decider(settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion) -> Callable[[], GateDecision]:
+    """A function that makes the by-hand decision against the champion of the moment."""
+
+    def decide_now() -> GateDecision:
+        reasons = [f"promoted by hand without the gate: {settings.reason or 'no reason given'}"]
+        recorded = float("nan") if registered.pass_at_1 is None else registered.pass_at_1
+        decision = GateDecision(
+            True, reasons, candidate_pass_at_1=recorded, floor=cfg.gate.min_pass_at_1, champion_version=champion_version_task(cfg)
+        )
+        create_markdown_artifact(
+            key="gate-decision",
+            markdown=f"# Promotion: version {registered.version} promoted by hand\n\n{reasons[0]}",
+            description=f"Version {registered.version} promoted by hand",
+        )
         return decision
-    return replace(decision, reasons=[*decision.reasons, f"requested because: {settings.reason}"])
 
-
-def _manual_decision(settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion) -> GateDecision:
-    reasons = [f"promoted by hand without the gate: {settings.reason or 'no reason given'}"]
-    recorded = float("nan") if registered.pass_at_1 is None else registered.pass_at_1
-    decision = GateDecision(True, reasons, candidate_pass_at_1=recorded, floor=cfg.gate.min_pass_at_1)
-    create_markdown_artifact(
-        key="gate-decision",
-        markdown=f"# Promotion: version {registered.version} promoted by hand\n\n{reasons[0]}",
-        description=f"Version {registered.version} promoted by hand",
-    )
-    return decision
+    return decide_now
 
 
 @flow(name="turnstile-promote")
@@ -104,10 +121,11 @@ def promote_flow(settings: PromoteSettings) -> dict[str, Any]:
     if registered.is_champion:
         get_run_logger().info("%s version %s is already the champion; nothing to do", registered.name, registered.version)
         return {**outcome, "verdict": "unchanged", "reasons": ["it is already the champion"]}
-    decide = _gated_decision if settings.gate else _manual_decision
-    decision = decide(settings, cfg, registered)
-    promote_task(cfg, registered.version, decision)
-    return {**outcome, "verdict": decision.verdict, "reasons": decision.reasons}
+    decide_now = (_gated_decider if settings.gate else _manual_decider)(settings, cfg, registered)
+    decision, result = settle_promotion(
+        lambda d: promote_task(cfg, registered.version, d, d.champion_version), decide_now, decide_now()
+    )
+    return {**outcome, "verdict": decision.verdict, "reasons": decision.reasons, "champion": result.champion}
 
 
 @flow(name="turnstile-rollback")

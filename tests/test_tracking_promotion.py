@@ -104,8 +104,10 @@ def register(client, cfg, tracker, tmp_path, step: int, pass_at_1: float, tasks=
 
 def gate_and_promote(client, version: str, candidate: float, floor: float = 0.0) -> GateDecision:
     current = champion(client, MODEL)
-    decision = decide(candidate, current.pass_at_1 if current else None, GateConfig(min_pass_at_1=floor))
-    promote(client, MODEL, version, decision)
+    decision = decide(
+        candidate, current.pass_at_1 if current else None, GateConfig(min_pass_at_1=floor), champion_version=current.version if current else None
+    )
+    assert promote(client, MODEL, version, decision, decision.champion_version).applied
     return decision
 
 
@@ -305,8 +307,10 @@ def test_first_candidate_becomes_champion_and_the_next_better_one_moves_it_to_pr
     assert tags["gate.decision"] == "promoted"
     assert any("beats the champion" in reason for reason in json.loads(tags["gate.reasons"]))
 
-    promote(client, MODEL, second, decide(0.6, None, GateConfig()))  # repeated: previous must not become itself
+    repeated = promote(client, MODEL, second, decide(0.6, 0.4, GateConfig(), champion_version=first), first)
+    assert repeated.applied and repeated.champion == second  # already applied: previous must not become itself
     assert aliases(client) == {CHAMPION_ALIAS: second, PREVIOUS_ALIAS: first}
+    assert client.get_model_version(MODEL, second).tags["gate.champion_version"] == first
 
 
 def test_rejected_candidate_keeps_the_aliases_and_carries_the_decision(cfg, tracker, client, tmp_path):
@@ -391,8 +395,8 @@ def test_prefect_tasks_retry_transient_failures_and_publish_the_gate(prefect_har
         log_metrics_task.with_options(retry_delay_seconds=0)(tracker, {"val/pass_at_1": 0.5}, 0)
         version = register_checkpoint_task(cfg, tracker, make_checkpoint(tmp_path, 1), {"pass_at_1": 0.5})
         current, _ = champion_task(cfg)
-        decision = gate_candidate(0.5, current.pass_at_1 if current else None, cfg.gate)
-        promote_task(cfg, version, decision)
+        decision = gate_candidate(0.5, current.pass_at_1 if current else None, cfg.gate, champion_version=current.version if current else None)
+        assert promote_task(cfg, version, decision, decision.champion_version).applied
         refused = rollback_task(cfg, return_state=True)
         end_tracking(tracker)
         return version, decision, refused.result(raise_on_failure=False)
