@@ -45,7 +45,7 @@ from tasks.curves import publish_curves_task
 from tasks.doctor import DoctorVerdict, examine_step_task, publish_findings_task
 from tasks.evaluate import evaluate_checkpoint_task, evaluate_task
 from tasks.gate import GateDecision, gate_candidate
-from tasks.promote import champion_task, download_champion_task, promote_task, register_checkpoint_task
+from tasks.promote import PromotionResult, champion_task, download_champion_task, promote_task, register_checkpoint_task, settle_promotion
 from tasks.tracking import Tracker, end_tracking, log_metrics_task, log_validation_report_task, start_tracking, task_set_hash, tracking_uri
 from tasks.train import train_step_task
 from tasks.validate import report_path, stored_report, validate_trajectories
@@ -236,31 +236,49 @@ def _final_evaluation(run: TrainingRun, tracker: Tracker, progress: _Progress, b
 # -- gate -------------------------------------------------------------------------------------
 
 
-def _champion_pass_at_1(run: TrainingRun, candidate: Candidate) -> float | None:
-    """The champion's pass@1 on the candidate's tasks (re-evaluated when measured on other tasks)."""
+def _champion_pass_at_1(run: TrainingRun, candidate: Candidate) -> tuple[str | None, float | None]:
+    """The champion's registry version and its pass@1 on the candidate's tasks (re-evaluated when
+    measured on other tasks); (None, None) without a champion."""
     champion, champion_tasks = champion_task(run.cfg)
-    if champion is None or champion.version == candidate.version:
-        return None if champion is None else champion.pass_at_1
-    if champion_tasks == task_set_hash(candidate.report.task_success):
-        return champion.pass_at_1
+    if champion is None:
+        return None, None
+    if champion.version == candidate.version or champion_tasks == task_set_hash(candidate.report.task_success):
+        return champion.version, champion.pass_at_1
     with tempfile.TemporaryDirectory(prefix="turnstile-champion-") as scratch:
         folder = download_champion_task(run.cfg, scratch)
-        return evaluate_checkpoint_task(run, str(folder)).pass_at_1
+        return champion.version, evaluate_checkpoint_task(run, str(folder)).pass_at_1
 
 
 def _gate(run: TrainingRun, progress: _Progress) -> tuple[Candidate | None, GateDecision | None]:
-    """Gate the best candidate once per run: a re-run re-applies the recorded decision (idempotent)."""
+    """Gate the best candidate once per run, and promote it by compare-and-set on the champion.
+
+    The decision is recorded (gate.json, with the champion version it was made against) before
+    it is applied; a re-run re-applies the recorded decision, through the same compare-and-set.
+    When the champion changed since the decision (another run promoted, or a rollback), the
+    candidate is decided again against the new champion (`settle_promotion`), and that decision
+    is recorded and applied instead."""
     if not progress.candidates:
         get_run_logger().warning("No candidate to gate: no training step was taken (every batch failed validation).")
         return None, None
     best = max(progress.candidates, key=lambda c: (c.report.pass_at_1, c.step))
+    label = f"version {best.version} (step {best.step})"
+
+    def decide_now() -> GateDecision:
+        champion_version, champion_pass_at_1 = _champion_pass_at_1(run, best)
+        return gate_candidate(best.report.pass_at_1, champion_pass_at_1, run.cfg.gate, champion_version=champion_version, label=label)
+
+    def record_and_promote(decision: GateDecision) -> PromotionResult:
+        record = {"version": best.version, "step": best.step, "decision": decision.as_dict()}
+        if run_records.load_gate(run.run_dir) != record:
+            run_records.save_gate(run.run_dir, record)
+        return promote_task(run.cfg, best.version, decision, decision.champion_version)
+
     recorded = run_records.load_gate(run.run_dir)
     if recorded is not None and recorded["version"] == best.version:
         decision = GateDecision(**{k: v for k, v in recorded["decision"].items() if k != "verdict"})
     else:
-        decision = gate_candidate(best.report.pass_at_1, _champion_pass_at_1(run, best), run.cfg.gate, label=f"version {best.version} (step {best.step})")
-        run_records.save_gate(run.run_dir, {"version": best.version, "step": best.step, "decision": decision.as_dict()})
-    promote_task(run.cfg, best.version, decision)
+        decision = decide_now()
+    decision, _ = settle_promotion(record_and_promote, decide_now, decision)
     return best, decision
 
 
