@@ -2,8 +2,13 @@
 
 The trainer (trainer.py) runs forward passes through `backend.model`, and calls
 `backend.zero_grad()`, `backend.backward(loss)` once per micro-batch, then one
-`backend.step()`, which clips the gradient norm to `optimizer.grad_clip`, takes the AdamW
-step and returns the gradient norm before clipping. `backend.optimizer` has torch's
+`backend.step()` per optimizer step, which clips the gradient norm to `optimizer.grad_clip`,
+takes the AdamW step and returns the gradient norm before clipping. A step whose gradient norm
+is not finite (NaN or inf) is never applied: `step()` then drops the gradients, leaves the
+weights and the optimizer state (AdamW's exp_avg, exp_avg_sq, step count) untouched and
+returns that non-finite norm, so "the returned norm is finite" means "the step was applied".
+`backend.discard()` drops the accumulated gradients without stepping (the trainer's answer to
+a non-finite loss). `backend.optimizer` has torch's
 `state_dict()` / `load_state_dict()` in torch AdamW's own per-parameter format, whatever the
 backend, so checkpoints (checkpoint.py) move between backends.
 
@@ -25,6 +30,7 @@ backend, so checkpoints (checkpoint.py) move between backends.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from typing import Any
@@ -49,10 +55,24 @@ class TorchBackend:
         loss.backward()
 
     def step(self) -> float:
-        """Clip the accumulated gradient to `grad_clip`, step; returns the norm before clipping."""
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        """Clip the accumulated gradient to `grad_clip`, step; returns the norm before clipping.
+
+        With a non-finite norm nothing is stepped: the gradients are dropped and the norm returned.
+        (`clip_grad_norm_` is exactly `get_total_norm` then `clip_grads_with_norm_`.)
+        """
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        norm = float(total)
+        if not math.isfinite(norm):
+            self.zero_grad()
+            return norm
+        torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, total)
         self.optimizer.step()
         return norm
+
+    def discard(self) -> None:
+        """Drop the accumulated gradients without stepping."""
+        self.zero_grad()
 
 
 def single_process_env() -> None:
@@ -146,15 +166,39 @@ class DeepSpeedBackend:
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> float:
-        """Reduce, clip (`gradient_clipping`), step; returns the norm before clipping."""
+        """Reduce, clip (`gradient_clipping`), step; returns the norm before clipping.
+
+        A non-finite norm is not stepped: without ZeRO the norm is checked here first; ZeRO 1-3
+        check it themselves (their overflow check: the step is skipped and the gradient
+        buffers cleared), reported as an infinite norm.
+        """
         norm = None
         if self.zero_stage == 0:  # DeepSpeed clips but does not report the norm without ZeRO
             grads = [p.grad for p in self.params if p.grad is not None]
             norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(norm):
+                self.zero_grad()
+                return norm
         self.engine.step()
-        if not self.engine.was_step_applied():  # pragma: no cover - fp32 has no overflow skips
-            raise RuntimeError("DeepSpeed skipped the optimizer step")
+        if not self.engine.was_step_applied():  # ZeRO's overflow check found a non-finite gradient
+            self.zero_grad()
+            return math.inf
         return norm if norm is not None else float(self.engine.get_global_grad_norm())
+
+    def discard(self) -> None:
+        """Drop the accumulated gradients without stepping.
+
+        ZeRO 1-3 also keep reduced gradients in their own buffers, which only their `step()`
+        clears; a NaN gradient on every weight makes that step their overflow skip, which
+        drops everything and changes neither weights nor optimizer state.
+        """
+        if self.zero_stage > 0:
+            poison = sum((p * math.nan).sum() for p in self.params)
+            self.engine.backward(poison, scale_wrt_gas=False)
+            self.engine.step()
+            if self.engine.was_step_applied():  # pragma: no cover - DeepSpeed's overflow check changed
+                raise RuntimeError("DeepSpeed applied a step with NaN gradients while discarding them")
+        self.zero_grad()
 
 
 class ZeroAdamWState:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 from rl_core.config import RunConfig
 
-SYMPTOMS = ("reward_flat", "zero_adv_groups", "reward_hacking", "reward_collapse", "token_cap", "grad_norm_pinned")
+SYMPTOMS = ("reward_flat", "zero_adv_groups", "reward_hacking", "reward_collapse", "token_cap", "grad_norm_pinned", "nonfinite_step")
 
 REWARD = "rollout/reward/mean"
 ZERO_ADV = "analysis/zero_adv_groups"
@@ -40,6 +40,7 @@ ZERO_ADV_ALL_WRONG = "analysis/zero_adv_groups/all_wrong"
 TOKEN_CAP = "rollout/finish/token_cap"
 GRAD_NORM = "train/grad_norm"
 VAL_PASS_AT_1 = "val/pass_at_1"
+NONFINITE_STEP = "train/nonfinite_step"
 
 # reward_flat: "not moved" = the fitted linear change since the first step is within this many
 # standard errors of zero; reward_hacking: the training reward's rise must exceed as many.
@@ -80,7 +81,7 @@ def diagnose(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> list[Fin
     if not cfg.doctor.enabled or not history:
         return []
     step = _latest_step(history)
-    checks = (_reward_flat, _zero_adv_groups, _reward_hacking, _reward_collapse, _token_cap, _grad_norm_pinned)
+    checks = (_reward_flat, _zero_adv_groups, _reward_hacking, _reward_collapse, _token_cap, _grad_norm_pinned, _nonfinite_step)
     return [finding for check in checks if (finding := check(history, cfg, step)) is not None]
 
 
@@ -220,15 +221,24 @@ def _reward_collapse(history, cfg: RunConfig, step: int) -> Finding | None:
 
 
 def _collapse_advice(cfg: RunConfig) -> str:
-    """CISPO on off-policy data: go on-policy first, then PPO's clipping. Otherwise a smaller step:
-    a synchronous run takes one optimizer step per batch it sampled, so the ratio pi_new/pi_old is
-    about 1, CISPO's weights and PPO's clip change nothing, and only the step size is left."""
-    a, lr = cfg.algorithm, cfg.optimizer.lr
+    """CISPO on off-policy data: go on-policy first, then PPO's clipping. CISPO with several optimizer
+    steps per batch (mini-batches / epochs): the ratio moves within the batch, so PPO's clip acts.
+    Otherwise a smaller step: a synchronous run taking one optimizer step per batch it sampled has a
+    ratio pi_new/pi_old of about 1, so CISPO's weights and PPO's clip change nothing, and only the
+    step size is left."""
+    a, o, lr = cfg.algorithm, cfg.optimizer, cfg.optimizer.lr
     lower_lr = f"lower optimizer.lr (now {lr:.2g}, e.g. to {lr / 3:.2g})"
+    steps = o.mini_batches_per_step * o.epochs_per_batch
     if a.loss_fn == "cispo" and cfg.rollout.overlap_collection:
         return (
             "set rollout.overlap_collection=false and algorithm.max_steps_off_policy=0; if it still collapses, "
             "switch to algorithm.loss_fn=ppo with clip_low_threshold=0.8, clip_high_threshold=1.2"
+        )
+    if a.loss_fn == "cispo" and steps > 1:
+        return (
+            f"switch to algorithm.loss_fn=ppo with clip_low_threshold=0.8, clip_high_threshold=1.2: this run takes {steps} "
+            "optimizer steps per batch (optimizer.mini_batches_per_step x optimizer.epochs_per_batch), so the ratio moves "
+            f"away from 1 within a batch and PPO's clip bounds the later steps; or {lower_lr}"
         )
     if a.loss_fn == "cispo":
         return (
@@ -293,6 +303,33 @@ def _grad_norm_pinned(history, cfg: RunConfig, step: int) -> Finding | None:
             f"(mean norm {_mean(norms):.3g}): every update is clipped, so the step size is set by the clip, not the gradient."
         ),
         first_change=f"lower optimizer.lr (now {cfg.optimizer.lr:.2g}, e.g. to {cfg.optimizer.lr / 3:.2g})",
+    )
+
+
+def _nonfinite_step(history, cfg: RunConfig, step: int) -> Finding | None:
+    """The latest step skipped optimizer steps whose loss or gradient norm was NaN or infinite."""
+    skipped = history[-1].get(NONFINITE_STEP)
+    if not _is_number(skipped) or skipped <= 0:
+        return None
+    earlier = sum(1 for _, value in _series(history[:-1], NONFINITE_STEP) if value > 0)
+    return Finding(
+        symptom="nonfinite_step", step=step, metric=NONFINITE_STEP, value=float(skipped), threshold=0.0,
+        message=(
+            f"{skipped:g} optimizer step(s) of this iteration had a non-finite loss or gradient norm and were skipped "
+            f"(weights and optimizer state unchanged; {earlier} earlier step(s) of the run had the same)."
+        ),
+        first_change=_nonfinite_advice(cfg),
+    )
+
+
+def _nonfinite_advice(cfg: RunConfig) -> str:
+    """A non-finite loss comes from the batch (behaviour log-probs, rewards) or from an overflowing update."""
+    o, p = cfg.optimizer, cfg.policy
+    precision = f"; train in policy.dtype=float32 or bfloat16 instead of {p.dtype}" if p.dtype == "float16" else ""
+    return (
+        "read this iteration's validation report and stored trajectories for non-finite behavior_logprobs or rewards "
+        "(a sampler or environment fault); if the batch is clean the update overflowed: lower optimizer.lr "
+        f"(now {o.lr:.2g}, e.g. to {o.lr / 3:.2g}) and keep optimizer.grad_clip (now {o.grad_clip:g}) at 1 or below{precision}"
     )
 
 

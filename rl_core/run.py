@@ -115,7 +115,8 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.envs = load_environments(cfg)
         self.policy = policy or load_start_policy(cfg)
-        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer, reference=self._reference_model(), trainer_cfg=cfg.trainer)
+        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer, reference=self._reference_model(), trainer_cfg=cfg.trainer,
+                               temperature=cfg.rollout.temperature)  # for episodes without a sampling record
         self.tasks = TaskSampler(self.envs, cfg.environment.train_split, cfg.seed)
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
         self._work: dict[tuple[int, int], list[tuple[Environment, Task]]] = {}
