@@ -6,7 +6,9 @@ Layout under `<storage.run_dir>/<run_id>/`:
   train metrics, and "rollback_to" when the training doctor rolled the policy back after it;
 - `evaluations/step-000010.json`: one held-out evaluation per evaluated step, with the
   registry version once the step's checkpoint is registered;
-- `gate.json`: the gate's decision for the run's candidate;
+- `gate.json`: the gate's decision for the run's candidate ("version", "step", "decision"), with
+  the champion version it was made against (`decision.champion_version`), so that a re-run
+  re-applying it promotes only by compare-and-set on that champion (tasks/promote.py);
 - `sampling/iteration-000003.pt`: where sampling stood (random generators, task sampler) right
   after the iteration's batch was collected, saved before the batch is committed, so that a
   re-run reusing the batch continues exactly as if it had collected it.

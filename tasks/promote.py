@@ -51,7 +51,7 @@ Where the lock lives, and what that guarantees, depends on the store:
   (`<tempdir>/turnstile-promotion-<hash of the URI>.lock`), so promoters on one machine get the
   guarantee above. Across machines it is **read-check-set with a re-read after setting**: the
   lost-update window is from our read of the champion to the end of our alias writes (three
-  requests). If another machine's promoter writes in that window and its read-back comes
+  requests: read `champion`, set `previous`, set `champion`). If another machine's promoter writes in that window and its read-back comes
   before our write, our write replaces its champion unnoticed by either side (a better
   champion can be replaced by a worse one, and `previous` names the champion we read). Any
   other overlap is detected: whoever reads back a champion other than its own returns
@@ -343,18 +343,20 @@ def promote(
     expected = None if expected_champion is None else str(expected_champion)
     with promotion_lock(registry_uri(client)):
         current = _aliases(client, name).get(CHAMPION_ALIAS)
-        if decision.promote and current not in (expected, version):
-            return PromotionResult(applied=False, champion=current, expected=expected)
+        if decision.promote and current != version:
+            if current != expected:
+                return PromotionResult(applied=False, champion=current, expected=expected)
+            if current is not None:
+                client.set_registered_model_alias(name, PREVIOUS_ALIAS, current)
+            client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+            current = _aliases(client, name).get(CHAMPION_ALIAS)  # read back: a writer outside this lock may have moved it
+            if current != version:
+                return PromotionResult(applied=False, champion=current, expected=expected)
+        # recorded after the aliases moved (a crash in between is repaired by repeating: the candidate is champion by then)
         client.set_model_version_tag(name, version, DECISION_TAG, decision.verdict)
         client.set_model_version_tag(name, version, REASONS_TAG, _tag_value(decision.reasons))
         client.set_model_version_tag(name, version, AGAINST_TAG, "none" if expected is None else expected)
-        if not decision.promote or current == version:
-            return PromotionResult(applied=True, champion=current, expected=expected)
-        if current is not None:
-            client.set_registered_model_alias(name, PREVIOUS_ALIAS, current)
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-        after = _aliases(client, name).get(CHAMPION_ALIAS)  # a writer outside this lock may have moved it
-        return PromotionResult(applied=after == version, champion=after, expected=expected)
+        return PromotionResult(applied=True, champion=current, expected=expected)
 
 
 def settle_promotion(

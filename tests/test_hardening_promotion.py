@@ -177,16 +177,16 @@ def test_two_promotions_racing_for_the_lock_apply_one_after_the_other(cfg, regis
     the lock both would apply (and the one writing last would win, whichever it is). With it,
     exactly one applies first, the other finds the winner and decides again against it, and the
     better model ends as champion."""
-    real_set_tag = MlflowClient.set_model_version_tag
+    real_set_alias = MlflowClient.set_registered_model_alias
     stalled = threading.Event()
 
     def stall_the_first_writer(self, *args, **kwargs):
         if not stalled.is_set():
             stalled.set()
             time.sleep(1.0)
-        return real_set_tag(self, *args, **kwargs)
+        return real_set_alias(self, *args, **kwargs)
 
-    monkeypatch.setattr(MlflowClient, "set_model_version_tag", stall_the_first_writer)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", stall_the_first_writer)
     start = threading.Barrier(2)
     first_attempts: dict[str, PromotionResult] = {}
     outcomes: dict[str, tuple[GateDecision, PromotionResult]] = {}
