@@ -48,13 +48,54 @@ class PolicyConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Low-rank adaptation (LoRA) of the policy; off by default.")
 
 
+class EnvironmentEntry(_Section):
+    """One entry of `environment.domains` that carries its own constructor arguments."""
+
+    name: str = Field(min_length=1, description="Built-in SOP domain name, or 'package.module:Class' path of your own Environment class.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for this entry's class (class paths only: built-in domains take none).")
+
+
 class EnvironmentConfig(_Section):
-    domains: list[str] = Field(default_factory=lambda: ["refunds", "inventory", "access"], min_length=1, description="Built-in SOP domain names, or 'package.module:Class' paths of your own Environment classes.")
+    """The environments and the prompt side of the context budget.
+
+    Each entry of `domains` is checked when the config is built (rl_core.environments.
+    check_environment): a class path must import, name an Environment subclass and accept its
+    keyword arguments; a domain name must exist. A failure raises ValueError naming the entry,
+    e.g. `environment.domains[1]`.
+    """
+
+    domains: list[str | EnvironmentEntry] = Field(
+        default_factory=lambda: ["refunds", "inventory", "access"],
+        min_length=1,
+        description="The environments: a built-in SOP domain name or a 'package.module:Class' path of your own Environment class, or a mapping {name: ..., kwargs: {...}} that gives that class its own constructor arguments.",
+    )
     domains_dir: str | None = Field(None, description="Folder holding SOP domains; default: the shipped data/domains.")
-    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to environment classes given by class path.")
-    prompt_tokens: int = Field(192, gt=0, description="Budget for the prompt (system + task) in tokens; longer prompts end the episode as context_overflow.")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for every class-path entry of environment.domains written as a plain string (a mapping entry uses its own kwargs instead; built-in domains take none).")
+    prompt_tokens: int = Field(192, gt=0, description="Longest prompt in tokens (system and task turns with their role markers: the trajectory's prompt_tokens); an episode whose prompt is longer ends as context_overflow before any generation.")
     expected_tool_output: int = Field(40, ge=0, description="Tokens budgeted per environment turn (tool result plus role markers).")
     train_split: str = Field("train", description="Split the training tasks come from.")
+
+    def entries(self) -> list[tuple[str, dict[str, Any]]]:
+        """(name, constructor keyword arguments) for each entry of `domains`, in order."""
+        out = []
+        for entry in self.domains:
+            if isinstance(entry, EnvironmentEntry):
+                out.append((entry.name, dict(entry.kwargs)))
+            else:
+                out.append((entry, dict(self.env_kwargs) if ":" in entry else {}))
+        return out
+
+    @model_validator(mode="after")
+    def _environments_load(self) -> "EnvironmentConfig":
+        from rl_core.environments import check_environment
+
+        domains_dir = Path(self.domains_dir) if self.domains_dir else None
+        for index, (name, kwargs) in enumerate(self.entries()):
+            try:
+                check_environment(name, kwargs, domains_dir)
+            except ValueError as err:
+                raise ValueError(f"environment.domains[{index}] ({name!r}): {err}") from None
+        return self
 
 
 class RolloutConfig(_Section):

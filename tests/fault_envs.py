@@ -72,3 +72,65 @@ class CollapsingDomain(_WrappedDomain):
             return session
         self.trained += 1
         return session if self.trained <= self.healthy_episodes else _ZeroRewardSession(session)
+
+
+class _NonFiniteSession(EnvSession):
+    """Plays the inner session, but its final reward (or one reward component) is `value`."""
+
+    def __init__(self, inner: EnvSession, value: float, component: str | None):
+        self.inner, self.value, self.component = inner, value, component
+
+    def _spoil(self, reward: float, components: dict[str, float]) -> tuple[float, dict[str, float]]:
+        if self.component is None:
+            return self.value, components
+        return reward, {**components, self.component: self.value}
+
+    def step(self, action_text: str) -> StepResult:
+        result = self.inner.step(action_text)
+        if result.done:
+            result.reward, result.reward_components = self._spoil(result.reward, dict(result.reward_components))
+        return result
+
+    def finish(self) -> tuple[float, dict[str, float]]:
+        return self._spoil(*self.inner.finish())
+
+
+class NonFiniteRewardDomain(_WrappedDomain):
+    """A built-in SOP domain whose every `every`-th episode ends with a non-finite reward:
+    `value` ("nan", "inf" or "-inf") as the reward, or as reward component `component` when given."""
+
+    def __init__(self, domain: str = "refunds", every: int = 4, value: str = "nan", component: str | None = None):
+        super().__init__(domain)
+        self.every, self.value, self.component = every, float(value), component
+        self.started = 0
+
+    def start(self, task: Task) -> EnvSession:
+        self.started += 1
+        session = self.inner.start(task)
+        return _NonFiniteSession(session, self.value, self.component) if self.started % self.every == 0 else session
+
+
+class _HalfEmojiSession(EnvSession):
+    """Plays the inner session, but every observation ends with half an emoji (a lone surrogate)."""
+
+    def __init__(self, inner: EnvSession):
+        self.inner = inner
+
+    def step(self, action_text: str) -> StepResult:
+        result = self.inner.step(action_text)
+        if result.observation is not None:
+            result.observation += " \ud83d"  # what json.loads('"\\ud83d"') gives: not valid Unicode
+        return result
+
+    def finish(self) -> tuple[float, dict[str, float]]:
+        return self.inner.finish()
+
+
+class HalfEmojiDomain(_WrappedDomain):
+    """A built-in SOP domain whose tool answers end with a lone UTF-16 surrogate ("\\ud83d")."""
+
+    def __init__(self, domain: str = "refunds"):
+        super().__init__(domain)
+
+    def start(self, task: Task) -> EnvSession:
+        return _HalfEmojiSession(self.inner.start(task))

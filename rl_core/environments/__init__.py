@@ -3,11 +3,15 @@
 `load_environment(name)` turns a config entry into an Environment: a "package.module:Class"
 path is imported and instantiated with the keyword arguments (a user's own environment,
 no Turnstile edits needed); any other name is a built-in SOP domain folder under
-`domains_dir` (default: the shipped data/domains).
+`domains_dir` (default: the shipped data/domains). `check_environment` checks the same
+without building anything (the class imports and its constructor accepts the arguments),
+so a config can be checked when it is built.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ __all__ = [
     "StepResult",
     "Task",
     "available_domains",
+    "check_environment",
     "load_environment",
 ]
 
@@ -50,6 +55,35 @@ def load_environment(name: str, domains_dir: Path | None = None, **kwargs: Any) 
     if name not in available:
         raise ValueError(f"unknown environment {name!r}: available domains in {root} are {available}; a class of your own is given as 'package.module:ClassName'")
     return SOPEnvironment(root / name)
+
+
+def check_environment(name: str, kwargs: Mapping[str, Any] | None = None, domains_dir: Path | None = None) -> None:
+    """Check that `load_environment(name, domains_dir, **kwargs)` can build, without building it.
+
+    A class path must import, name an Environment subclass, and its constructor must accept
+    `kwargs` (bound against `inspect.signature` of the class: unknown and missing arguments
+    are both caught; what the constructor itself does is not run). A domain name must exist
+    under `domains_dir` and, given explicitly with arguments, is refused: built-in domains
+    take none. Raises ValueError saying what is wrong.
+    """
+    kwargs = dict(kwargs or {})
+    if ":" not in name:
+        root = Path(domains_dir) if domains_dir is not None else DOMAINS_DIR
+        available = available_domains(root)
+        if name not in available:
+            raise ValueError(f"unknown environment {name!r}: available domains in {root} are {available}; a class of your own is given as 'package.module:ClassName'")
+        if kwargs:
+            raise ValueError(f"built-in domain {name!r} takes no keyword arguments, got {sorted(kwargs)}")
+        return
+    cls = _load_class(name)
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # no introspectable constructor: nothing to check it against
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{cls.__name__}{signature} does not accept the keyword arguments {kwargs}: {err}") from None
 
 
 def _load_class(spec: str) -> type[Environment]:
