@@ -195,6 +195,7 @@ class ValidationConfig(_Section):
     max_token_cap_frac: float = Field(0.05, ge=0, le=1, description="Most episodes that may end at the per-turn token cap.")
     max_turns_unanswered_frac: float = Field(0.10, ge=0, le=1, description="Most episodes that may hit max_turns without an answer.")
     max_env_error_frac: float = Field(0.01, ge=0, le=1, description="Most episodes that may end in a permanent environment failure (above it: an environment bug).")
+    max_context_overflow_frac: float = Field(0.05, ge=0, le=1, description="Most episodes that may end as context_overflow: the config's context budget should make it rare, so above it (5%, as for token-cap hits, another cut-off ending) prompts or tool outputs do not fit policy.context_window.")
 
     @model_validator(mode="after")
     def _range(self) -> "ValidationConfig":

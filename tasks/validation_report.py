@@ -3,7 +3,8 @@
 `summarize` folds the Great Expectations results of each check (run by
 `validation_suite.py` over the flat frame) into one `Check` with an observed value and a
 one-line message; `reason_sentence` names the first failed check in plain words (in
-`CHECK_ORDER`); `zero_variance_groups` is reported, not gated. `ValidationReport` is what
+`CHECK_ORDER`) and the other failed checks by name; `zero_variance_groups` is reported, not
+gated. The all-clear counts the checks actually run (`len(CHECK_ORDER)` on a readable batch). `ValidationReport` is what
 the validate task saves beside the batch and publishes.
 """
 
@@ -36,7 +37,9 @@ CHECK_ORDER = (
     "finish_reason_known",
     "env_error_rate",
     "token_cap_rate",
+    "context_overflow_rate",
     "max_turns_rate",
+    "trainable_tokens",
 )
 
 NESTED_COLUMNS = tuple(
@@ -53,9 +56,12 @@ DERIVED_COLUMNS = {
     "is_token_cap": "1.0 if finish_reason == 'token_cap'",
     "is_max_turns_unanswered": "1.0 if finish_reason == 'max_turns'",
     "is_env_error": "1.0 if finish_reason == 'env_error'",
+    "is_context_overflow": "1.0 if finish_reason == 'context_overflow'",
+    "trainable_tokens": "loss_mask == 1 tokens of the episode, 0 for env_error episodes (never trained on)",
 }
 RATE_COLUMNS = {
     "token_cap_rate": ("is_token_cap", "token_cap"),
+    "context_overflow_rate": ("is_context_overflow", "context_overflow"),
     "max_turns_rate": ("is_max_turns_unanswered", "max_turns"),
     "env_error_rate": ("is_env_error", "env_error"),
 }
@@ -153,7 +159,7 @@ def summarize(
         errors = [_exception_text(r) for r in tagged if _exception_text(r)]
         if not tagged:
             checks.append(_not_evaluated(name, frame))
-        elif frame.empty and name in RATE_COLUMNS:
+        elif frame.empty and (name in RATE_COLUMNS or name == "trainable_tokens"):
             checks.append(_unevaluated(name, "the batch is empty"))
         elif errors:
             checks.append(_unevaluated(name, f"GX raised {errors[0]}"))
@@ -180,6 +186,7 @@ def _not_evaluated(name: str, frame: pd.DataFrame) -> Check:
         "logprobs_finite": ["loss_mask", "behavior_logprobs"],
         "logprobs_nonpositive": ["loss_mask", "behavior_logprobs"],
         "reward_in_range": ["reward"],
+        "trainable_tokens": ["loss_mask"],
     }.get(name, ["finish_reason"])
     missing = [c for c in needs if c not in frame.columns]
     return _unevaluated(name, f"column(s) {', '.join(missing)} missing")
@@ -326,6 +333,27 @@ def _rate_check(name: str) -> Callable:
     return summarize_one
 
 
+def _trainable_tokens(results, frame, cfg) -> Check:
+    (result,) = results
+    total = int(frame["trainable_tokens"].sum())
+    ok = bool(result.success)
+    return Check(
+        "trainable_tokens", ok, total, ">= 1 loss_mask token outside env_error episodes",
+        f"{total} trainable tokens (loss_mask == 1, env_error episodes left out)."
+        if ok
+        else f"No trainable tokens: no episode outside env_error holds a generated token (loss_mask == 1); "
+        f"{_finish_reason_counts(frame)}.",
+    )
+
+
+def _finish_reason_counts(frame: pd.DataFrame) -> str:
+    """'finish reasons: 8 context_overflow, 2 env_error' over the batch (most common first)."""
+    if "finish_reason" not in frame.columns or frame.empty:
+        return "no finish reasons recorded"
+    counts = frame["finish_reason"].fillna("null").value_counts()
+    return "finish reasons: " + ", ".join(f"{int(n)} {reason}" for reason, n in counts.items())
+
+
 _SUMMARIZERS: dict[str, Callable] = {
     "batch_not_empty": _batch_not_empty,
     "columns_present": _columns_present,
@@ -337,8 +365,10 @@ _SUMMARIZERS: dict[str, Callable] = {
     "reward_in_range": _reward_in_range,
     "finish_reason_known": _finish_reason_known,
     "token_cap_rate": _rate_check("token_cap_rate"),
+    "context_overflow_rate": _rate_check("context_overflow_rate"),
     "max_turns_rate": _rate_check("max_turns_rate"),
     "env_error_rate": _rate_check("env_error_rate"),
+    "trainable_tokens": _trainable_tokens,
 }
 
 
@@ -363,11 +393,22 @@ def _failure_sentence(check: Check, frame: pd.DataFrame) -> str:
             "Episodes cut off at the per-turn token cap",
             "responses run too long for rollout.max_tokens_per_turn",
         ),
+        "context_overflow_rate": (
+            "Episodes that overflowed the context window (finish_reason 'context_overflow')",
+            "prompts or tool outputs do not fit policy.context_window (check the system prompt's "
+            "length, environment.prompt_tokens and environment.expected_tool_output)",
+        ),
         "max_turns_rate": (
             "Episodes that hit max_turns without an answer",
             "the policy is not finishing within rollout.max_turns",
         ),
     }
+    if check.name == "trainable_tokens" and check.observed is not None:
+        return (
+            "The batch holds no trainable tokens: no episode outside env_error generated a token "
+            "(loss_mask == 1), so a training step would have nothing to learn from "
+            f"({_episodes(len(frame))}; {_finish_reason_counts(frame)})."
+        )
     if check.name == "env_error_rate":
         return (
             f"Permanent environment failures in {check.observed:.1%} of episodes exceed the "
@@ -416,9 +457,13 @@ def _display(value: Any) -> str:
         return ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
     return str(value)
 
+
+
 def rate_limits(cfg: ValidationConfig) -> dict[str, float]:
+    """Rate check name -> its largest allowed share of episodes, from the config."""
     return {
         "token_cap_rate": cfg.max_token_cap_frac,
+        "context_overflow_rate": cfg.max_context_overflow_frac,
         "max_turns_rate": cfg.max_turns_unanswered_frac,
         "env_error_rate": cfg.max_env_error_frac,
     }

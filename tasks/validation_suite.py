@@ -4,7 +4,10 @@ Contract: `validate_batch(table, cfg)` turns bad data into failed checks rather 
 and returns a `ValidationReport` whose `checks` hold one verdict per name in `CHECK_ORDER` and
 whose `reason` is one plain sentence naming the first failed check (or an all-clear). The
 share of groups whose rewards are all equal is reported, not gated. Thresholds come from
-`ValidationConfig`.
+`ValidationConfig`: the shares of episodes ending at the token cap, in a context overflow, at
+max_turns and in a permanent environment failure. `trainable_tokens` fails a batch without a
+single token to train on (loss_mask == 1 outside env_error episodes), e.g. one in which every
+episode overflowed its context before generating anything.
 
 How it works. GX expects flat columns, so `derive_frame` turns the Arrow table into a pandas
 frame in which every list, map or struct column appears under its own name as its length
@@ -116,7 +119,19 @@ def derive_frame(table: pa.Table) -> pd.DataFrame:
         reason = frame["finish_reason"]
         for column, value in RATE_COLUMNS.values():
             frame[column] = (reason == value).astype(float)  # null never equals
+    if "loss_mask" in table.column_names:
+        frame["trainable_tokens"] = _trainable_tokens(table)
     return frame
+
+
+def _trainable_tokens(table: pa.Table) -> np.ndarray:
+    """Per row: loss_mask == 1 tokens, 0 for env_error episodes (the trainer never trains on them)."""
+    mask = table.column("loss_mask").combine_chunks()
+    counts = np.bincount(_parent_rows(mask)[_flat_numbers(mask) == 1], minlength=table.num_rows)
+    if "finish_reason" in table.column_names:
+        env_error = (table.column("finish_reason").to_pandas() == "env_error").to_numpy()
+        counts[env_error] = 0
+    return counts
 
 
 def _lengths(column: pa.ChunkedArray) -> pd.Series:
@@ -232,6 +247,8 @@ def build_suite(frame: pd.DataFrame, cfg: ValidationConfig) -> gx.ExpectationSui
     for check, (column, _) in RATE_COLUMNS.items():
         if column in present:
             add(check, gxe.ExpectColumnMeanToBeBetween, column=column, max_value=limits[check])
+    if "trainable_tokens" in present:
+        add("trainable_tokens", gxe.ExpectColumnSumToBeBetween, column="trainable_tokens", min_value=1)
     # Given to the constructor: `suite.add_expectation` looks up a GX store, which needs a
     # current context; `run_suite` binds the suite to its own context.
     return gx.ExpectationSuite(name="turnstile-trajectories", expectations=expectations)

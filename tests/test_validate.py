@@ -198,8 +198,12 @@ def test_good_batch_passes_every_check(good_report):
     assert good_report.reason == f"All {len(CHECK_ORDER)} checks passed on 100 episodes."
     rates = {c.name: c.observed for c in good_report.checks if c.name.endswith("_rate")}
     assert rates == pytest.approx(
-        {"token_cap_rate": 0.04, "max_turns_rate": 0.08, "env_error_rate": 0.01}
+        {"token_cap_rate": 0.04, "context_overflow_rate": 0.0, "max_turns_rate": 0.08, "env_error_rate": 0.01}
     )
+    # every loss_mask token outside the one env_error episode (row 50) is trainable
+    episodes = good_episodes()
+    trainable = sum(sum(ep.loss_mask) for ep in episodes if ep.finish_reason != "env_error")
+    assert good_report.check("trainable_tokens").observed == trainable > 0
 
 
 def test_zero_variance_group_share(good_report, good_table):
@@ -295,6 +299,16 @@ def _bad_batches() -> dict[str, tuple[Callable[[pa.Table], pa.Table], str, list[
             "max_turns_rate",
             ["max_turns", "11.0%", "10.0% limit"],
         ),
+        "6% context_overflow": (
+            lambda t: with_endings(6, "context_overflow"),
+            "context_overflow_rate",
+            ["context window", "'context_overflow'", "6.0%", "5.0% limit", "policy.context_window"],
+        ),
+        "no trainable tokens": (
+            lambda t: with_column(t, "loss_mask", lambda masks: [[0] * len(m) for m in masks]),
+            "trainable_tokens",
+            ["no trainable tokens", "loss_mask == 1", "100 episodes", "finish reasons: 87 answered"],
+        ),
         "5% env_error": (
             lambda t: with_endings(4, "env_error", CONNECTION_TEXT),
             "env_error_rate",
@@ -337,10 +351,98 @@ def test_env_error_report_details():
     )
 
 
+def overflowed_episode(group: int, sample: int, prompt_tokens: int = 900) -> Episode:
+    """An episode whose prompt alone is longer than the context window: it ended as
+    context_overflow before the policy generated a single token (loss_mask all 0)."""
+    rng = np.random.default_rng(group * 100 + sample)
+    tokens = [int(t) for t in rng.integers(5, 300, size=prompt_tokens)]
+    return Episode(
+        run_id=RUN, iteration=1, policy_version=0, env_name="sop", task_id=f"task-{group:03d}",
+        group_id=f"g{group:03d}", sample_index=sample, tokens=tokens, loss_mask=[0] * prompt_tokens,
+        behavior_logprobs=[0.0] * prompt_tokens,
+        turns=[Turn(role="system", text="a very long procedure", start=0, end=prompt_tokens - 10),
+               Turn(role="user", text="the task", start=prompt_tokens - 10, end=prompt_tokens)],
+        reward=0.0, reward_components={}, success=False, finish_reason="context_overflow",
+        env_error=None, attempts=1, created_at=T0,
+    )
+
+
+def test_a_batch_in_which_every_episode_overflowed_fails_naming_both_checks():
+    # issue 9 item 12: a system prompt longer than policy.context_window; before, "All 13 checks passed"
+    table = episodes_to_table([overflowed_episode(g, s) for g in range(4) for s in range(4)])
+    report = validate_batch(table, CFG)
+    assert not report.passed
+    assert report.failed_checks == ["context_overflow_rate", "trainable_tokens"]
+    assert report.check("context_overflow_rate").observed == 1.0
+    assert report.check("trainable_tokens").observed == 0
+    assert report.reason == (
+        "Episodes that overflowed the context window (finish_reason 'context_overflow') make up 100.0% "
+        "of the batch, above the 5.0% limit: prompts or tool outputs do not fit policy.context_window "
+        "(check the system prompt's length, environment.prompt_tokens and environment.expected_tool_output); "
+        "also failed: trainable_tokens."
+    )
+    assert report.check("trainable_tokens").message == (
+        "No trainable tokens: no episode outside env_error holds a generated token (loss_mask == 1); "
+        "finish reasons: 16 context_overflow."
+    )
+    rows = {r["check"]: r for r in report.as_rows()}
+    assert rows["context_overflow_rate"]["status"] == rows["trainable_tokens"]["status"] == "FAILED"
+    assert rows["context_overflow_rate"]["expected"] == "<= 5.0%"
+
+
+def test_generated_tokens_only_in_env_error_episodes_are_not_trainable():
+    # 15 overflowed episodes plus one env_error episode with generated tokens: the trainer never
+    # trains on env_error, so there is still nothing to train on
+    episodes = [overflowed_episode(g, s) for g in range(4) for s in range(4)][:-1]
+    episodes.append(make_episode(3, 3, 0.0, "env_error", CONNECTION_TEXT))
+    report = validate_batch(episodes_to_table(episodes), ValidationConfig(max_env_error_frac=1.0, max_context_overflow_frac=1.0))
+    assert report.failed_checks == ["trainable_tokens"]
+    assert report.reason.startswith("The batch holds no trainable tokens")
+    assert "15 context_overflow, 1 env_error" in report.reason
+    # one overflowed episode that did generate before the window filled makes the batch trainable
+    episodes[0] = make_episode(0, 0, 0.0, "context_overflow")
+    report = validate_batch(episodes_to_table(episodes), ValidationConfig(max_env_error_frac=1.0, max_context_overflow_frac=1.0))
+    assert report.passed and report.check("trainable_tokens").observed == sum(episodes[0].loss_mask)
+
+
+def test_a_long_system_prompt_fails_the_gate_through_real_rollouts(tiny_policy):
+    # the issue's case end to end: the rollout engine ends every episode as context_overflow with
+    # 0 generated tokens, and the gate fails naming both checks
+    from rl_core.environments import load_environment
+    from rl_core.environments.base import Environment
+    from rl_core.rollout import RolloutSettings, collect_rollouts
+
+    class LongProcedure(Environment):
+        def __init__(self):
+            self.inner = load_environment("refunds")
+            self.name = self.inner.name
+
+        def system_prompt(self) -> str:
+            return self.inner.system_prompt() * 10
+
+        def tasks(self, split: str):
+            return self.inner.tasks(split)
+
+        def start(self, task):
+            return self.inner.start(task)
+
+    env = LongProcedure()
+    work = [(env, task) for task in env.tasks("train")[:2]]
+    settings = RolloutSettings(max_turns=2, max_tokens_per_turn=8, context_window=64, temperature=1.0)
+    episodes = collect_rollouts(tiny_policy, work, settings, group_size=2, run_id=RUN, iteration=1)
+    assert {ep.finish_reason for ep in episodes} == {"context_overflow"}
+    assert all(sum(ep.loss_mask) == 0 for ep in episodes)
+    report = validate_batch(episodes_to_table(episodes), CFG)
+    assert report.failed_checks == ["context_overflow_rate", "trainable_tokens"]
+
+
 def test_thresholds_come_from_the_config(good_table):
     strict = ValidationConfig(max_turns_unanswered_frac=0.05, reward_min=0.0)
     report = validate_batch(good_table, strict)
     assert report.failed_checks == ["reward_in_range", "max_turns_rate"]
+    overflows = with_endings(3, "context_overflow")  # 3% overflowed: inside 5%, outside 2%
+    assert validate_batch(overflows, CFG).passed
+    assert validate_batch(overflows, ValidationConfig(max_context_overflow_frac=0.02)).failed_checks == ["context_overflow_rate"]
     # one sentence: the first failure, then the others by name
     assert report.reason.startswith("Validation check reward_in_range failed")
     assert report.reason.endswith("; also failed: max_turns_rate.")
