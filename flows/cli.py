@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,48 +59,60 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(config_path=args.config, overrides=args.overrides)
 
 
-def prepare_environment(cfg: RunConfig) -> None:
-    """Keep Prefect's state under the run directory and its telemetry off (before importing prefect)."""
-    run_dir = Path(cfg.storage.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_HOME", str(run_dir / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bar per checkpoint saved or loaded
-    from transformers.utils import logging as transformers_logging  # already imported by the policy code
+SKIP_LABELS = {"validation": "failed validation", "trainer": "took no optimizer step"}
 
-    transformers_logging.disable_progress_bar()
+
+def _iterations_sentence(summary: dict[str, Any]) -> str:
+    """How many iterations ran, trained and were skipped (and why), from the run's iteration records."""
+    done = summary.get("iterations_run", summary["iterations"])
+    kinds = Counter(s.get("by", "validation") for s in summary["skipped"])
+    text = f"{done} of {summary['iterations']} ({summary['trained_steps']} trained"
+    if kinds:
+        text += f", {len(summary['skipped'])} skipped: " + ", ".join(f"{n} {SKIP_LABELS[k]}" for k, n in kinds.items())
+    return text + ")"
+
+
+def _pass_at_1_sentence(summary: dict[str, Any]) -> str:
+    before, after = summary["pass_at_1_before"], summary["pass_at_1_after"]
+    if not summary.get("optimizer_steps", summary["trained_steps"]):
+        return f"{before:.3f} at step 0 (no optimizer step was taken: the policy is the starting one)"
+    return f"{before:.3f} before -> {after:.3f} after"
+
+
+def _gate_sentence(summary: dict[str, Any]) -> str:
+    gate = summary["gate"]
+    if gate is None:
+        return f"no candidate: {summary.get('no_candidate') or 'no checkpoint after step 0 was evaluated'}"
+    return f"version {summary['candidate_version']} (step {summary['candidate_step']}) {gate['verdict']}: {'; '.join(gate['reasons'])}"
 
 
 def closing_summary(summary: dict[str, Any], seconds: float) -> str:
-    """What a person needs after a run: results, where things are, how to look at them."""
-    gate = summary["gate"]
-    decision = "no candidate (no training step was taken)" if gate is None else f"{gate['verdict']}: {'; '.join(gate['reasons'])}"
+    """What a person needs after a run: results, where things are, how to look at them. Every sentence
+    comes from the flow's summary, which the flow derives from the run's records (iteration records,
+    evaluations, gate decision)."""
     mlflow_uri = summary["mlflow_uri"]
+    run_dir = Path(summary["checkpoints"]).parent.parent
     lines = [
         "",
         f"Run {summary['run_id']} finished in {seconds / 60:.1f} min",
-        f"  iterations run:         {summary['iterations']} ({summary['trained_steps']} trained, {len(summary['skipped'])} skipped by validation)",
-        f"  held-out pass@1:        {summary['pass_at_1_before']:.3f} before -> {summary['pass_at_1_after']:.3f} after",
-        f"  gate:                   version {summary['candidate_version']} (step {summary['candidate_step']}) {decision}",
+        f"  iterations run:         {_iterations_sentence(summary)}",
+        *(f"    iteration {s['iteration']} {SKIP_LABELS[s.get('by', 'validation')]}: {s['reason']}" for s in summary["skipped"]),
+        f"  held-out pass@1:        {_pass_at_1_sentence(summary)}",
+        f"  gate:                   {_gate_sentence(summary)}",
         f"  Parquet trajectories:   {summary['trajectories']}",
         f"  checkpoints:            {summary['checkpoints']}",
         f"  MLflow store:           {mlflow_uri} (run {summary['mlflow_run_id']})",
         f"  champion:               models:/{summary['registered_model']}@champion",
-        f"  continue or re-run:     .venv/bin/turnstile resume {summary['run_id']} --run-dir {Path(summary['checkpoints']).parent.parent}",
+        f"  continue or re-run:     .venv/bin/turnstile resume {summary['run_id']} --run-dir {run_dir}",
+        f"  curves:                 {Path(summary['checkpoints']).parent / 'curves'} (also in MLflow and Prefect)",
+        *(f"  doctor, step {f['step']}: {f['message']} First change to try: {f['first_change']}" for f in summary["findings"]),
+        *([f"  stopped early: {summary['stopped']}"] if summary["stopped"] else []),
         "",
         "Look at it:",
         f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --workers 1 --port 5000",
-        f"  Prefect UI:  .venv/bin/turnstile serve --run-dir {Path(summary['checkpoints']).parent.parent}",
+        f"  Prefect UI:  .venv/bin/turnstile serve --run-dir {run_dir}",
         "               (then open http://127.0.0.1:4200: this run's flow, the deployments, and runs started from the UI)",
     ]
-    for skipped in summary["skipped"]:
-        lines.insert(4, f"    iteration {skipped['iteration']} skipped: {skipped['reason']}")
-    doctor = [f"  doctor, step {f['step']}: {f['message']} First change to try: {f['first_change']}" for f in summary["findings"]]
-    if summary["stopped"]:
-        doctor.append(f"  stopped early: {summary['stopped']}")
-    at = lines.index("Look at it:") - 1
-    lines[at:at] = [f"  curves:                 {Path(summary['checkpoints']).parent / 'curves'} (also in MLflow and Prefect)", *doctor]
     return "\n".join(lines)
 
 

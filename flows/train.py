@@ -12,11 +12,29 @@ every evaluated checkpoint is registered in the MLflow registry with its lineage
 evaluated checkpoint (latest on ties) is gated against the champion and promoted or not.
 At the end, reward / pass@1 / truncation curves go to MLflow and Prefect as PNGs.
 
+An iteration whose batch passed validation but leaves nothing to train on (every group
+dropped, every episode stale or env_error) or whose step is not finite takes no optimizer
+step: it is recorded as skipped with the trainer's reason ("skipped_by": "trainer"), writes no
+checkpoint, and the run goes on; the closing summary is derived from these records.
+
+With `rollout.overlap_collection`, iteration k+1's batch is collected while step k trains: as
+soon as batch k is committed, a Prefect task collecting k+1 is submitted to the flow's
+thread-pool task runner with a frozen snapshot of the policy of before step k (so batch k+1
+is one step off-policy when it is trained on; `algorithm.max_steps_off_policy` drops what is
+older, counted in `rollout/stale_dropped`). Batch k+1 is committed (sampling state saved, then
+the Parquet write) only when iteration k+1 starts, after step k's checkpoint and record, so a
+crash loses at most that uncommitted batch. A doctor rollback discards it (it was sampled by
+the policy that was rolled back). Resume with overlap: committed batches are reused as they
+were written; the first uncommitted batch is collected again from where sampling stood after
+the previous batch (same tasks, same random stream) but by the policy the run resumed with,
+which can be one step fresher than in the uninterrupted run; from there the run overlaps again.
+
 Crash-safe and idempotent per (run, iteration): every stage leaves a record in the run folder
 (Parquet batch + manifest, validation report, checkpoint, iteration record, evaluation record,
 gate decision; see rl_core/run_records.py), written atomically after its work. Re-running the
 flow with the same `run_id` skips what is recorded, reuses a batch already written instead
-of collecting again, and continues from the latest checkpoint.
+of collecting again, and continues from the latest checkpoint (and past the iterations
+recorded after it without a step).
 
 Runs on Prefect's temporary server by default, or against PREFECT_API_URL when set.
 """
@@ -24,6 +42,7 @@ Runs on Prefect's temporary server by default, or against PREFECT_API_URL when s
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +50,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 
 from flows.parameters import TrainSettings
 from rl_core import run_records
@@ -38,7 +58,8 @@ from rl_core.checkpoint import checkpoint_dir, read_checkpoint_state
 from rl_core.config import RunConfig
 from rl_core.evaluation import EvalReport
 from rl_core.metrics import rollout_metrics
-from rl_core.run import TrainingRun
+from rl_core.run import TrainingRun, evaluation_due
+from rl_core.trajectory import Episode
 from rl_core.store import Manifest
 from tasks.collect import collect_rollouts_task
 from tasks.curves import publish_curves_task
@@ -65,7 +86,7 @@ class Candidate:
 class _Progress:
     manifests: list[Manifest] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"iteration", "by" ("validation" | "trainer"), "reason", "passed"}
     candidates: list[Candidate] = field(default_factory=list)
     pass_at_1: dict[int, float] = field(default_factory=dict)  # held-out pass@1 of every evaluated step
     records: list[dict[str, Any]] = field(default_factory=list)  # the iterations finished so far, in order
@@ -143,35 +164,84 @@ def _recorded_progress(run: TrainingRun) -> _Progress:
 # -- one iteration ---------------------------------------------------------------------------
 
 
-def _batch(run: TrainingRun, tracker: Tracker, iteration: int) -> None:
-    """Make sure the iteration's batch is committed: collected and written now, or reused. A reused
-    batch puts sampling back where collecting it left it, so the run goes on as if uninterrupted."""
-    if run.store.exists(run.run_id, iteration) or report_path(run.store, run.run_id, iteration).is_file():
-        state = run_records.load_sampling_state(run.run_dir, iteration)
-        if state is None:  # written by something else than this flow: keep the task order at least
-            run.work_for(iteration)
+class _Batches:
+    """Commits each iteration's batch: reused when already written, else collected (now, or ahead in
+    the background with `rollout.overlap_collection`), its sampling state saved, then written."""
+
+    def __init__(self, run: TrainingRun, tracker: Tracker):
+        self.run, self.tracker = run, tracker
+        self.ahead: tuple[int, PrefectFuture] | None = None  # (iteration, its collection running in the background)
+        if run.cfg.rollout.overlap_collection and run.last_iteration:
+            # the newest checkpoint was saved while the next batch was being sampled: sampling goes on
+            # from where it stood after the last finished iteration's batch, not from the checkpoint's copy
+            state = run_records.load_sampling_state(run.run_dir, run.last_iteration)
+            if state is not None:
+                run.restore_sampling_state(state)
+
+    def committed(self, iteration: int) -> bool:
+        """Whether `iteration`'s batch is written (or was, and is quarantined with its report)."""
+        return self.run.store.exists(self.run.run_id, iteration) or report_path(self.run.store, self.run.run_id, iteration).is_file()
+
+    def commit(self, iteration: int) -> None:
+        """Make sure the iteration's batch is committed. A reused batch puts sampling back where
+        collecting it left it, so the run goes on as if uninterrupted."""
+        run = self.run
+        if self.committed(iteration):
+            state = run_records.load_sampling_state(run.run_dir, iteration)
+            if state is None:  # written by something else than this flow: keep the task order at least
+                run.work_for(iteration)
+            else:
+                run.restore_sampling_state(state)
+            get_run_logger().info("iteration %d: reusing the batch already written (%s)", iteration, run.store.path(run.run_id, iteration).name)
+            return
+        if self.ahead is not None and self.ahead[0] == iteration:
+            episodes: list[Episode] = self.ahead[1].result()
+            self.ahead = None
         else:
-            run.restore_sampling_state(state)
-        get_run_logger().info("iteration %d: reusing the batch already written (%s)", iteration, run.store.path(run.run_id, iteration).name)
-        return
-    episodes = collect_rollouts_task(run, iteration)
-    run_records.save_sampling_state(run.run_dir, iteration, run.sampling_state())  # before the batch commits
-    log_metrics_task(tracker, rollout_metrics(episodes), step=iteration)
-    write_trajectories_task(run, iteration, episodes)
+            self.discard()
+            episodes = collect_rollouts_task(run, iteration)
+        run_records.save_sampling_state(run.run_dir, iteration, run.sampling_state())  # before the batch commits
+        log_metrics_task(self.tracker, rollout_metrics(episodes), step=iteration)
+        write_trajectories_task(run, iteration, episodes)
+
+    def collect_ahead(self, iteration: int) -> None:
+        """With `rollout.overlap_collection`, start collecting `iteration` (when it is within the run and
+        not written yet) in the background, sampled by a frozen snapshot of the current policy."""
+        run = self.run
+        if not run.cfg.rollout.overlap_collection or iteration > run.cfg.iterations or self.ahead is not None or self.committed(iteration):
+            return
+        self.ahead = (iteration, collect_rollouts_task.submit(run, iteration, run.sampling_snapshot()))
+
+    def discard(self) -> None:
+        """Drop a batch collected ahead that will not be used (never committed): wait for its collection to end."""
+        if self.ahead is not None:
+            iteration, future = self.ahead
+            self.ahead = None
+            future.wait()
+            get_run_logger().info("iteration %d: the batch collected ahead is dropped (not committed)", iteration)
 
 
-def _train_iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, iteration: int) -> dict[str, Any]:
+# the metrics of a step the trainer skipped that mean something (its loss, clip fraction... are not a step's)
+SKIPPED_STEP_METRICS = ("train/step_skipped", "rollout/stale_dropped", "train/episodes", "train/loss_tokens")
+
+
+def _train_iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, batches: _Batches, iteration: int) -> dict[str, Any]:
     """Collect (or reuse), validate and train one iteration; returns its record (not yet saved)."""
-    _batch(run, tracker, iteration)
+    batches.commit(iteration)
+    batches.collect_ahead(iteration + 1)  # with overlap_collection: while this batch is validated and trained on
     report = validate_trajectories(str(run.store.root), run.run_id, iteration, run.cfg.validation)
     log_validation_report_task(tracker, report.to_dict(), iteration)
     log_metrics_task(tracker, {"validation/passed": float(report.passed), "analysis/zero_var_group_frac": report.zero_variance_group_frac or 0.0}, step=iteration)
     record: dict[str, Any] = {"iteration": iteration, "step": run.policy.version, "trained": report.passed, "reason": report.reason}
     if not report.passed:
         get_run_logger().warning("Iteration %d: training skipped. %s", iteration, report.reason)
-        return record
+        return {**record, "skipped_by": "validation"}
     episodes = run.store.read(run.run_id, iteration)
     metrics, _ = train_step_task(run, iteration, episodes)
+    if metrics.skipped:  # nothing to train on, or not finite: recorded, no checkpoint, the run goes on
+        step_metrics = {k: v for k, v in metrics.as_dict().items() if k in SKIPPED_STEP_METRICS}
+        log_metrics_task(tracker, step_metrics, step=iteration)
+        return {**record, "trained": False, "skipped_by": "trainer", "reason": metrics.skipped, **rollout_metrics(episodes), **step_metrics}
     log_metrics_task(tracker, metrics.as_dict(), step=iteration)
     return {**record, "step": run.policy.version, **rollout_metrics(episodes), **metrics.as_dict()}
 
@@ -187,9 +257,10 @@ def _record_after_crash(run: TrainingRun, iteration: int) -> dict[str, Any]:
 
 
 def _remember(run: TrainingRun, progress: _Progress, record: dict[str, Any]) -> None:
-    verdict = {"iteration": record["iteration"], "passed": record["trained"], "reason": record.get("reason", "")}
-    if not record["trained"]:
-        progress.skipped.append(verdict)
+    kind = run_records.skip_kind(record)
+    verdict = {"iteration": record["iteration"], "passed": kind != "validation", "reason": record.get("reason", "")}
+    if kind is not None:
+        progress.skipped.append({**verdict, "by": kind})
         return
     progress.verdicts.append(verdict)
     progress.manifests.append(run.store.manifest(run.run_id, record["iteration"]))
@@ -214,7 +285,7 @@ def _replay_recorded_action(run: TrainingRun, progress: _Progress, record: dict[
     """Re-apply what the doctor decided at a recorded iteration, when a crash may have undone it."""
     progress.findings += record.get("findings", [])
     run.protected_steps = {step for step in record.get("protected_steps", []) if run.can_roll_back_to(step)}
-    if record.get("rollback_to") is not None and record["step"] == run.policy.version and run.last_iteration == record["iteration"]:
+    if record.get("rollback_to") is not None and record["step"] == run.policy.version and run.checkpoint_iteration == record["iteration"]:
         run.roll_back_to(record["rollback_to"])
     if record.get("stopped"):
         progress.stopped = record["stopped"]
@@ -234,6 +305,28 @@ def _final_evaluation(run: TrainingRun, tracker: Tracker, progress: _Progress, b
 
 
 # -- gate -------------------------------------------------------------------------------------
+
+SKIP_WORDS = {"validation": "failed validation", "trainer": "took no optimizer step"}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def no_candidate_reason(records: list[dict[str, Any]]) -> str:
+    """Why the run has no checkpoint to gate, in words derived from its iteration records."""
+    if not records:
+        return "no iteration ran"
+    trained = [r for r in records if r["trained"]]
+    if not trained:
+        kinds = Counter(run_records.skip_kind(r) for r in records)
+        return "no optimizer step was taken (" + ", ".join(f"{_count(n, 'iteration')} {SKIP_WORDS[k]}" for k, n in kinds.items()) + ")"
+    last = trained[-1]
+    if last.get("rollback_to") is not None:
+        return (f"the training doctor rolled the policy back to step {last['rollback_to']} at iteration {last['iteration']}, "
+                "and no checkpoint up to that step was evaluated")
+    return "no checkpoint after step 0 was evaluated"
+
 
 
 def _champion_pass_at_1(run: TrainingRun, candidate: Candidate) -> tuple[str | None, float | None]:
@@ -297,39 +390,55 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
         logger.info("continuing run %s after iteration %d (step %d)", run.run_id, run.last_iteration, run.policy.version)
     tracker = start_tracking(run.cfg, run.run_id)
     progress = _recorded_progress(run)
+    batches = _Batches(run, tracker)
     try:
         before = _starting_evaluation(run, tracker, progress)
         for iteration in range(1, cfg.iterations + 1):
             if progress.stopped:
                 break
+            step_before = progress.records[-1]["step"] if progress.records else 0
             record = run_records.load_iteration(run.run_dir, iteration)
             if record is not None:
                 _remember(run, progress, record)
                 _replay_recorded_action(run, progress, record)
             else:
-                record = _record_after_crash(run, iteration) if iteration <= run.last_iteration else _train_iteration(run, tracker, progress, iteration)
+                crashed = iteration <= run.checkpoint_iteration  # checkpointed, but not recorded
+                record = _record_after_crash(run, iteration) if crashed else _train_iteration(run, tracker, progress, batches, iteration)
                 _remember(run, progress, record)
                 if record["trained"] and cfg.doctor.enabled:
                     record = _examine(run, tracker, progress, record)
                     progress.stopped = record.get("stopped")
                 run_records.save_iteration(run.run_dir, record)
+            if record.get("rollback_to") is not None:
+                batches.discard()  # sampled by the policy just rolled back
             progress.records.append(record)
-            due = record["trained"] and record.get("rollback_to") is None and record["step"] % cfg.evaluation.val_every == 0
+            due = record["trained"] and record.get("rollback_to") is None and evaluation_due(step_before, record["step"], cfg.evaluation.val_every)
             if due and iteration < cfg.iterations and record["step"] == run.policy.version and not progress.stopped:
                 _evaluate_once(run, tracker, progress, iteration)
+        batches.discard()  # a batch collected ahead of a run that stopped
         after = _final_evaluation(run, tracker, progress, before)
-        best, decision = _gate(run, progress)
+        if progress.candidates:
+            best, decision = _gate(run, progress)
+        else:
+            best, decision = None, None
+            logger.warning("No candidate to gate: %s.", no_candidate_reason(progress.records))
         publish_findings_task(run.run_id, progress.findings, progress.stopped)
         publish_curves_task(run, tracker)
     except BaseException:
-        end_tracking(tracker, "FAILED")
+        try:
+            batches.discard()
+        finally:
+            end_tracking(tracker, "FAILED")
         raise
     end_tracking(tracker, "FINISHED")
     return {
         "run_id": run.run_id,
         "iterations": cfg.iterations,
+        "iterations_run": len(progress.records),
         "trained_steps": len(progress.manifests),
+        "optimizer_steps": run.policy.version,
         "skipped": progress.skipped,
+        "no_candidate": None if best else no_candidate_reason(progress.records),
         "stopped": progress.stopped,
         "findings": progress.findings,
         "pass_at_1_before": before.pass_at_1,

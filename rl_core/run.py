@@ -5,8 +5,17 @@ the task sampler and the trajectory store. Its methods are the stages of one ite
 (`collect`, `write`, `train`, `save_checkpoint`, `evaluate`); the Prefect tasks call the
 same methods. `run()` chains them for `cfg.iterations` iterations.
 
+An iteration whose batch leaves nothing to train on (every group dropped, every episode stale
+or env_error, or a non-finite loss: `StepMetrics.skipped`) takes no optimizer step. Its
+`save_checkpoint` then writes no checkpoint (the weights are those of the last one) but
+records the iteration as done without a step: the iteration record `history/iteration-N.json`
+("trained": false, "skipped_by": "trainer", "reason") and where sampling stands
+(`sampling/iteration-N.pt`), see rl_core/run_records.py. `TrainingRun.open` and `resume` go
+past such recorded iterations, so a resumed run neither repeats them nor trips over a
+checkpoint name that exists.
+
 Runtime output lives under `<storage.run_dir>/<run_id>/`: `config.yaml` (written before the run's first
-batch or checkpoint), `trajectories/`, `checkpoints/`.
+batch or checkpoint), `trajectories/`, `checkpoints/`, `history/`, `sampling/`.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any
 
 import torch
 
+from rl_core import run_records
 from rl_core.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, load_rng_states, prune_checkpoints, restore_optimizer, save_checkpoint
 from rl_core.atomic import sweep_temp_files, write_text_atomically
 from rl_core.config import RunConfig, config_differences, dump_config, load_config
@@ -73,25 +83,9 @@ def new_run_id() -> str:
 
 
 def load_environments(cfg: RunConfig) -> list[Environment]:
-    """The configured environments: one per entry of `environment.domains`, with that entry's
-    keyword arguments (`EnvironmentConfig.entries`).
-
-    Raises ValueError naming the entry (`environment.domains[i]`) when one cannot be built
-    (its constructor raised), or when two entries build environments of the same name
-    (episodes, metrics and re-scoring are keyed by the environment's name).
-    """
+    """The configured environments (built-in domains or user classes)."""
     domains_dir = Path(cfg.environment.domains_dir) if cfg.environment.domains_dir else None
-    envs: list[Environment] = []
-    for index, (name, kwargs) in enumerate(cfg.environment.entries()):
-        try:
-            env = load_environment(name, domains_dir, **kwargs)
-        except Exception as err:
-            raise ValueError(f"environment.domains[{index}] ({name!r}) could not be built: {type(err).__name__}: {err}") from err
-        for earlier, other in enumerate(envs):
-            if other.name == env.name:
-                raise ValueError(f"environment.domains[{earlier}] and environment.domains[{index}] both build an environment named {env.name!r}; environment names must differ")
-        envs.append(env)
-    return envs
+    return [load_environment(name, domains_dir, **cfg.environment.env_kwargs) for name in cfg.environment.domains]
 
 
 def rollout_settings(cfg: RunConfig, temperature: float | None = None) -> RolloutSettings:
@@ -105,7 +99,6 @@ def rollout_settings(cfg: RunConfig, temperature: float | None = None) -> Rollou
         max_retries=r.max_retries,
         generation_batch_size=r.generation_batch_size,
         success_threshold=cfg.evaluation.success_threshold,
-        max_prompt_tokens=cfg.environment.prompt_tokens,
     )
 
 
@@ -132,12 +125,14 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.envs = load_environments(cfg)
         self.policy = policy or load_start_policy(cfg)
-        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer, reference=self._reference_model(), trainer_cfg=cfg.trainer,
-                               temperature=cfg.rollout.temperature)  # for episodes without a sampling record
+        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer, reference=self._reference_model(), trainer_cfg=cfg.trainer)
         self.tasks = TaskSampler(self.envs, cfg.environment.train_split, cfg.seed)
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
         self._work: dict[tuple[int, int], list[tuple[Environment, Task]]] = {}
-        self.last_iteration = 0  # the last iteration whose training step is checkpointed
+        self.last_iteration = 0  # the last finished iteration: its step checkpointed, or recorded as taking no step
+        self.checkpoint_iteration = 0  # the iteration of the newest checkpoint this run saved or resumed from
+        self._checkpointed_version = self.policy.version  # policy version of that checkpoint (the start: no checkpoint needed)
+        self.last_step: StepMetrics | None = None  # what the latest `train` call did
         self.protected_steps: set[int] = set()  # checkpoints kept whatever storage.keep_checkpoints says
 
     @classmethod
@@ -153,7 +148,11 @@ class TrainingRun:
         for unfinished in (run_dir / "checkpoints").glob("step-*.tmp"):
             shutil.rmtree(unfinished, ignore_errors=True)
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        run = cls(cfg) if checkpoint is None else cls.resume(cfg, checkpoint)
+        if checkpoint is None:
+            run = cls(cfg)
+            run.skip_recorded_iterations()  # e.g. every iteration so far took no step: there is no checkpoint
+        else:
+            run = cls.resume(cfg, checkpoint)
         run.record_config()  # a continued run with another training setup is refused before any work
         return run
 
@@ -166,19 +165,42 @@ class TrainingRun:
     @classmethod
     def resume(cls, cfg: RunConfig, checkpoint: str | Path) -> "TrainingRun":
         """Continue a run from one of its checkpoints: the next iteration is `last_iteration + 1`,
-        and the run goes on exactly as if it had never stopped."""
+        and the run goes on exactly as if it had never stopped. Iterations recorded after the
+        checkpoint as finished without a step count as done (`skip_recorded_iterations`).
+        Raises ValueError if the checkpoint has no random generator states."""
         p = cfg.policy
         policy, state = load_checkpoint(checkpoint, chat=p.chat_format, dtype=p.dtype, device=p.device)
         cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": state["run_id"]})})
         run = cls(cfg, policy=policy)
         restore_optimizer(checkpoint, run.trainer.optimizer)
         run.tasks.load_state_dict(state["tasks"])
-        run.last_iteration = int(state.get("iteration", policy.version))
+        run.last_iteration = run.checkpoint_iteration = int(state.get("iteration", policy.version))
         rng = load_rng_states(checkpoint)
         if rng is None:
             raise ValueError(f"checkpoint {checkpoint} has no random generator states; it cannot be resumed exactly")
         run.restore_rng_states(rng)
+        run.skip_recorded_iterations()
         return run
+
+    def skip_recorded_iterations(self) -> list[int]:
+        """Go past the iterations right after `last_iteration` that are recorded as finished without an
+        optimizer step (iteration records with "trained": false: their batch failed validation or left
+        nothing to train on; they have no checkpoint of their own). Sampling continues where the last
+        of them left it (its `sampling/` state; without one, the task sampler at least skips their
+        tasks). Returns the iterations gone past."""
+        done: list[int] = []
+        while (record := run_records.load_iteration(self.run_dir, self.last_iteration + len(done) + 1)) is not None and not record["trained"]:
+            done.append(int(record["iteration"]))
+        if not done:
+            return done
+        state = run_records.load_sampling_state(self.run_dir, done[-1])
+        if state is not None:
+            self.restore_sampling_state(state)
+        else:  # recorded by something that kept no sampling state: keep the task order at least
+            for iteration in done:
+                self.work_for(iteration)
+        self.last_iteration = done[-1]
+        return done
 
     def _reference_model(self) -> torch.nn.Module | None:
         """A frozen copy of the starting policy, for the KL penalty (None when it is off)."""
@@ -257,7 +279,10 @@ class TrainingRun:
         return self.store.write(self.run_id, iteration, episodes)
 
     def train(self, episodes: list[Episode]) -> StepMetrics:
-        return self.trainer.step(episodes)
+        """One training step on `episodes` (`Trainer.step`); `StepMetrics.skipped` says why when no
+        optimizer step was applied (the policy version and weights are then unchanged)."""
+        self.last_step = self.trainer.step(episodes)
+        return self.last_step
 
     def rng_states(self) -> dict[str, Any]:
         """Every random generator the run draws from (sampling, torch, Python)."""
@@ -277,17 +302,41 @@ class TrainingRun:
         self.restore_rng_states(state["rng"])
         self.tasks.load_state_dict(state["tasks"])
 
-    def save_checkpoint(self, iteration: int | None = None, metrics: dict[str, float] | None = None) -> Path:
-        """Checkpoint everything a resume needs (weights, optimizer, RNG states, step, data position,
-        and the step's metrics), then drop the oldest checkpoints beyond `storage.keep_checkpoints`."""
+    def save_checkpoint(self, iteration: int | None = None, metrics: dict[str, float] | None = None) -> Path | None:
+        """Finish `iteration`: checkpoint everything a resume needs (weights, optimizer, RNG states, step,
+        data position, and the step's metrics), then drop the oldest checkpoints beyond
+        `storage.keep_checkpoints`; returns the checkpoint folder.
+
+        When no optimizer step was taken since the last checkpoint (the iteration's step was skipped:
+        `StepMetrics.skipped`), there is nothing new to checkpoint and a folder of that step may
+        exist already: no checkpoint is written and None is returned. With an `iteration`, it is
+        recorded as finished without a step instead (`record_skipped_iteration`), so that a resumed
+        run goes past it."""
         self.record_config()
+        if self.policy.version == self._checkpointed_version:
+            if iteration is not None:
+                reason = self.last_step.skipped if self.last_step is not None and self.last_step.skipped else "no optimizer step was taken"
+                self.record_skipped_iteration(iteration, reason)
+            return None
         if iteration is not None:
-            self.last_iteration = iteration
+            self.last_iteration = self.checkpoint_iteration = iteration
         state = {"tasks": self.tasks.state_dict(), "run_id": self.run_id, "iteration": self.last_iteration, "metrics": metrics or {}}
         path = save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, state, self.rng_states())
+        self._checkpointed_version = self.policy.version
         if self.cfg.storage.keep_checkpoints is not None:
             keep = {checkpoint_dir(self.checkpoints_dir, step) for step in self.protected_steps}
             prune_checkpoints(self.checkpoints_dir, self.cfg.storage.keep_checkpoints, protect=keep)
+        return path
+
+    def record_skipped_iteration(self, iteration: int, reason: str) -> Path:
+        """Record `iteration` as finished without an optimizer step, for `reason` (plain words): where
+        sampling stands now, then (the commit) its iteration record ("trained": false,
+        "skipped_by": "trainer"). Returns the record's path."""
+        self.record_config()
+        run_records.save_sampling_state(self.run_dir, iteration, self.sampling_state())
+        record = {"iteration": iteration, "step": self.policy.version, "trained": False, "skipped_by": "trainer", "reason": reason}
+        path = run_records.save_iteration(self.run_dir, record)
+        self.last_iteration = iteration
         return path
 
     def roll_back_to(self, step: int) -> None:
@@ -324,22 +373,34 @@ class TrainingRun:
         )
 
     def run(self, log: Callable[[str], None] = print) -> dict[str, float]:
-        """Evaluate, train up to `cfg.iterations` iterations (evaluating every `val_every` steps), evaluate; return a summary.
+        """Evaluate, train up to `cfg.iterations` iterations (evaluating whenever the step count passes a
+        multiple of `val_every`), evaluate; return a summary: held-out pass@1 before and after, the
+        policy's optimizer steps, and the iterations that took no step ("skipped").
 
         A resumed run starts at `last_iteration + 1`."""
         before = self.evaluate(samples=False).pass_at_1
         log(f"[{self.run_id}] step 0: held-out pass@1 {before:.3f}")
+        skipped = 0
         for iteration, episodes in self.batches(self.last_iteration + 1, self.cfg.iterations):
             self.write(iteration, episodes)
             stats = rollout_metrics(episodes)
+            start = self.policy.version
             step = self.train(episodes)
-            self.save_checkpoint(iteration)
-            log(
-                f"[{self.run_id}] iteration {iteration}: reward {stats['rollout/reward/mean']:.3f} "
-                f"success {stats['rollout/success/mean']:.3f} loss {step.loss:.4f} grad_norm {step.grad_norm:.3f}"
-            )
-            if iteration % self.cfg.evaluation.val_every == 0 and iteration != self.cfg.iterations:
+            self.save_checkpoint(iteration, step.as_dict())
+            outcome = f"loss {step.loss:.4f} grad_norm {step.grad_norm:.3f} -> step {self.policy.version}"
+            if step.skipped:
+                skipped += 1
+                outcome = f"no optimizer step ({step.skipped}); the policy stays at step {self.policy.version}"
+            log(f"[{self.run_id}] iteration {iteration}: reward {stats['rollout/reward/mean']:.3f} success {stats['rollout/success/mean']:.3f} {outcome}")
+            if evaluation_due(start, self.policy.version, self.cfg.evaluation.val_every) and iteration != self.cfg.iterations:
                 log(f"[{self.run_id}] step {self.policy.version}: held-out pass@1 {self.evaluate(samples=False).pass_at_1:.3f}")
         after = self.evaluate(samples=False).pass_at_1
         log(f"[{self.run_id}] step {self.policy.version}: held-out pass@1 {after:.3f}")
-        return {"pass_at_1_before": before, "pass_at_1_after": after, "steps": float(self.policy.version)}
+        return {"pass_at_1_before": before, "pass_at_1_after": after, "steps": float(self.policy.version), "skipped": float(skipped)}
+
+
+def evaluation_due(step_before: int, step_after: int, val_every: int) -> bool:
+    """Whether an iteration that moved the policy from version `step_before` to `step_after` passed a
+    multiple of `val_every` (evaluation.val_every counts optimizer steps, and an iteration may take
+    several: optimizer.mini_batches_per_step, or none)."""
+    return step_after // val_every > step_before // val_every

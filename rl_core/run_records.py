@@ -2,8 +2,13 @@
 
 Layout under `<storage.run_dir>/<run_id>/`:
 - `history/iteration-000003.json`: one record per finished iteration: "iteration", "step"
-  (policy version after it), "trained" (False when validation skipped it), the rollout and
-  train metrics, and "rollback_to" when the training doctor rolled the policy back after it;
+  (policy version after it), "trained" (False when the iteration took no optimizer step),
+  "skipped_by" (why not: "validation" when its batch failed validation, "trainer" when the
+  batch left nothing to train on or the step was not finite; absent in records of runs older
+  than this field, which only validation skipped), "reason" (the validation verdict's
+  sentence, or the trainer's reason for skipping), the rollout and train metrics, and
+  "rollback_to" when the training doctor rolled the policy back after it. An iteration that
+  took no step has no checkpoint: its record and sampling state are what a resume reads;
 - `evaluations/step-000010.json`: one held-out evaluation per evaluated step, with the
   registry version once the step's checkpoint is registered;
 - `gate.json`: the gate's decision for the run's candidate ("version", "step", "decision"), with
@@ -11,7 +16,8 @@ Layout under `<storage.run_dir>/<run_id>/`:
   re-applying it promotes only by compare-and-set on that champion (tasks/promote.py);
 - `sampling/iteration-000003.pt`: where sampling stood (random generators, task sampler) right
   after the iteration's batch was collected, saved before the batch is committed, so that a
-  re-run reusing the batch continues exactly as if it had collected it.
+  re-run reusing the batch continues exactly as if it had collected it; for an iteration that
+  took no optimizer step, rewritten when it is recorded (where sampling stands at its end).
 
 Every record is written atomically (rl_core/atomic.py), after the work it records: a record
 that exists describes work that is done; a crash leaves the record missing, never half-written.
@@ -51,12 +57,20 @@ def history_path(run_dir: Path, iteration: int) -> Path:
 
 
 def save_iteration(run_dir: Path, record: dict[str, Any]) -> Path:
-    """Record a finished iteration (`record` needs "iteration" and "step")."""
+    """Record a finished iteration (`record` needs "iteration", "step" and "trained")."""
     return _write_json(history_path(run_dir, int(record["iteration"])), record)
 
 
 def load_iteration(run_dir: Path, iteration: int) -> dict[str, Any] | None:
+    """The record of `iteration`, or None if it has not finished."""
     return _read_json(history_path(run_dir, iteration))
+
+
+def skip_kind(record: dict[str, Any]) -> str | None:
+    """Why an iteration took no optimizer step: "validation" or "trainer"; None when it trained."""
+    if record["trained"]:
+        return None
+    return record.get("skipped_by") or "validation"
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,4 +1,8 @@
-"""Train stage: one optimizer step on a validated batch, then a checkpoint, as a Prefect task.
+"""Train stage: one training step on a validated batch, then a checkpoint, as a Prefect task.
+
+A step that the trainer skips (its batch leaves nothing to train on, or its loss or gradient
+norm is not finite: `StepMetrics.skipped`) moves no weights, so no checkpoint is written; the
+run records the iteration as finished without a step instead (`TrainingRun.save_checkpoint`).
 
 No retries: a step that raised may have touched the optimizer state; re-running it blindly
 would not give the same update.
@@ -17,13 +21,21 @@ from rl_core.trajectory import Episode
 
 
 @task(name="train-step", cache_policy=NONE)
-def train_step_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -> tuple[StepMetrics, Path]:
-    """Train on iteration `iteration`'s episodes; returns the step's metrics and the checkpoint folder."""
-    get_run_logger().info("iteration %d: training step %d on %d episodes", iteration, run.policy.version + 1, len(episodes))
+def train_step_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -> tuple[StepMetrics, Path | None]:
+    """Train on iteration `iteration`'s episodes; returns the step's metrics and the checkpoint folder
+    (None when the step was skipped: then the policy keeps its version and no checkpoint is written)."""
+    logger = get_run_logger()
+    start = run.policy.version
+    logger.info("iteration %d: training step %d on %d episodes", iteration, start + 1, len(episodes))
     metrics = run.train(episodes)
     checkpoint = run.save_checkpoint(iteration, metrics.as_dict())
-    get_run_logger().info(
-        "step %d: loss %.4f, clip %.3f, kl %.4f, entropy %.3f, grad norm %.3f -> %s",
-        metrics.step, metrics.loss, metrics.clip_fraction, metrics.approx_kl, metrics.entropy, metrics.grad_norm, checkpoint.name,
+    if metrics.skipped or checkpoint is None:
+        logger.warning("iteration %d: no optimizer step taken (%s); the policy stays at step %d and no checkpoint is written",
+                       iteration, metrics.skipped or "no optimizer step was taken", run.policy.version)
+        return metrics, None
+    steps = f"step {metrics.step}" if metrics.step == start + 1 else f"steps {start + 1}-{metrics.step}"
+    logger.info(
+        "%s: loss %.4f, clip %.3f, kl %.4f, entropy %.3f, grad norm %.3f -> %s",
+        steps, metrics.loss, metrics.clip_fraction, metrics.approx_kl, metrics.entropy, metrics.grad_norm, checkpoint.name,
     )
     return metrics, checkpoint

@@ -73,7 +73,9 @@ def retrain(
     """Train again on stored batches, in iteration order, from the original run's starting policy.
 
     Uses the original config (plus `overrides`, `section.field=value`) and the stored
-    `behavior_logprobs` as pi_old (what `Trainer.step` does). Only committed batches whose
+    `behavior_logprobs` as pi_old (what `Trainer.step` does), with log-probs taken at each
+    episode's stored sampling temperature (its `sampling` record; batches of schema version 1
+    have none and are trained at the config's `rollout.temperature`, which the notes say). Only committed batches whose
     stored verdict (if any) passed are trained on; the rest are listed in `skipped`. Writes
     checkpoints into `<run_dir>/<new_run_id>/` (a folder that must not exist yet) beside a
     `replay.json` lineage record. With `compare`, each step's weights are compared with the
@@ -94,7 +96,7 @@ def retrain(
     cfg = retrain_config(source_cfg, overrides, new_run_id, root)
     report = RetrainReport(new_run_id, source.run_id, str(root / new_run_id), overrides,
                            [f for f in config_differences(source_cfg, cfg) if not f.startswith("storage.")], skipped=skipped,
-                           notes=_retrain_notes(source_cfg, usable, overrides))
+                           notes=_retrain_notes(source_cfg, usable, overrides, cfg.rollout.temperature))
     run = TrainingRun(cfg)
     _write_lineage(run, report, usable)
     for batch in usable:
@@ -148,7 +150,7 @@ def _training_batches(batches: list[StoredBatch]) -> tuple[list[StoredBatch], li
     return usable, skipped
 
 
-def _retrain_notes(cfg: RunConfig, usable: list[StoredBatch], overrides: list[str]) -> list[str]:
+def _retrain_notes(cfg: RunConfig, usable: list[StoredBatch], overrides: list[str], temperature: float) -> list[str]:
     notes = []
     if usable[0].iteration != 1:
         notes.append(f"starts at iteration {usable[0].iteration}: comparable with the original only if it trained on no earlier batch")
@@ -158,6 +160,10 @@ def _retrain_notes(cfg: RunConfig, usable: list[StoredBatch], overrides: list[st
         notes.append("the original may have rolled back after a collapse (doctor.on_collapse=rollback); re-training never rolls back")
     if overrides:
         notes.append(f"config changed by {overrides}: weights are expected to differ from the original")
+    unrecorded = [b.iteration for b in usable if TrajectoryStore.manifest_at(b.manifest_path).schema_version < 2]
+    if unrecorded:
+        notes.append(f"iterations {unrecorded} were stored without the sampler's settings (trajectory schema version 1): "
+                     f"they are trained at rollout.temperature={temperature}, the others at their stored temperature")
     return notes
 
 
