@@ -34,6 +34,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BA
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from rl_core.config import RunConfig
 
@@ -82,7 +83,7 @@ def flatten_config(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
         if isinstance(value, BaseModel):
             flat.update(flatten_config(value, prefix=f"{key}."))
         else:
-            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            text = value if isinstance(value, str) else json.dumps(to_jsonable_python(value), sort_keys=True)  # models inside lists too
             flat[key] = truncate(text, MAX_PARAM_VAL_LENGTH)
     return flat
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -449,3 +450,13 @@ def test_turnstile_train_refuses_a_bad_entry_in_one_line_before_starting_prefect
     assert len(err.splitlines()) == 1
     assert err.startswith("turnstile: bad config: environment.domains[1] ('tests.fault_envs:CollapsingDomain')") and "fail_every" in err
     assert not run_dir.exists()  # nothing was prepared: no Prefect home, no run folder
+
+
+def test_mapping_entries_are_logged_as_params_that_rebuild_the_config():
+    from rl_core.config import apply_overrides
+    from tasks.tracking import flatten_config
+
+    cfg = RunConfig.model_validate({"environment": {"domains": ["access", *TWO_ENVS]}})
+    params = flatten_config(cfg)
+    assert json.loads(params["environment.domains"]) == ["access", *TWO_ENVS]
+    assert RunConfig.model_validate(apply_overrides({}, [f"{key}={value}" for key, value in params.items()])) == cfg
