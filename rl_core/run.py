@@ -83,9 +83,25 @@ def new_run_id() -> str:
 
 
 def load_environments(cfg: RunConfig) -> list[Environment]:
-    """The configured environments (built-in domains or user classes)."""
+    """The configured environments: one per entry of `environment.domains`, with that entry's
+    keyword arguments (`EnvironmentConfig.entries`).
+
+    Raises ValueError naming the entry (`environment.domains[i]`) when one cannot be built
+    (its constructor raised), or when two entries build environments of the same name
+    (episodes, metrics and re-scoring are keyed by the environment's name).
+    """
     domains_dir = Path(cfg.environment.domains_dir) if cfg.environment.domains_dir else None
-    return [load_environment(name, domains_dir, **cfg.environment.env_kwargs) for name in cfg.environment.domains]
+    envs: list[Environment] = []
+    for index, (name, kwargs) in enumerate(cfg.environment.entries()):
+        try:
+            env = load_environment(name, domains_dir, **kwargs)
+        except Exception as err:
+            raise ValueError(f"environment.domains[{index}] ({name!r}) could not be built: {type(err).__name__}: {err}") from err
+        for earlier, other in enumerate(envs):
+            if other.name == env.name:
+                raise ValueError(f"environment.domains[{earlier}] and environment.domains[{index}] both build an environment named {env.name!r}; environment names must differ")
+        envs.append(env)
+    return envs
 
 
 def rollout_settings(cfg: RunConfig, temperature: float | None = None) -> RolloutSettings:
@@ -99,6 +115,7 @@ def rollout_settings(cfg: RunConfig, temperature: float | None = None) -> Rollou
         max_retries=r.max_retries,
         generation_batch_size=r.generation_batch_size,
         success_threshold=cfg.evaluation.success_threshold,
+        max_prompt_tokens=cfg.environment.prompt_tokens,
     )
 
 
@@ -125,7 +142,8 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.envs = load_environments(cfg)
         self.policy = policy or load_start_policy(cfg)
-        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer, reference=self._reference_model(), trainer_cfg=cfg.trainer)
+        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer, reference=self._reference_model(), trainer_cfg=cfg.trainer,
+                               temperature=cfg.rollout.temperature)  # for episodes without a sampling record
         self.tasks = TaskSampler(self.envs, cfg.environment.train_split, cfg.seed)
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
         self._work: dict[tuple[int, int], list[tuple[Environment, Task]]] = {}
