@@ -135,8 +135,6 @@ class _AnswerAtOnce(Environment):
         return [Task("short-0", self.name, split, "Say anything.")]
 
     def start(self, task):
-        env = self
-
         class Session(EnvSession):
             def step(self, action_text):
                 return StepResult(None, done=True, reward=1.0, reward_components={"answered": 1.0}, finish_reason="answered")
