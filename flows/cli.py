@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.parameters import TrainSettings
+from pydantic import ValidationError
+
 from flows.replay_cli import add_replay_commands, run_replay_command
 from flows.serve import add_serve_command, run_serve_command
 from rl_core.config import RunConfig
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
         cfg = settings.load()
     except (ValueError, FileNotFoundError) as err:
-        print(f"turnstile: bad config: {err}", file=sys.stderr)
+        print(f"turnstile: bad config: {config_error_line(err)}", file=sys.stderr)
         return 2
     prepare_environment(cfg)
     started = time.time()
