@@ -61,6 +61,30 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(config_path=args.config, overrides=args.overrides)
 
 
+def config_error_line(err: Exception) -> str:
+    """A config error in one line: each of pydantic's errors as `field: message`, joined by '; '."""
+    if not isinstance(err, ValidationError):
+        return str(err)
+    parts = []
+    for error in err.errors():
+        where, message = ".".join(str(part) for part in error["loc"]), error["msg"].removeprefix("Value error, ")
+        parts.append(message if not where or message.startswith(where) else f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def prepare_environment(cfg: RunConfig) -> None:
+    """Keep Prefect's state under the run directory and its telemetry off (before importing prefect)."""
+    run_dir = Path(cfg.storage.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(run_dir / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bar per checkpoint saved or loaded
+    from transformers.utils import logging as transformers_logging  # already imported by the policy code
+
+    transformers_logging.disable_progress_bar()
+
+
 SKIP_LABELS = {"validation": "failed validation", "trainer": "took no optimizer step"}
 
 
