@@ -149,12 +149,19 @@ class DeepSpeedBackend:
         self.engine, engine_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(optimizer_cfg, zero_stage),
         )
-        if zero_stage == 3:  # gather the (persistent, see deepspeed_config) weights now, not at the first forward
-            partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
-            if partitioned:
-                partitioned[0].all_gather(param_list=partitioned)
+        self._model = model
+        self._gather_whole_weights()  # now, not at the first forward
         self.model = self.engine
         self.optimizer = engine_optimizer if zero_stage == 0 else ZeroAdamWState(engine_optimizer, self.params, template)
+
+    def _gather_whole_weights(self) -> None:
+        """ZeRO-3: gather the (persistent, see deepspeed_config) weights so that they are whole outside the
+        forward pass. Its step gathers them after an update; its overflow skip leaves them partitioned."""
+        if self.zero_stage != 3:
+            return
+        partitioned = [p for p in self._model.parameters() if hasattr(p, "ds_id")]
+        if partitioned:
+            partitioned[0].all_gather(param_list=partitioned)
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -182,6 +189,7 @@ class DeepSpeedBackend:
         self.engine.step()
         if not self.engine.was_step_applied():  # ZeRO's overflow check found a non-finite gradient
             self.zero_grad()
+            self._gather_whole_weights()
             return math.inf
         return norm if norm is not None else float(self.engine.get_global_grad_norm())
 
@@ -198,6 +206,7 @@ class DeepSpeedBackend:
             self.engine.step()
             if self.engine.was_step_applied():  # pragma: no cover - DeepSpeed's overflow check changed
                 raise RuntimeError("DeepSpeed applied a step with NaN gradients while discarding them")
+            self._gather_whole_weights()
         self.zero_grad()
 
 

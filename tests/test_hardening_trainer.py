@@ -440,3 +440,44 @@ def test_the_schema_column_is_the_designs_sampling_struct():
     assert TRAJECTORY_SCHEMA.field("sampling").type == SAMPLING_TYPE
     assert [f.name for f in SAMPLING_TYPE] == ["temperature", "top_p", "max_tokens_per_turn", "backend", "policy_version"]
     assert pa.types.is_struct(SAMPLING_TYPE)
+
+
+# --- the DeepSpeed backend skips non-finite steps too ------------------------------------------------
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("fault", ["loss", "gradient"])
+def test_deepspeed_skips_a_non_finite_step_and_then_trains_like_torch(tiny_policy, zero_stage, fault):
+    """After a skipped step (its gradients discarded) the next clean step equals the torch backend's."""
+    from rl_core.config import TrainerConfig
+
+    algorithm, optimizer = AlgorithmConfig(loss_fn="cispo", advantage_method="rloo"), OptimizerConfig(lr=1e-2, micro_batch_size=2)
+    clean, bad = make_episodes(tiny_policy), make_episodes(tiny_policy, seed=1)
+    if fault == "loss":
+        bad[1].behavior_logprobs[bad[1].loss_mask.index(1)] = math.nan
+    torch_policy = copy.deepcopy(tiny_policy)
+    torch_trainer = Trainer(torch_policy, algorithm, optimizer)
+    for _ in range(2):
+        torch_trainer.step(clean)
+    policy = copy.deepcopy(tiny_policy)
+    trainer = Trainer(policy, algorithm, optimizer, trainer_cfg=TrainerConfig(backend="deepspeed", zero_stage=zero_stage))
+    trainer.step(clean)
+    weights, state = snapshot(policy), optimizer_state(trainer)
+    handle = None
+    if fault == "gradient":
+        weight = next(p for p in policy.model.parameters() if p.requires_grad)
+        handle = weight.register_hook(lambda grad: grad * math.inf)
+    for ep in bad:
+        ep.policy_version = 1
+    m = trainer.step(bad)
+    if handle is not None:
+        handle.remove()
+    assert m.skipped is not None and m.nonfinite_steps == 1 and policy.version == 1
+    assert_same_weights(snapshot(policy), weights)
+    assert_same_optimizer_state(optimizer_state(trainer), state)
+    for ep in clean:
+        ep.policy_version = 1
+    assert trainer.step(clean).skipped is None and policy.version == 2
+    atol = 2e-5 if zero_stage == 3 else 1e-6
+    for name, value in snapshot(torch_policy).items():
+        torch.testing.assert_close(snapshot(policy)[name], value, rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
