@@ -11,7 +11,15 @@ Contract for implementers (including user environments loaded by class path):
   engine retries the same step and records `env_error` when retries run out.
 - `finish()` scores an episode that ended without the environment saying done
   (max turns, token cap, context overflow); it must not raise either.
-- Rewards are plain floats; `reward_components` holds their logged parts.
+- Rewards are finite floats; `reward_components` holds their logged parts (str -> finite
+  float). A reward or component that is NaN, +inf, -inf or not a number is an environment
+  fault: the episode ends as `env_error` with reward 0.0 and is never trained on.
+- Texts (system prompt, task prompt, observation, tool name) are `str`; anything else ends
+  the episode as `env_error`. Text that is not valid Unicode (lone UTF-16 surrogates) is
+  repaired (U+FFFD) and the repair noted in the episode's `env_error` column.
+- An environment is built from its config entry's keyword arguments
+  (`environment.domains[i].kwargs`); the constructor's signature is checked against them when
+  the config is built, so give it named parameters rather than `**kwargs` where you can.
 """
 
 from __future__ import annotations
