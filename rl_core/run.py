@@ -348,10 +348,13 @@ class TrainingRun:
 
     def record_skipped_iteration(self, iteration: int, reason: str) -> Path:
         """Record `iteration` as finished without an optimizer step, for `reason` (plain words): where
-        sampling stands now, then (the commit) its iteration record ("trained": false,
-        "skipped_by": "trainer"). Returns the record's path."""
+        sampling stood after collecting it (kept when the train flow saved it before committing the
+        batch: a batch collected ahead may be drawing from the sampler by now; else the state now),
+        then (the commit) its iteration record ("trained": false, "skipped_by": "trainer").
+        Returns the record's path."""
         self.record_config()
-        run_records.save_sampling_state(self.run_dir, iteration, self.sampling_state())
+        if not run_records.sampling_path(self.run_dir, iteration).is_file():
+            run_records.save_sampling_state(self.run_dir, iteration, self.sampling_state())
         record = {"iteration": iteration, "step": self.policy.version, "trained": False, "skipped_by": "trainer", "reason": reason}
         path = run_records.save_iteration(self.run_dir, record)
         self.last_iteration = iteration

@@ -16,8 +16,10 @@ Layout under `<storage.run_dir>/<run_id>/`:
   re-applying it promotes only by compare-and-set on that champion (tasks/promote.py);
 - `sampling/iteration-000003.pt`: where sampling stood (random generators, task sampler) right
   after the iteration's batch was collected, saved before the batch is committed, so that a
-  re-run reusing the batch continues exactly as if it had collected it; for an iteration that
-  took no optimizer step, rewritten when it is recorded (where sampling stands at its end).
+  re-run reusing the batch continues exactly as if it had collected it, and a resumed run goes
+  on after an iteration that took no optimizer step (which has no checkpoint) from there. An
+  iteration recorded without a step by `TrainingRun.save_checkpoint` outside the flow gets
+  its state saved when it is recorded.
 
 Every record is written atomically (rl_core/atomic.py), after the work it records: a record
 that exists describes work that is done; a crash leaves the record missing, never half-written.

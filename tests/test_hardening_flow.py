@@ -173,3 +173,7 @@ def test_the_flow_collects_the_next_batch_while_a_step_trains(prefect_harness, t
     # resumed with overlap: the first batch not committed is collected by the policy the run resumed with
     resumed = run_flow(tmp_path, "overlap", [*extra, "iterations=3"])
     assert resumed["trained_steps"] == 3 and {e.policy_version for e in store.read("overlap", 3)} == {2}
+    # ... on the tasks the uninterrupted run draws for it (sampling went on from where batch 2 left it)
+    fresh = TrainingRun(load_config(None, [*TINY, *extra, f"storage.run_dir={tmp_path / 'fresh'}"]))
+    drawn = [sorted(task.task_id for _, task in fresh.work_for(i)) for i in (1, 2, 3)]
+    assert [sorted({e.task_id for e in store.read("overlap", i)}) for i in (1, 2, 3)] == drawn
