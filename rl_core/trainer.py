@@ -346,7 +346,25 @@ class Trainer:
         return [e for e in episodes if self.policy.version - e.policy_version <= limit]
 
     def advantages(self, episodes: list[Episode]) -> list[torch.Tensor]:
-        """Per episode, one advantage per policy turn (episode-level methods give one for all turns)."""
+        """Per episode, one advantage per policy turn (episode-level methods give one for all turns).
+
+        opo weights its baseline by generated tokens, which a group whose episodes generated none
+        (e.g. all overflowed their context) does not have: such a group gets advantage 0 (it has no
+        loss token to apply one to) and the other groups' advantages are unchanged.
+        """
+        if self.algorithm.advantage_method == "opo":
+            tokens: dict[str, int] = {}
+            for e in episodes:
+                tokens[e.group_id] = tokens.get(e.group_id, 0) + e.response_tokens
+            silent = {g for g, n in tokens.items() if n == 0}
+            if silent:
+                kept = iter(self._advantages([e for e in episodes if e.group_id not in silent]))
+                return [torch.zeros(1) if e.group_id in silent else next(kept) for e in episodes]
+        return self._advantages(episodes)
+
+    def _advantages(self, episodes: list[Episode]) -> list[torch.Tensor]:
+        if not episodes:
+            return []
         rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
         return compute_advantages(
             self.algorithm.advantage_method, rewards, [e.group_id for e in episodes],

@@ -481,3 +481,16 @@ def test_deepspeed_skips_a_non_finite_step_and_then_trains_like_torch(tiny_polic
     atol = 2e-5 if zero_stage == 3 else 1e-6
     for name, value in snapshot(torch_policy).items():
         torch.testing.assert_close(snapshot(policy)[name], value, rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_opo_with_a_group_that_generated_nothing_trains_the_others(tiny_policy):
+    episodes = make_episodes(tiny_policy, n=4)
+    silent = long_overflowed(tiny_policy, 2, 30)
+    for ep in silent:
+        ep.group_id, ep.reward = "silent", [0.0, 1.0][silent.index(ep)]
+    algorithm = AlgorithmConfig(advantage_method="opo")
+    policy, reference = copy.deepcopy(tiny_policy), copy.deepcopy(tiny_policy)
+    m = Trainer(policy, algorithm, OptimizerConfig(lr=1e-2)).step(episodes + silent)
+    Trainer(reference, algorithm, OptimizerConfig(lr=1e-2)).step(episodes)
+    assert m.skipped is None and m.no_loss_token_episodes == 2
+    assert_same_weights(snapshot(policy), snapshot(reference))
