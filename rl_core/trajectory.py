@@ -75,7 +75,11 @@ class Sampling:
 
 @dataclass
 class Episode:
-    """One multi-turn episode with lineage, tokens, masks, log-probs and reward."""
+    """One multi-turn episode with lineage, tokens, masks, log-probs and reward.
+
+    `sampling` is what the sampler was asked (`Sampling`); None when it was not recorded (batches
+    of schema version 1, hand-built episodes): the trainer then assumes its own temperature.
+    """
 
     run_id: str
     iteration: int
