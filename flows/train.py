@@ -15,7 +15,10 @@ At the end, reward / pass@1 / truncation curves go to MLflow and Prefect as PNGs
 An iteration whose batch passed validation but leaves nothing to train on (every group
 dropped, every episode stale or env_error) or whose step is not finite takes no optimizer
 step: it is recorded as skipped with the trainer's reason ("skipped_by": "trainer"), writes no
-checkpoint, and the run goes on; the closing summary is derived from these records.
+checkpoint, and the run goes on; the closing summary is derived from these records. Its
+counters (`SKIPPED_STEP_METRICS`: `train/nonfinite_step`, `train/truncated_masked`, ...) are
+logged, and one whose optimizer steps were not finite is examined by the doctor too
+(`nonfinite_step`), without a collapse action (it moved no weights).
 
 With `rollout.overlap_collection`, iteration k+1's batch is collected while step k trains: as
 soon as batch k is committed, a Prefect task collecting k+1 is submitted to the flow's
@@ -62,7 +65,7 @@ from rl_core.trajectory import Episode
 from rl_core.store import Manifest
 from tasks.collect import collect_rollouts_task
 from tasks.curves import publish_curves_task
-from tasks.doctor import DoctorVerdict, examine_step_task, publish_findings_task
+from tasks.doctor import DoctorVerdict, examine_step_task, examined_untrained, publish_findings_task
 from tasks.evaluate import evaluate_checkpoint_task, evaluate_task
 from tasks.gate import GateDecision, gate_candidate
 from tasks.promote import PromotionResult, champion_task, download_champion_task, promote_task, register_checkpoint_task, settle_promotion
@@ -221,7 +224,8 @@ class _Batches:
 
 
 # the metrics of a step the trainer skipped that mean something (its loss, clip fraction... are not a step's)
-SKIPPED_STEP_METRICS = ("train/step_skipped", "rollout/stale_dropped", "train/episodes", "train/loss_tokens")
+SKIPPED_STEP_METRICS = ("train/step_skipped", "rollout/stale_dropped", "train/episodes", "train/loss_tokens", "train/nonfinite_step",
+                        "train/nonfinite_reward_dropped", "train/truncated_masked", "train/no_loss_token_episodes")
 
 
 def _train_iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, batches: _Batches, iteration: int) -> dict[str, Any]:
@@ -404,7 +408,7 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
                 crashed = iteration <= run.checkpoint_iteration  # checkpointed, but not recorded
                 record = _record_after_crash(run, iteration) if crashed else _train_iteration(run, tracker, progress, batches, iteration)
                 _remember(run, progress, record)
-                if record["trained"] and cfg.doctor.enabled:
+                if cfg.doctor.enabled and (record["trained"] or examined_untrained(record)):
                     record = _examine(run, tracker, progress, record)
                     progress.stopped = record.get("stopped")
                 run_records.save_iteration(run.run_dir, record)

@@ -6,8 +6,10 @@ the collapsed stretch a rollback undid), runs `rl_core.doctor.diagnose`, logs ea
 reported before with its metric and first change to try, and decides the action on a reward
 collapse from `doctor.on_collapse`: nothing (warn), stop, or roll back to the last good
 checkpoint (`last_good_step`), which the run protects from pruning. Rollbacks beyond
-`doctor.max_rollbacks` become a stop. `publish_findings_task` publishes what was seen as a
-Prefect markdown artifact at the end of the run.
+`doctor.max_rollbacks` become a stop. An iteration that took no optimizer step because its steps
+were not finite is examined too (`examined_untrained`): the doctor names it (`nonfinite_step`)
+and takes no action. `publish_findings_task` publishes what was seen as a Prefect markdown
+artifact at the end of the run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from rl_core.doctor import diagnose, last_good_step
+from rl_core.doctor import NONFINITE_STEP, diagnose, last_good_step
 from rl_core.run import TrainingRun
 from tasks.validate import artifact_slug
 
@@ -36,11 +38,25 @@ class DoctorVerdict:
     reason: str = ""
 
 
+def examined_untrained(record: dict[str, Any]) -> bool:
+    """Whether an iteration that took no optimizer step is still examined: its steps were skipped as
+    not finite (`train/nonfinite_step`), a fault the doctor names (`nonfinite_step`)."""
+    value = record.get(NONFINITE_STEP)
+    return not record["trained"] and isinstance(value, (int, float)) and value > 0
+
+
 def doctor_history(records: list[dict[str, Any]], evaluations: dict[int, float]) -> list[dict[str, Any]]:
     """The history the doctor reads: trained iterations in order, each with "val/pass_at_1" when its
-    step was evaluated (plus a step-0 entry), minus the steps a rollback undid."""
+    step was evaluated (plus a step-0 entry), minus the steps a rollback undid. An iteration whose
+    every optimizer step was skipped as not finite (`examined_untrained`) enters with its step and
+    `train/nonfinite_step` only (its rewards trained nothing, so the reward checks do not see them)."""
     history: list[dict[str, Any]] = [{"step": 0, "val/pass_at_1": evaluations[0]}] if 0 in evaluations else []
-    for record in (r for r in records if r["trained"]):
+    for record in records:
+        if examined_untrained(record):
+            history.append({"step": record["step"], NONFINITE_STEP: record[NONFINITE_STEP]})
+            continue
+        if not record["trained"]:
+            continue
         entry = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if record["step"] in evaluations:
             entry["val/pass_at_1"] = evaluations[record["step"]]
@@ -69,6 +85,8 @@ def examine_step_task(
     for finding in verdict.new_findings:
         logger.warning("doctor, step %d: %s (%s = %.4g, threshold %.4g). First change to try: %s",
                        finding["step"], finding["message"], finding["metric"], finding["value"], finding["threshold"], finding["first_change"])
+    if not record["trained"]:  # a non-finite iteration (examined_untrained): named, nothing to act on
+        return verdict
     good = last_good_step(history, run.cfg)
     # keep the rollback target, and this step's checkpoint: a window ending at the next step makes it the target
     run.protected_steps = {s for s in (good, record["step"]) if s is not None and run.can_roll_back_to(s)}

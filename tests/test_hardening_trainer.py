@@ -494,3 +494,38 @@ def test_opo_with_a_group_that_generated_nothing_trains_the_others(tiny_policy):
     Trainer(reference, algorithm, OptimizerConfig(lr=1e-2)).step(episodes)
     assert m.skipped is None and m.no_loss_token_episodes == 2
     assert_same_weights(snapshot(policy), snapshot(reference))
+
+
+# --- item 3 in `turnstile train`: a wholly non-finite step is logged and named by the doctor ---------------
+
+
+def test_the_train_flow_logs_and_names_an_iteration_whose_only_step_was_not_finite(prefect_harness, tmp_path, monkeypatch):
+    """With one optimizer step per batch (the default), a non-finite step leaves the iteration without a step:
+    it is still logged as train/nonfinite_step and the doctor names it (run history and summary)."""
+    from mlflow import MlflowClient
+
+    from rl_core import run_records
+    from rl_core.backends import TorchBackend
+    from tests.test_train_flow import run_flow
+
+    clean_step, calls = TorchBackend.step, []
+
+    def first_step_not_finite(self):
+        calls.append(1)
+        if len(calls) == 1:  # iteration 1's only optimizer step: a NaN gradient norm
+            self.zero_grad()
+            return math.nan
+        return clean_step(self)
+
+    monkeypatch.setattr(TorchBackend, "step", first_step_not_finite)
+    summary = run_flow(tmp_path, "nan", ["evaluation.val_every=10"])
+    first, second = run_records.read_history(tmp_path / "nan")
+    assert (first["trained"], first["skipped_by"], first["step"]) == (False, "trainer", 0)
+    assert "non-finite gradient norm" in first["reason"] and first["train/nonfinite_step"] == 1.0
+    assert [f["symptom"] for f in first["findings"]] == ["nonfinite_step"]
+    assert second["trained"] and second["step"] == 1 and second["train/nonfinite_step"] == 0.0
+    assert [f["symptom"] for f in summary["findings"]].count("nonfinite_step") == 1
+    client = MlflowClient(summary["mlflow_uri"])
+    logged = client.get_metric_history(summary["mlflow_run_id"], "train/nonfinite_step")
+    assert [(m.step, m.value) for m in logged] == [(1, 1.0), (2, 0.0)]
+    assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "doctor/nonfinite_step")] == [1]
