@@ -2,7 +2,8 @@
 
 `Trainer.step(episodes)`:
 1. selects what to train on (`select_episodes`): drops env_error episodes, episodes whose
-   reward is not finite (never trained on, whatever the environment layer did), stale ones
+   reward or a reward component is not finite (never trained on, whatever the environment
+   layer did), stale ones
    (sampled more than `max_steps_off_policy` policy versions before this iteration started),
    truncated ones listed in `algorithm.mask_truncated`, and, when configured, groups whose
    rewards are all equal (and groups too small for grpo_passk);
@@ -224,7 +225,7 @@ class Selection:
             return "nothing to train on: the batch is empty"
         causes = [
             (self.env_error, "env_error (environment failures)"),
-            (self.nonfinite_reward, "given a non-finite reward"),
+            (self.nonfinite_reward, "given a non-finite reward (or reward component)"),
             (self.stale, f"stale (sampled more than algorithm.max_steps_off_policy={algorithm.max_steps_off_policy} policy versions ago)"),
             (self.truncated_masked, f"truncated and masked (algorithm.mask_truncated={list(algorithm.mask_truncated)})"),
             (self.zero_variance, f"in groups whose rewards were all equal, dropped (algorithm.zero_variance_groups={algorithm.zero_variance_groups})"),
@@ -236,6 +237,11 @@ class Selection:
         return f"nothing to train on: of {self.received} episodes, " + ", ".join(f"{count} {what}" for count, what in seen)
 
 
+def finite_reward(episode: Episode) -> bool:
+    """Whether the episode's reward and every reward component are finite (else an environment fault)."""
+    return math.isfinite(episode.reward) and all(math.isfinite(v) for v in episode.reward_components.values())
+
+
 def select_episodes(episodes: list[Episode], algorithm: AlgorithmConfig, version: int) -> Selection:
     """Which of `episodes` a step at policy `version` trains on (the module docstring's step 1), in order.
 
@@ -245,7 +251,7 @@ def select_episodes(episodes: list[Episode], algorithm: AlgorithmConfig, version
     out = Selection(train=[], received=len(episodes))
     kept = [e for e in episodes if e.finish_reason != "env_error"]
     out.env_error = len(episodes) - len(kept)
-    finite = [e for e in kept if math.isfinite(e.reward)]
+    finite = [e for e in kept if finite_reward(e)]
     out.nonfinite_reward = len(kept) - len(finite)
     fresh = [e for e in finite if version - e.policy_version <= algorithm.max_steps_off_policy]
     out.stale = len(finite) - len(fresh)

@@ -182,6 +182,23 @@ def test_a_non_finite_reward_is_never_trained_on(tiny_policy, method, bad):
     assert all(bool(torch.isfinite(a).all()) for a in expected) and any(float(a.abs().max()) > 0 for a in expected)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_reward_component_is_never_trained_on(tiny_policy, bad):
+    """A finite total with a non-finite component (hand-built, or re-scored) is the same environment fault."""
+    episodes = make_episodes(tiny_policy, n=8)
+    for ep in episodes:
+        ep.reward_components = {"answer": ep.reward}
+    poisoned = copy.deepcopy(episodes)
+    poisoned[2].reward_components["format"] = bad
+    selection = select_episodes(poisoned, AlgorithmConfig(), 0)
+    assert selection.nonfinite_reward == 1 and [e.sample_index for e in selection.train if e.task_id == "t1"] == [1]
+    policy, clean = copy.deepcopy(tiny_policy), copy.deepcopy(tiny_policy)
+    m = Trainer(policy, AlgorithmConfig(), OptimizerConfig(lr=1e-2)).step(poisoned)
+    Trainer(clean, AlgorithmConfig(), OptimizerConfig(lr=1e-2)).step(episodes[:2] + episodes[3:])
+    assert m.nonfinite_reward_dropped == 1 and m.episodes == 7
+    assert_same_weights(snapshot(policy), snapshot(clean))
+
+
 def optimizer_state(trainer) -> dict:
     return copy.deepcopy(trainer.optimizer.state_dict())
 
