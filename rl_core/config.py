@@ -71,7 +71,7 @@ class EnvironmentConfig(_Section):
     )
     domains_dir: str | None = Field(None, description="Folder holding SOP domains; default: the shipped data/domains.")
     env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for every class-path entry of environment.domains written as a plain string (a mapping entry uses its own kwargs instead; built-in domains take none).")
-    prompt_tokens: int = Field(192, gt=0, description="Longest prompt in tokens (system and task turns with their role markers: the trajectory's prompt_tokens); an episode whose prompt is longer ends as context_overflow before any generation.")
+    prompt_tokens: int = Field(192, gt=0, description="Longest prompt in tokens (system and task turns with their role markers, and the opening of the first policy turn: the trajectory's prompt_tokens); an episode whose prompt is longer ends as context_overflow before any generation.")
     expected_tool_output: int = Field(40, ge=0, description="Tokens budgeted per environment turn (tool result plus role markers).")
     train_split: str = Field("train", description="Split the training tasks come from.")
 
@@ -404,8 +404,19 @@ def load_config(
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """The config as YAML that `load_config` reads back to an equal RunConfig."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML that `load_config` reads back to an equal RunConfig.
+
+    Environment constructor arguments (`kwargs`, `env_kwargs`) keep the types YAML gave them (a
+    date stays a date, not its ISO text), so a run's config.yaml builds the same environments
+    and compares equal to the config it was started with; values YAML cannot write (objects
+    given from Python) fall back to their JSON form.
+    """
+    data = cfg.model_dump(mode="json")
+    data["environment"] = cfg.environment.model_dump(mode="python")
+    try:
+        return yaml.safe_dump(data, sort_keys=False)
+    except yaml.YAMLError:
+        return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 def config_differences(a: BaseModel, b: BaseModel, prefix: str = "") -> list[str]:

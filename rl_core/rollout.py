@@ -32,10 +32,14 @@ What the environment hands over is checked, not trusted:
   pairs joined, lone ones replaced by U+FFFD) and the episode goes on; the repair is
   recorded in the episode's `env_error` column (which holds the last environment fault,
   recovered or not; `finish_reason` says whether the episode failed), e.g. "observation
-  after policy turn 2 was not valid Unicode: 1 surrogate code point(s) repaired".
+  after policy turn 2 was not valid Unicode: 1 surrogate code point(s) repaired". The
+  `env_error` message itself is made valid the same way (an environment's exception text may
+  hold surrogates). An environment whose `name` cannot be read gives an `env_error` episode
+  keyed by its class name.
 - A step that returns something other than a `StepResult`, a `finish()` that returns
-  something other than `(reward, reward_components)`, or a `finish_reason` outside
-  `trajectory.FINISH_REASONS` ends the episode as `env_error` without a retry.
+  something other than `(reward, reward_components)`, a `done` or `tool_ok` without a truth
+  value, or a `finish_reason` outside `trajectory.FINISH_REASONS` ends the episode as
+  `env_error` without a retry.
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ class _LiveEpisode:
     reward: float = 0.0
     components: dict[str, float] = field(default_factory=dict)
     env_error: str | None = None
+    env_name: str = ""  # the environment's name as valid text (read when the episode opens)
     repairs: list[str] = field(default_factory=list)  # environment text made valid Unicode
 
     def append(self, ids: list[int], generated: bool, logprobs: list[float] | None = None) -> None:
@@ -172,11 +177,21 @@ def _number(value: object, what: str) -> float:
         raise _EnvFault(f"environment returned a {what} that is not a number: {value!r}")
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except OverflowError:  # e.g. the int 10**400: beyond every float, as good as inf
+        raise _EnvFault(f"environment returned a non-finite {what}: {value!r:.80} is beyond the float range") from None
+    except Exception:  # TypeError, ValueError, or whatever a __float__ of the environment's raises
         raise _EnvFault(f"environment returned a {what} that is not a number: {value!r}") from None
     if not math.isfinite(number):
         raise _EnvFault(f"environment returned a non-finite {what}: {number}")
     return number
+
+
+def _flag(value: object, what: str) -> bool:
+    """`bool(value)`; raises _EnvFault when the environment's value has no truth value (e.g. a numpy array)."""
+    try:
+        return bool(value)
+    except Exception as exc:
+        raise _EnvFault(f"environment returned a {what} that is not a truth value: {type(exc).__name__}: {exc}") from None
 
 
 def _checked_reward(live: _LiveEpisode, reward: object, components: object) -> tuple[float, dict[str, float]]:
@@ -259,10 +274,10 @@ def _apply_result(policy: Policy, live: _LiveEpisode, turn: Turn, result: object
     if not isinstance(result, StepResult):
         raise _EnvFault(f"environment step returned {type(result).__name__}, not StepResult")
     turn.tool_name = None if result.tool_name is None else live.text(result.tool_name, f"tool name {where}")
-    turn.tool_ok = None if result.tool_ok is None else bool(result.tool_ok)
-    if result.done:
-        reason = result.finish_reason or "answered"
-        if reason not in FINISH_REASONS:
+    turn.tool_ok = None if result.tool_ok is None else _flag(result.tool_ok, "tool_ok")
+    if _flag(result.done, "done"):
+        reason = "answered" if result.finish_reason is None else result.finish_reason
+        if not (isinstance(reason, str) and reason in FINISH_REASONS):
             raise _EnvFault(f"environment ended the episode with finish_reason {reason!r}, not one of {FINISH_REASONS}")
         live.end(reason, result.reward, result.reward_components)
         return
@@ -353,6 +368,12 @@ def _open_episode(policy: Policy, env: Environment, task: Task, group_id: str, i
     a context_overflow one.
     """
     live = _LiveEpisode(env, task, _NoSession(), group_id, index, [], [])
+    try:
+        live.env_name = _identifier(live, env.name, "environment name")
+    except Exception as exc:  # no readable name: the row is keyed by the class name instead
+        live.env_name = repair_unicode(type(env).__name__)[0]
+        live.fail(f"environment name could not be read: {type(exc).__name__}: {exc}")
+        return live
     opened = _call_with_retries(live, lambda: (env.system_prompt(), env.start(task)), settings.max_retries)
     if live.finish_reason is not None:
         return live
@@ -388,15 +409,15 @@ def _identifier(live: _LiveEpisode, value: object, what: str) -> str:
 
 
 def _to_episode(live: _LiveEpisode, sampling: Sampling, run_id: str, iteration: int, success_threshold: float) -> Episode:
-    env_name = _identifier(live, live.env.name, "environment name")
     task_id = _identifier(live, live.task.task_id, "task id")
     group_id = repair_unicode(live.group_id)[0]  # holds the task id, already noted
-    notes = [note for note in (live.env_error, *live.repairs) if note]
+    notes = [note for note in (live.env_error, *live.repairs) if note]  # messages may quote environment text
+    env_error = repair_unicode("; ".join(notes))[0] if notes else None
     return Episode(
         run_id=run_id,
         iteration=iteration,
         policy_version=sampling.policy_version,
-        env_name=env_name,
+        env_name=live.env_name,
         task_id=task_id,
         group_id=group_id,
         sample_index=live.sample_index,
@@ -408,7 +429,7 @@ def _to_episode(live: _LiveEpisode, sampling: Sampling, run_id: str, iteration: 
         reward_components=live.components,
         success=live.finish_reason != "env_error" and live.reward >= success_threshold,
         finish_reason=live.finish_reason or "env_error",
-        env_error="; ".join(notes) if notes else None,
+        env_error=env_error,
         attempts=live.attempts,
         sampling=sampling,
     )

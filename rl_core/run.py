@@ -87,7 +87,8 @@ def load_environments(cfg: RunConfig) -> list[Environment]:
     keyword arguments (`EnvironmentConfig.entries`).
 
     Raises ValueError naming the entry (`environment.domains[i]`) when one cannot be built
-    (its constructor raised), or when two entries build environments of the same name
+    (its constructor raised), has no non-empty str `name`, or when two entries build
+    environments of the same name
     (episodes, metrics and re-scoring are keyed by the environment's name).
     """
     domains_dir = Path(cfg.environment.domains_dir) if cfg.environment.domains_dir else None
@@ -97,6 +98,9 @@ def load_environments(cfg: RunConfig) -> list[Environment]:
             env = load_environment(name, domains_dir, **kwargs)
         except Exception as err:
             raise ValueError(f"environment.domains[{index}] ({name!r}) could not be built: {type(err).__name__}: {err}") from err
+        env_name = getattr(env, "name", None)
+        if not (isinstance(env_name, str) and env_name):
+            raise ValueError(f"environment.domains[{index}] ({name!r}) built an environment whose `name` is {env_name!r}: an Environment needs a non-empty str name (set it in the class or its constructor)")
         for earlier, other in enumerate(envs):
             if other.name == env.name:
                 raise ValueError(f"environment.domains[{earlier}] and environment.domains[{index}] both build an environment named {env.name!r}; environment names must differ")
@@ -277,7 +281,7 @@ class TrainingRun:
             return episodes
         groups_played = len(work)
         for round_ in range(1, self.cfg.algorithm.max_resample_rounds + 1):
-            kept = informative(episodes)
+            kept = informative(episodes, self.cfg.algorithm)  # judged as the trainer will judge them
             missing = self.cfg.tasks_per_batch - len({e.group_id for e in kept})
             if missing <= 0:
                 return kept

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rl_core.environments import load_environment
 from rl_core.environments.base import EnvSession, Environment, StepResult, Task
 
@@ -134,3 +136,17 @@ class HalfEmojiDomain(_WrappedDomain):
 
     def start(self, task: Task) -> EnvSession:
         return _HalfEmojiSession(self.inner.start(task))
+
+
+class SurrogateIdDomain(_WrappedDomain):
+    """A built-in SOP domain whose task ids end with a lone UTF-16 surrogate ("\\ud83d"): the rows
+    store them repaired (U+FFFD), so re-scoring must find the task by its stored id."""
+
+    def __init__(self, domain: str = "refunds"):
+        super().__init__(domain)
+
+    def tasks(self, split: str) -> list[Task]:
+        return [replace(task, task_id=task.task_id + "\ud83d") for task in self.inner.tasks(split)]
+
+    def start(self, task: Task) -> EnvSession:
+        return self.inner.start(task)

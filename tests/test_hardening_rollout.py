@@ -13,12 +13,15 @@
 
 from __future__ import annotations
 
+import datetime
+import fractions
 import io
 import json
 import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
@@ -245,6 +248,11 @@ def test_non_finite_score_of_a_cut_off_episode_is_an_env_error(tiny_policy):
     assert ep.env_error == "environment returned a non-finite reward: -inf"
 
 
+class _FloatRaises:
+    def __float__(self):
+        raise RuntimeError("the reward service is down")
+
+
 @pytest.mark.parametrize(
     "outcome, message",
     [
@@ -252,12 +260,61 @@ def test_non_finite_score_of_a_cut_off_episode_is_an_env_error(tiny_policy):
         ((None, {}), "environment returned a reward that is not a number: None"),
         ((1.0, [("field/x", 1.0)]), "reward_components of type list"),
         ((1.0, {"field/x": "high"}), "reward component 'field/x' that is not a number"),
+        # beyond every float (float() raises OverflowError): as good as inf
+        ((10**400, {}), "non-finite reward: 1000"),
+        ((1.0, {"field/x": -fractions.Fraction(10**400, 3)}), "non-finite reward component 'field/x'"),
+        # a number type of the environment's whose conversion raises something else
+        ((_FloatRaises(), {}), "reward that is not a number"),
     ],
 )
 def test_rewards_that_are_not_numbers_are_env_errors(tiny_policy, outcome, message):
     env = _Env(answer_after=1, outcomes=[outcome])
     [ep] = _collect(tiny_policy, [(env, env.tasks("train")[0])])
     assert ep.finish_reason == "env_error" and ep.reward == 0.0 and message in ep.env_error
+
+
+class _Answers(Environment):
+    """Answers every policy turn with `result`."""
+
+    name = "answers"
+
+    def __init__(self, result):
+        self.result = result
+
+    def system_prompt(self):
+        return "Answer."
+
+    def tasks(self, split):
+        return [Task("a-0", self.name, split, "Go.")]
+
+    def start(self, task):
+        result = self.result
+
+        class Session(EnvSession):
+            def step(self, action_text):
+                return result
+
+            def finish(self):
+                return 0.0, {}
+
+        return Session()
+
+
+@pytest.mark.parametrize(
+    "result, message",
+    [
+        (StepResult('{"ok": 1}', tool_ok=np.array([True, False])), "tool_ok that is not a truth value"),
+        (StepResult('{"ok": 1}', done=np.array([True, False])), "done that is not a truth value"),
+        (StepResult(None, done=True, reward=1.0, finish_reason=np.array(["answered", "answered"])), "finish_reason array("),
+    ],
+)
+def test_step_fields_the_engine_cannot_read_end_only_that_episode(tiny_policy, result, message):
+    """A numpy array where a flag or a finish reason belongs used to raise `ValueError: The truth
+    value of an array ... is ambiguous` out of collect_rollouts."""
+    bad, good = _Answers(result), _Env(name="good", answer_after=1)
+    episodes = _collect(tiny_policy, [(bad, bad.tasks("train")[0]), (good, good.tasks("train")[0])])
+    assert [ep.finish_reason for ep in episodes] == ["env_error", "answered"]
+    assert message in episodes[0].env_error
 
 
 def test_non_finite_reward_domain_one_in_four(reference_policy):
@@ -316,6 +373,62 @@ def test_identifiers_that_are_not_valid_unicode_still_give_a_writable_row(tiny_p
     assert ep.env_name == "env\ufffd" and ep.task_id == "task\ufffd" and "\ud800" not in ep.group_id
     assert "environment name was not valid Unicode" in ep.env_error and ep.finish_reason == "answered"
     assert len(_parquet_roundtrip([ep])) == 1
+
+
+class _RaisesText(_Env):
+    """Its sessions raise exceptions whose messages hold lone surrogates (a tool's error text): in
+    `step` when `in_step`, else in `finish` (the step answers an observation)."""
+
+    def __init__(self, in_step: bool):
+        super().__init__(name="raises")
+        self.in_step = in_step
+
+    def start(self, task):
+        in_step = self.in_step
+
+        class Session(EnvSession):
+            def step(self, action_text):
+                if in_step:
+                    raise ValueError("tool answered \ud83d")
+                return StepResult('{"ok": "1"}')
+
+            def finish(self):
+                raise ValueError("scorer answered \udc00")
+
+        return Session()
+
+
+@pytest.mark.parametrize("in_step, message", [(True, "ValueError: tool answered \ufffd"), (False, "ValueError: scorer answered \ufffd")])
+def test_environment_exception_text_that_is_not_valid_unicode_gives_a_writable_row(tiny_policy, in_step, message):
+    """The env_error column quotes the environment's exception; a lone surrogate in it used to fail
+    the Parquet write of the whole batch."""
+    bad, good = _RaisesText(in_step), _Env(name="good", answer_after=1)
+    episodes = _collect(tiny_policy, [(bad, bad.tasks("train")[0]), (good, good.tasks("train")[0])], _settings(max_turns=1))
+    assert [ep.finish_reason for ep in episodes] == ["env_error", "answered"]
+    assert episodes[0].env_error == message
+    assert len(_parquet_roundtrip(episodes)) == 2
+
+
+class _Nameless(_Env):
+    """An environment that never sets `name` (the ABC only annotates it)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.name
+
+    def tasks(self, split):
+        return [Task("t1", "nameless", split, self.prompt)]
+
+
+def test_environment_without_a_name_ends_only_its_episodes(tiny_policy):
+    bad, good = _Nameless(), _Env(name="good", answer_after=1)
+    episodes = _collect(tiny_policy, [(bad, bad.tasks("train")[0]), (good, good.tasks("train")[0])])
+    assert [(ep.env_name, ep.finish_reason) for ep in episodes] == [("_Nameless", "env_error"), ("good", "answered")]
+    assert episodes[0].env_error.startswith("environment name could not be read: AttributeError")
+    assert bad.started == 0 and len(_parquet_roundtrip(episodes)) == 2
+    cfg = RunConfig.model_validate({"environment": {"domains": ["access", "tests.test_hardening_rollout:_Nameless"]}})
+    with pytest.raises(ValueError, match=r"environment.domains\[1\] \('tests.test_hardening_rollout:_Nameless'\) built an environment whose `name` is None"):
+        load_environments(cfg)
 
 
 def test_evaluation_survives_an_environment_with_a_lone_surrogate(reference_policy):
@@ -407,12 +520,27 @@ def test_plain_class_path_entries_still_take_env_kwargs():
         ({"name": "tests.no_such_module:Env"}, "cannot import module 'tests.no_such_module'"),
         ({"name": "refunds", "kwargs": {"fail_every": 3}}, "built-in domain 'refunds' takes no keyword arguments"),
         ("refundz", "unknown environment 'refundz'"),
+        # imports, is an Environment, accepts the arguments, but cannot be instantiated
+        ("tests.test_hardening_rollout:NoStart", "NoStart is abstract: it does not implement ['start']"),
+        ({"name": "tests.test_hardening_rollout:Named", "kwargs": {"name": "x", "domains_dir": "/data"}}, "'domains_dir' cannot reach an environment class"),
     ],
 )
 def test_bad_environment_entry_is_named_when_the_config_is_built(entry, message):
     with pytest.raises(ValidationError) as error:
         RunConfig.model_validate({"environment": {"domains": [TWO_ENVS[0], entry]}})
     assert "environment.domains[1]" in str(error.value) and message in str(error.value)
+
+
+class NoStart(Environment):
+    """An Environment subclass that forgot `start`."""
+
+    name = "no-start"
+
+    def system_prompt(self):
+        return "Answer."
+
+    def tasks(self, split):
+        return []
 
 
 class NeedsURL(_Env):
@@ -458,3 +586,71 @@ def test_mapping_entries_are_logged_as_params_that_rebuild_the_config():
     params = flatten_config(cfg)
     assert json.loads(params["environment.domains"]) == ["access", *TWO_ENVS]
     assert RunConfig.model_validate(apply_overrides({}, [f"{key}={value}" for key, value in params.items()])) == cfg
+
+
+class Named(_Env):
+    """A user environment whose constructor takes `name` (load_environment's first parameter) and
+    a typed value (a date, as YAML reads `2024-01-01`)."""
+
+    def __init__(self, name: str, start: datetime.date | None = None, **options):
+        super().__init__(name=name)
+        self.start_date, self.options = start, options
+
+
+def test_a_constructor_argument_called_name_reaches_the_class():
+    """`name` used to collide with load_environment(name, ...): TypeError 'got multiple values for
+    argument name' after the config check had passed."""
+    cfg = RunConfig.model_validate({"environment": {"domains": [
+        {"name": "tests.test_hardening_rollout:Named", "kwargs": {"name": "first", "start": datetime.date(2024, 1, 1)}},
+        {"name": "tests.test_hardening_rollout:Named", "kwargs": {"name": "second"}},
+    ]}})
+    first, second = load_environments(cfg)
+    assert (first.name, first.start_date, second.name, second.start_date) == ("first", datetime.date(2024, 1, 1), "second", None)
+    assert load_environment("tests.test_hardening_rollout:Named", None, name="direct").name == "direct"
+
+
+def test_typed_yaml_arguments_survive_the_run_config_so_the_run_can_continue(tmp_path):
+    """A date argument was written to config.yaml as its ISO text: the same config then no longer
+    matched the run's (`turnstile train` refused to continue it) and a resumed run built the
+    environment with a str."""
+    from rl_core.run import load_run_config, record_run_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "environment:\n"
+        "  domains:\n"
+        "    - {name: 'tests.test_hardening_rollout:Named', kwargs: {name: dated, start: 2024-01-01}}\n"
+        "    - tests.test_hardening_rollout:Named\n"
+        "  env_kwargs: {name: plain, start: 2023-12-31}\n"
+    )
+    cfg = load_config(path)
+    assert cfg.environment.domains[0].kwargs["start"] == datetime.date(2024, 1, 1)
+    run_dir = tmp_path / "run"
+    record_run_config(cfg, run_dir)
+    record_run_config(cfg, run_dir)  # the same config again: accepted
+    stored = load_run_config(run_dir)
+    assert stored == cfg and stored.environment.env_kwargs["start"] == datetime.date(2023, 12, 31)
+    assert [env.start_date for env in load_environments(stored)] == [datetime.date(2024, 1, 1), datetime.date(2023, 12, 31)]
+
+
+def test_rescoring_finds_tasks_whose_ids_were_repaired_and_checks_replayed_rewards(tiny_policy):
+    """Rows store a task id holding a lone surrogate repaired (U+FFFD); re-scoring looked the stored
+    id up among the environment's raw ids and failed the whole re-scoring. A replayed reward
+    component that is not finite is an environment fault there too, as in a rollout."""
+    from rl_core.replay.scoring import TaskCatalog, load_scorer
+
+    cfg = RunConfig.model_validate({"environment": {"domains": [{"name": "tests.fault_envs:SurrogateIdDomain", "kwargs": {"domain": "refunds"}}]}})
+    catalog = TaskCatalog(cfg)
+    env = catalog.environment("refunds")
+    raw = env.tasks("train")[0]
+    [episode] = _collect(tiny_policy, [(env, raw)], _settings(max_turns=2))
+    assert episode.task_id == raw.task_id[:-1] + "\ufffd"
+    assert catalog.task(episode) == raw
+    assert load_scorer("environment", catalog)(episode, raw) == episode.reward
+
+    spoiled = NonFiniteRewardDomain("refunds", every=1, value="nan", component="field/decision")
+    task = spoiled.tasks("train")[0]
+    [episode] = _collect(tiny_policy, [(load_environment("refunds"), task)], _settings(max_turns=2))
+    catalog.environments = {"refunds": spoiled}
+    with pytest.raises(ValueError, match="non-finite reward component 'field/decision': nan"):
+        load_scorer("environment", catalog)(episode, task)

@@ -41,12 +41,13 @@ def available_domains(domains_dir: Path | None = None) -> list[str]:
     return sorted(child.name for child in root.iterdir() if (child / "domain.json").is_file())
 
 
-def load_environment(name: str, domains_dir: Path | None = None, **kwargs: Any) -> Environment:
+def load_environment(name: str, /, domains_dir: Path | None = None, **kwargs: Any) -> Environment:
     """Build the environment `name`: "package.module:Class" (with **kwargs) or a built-in domain.
 
     `kwargs` go to class-path environments only; built-in domains take none and ignore them,
-    so one config may list both. Raises ValueError naming the class path, or listing the
-    available domains.
+    so one config may list both. `name` is positional-only, so a class's own `name` argument
+    passes through `kwargs` (a constructor argument called `domains_dir` does not: it is this
+    function's). Raises ValueError naming the class path, or listing the available domains.
     """
     if ":" in name:
         return _load_class(name)(**kwargs)
@@ -60,9 +61,11 @@ def load_environment(name: str, domains_dir: Path | None = None, **kwargs: Any) 
 def check_environment(name: str, kwargs: Mapping[str, Any] | None = None, domains_dir: Path | None = None) -> None:
     """Check that `load_environment(name, domains_dir, **kwargs)` can build, without building it.
 
-    A class path must import, name an Environment subclass, and its constructor must accept
+    A class path must import, name an Environment subclass that is not abstract (it implements
+    every abstract method, so it can be instantiated), and its constructor must accept
     `kwargs` (bound against `inspect.signature` of the class: unknown and missing arguments
-    are both caught; what the constructor itself does is not run). A domain name must exist
+    are both caught; what the constructor itself does is not run); no argument may be called
+    `domains_dir`, which load_environment keeps for itself. A domain name must exist
     under `domains_dir` and, given explicitly with arguments, is refused: built-in domains
     take none. Raises ValueError saying what is wrong.
     """
@@ -76,6 +79,11 @@ def check_environment(name: str, kwargs: Mapping[str, Any] | None = None, domain
             raise ValueError(f"built-in domain {name!r} takes no keyword arguments, got {sorted(kwargs)}")
         return
     cls = _load_class(name)
+    if "domains_dir" in kwargs:
+        raise ValueError("the keyword argument 'domains_dir' cannot reach an environment class (load_environment takes it for built-in domains); give the constructor parameter another name")
+    if inspect.isabstract(cls):
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        raise ValueError(f"{cls.__name__} is abstract: it does not implement {missing}, so it cannot be instantiated")
     try:
         signature = inspect.signature(cls)
     except (TypeError, ValueError):  # no introspectable constructor: nothing to check it against

@@ -17,6 +17,9 @@ Contract for implementers (including user environments loaded by class path):
 - Texts (system prompt, task prompt, observation, tool name) are `str`; anything else ends
   the episode as `env_error`. Text that is not valid Unicode (lone UTF-16 surrogates) is
   repaired (U+FFFD) and the repair noted in the episode's `env_error` column.
+- `name` is a non-empty str (set on the class or in the constructor): episodes, metrics and
+  re-scoring are keyed by it. An environment without one is refused by `load_environments`,
+  and its episodes end as `env_error` in a rollout.
 - An environment is built from its config entry's keyword arguments
   (`environment.domains[i].kwargs`); the constructor's signature is checked against them when
   the config is built, so give it named parameters rather than `**kwargs` where you can.

@@ -26,18 +26,29 @@ from rl_core.environments.base import Environment, Task
 from rl_core.imports import import_from_path
 from rl_core.replay.selection import ReplayError, StoredBatch, read_episodes, run_config
 from rl_core.run import load_environments
+from rl_core.tokenizer import repair_unicode
 from rl_core.trajectory import Episode
 
 Scorer = Callable[[Episode, Task], float]
 SCORERS = ("environment", "strict")
 
 
+def stored_text(value: object) -> str:
+    """An environment name or task id as an episode row stores it (rl_core.rollout): str() of a
+    non-str, made valid Unicode (lone surrogates -> U+FFFD)."""
+    return repair_unicode(value if isinstance(value, str) else str(value))[0]
+
+
 class TaskCatalog:
-    """A run's environments and their tasks (training and evaluation splits), looked up by name."""
+    """A run's environments and their tasks (training and evaluation splits), looked up by name.
+
+    Names and task ids are matched in the form episodes store them (`stored_text`), so an
+    environment whose task ids were repaired to valid Unicode in the rows is still found.
+    """
 
     def __init__(self, cfg: RunConfig):
         self.splits = list(dict.fromkeys([cfg.environment.train_split, cfg.evaluation.split]))
-        self.environments = {env.name: env for env in load_environments(cfg)}
+        self.environments = {stored_text(env.name): env for env in load_environments(cfg)}
         self._tasks: dict[str, dict[str, Task]] = {}
 
     def environment(self, name: str) -> Environment:
@@ -47,11 +58,11 @@ class TaskCatalog:
 
     def task(self, episode: Episode) -> Task:
         env = self.environment(episode.env_name)
-        if env.name not in self._tasks:
-            self._tasks[env.name] = {t.task_id: t for split in self.splits for t in env.tasks(split)}
-        task = self._tasks[env.name].get(episode.task_id)
+        if episode.env_name not in self._tasks:
+            self._tasks[episode.env_name] = {stored_text(t.task_id): t for split in self.splits for t in env.tasks(split)}
+        task = self._tasks[episode.env_name].get(episode.task_id)
         if task is None:
-            raise ReplayError(f"environment {env.name!r} has no task {episode.task_id!r} in splits {self.splits}")
+            raise ReplayError(f"environment {episode.env_name!r} has no task {episode.task_id!r} in splits {self.splits}")
         return task
 
 
@@ -69,7 +80,9 @@ def replay_actions(env: Environment, task: Task, episode: Episode) -> ActionRepl
     """Feed the episode's assistant turns, in order, to a fresh session of `env`.
 
     Mirrors the rollout engine: a turn cut at the token cap (finish_reason `length`) is not
-    stepped; an episode the environment did not end is scored by `finish()`.
+    stepped; an episode the environment did not end is scored by `finish()`; a reward or reward
+    component that is not a finite number is an environment fault (ValueError, which `rescore`
+    counts in its errors), as it is an env_error in a rollout.
     """
     session = env.start(task)
     failed = 0
@@ -79,9 +92,21 @@ def replay_actions(env: Environment, task: Task, episode: Episode) -> ActionRepl
         result = session.step(turn.text)
         failed += result.tool_ok is False
         if result.done:
-            return ActionReplay(float(result.reward), dict(result.reward_components), True, failed)
+            return ActionReplay(*_finite(result.reward, result.reward_components), True, failed)
     reward, components = session.finish()
-    return ActionReplay(float(reward), dict(components), False, failed)
+    return ActionReplay(*_finite(reward, components), False, failed)
+
+
+def _finite(reward: object, components: object) -> tuple[float, dict[str, float]]:
+    """The replayed reward and components as finite floats; ValueError naming a bad one."""
+
+    def number(value: object, what: str) -> float:
+        checked = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(checked):
+            raise ValueError(f"the environment returned a non-finite {what}: {checked}")
+        return checked
+
+    return number(reward, "reward"), {key: number(value, f"reward component {key!r}") for key, value in dict(components).items()}  # type: ignore[call-overload]
 
 
 def load_scorer(spec: str, catalog: TaskCatalog | None = None) -> Scorer:
