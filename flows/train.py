@@ -345,17 +345,15 @@ def _champion_pass_at_1(run: TrainingRun, candidate: Candidate) -> tuple[str | N
         return champion.version, evaluate_checkpoint_task(run, str(folder)).pass_at_1
 
 
-def _gate(run: TrainingRun, progress: _Progress) -> tuple[Candidate | None, GateDecision | None]:
-    """Gate the best candidate once per run, and promote it by compare-and-set on the champion.
+def _gate(run: TrainingRun, progress: _Progress) -> tuple[Candidate, GateDecision]:
+    """Gate the best candidate once per run, and promote it by compare-and-set on the champion
+    (`progress.candidates` is not empty: a run without one is not gated, see `no_candidate_reason`).
 
     The decision is recorded (gate.json, with the champion version it was made against) before
     it is applied; a re-run re-applies the recorded decision, through the same compare-and-set.
     When the champion changed since the decision (another run promoted, or a rollback), the
     candidate is decided again against the new champion (`settle_promotion`), and that decision
     is recorded and applied instead."""
-    if not progress.candidates:
-        get_run_logger().warning("No candidate to gate: no training step was taken (every batch failed validation).")
-        return None, None
     best = max(progress.candidates, key=lambda c: (c.report.pass_at_1, c.step))
     label = f"version {best.version} (step {best.step})"
 
