@@ -108,12 +108,21 @@ class StepMetrics:
         }
 
 
-def informative(episodes: list[Episode]) -> list[Episode]:
-    """The episodes of groups whose rewards are not all equal (the rest carry no learning signal)."""
+def informative(episodes: list[Episode], algorithm: AlgorithmConfig | None = None) -> list[Episode]:
+    """The episodes of groups whose rewards are not all equal (the rest carry no learning signal).
+
+    With `algorithm`, a group is judged by the members `select_episodes` judges it by (not
+    env_error, a finite reward, not truncated and masked by `algorithm.mask_truncated`), so a group
+    kept here is not then dropped by the trainer; every member of a kept group is returned.
+    """
+    judged = episodes if algorithm is None else [
+        e for e in episodes
+        if e.finish_reason != "env_error" and finite_reward(e) and e.finish_reason not in algorithm.mask_truncated
+    ]
     rewards: dict[str, set[float]] = {}
-    for e in episodes:
+    for e in judged:
         rewards.setdefault(e.group_id, set()).add(e.reward)
-    return [e for e in episodes if len(rewards[e.group_id]) > 1]
+    return [e for e in episodes if len(rewards.get(e.group_id, ())) > 1]
 
 
 def groups_of_at_least(episodes: list[Episode], size: int) -> list[Episode]:

@@ -300,6 +300,35 @@ def test_masked_truncated_episodes_leave_the_baseline_and_the_loss(tiny_policy):
     assert_same_weights(snapshot(policy), snapshot(reference))
 
 
+def test_dynamic_sampling_judges_groups_by_their_judged_members(tmp_path, monkeypatch):
+    """zero_variance_groups=resample refills the batch with groups the trainer will train on: a group whose
+    only reward difference is a masked truncated (or env_error) member has no signal and is resampled."""
+    from rl_core.config import load_config
+    from rl_core.run import TrainingRun
+
+    cfg = load_config(None, ["rollout.group_size=2", "rollout.global_batch_size=4", "algorithm.zero_variance_groups=resample",
+                             "algorithm.mask_truncated=[token_cap]", f"storage.run_dir={tmp_path}", "storage.run_id=dyn"])
+    run = TrainingRun(cfg)
+    rounds = iter([
+        [("a", 1.0, "answered"), ("a", 0.0, "token_cap"), ("b", 1.0, "answered"), ("b", 0.0, "answered")],
+        [("c", 1.0, "answered"), ("c", 0.0, "env_error")],
+        [("d", 0.0, "answered"), ("d", 1.0, "answered")],
+    ])
+
+    def collected(policy, iteration, work, first_group):
+        out = []
+        for i, (group, reward, reason) in enumerate(next(rounds)):
+            ep = make_episodes(run.policy, n=1, seed=i)[0]
+            ep.group_id, ep.reward, ep.finish_reason = group, reward, reason
+            out.append(ep)
+        return out
+
+    monkeypatch.setattr(run, "_collect_work", collected)
+    episodes = run.collect(1)
+    assert [(e.group_id, e.reward) for e in episodes] == [("b", 1.0), ("b", 0.0), ("d", 0.0), ("d", 1.0)]
+    assert select_episodes(episodes, cfg.algorithm, 0).zero_variance == 0
+
+
 def test_mask_truncated_off_keeps_todays_training(tiny_policy):
     episodes = truncation_group(tiny_policy)
     m = Trainer(copy.deepcopy(tiny_policy), AlgorithmConfig(), OptimizerConfig()).step(episodes)
