@@ -194,7 +194,8 @@ def _publish_rescoring(summary: dict[str, Any], key: str) -> None:
 
 
 def _publish_retraining(summary: dict[str, Any], key: str) -> None:
-    rows = [{"iteration": str(s["iteration"]), "step": str(s["step"]), "loss": f"{s['metrics']['train/loss']:.4f}",
+    rows = [{"iteration": str(s["iteration"]), "step": str(s["step"]),
+             "loss": f"no optimizer step: {s['skipped']}" if s.get("skipped") else f"{s['metrics']['train/loss']:.4f}",
              "checkpoint": s["checkpoint"] or "none (no step taken)",
              "matches original": "n/a" if s["matches_original"] is None else str(s["matches_original"]),
              "max |w - original|": "n/a" if s["max_abs_diff"] is None else f"{s['max_abs_diff']:.3g}"}

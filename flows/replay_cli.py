@@ -132,6 +132,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         t = summary["retraining"]
         lines += ["", f"Re-training {t['source_run_id']} into {t['run_folder']} (changed: {', '.join(t['changed_fields']) or 'nothing'})"]
         for s in t["steps"]:
+            if s.get("skipped"):
+                lines.append(f"  iteration {s['iteration']}: no optimizer step, the policy stays at step {s['step']} ({s['skipped']})")
+                continue
             match = "" if s["matches_original"] is None else f", matches original: {s['matches_original']} (max diff {s['max_abs_diff']:.3g})"
             lines.append(f"  iteration {s['iteration']} -> step {s['step']}: loss {s['metrics']['train/loss']:.4f}{match}")
         lines += [f"  skipped iteration {s['iteration']}: {s['reason']}" for s in t["skipped"]]

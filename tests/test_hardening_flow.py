@@ -77,6 +77,25 @@ def test_every_iteration_skipped_leaves_no_checkpoint_and_the_run_continues(tmp_
     assert resumed.tasks.state_dict() == run.tasks.state_dict()
 
 
+def test_replay_retraining_reports_a_batch_with_nothing_to_train_on_as_no_step(tmp_path):
+    # the same kind through `turnstile replay --retrain`: before, iteration 2 read "-> step 1: loss 0.0000"
+    from flows.replay_cli import format_summary
+    from rl_core.replay import retrain, select_batches
+
+    _, run = _plain_run(tmp_path, "orig")
+    _iterate(run, 1, [1.0, 0.0, 0.0, 1.0])
+    metrics, _ = _iterate(run, 2, [0.0] * 4)
+    report = retrain(select_batches(tmp_path, "orig"), new_run_id="again")
+    first, second = report.steps
+    assert (first.step, first.skipped, first.matches_original) == (1, None, True)
+    assert (second.step, second.checkpoint, second.skipped) == (1, None, metrics.skipped)
+    assert second.skipped.startswith(NOTHING_TO_TRAIN_ON)
+    summary = {"batches": ["orig/1", "orig/2"], "revalidation": None, "rescoring": None, "retraining": report.as_dict(), "transcripts": []}
+    lines = format_summary(summary).splitlines()
+    assert lines[-2].startswith("  iteration 1 -> step 1: loss ")
+    assert lines[-1] == f"  iteration 2: no optimizer step, the policy stays at step 1 ({metrics.skipped})"
+
+
 def test_evaluation_is_due_when_the_step_count_passes_a_multiple_of_val_every():
     assert [evaluation_due(s, s + 1, 5) for s in range(0, 10)] == [s + 1 in (5, 10) for s in range(0, 10)]
     assert evaluation_due(3, 7, 5) and evaluation_due(4, 8, 4) and not evaluation_due(5, 8, 5)  # several steps an iteration

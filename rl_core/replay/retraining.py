@@ -30,7 +30,9 @@ REPLAY_RECORD = "replay.json"
 
 @dataclass
 class RetrainStep:
-    """One replayed training step; `max_abs_diff` compares with the original run's checkpoint of the same step."""
+    """One replayed training step; `max_abs_diff` compares with the original run's checkpoint of the same step.
+    `skipped`: the trainer's reason when the batch took no optimizer step (nothing to train on, or not
+    finite; `StepMetrics.skipped`): then `step` is the policy's unchanged version and there is no checkpoint."""
 
     iteration: int
     step: int
@@ -38,6 +40,7 @@ class RetrainStep:
     metrics: dict[str, float]
     original_checkpoint: str | None = None
     max_abs_diff: float | None = None
+    skipped: str | None = None
 
     @property
     def matches_original(self) -> bool | None:
@@ -103,11 +106,15 @@ def retrain(
         version = run.policy.version
         metrics = run.train(read_episodes(batch))
         checkpoint = run.save_checkpoint(batch.iteration) if run.policy.version != version else None
-        step = RetrainStep(batch.iteration, run.policy.version, str(checkpoint) if checkpoint else None, metrics.as_dict())
+        step = RetrainStep(batch.iteration, run.policy.version, str(checkpoint) if checkpoint else None, metrics.as_dict(),
+                           skipped=metrics.skipped)
         original = source.run_folder / "checkpoints" / f"step-{step.step:06d}"
         if compare and checkpoint is not None and original.is_dir():
             step.original_checkpoint, step.max_abs_diff = str(original), weights_difference(checkpoint, original)
         report.steps.append(step)
+        if step.skipped:
+            log(f"iteration {batch.iteration}: no optimizer step ({step.skipped}); the policy stays at step {step.step}")
+            continue
         log(f"iteration {batch.iteration}: step {step.step}, loss {metrics.loss:.4f}"
             + ("" if step.max_abs_diff is None else f", max |w - original| = {step.max_abs_diff:.3g}"))
     return report
