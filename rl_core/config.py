@@ -150,8 +150,8 @@ class OptimizerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     micro_batch_size: int = Field(16, ge=1, description="Episodes per forward/backward pass; gradients accumulate over the micro-batches of one mini-batch into one optimizer step.")
-    mini_batches_per_step: int = Field(1, ge=1, description="Mini-batches each iteration's batch is split into (whole groups, in batch order), each taking one optimizer step; 1 = one step per batch.")
-    epochs_per_batch: int = Field(1, ge=1, description="Passes over the batch's mini-batches per iteration (PPO epochs); optimizer steps per iteration = mini_batches_per_step x epochs_per_batch.")
+    mini_batches_per_step: int = Field(1, ge=1, description="Mini-batches each iteration's batch is split into (whole groups, in batch order; single episodes when there are fewer groups, and at most one mini-batch per episode), each taking one optimizer step; 1 = one step per batch.")
+    epochs_per_batch: int = Field(1, ge=1, description="Passes over the batch's mini-batches per iteration (PPO epochs); optimizer steps per iteration = mini-batches x epochs_per_batch, at most mini_batches_per_step x epochs_per_batch.")
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> "OptimizerConfig":
