@@ -206,8 +206,8 @@ class ValidationConfig(_Section):
 
 class TrackingConfig(_Section):
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: a SQLite store under the run directory (runs/mlflow.db).")
-    experiment: str = Field("turnstile", description="MLflow experiment name.")
-    registered_model: str = Field("turnstile-policy", description="MLflow registry name of the policy.")
+    experiment: str = Field("turnstile", min_length=1, description="MLflow experiment name.")
+    registered_model: str = Field("turnstile-policy", min_length=1, description="MLflow registry name of the policy.")
 
 
 class GateConfig(_Section):
@@ -231,7 +231,7 @@ class DoctorConfig(_Section):
 
 
 class StorageConfig(_Section):
-    run_dir: str = Field("runs", description="Folder for all runtime output (trajectories, checkpoints, tracking); relative to the working directory.")
+    run_dir: str = Field("runs", min_length=1, description="Folder for all runtime output (trajectories, checkpoints, tracking); relative to the working directory.")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this run; generated from the time when empty.")
     keep_checkpoints: int | None = Field(5, ge=1, description="Keep only the newest N step checkpoints of a run (None = all); registered ones live on in the MLflow store.")
 

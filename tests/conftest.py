@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,13 @@ def tiny_policy(tiny_tokenizer):
 
     model = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=512, seed=0)
     return Policy(model=model, tokenizer=tiny_tokenizer, chat=chat_format("turnstile", tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow SQLite file to copy into a test's run folder (creating one costs seconds)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path

@@ -134,3 +134,10 @@ def test_logged_params_rebuild_the_config_they_came_from():
     params = flatten_config(cfg)
     rebuilt = load_config(None, [f"{key}={value}" for key, value in params.items()])
     assert rebuilt == cfg
+
+
+@pytest.mark.parametrize("key", ["tracking.experiment", "tracking.registered_model", "storage.run_dir"])
+def test_an_empty_set_on_a_required_name_is_refused_naming_the_field(key):
+    """`--set key=` reads as the empty text for a string field; names that cannot be empty refuse it."""
+    with pytest.raises(ValueError, match=key.split(".")[1]):
+        load_config(None, [f"{key}="])

@@ -50,14 +50,6 @@ GATE = GateConfig(min_pass_at_1=0.0, require_improvement=True)
 CHANGED_1_TO_3 = "the champion changed from version 1 to version 3 during the gate; decided again against version 3"
 
 
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory) -> Path:
-    """A migrated, empty MLflow SQLite file to copy (creating one costs seconds)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture()
 def cfg(tmp_path, empty_store) -> RunConfig:
     run_dir = tmp_path / "runs"

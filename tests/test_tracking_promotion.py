@@ -50,14 +50,6 @@ MODEL = "policy-under-test"
 EVAL_TASKS = ["refunds/r-001", "refunds/r-002", "inventory/i-001"]
 
 
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory) -> Path:
-    """A migrated, empty MLflow SQLite file to copy (creating one costs seconds)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture()
 def cfg(tmp_path, empty_store) -> RunConfig:
     run_dir = tmp_path / "runs"
