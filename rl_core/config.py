@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rl_core.paths import DATA_DIR, REPO_ROOT
 
@@ -74,6 +74,29 @@ class EnvironmentConfig(_Section):
     prompt_tokens: int = Field(192, gt=0, description="Longest prompt in tokens (system and task turns with their role markers, and the opening of the first policy turn: the trajectory's prompt_tokens); an episode whose prompt is longer ends as context_overflow before any generation.")
     expected_tool_output: int = Field(40, ge=0, description="Tokens budgeted per environment turn (tool result plus role markers).")
     train_split: str = Field("train", description="Split the training tasks come from.")
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _entry_shapes(cls, value: Any) -> Any:
+        """An entry that is neither a name nor a mapping {name, kwargs} is refused naming it
+        (`environment.domains[i]`), instead of with pydantic's error for each member of the union."""
+        if not isinstance(value, list):
+            return value
+        for index, entry in enumerate(value):
+            where = f"environment.domains[{index}]"
+            if isinstance(entry, (str, EnvironmentEntry)):
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: an entry is a domain name, a 'package.module:Class' path or a mapping "
+                                 f"{{name: ..., kwargs: {{...}}}}, got {type(entry).__name__} {entry!r}")
+            unknown = sorted(str(key) for key in entry if key not in ("name", "kwargs"))
+            if unknown:
+                raise ValueError(f"{where}: a mapping entry takes the keys name and kwargs, got unknown key(s) {unknown}")
+            if not isinstance(entry.get("name"), str) or not entry["name"]:
+                raise ValueError(f"{where}: a mapping entry needs name: a domain name or a 'package.module:Class' path, got {entry.get('name')!r}")
+            if not isinstance(entry.get("kwargs", {}), dict):
+                raise ValueError(f"{where} ({entry['name']!r}): kwargs must be a mapping of constructor arguments, got {entry['kwargs']!r}")
+        return value
 
     def entries(self) -> list[tuple[str, dict[str, Any]]]:
         """(name, constructor keyword arguments) for each entry of `domains`, in order."""

@@ -531,6 +531,27 @@ def test_bad_environment_entry_is_named_when_the_config_is_built(entry, message)
     assert "environment.domains[1]" in str(error.value) and message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": "tests.fault_envs:CollapsingDomain", "kwarg": {"domain": "inventory"}}, "environment.domains[1]: a mapping entry takes the keys name and kwargs, got unknown key(s) ['kwarg']"),
+        ({"kwargs": {"domain": "inventory"}}, "environment.domains[1]: a mapping entry needs name"),
+        ({"name": "tests.fault_envs:CollapsingDomain", "kwargs": ["inventory"]}, "environment.domains[1] ('tests.fault_envs:CollapsingDomain'): kwargs must be a mapping"),
+        (3, "environment.domains[1]: an entry is a domain name, a 'package.module:Class' path or a mapping"),
+    ],
+)
+def test_misshapen_environment_entry_is_refused_in_one_line_naming_it(entry, message):
+    """A mapping with a misspelt key, without a name or with non-mapping kwargs, or an entry that is
+    neither text nor a mapping: one error naming environment.domains[i], not one per union member."""
+    import flows.cli
+
+    with pytest.raises(ValidationError) as error:
+        RunConfig.model_validate({"environment": {"domains": [TWO_ENVS[0], entry]}})
+    assert len(error.value.errors()) == 1
+    line = flows.cli.config_error_line(error.value)
+    assert line.startswith(message) and ".str" not in line and "EnvironmentEntry" not in line
+
+
 class NoStart(Environment):
     """An Environment subclass that forgot `start`."""
 
