@@ -221,6 +221,14 @@ def test_retrain_with_an_override_differs_and_says_so(runs):
     assert step.max_abs_diff > 0 and step.matches_original is False
 
 
+def test_retrain_with_more_steps_per_batch_is_not_compared_with_another_iterations_checkpoint(runs):
+    """Two optimizer steps per batch put iteration 1 at step 2, where the original holds its iteration 2
+    checkpoint: no comparison is made (it would report the difference of another batch's update)."""
+    report = retrain(select_batches(runs, "orig"), new_run_id="orig-mb2", overrides=["optimizer.mini_batches_per_step=2"])
+    assert [(s.iteration, s.step) for s in report.steps] == [(1, 2), (2, 4)]
+    assert [(s.original_checkpoint, s.max_abs_diff, s.matches_original) for s in report.steps] == [(None, None, None)] * 2
+
+
 def test_retrain_never_writes_into_an_existing_run(runs, quarantined_manifest):
     with pytest.raises(ReplayError, match=r"run folder .*orig already exists"):
         retrain(select_batches(runs, "orig"), new_run_id="orig")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_core.atomic import write_text_atomically
+from rl_core.checkpoint import read_checkpoint_state
 from rl_core.config import RunConfig, apply_overrides, config_differences
 from rl_core.replay.selection import ReplayError, StoredBatch, read_episodes, run_config
 from rl_core.replay.verdicts import stored_verdict
@@ -30,7 +31,9 @@ REPLAY_RECORD = "replay.json"
 
 @dataclass
 class RetrainStep:
-    """One replayed training step; `max_abs_diff` compares with the original run's checkpoint of the same step.
+    """One replayed training step; `max_abs_diff` compares with the original run's checkpoint of the same step,
+    when that checkpoint was also written after this iteration (a change of optimizer steps per batch,
+    `optimizer.mini_batches_per_step` / `epochs_per_batch`, puts other iterations at that step).
     `skipped`: the trainer's reason when the batch took no optimizer step (nothing to train on, or not
     finite; `StepMetrics.skipped`): then `step` is the policy's unchanged version and there is no checkpoint."""
 
@@ -82,8 +85,9 @@ def retrain(
     stored verdict (if any) passed are trained on; the rest are listed in `skipped`. Writes
     checkpoints into `<run_dir>/<new_run_id>/` (a folder that must not exist yet) beside a
     `replay.json` lineage record. With `compare`, each step's weights are compared with the
-    original checkpoint of the same step, when it was kept: with no overrides, all batches
-    from iteration 1 and a synchronous original, they are equal (on the same hardware and backend).
+    original checkpoint of the same step, when it was kept and written after the same iteration:
+    with no overrides, all batches from iteration 1 and a synchronous original, they are equal (on
+    the same hardware and backend).
     """
     runs = sorted({b.run_id for b in batches})
     if len(runs) != 1:
@@ -109,7 +113,7 @@ def retrain(
         step = RetrainStep(batch.iteration, run.policy.version, str(checkpoint) if checkpoint else None, metrics.as_dict(),
                            skipped=metrics.skipped)
         original = source.run_folder / "checkpoints" / f"step-{step.step:06d}"
-        if compare and checkpoint is not None and original.is_dir():
+        if compare and checkpoint is not None and original.is_dir() and _checkpoint_iteration(original, batch.iteration) == batch.iteration:
             step.original_checkpoint, step.max_abs_diff = str(original), weights_difference(checkpoint, original)
         report.steps.append(step)
         if step.skipped:
@@ -118,6 +122,11 @@ def retrain(
         log(f"iteration {batch.iteration}: step {step.step}, loss {metrics.loss:.4f}"
             + ("" if step.max_abs_diff is None else f", max |w - original| = {step.max_abs_diff:.3g}"))
     return report
+
+
+def _checkpoint_iteration(folder: Path, default: int) -> int:
+    """The iteration after which a checkpoint was written (`default` for a checkpoint that does not say)."""
+    return int(read_checkpoint_state(folder).get("iteration", default))
 
 
 def retrain_config(source: RunConfig, overrides: list[str], run_id: str, run_dir: Path) -> RunConfig:
