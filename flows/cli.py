@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from flows.parameters import TrainSettings
-from pydantic import ValidationError
-
 from flows.replay_cli import add_replay_commands, run_replay_command
 from flows.serve import add_serve_command, run_serve_command
-from rl_core.config import RunConfig
+from rl_core.config import RunConfig, config_error_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,17 +57,6 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
         return TrainSettings(config_path=str(Path(args.run_dir) / args.run_id / RUN_CONFIG_FILE), overrides=args.overrides,
                              run_dir=args.run_dir, run_id=args.run_id)
     return TrainSettings(config_path=args.config, overrides=args.overrides)
-
-
-def config_error_line(err: Exception) -> str:
-    """A config error in one line: each of pydantic's errors as `field: message`, joined by '; '."""
-    if not isinstance(err, ValidationError):
-        return str(err)
-    parts = []
-    for error in err.errors():
-        where, message = ".".join(str(part) for part in error["loc"]), error["msg"].removeprefix("Value error, ")
-        parts.append(message if not where or message.startswith(where) else f"{where}: {message}")
-    return "; ".join(parts)
 
 
 def prepare_environment(cfg: RunConfig) -> None:

@@ -37,6 +37,7 @@ from rl_core.replay import (
     render_transcript,
     rescore,
     retrain,
+    retrain_config,
     run_config,
     select_batches,
     stored_verdict,
@@ -88,6 +89,9 @@ def check_settings(settings: ReplaySettings) -> list[StoredBatch]:
         batch_of_iteration(batches, ref.iteration)
     if settings.retrain and len({b.run_id for b in batches}) > 1:
         raise ReplayError(f"retrain takes the batches of one run; the selection holds runs {sorted({b.run_id for b in batches})}")
+    if settings.retrain:  # the overrides build a config (ReplayError naming the bad field)
+        source = batches[0]
+        retrain_config(run_config(source), settings.retrain_overrides, settings.retrain_run_id or f"{source.run_id}-replay", source.run_folder.parent)
     return batches
 
 

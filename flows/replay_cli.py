@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from rl_core.config import config_error_line
 from rl_core.replay import EpisodeRef, ReplayError, find_batch, pick_episode, read_episodes, render_transcript, select_batches
 
 def episode_ref(text: str) -> EpisodeRef:
@@ -74,7 +75,7 @@ def run_replay_command(args: argparse.Namespace) -> int:
     try:
         return _transcript(args) if args.command == "transcript" else _replay(args)
     except (ReplayError, ValidationError, FileNotFoundError) as err:
-        print(f"turnstile {args.command}: {err}", file=sys.stderr)
+        print(f"turnstile {args.command}: {config_error_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rl_core.paths import DATA_DIR, REPO_ROOT
 
@@ -318,6 +318,17 @@ class RunConfig(_Section):
 
 
 _NULL_TEXTS = ("", "~", "null", "Null", "NULL")  # YAML's spellings of null
+
+
+def config_error_line(err: Exception) -> str:
+    """A config error in one line: each of pydantic's errors as `field: message`, joined by '; '."""
+    if not isinstance(err, ValidationError):
+        return str(err)
+    parts = []
+    for error in err.errors():
+        where, message = ".".join(str(part) for part in error["loc"]), error["msg"].removeprefix("Value error, ")
+        parts.append(message if not where or message.startswith(where) else f"{where}: {message}")
+    return "; ".join(parts)
 
 
 def field_annotation(key: str, model: type[BaseModel] | None = None) -> Any | None:

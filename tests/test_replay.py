@@ -294,6 +294,15 @@ def test_transcript_command(runs, capsys):
     assert "run 'orig' has no batch for iteration 7 (committed: [1, 2]" in capsys.readouterr().err
 
 
+def test_a_bad_retrain_override_is_refused_in_one_line_before_the_flow_starts(runs, capsys):
+    assert cli("replay", "orig", "--run-dir", str(runs), "--no-revalidate", "--retrain", "--retrain-run-id", "orig-bad-set",
+               "--retrain-set", "algorithm.clip_ratio_dual=0.5") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("turnstile replay: bad retrain override(s) ['algorithm.clip_ratio_dual=0.5']: "
+                   "algorithm.clip_ratio_dual: Input should be greater than 1")
+    assert not (runs / "orig-bad-set").exists()
+
+
 # -- the flow ----------------------------------------------------------------------------
 
 

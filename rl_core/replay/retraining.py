@@ -20,7 +20,7 @@ from typing import Any
 
 from rl_core.atomic import write_text_atomically
 from rl_core.checkpoint import read_checkpoint_state
-from rl_core.config import RunConfig, apply_overrides, config_differences
+from rl_core.config import RunConfig, apply_overrides, config_differences, config_error_line
 from rl_core.replay.selection import ReplayError, StoredBatch, read_episodes, run_config
 from rl_core.replay.verdicts import stored_verdict
 from rl_core.run import TrainingRun
@@ -134,7 +134,7 @@ def retrain_config(source: RunConfig, overrides: list[str], run_id: str, run_dir
     try:
         cfg = RunConfig.model_validate(apply_overrides(source.model_dump(mode="json"), list(overrides)))
     except ValueError as err:
-        raise ReplayError(f"bad retrain override(s) {overrides}: {err}") from err
+        raise ReplayError(f"bad retrain override(s) {overrides}: {config_error_line(err)}") from err
     return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": run_id, "run_dir": str(run_dir)})})
 
 
