@@ -27,7 +27,9 @@ def train_and_evaluate(overrides: list[str], iterations: int) -> tuple[float, fl
     """(pass@1 before, pass@1 after, seconds) for one configuration."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(None, overrides + [f"iterations={iterations}", f"storage.run_dir={run_dir}", "storage.keep_checkpoints=1"])
+        cfg = load_config(
+            None, overrides + [f"iterations={iterations}", f"storage.run_dir={run_dir}", "storage.keep_checkpoints=1"]
+        )
         run = TrainingRun(cfg)
         before = run.evaluate(samples=False).pass_at_1
         for iteration in range(1, iterations + 1):
@@ -51,12 +53,17 @@ def main() -> None:
         low, high = CLIP_BOUNDS.get(loss, (0.8, 1.2))
         for advantage in args.advantages:
             overrides = args.overrides + [
-                f"algorithm.loss_fn={loss}", f"algorithm.advantage_method={advantage}",
-                f"algorithm.clip_low_threshold={low}", f"algorithm.clip_high_threshold={high}",
+                f"algorithm.loss_fn={loss}",
+                f"algorithm.advantage_method={advantage}",
+                f"algorithm.clip_low_threshold={low}",
+                f"algorithm.clip_high_threshold={high}",
             ]
             before, after, seconds = train_and_evaluate(overrides, args.iterations)
             rows.append((loss, advantage, before, after, seconds))
-            print(f"{loss:>20} + {advantage:<14} held-out pass@1 {before:.3f} -> {after:.3f}  ({seconds:.0f}s)", flush=True)
+            print(
+                f"{loss:>20} + {advantage:<14} held-out pass@1 {before:.3f} -> {after:.3f}  ({seconds:.0f}s)",
+                flush=True,
+            )
 
     print(f"\n| loss | advantages | pass@1 before | pass@1 after {args.iterations} steps |")
     print("| --- | --- | --- | --- |")

@@ -27,24 +27,38 @@ from rl_core.run import TrainingRun
 History = list[dict[str, float]]
 
 
-def cispo_overrides(lr: float, batch: int, group_size: int, iterations: int, val_every: int, eval_tasks: int) -> list[str]:
+def cispo_overrides(
+    lr: float, batch: int, group_size: int, iterations: int, val_every: int, eval_tasks: int
+) -> list[str]:
     """Quickstart overrides for an aggressive CISPO run (without storage settings)."""
     return [
-        "algorithm.loss_fn=cispo", "algorithm.clip_low_threshold=1.0", "algorithm.clip_high_threshold=6.0",
-        f"optimizer.lr={lr}", f"rollout.global_batch_size={batch}", f"rollout.group_size={group_size}",
-        f"iterations={iterations}", f"evaluation.val_every={val_every}", f"evaluation.max_tasks={eval_tasks}",
+        "algorithm.loss_fn=cispo",
+        "algorithm.clip_low_threshold=1.0",
+        "algorithm.clip_high_threshold=6.0",
+        f"optimizer.lr={lr}",
+        f"rollout.global_batch_size={batch}",
+        f"rollout.group_size={group_size}",
+        f"iterations={iterations}",
+        f"evaluation.val_every={val_every}",
+        f"evaluation.max_tasks={eval_tasks}",
     ]
 
 
-def run_with_doctor(overrides: list[str], on_finding: Callable[[Finding], None] = lambda f: None,
-                    on_step: Callable[[dict[str, float]], None] = lambda entry: None,
-                    evaluate: bool = True) -> tuple[History, list[Finding]]:
+def run_with_doctor(
+    overrides: list[str],
+    on_finding: Callable[[Finding], None] = lambda f: None,
+    on_step: Callable[[dict[str, float]], None] = lambda entry: None,
+    evaluate: bool = True,
+) -> tuple[History, list[Finding]]:
     """Train the quickstart config with `overrides` in a temporary run folder, diagnosing after every step.
 
     Returns the metric history and every finding at the step its symptom (re)appeared. With
     `evaluate`, held-out pass@1 is measured at step 0 and every `evaluation.val_every` steps."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(None, overrides + [f"storage.run_dir={run_dir}", "storage.run_id=doctor-cispo", "storage.keep_checkpoints=1"])
+        cfg = load_config(
+            None,
+            overrides + [f"storage.run_dir={run_dir}", "storage.run_id=doctor-cispo", "storage.keep_checkpoints=1"],
+        )
         run = TrainingRun(cfg)
         history: History = [{"step": 0, "val/pass_at_1": run.evaluate(samples=False).pass_at_1}] if evaluate else []
         for entry in history:
@@ -69,8 +83,14 @@ def run_with_doctor(overrides: list[str], on_finding: Callable[[Finding], None] 
 
 def print_step(entry: dict[str, float]) -> None:
     """One line per step: the numbers the doctor reads."""
-    shown = {"reward": "rollout/reward/mean", "success": "rollout/success/mean", "zero_adv": "analysis/zero_adv_groups",
-             "token_cap": "rollout/finish/token_cap", "grad_norm": "train/grad_norm", "val/pass_at_1": "val/pass_at_1"}
+    shown = {
+        "reward": "rollout/reward/mean",
+        "success": "rollout/success/mean",
+        "zero_adv": "analysis/zero_adv_groups",
+        "token_cap": "rollout/finish/token_cap",
+        "grad_norm": "train/grad_norm",
+        "val/pass_at_1": "val/pass_at_1",
+    }
     numbers = " ".join(f"{label} {entry[key]:.3f}" for label, key in shown.items() if key in entry)
     print(f"step {entry['step']:>3}: {numbers}", flush=True)
 
@@ -78,7 +98,10 @@ def print_step(entry: dict[str, float]) -> None:
 def print_summary(reported: list[Finding], seconds: float) -> None:
     print(f"\n{len(reported)} finding(s) in {seconds:.0f}s")
     for finding in reported:
-        print(f"  step {finding.step:>3} {finding.symptom}: {finding.metric}={finding.value:.4g} (threshold {finding.threshold:.4g})")
+        print(
+            f"  step {finding.step:>3} {finding.symptom}: {finding.metric}={finding.value:.4g} (threshold "
+            f"{finding.threshold:.4g})"
+        )
         print(f"           first change: {finding.first_change}")
 
 
@@ -89,8 +112,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="rollout.global_batch_size (episodes per step)")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--val-every", type=int, default=10)
-    parser.add_argument("--eval-tasks", type=int, default=10, help="evaluation.max_tasks (held-out tasks per environment)")
-    parser.add_argument("--no-eval", action="store_true", help="skip held-out evaluations (reward_hacking then stays quiet)")
+    parser.add_argument(
+        "--eval-tasks", type=int, default=10, help="evaluation.max_tasks (held-out tasks per environment)"
+    )
+    parser.add_argument(
+        "--no-eval", action="store_true", help="skip held-out evaluations (reward_hacking then stays quiet)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--history-out", metavar="PATH", help="write the metric history as JSON here")
@@ -100,8 +127,10 @@ def main() -> None:
     overrides = cispo_overrides(args.lr, args.batch, args.group_size, args.iterations, args.val_every, args.eval_tasks)
     started = time.perf_counter()
     history, reported = run_with_doctor(
-        overrides + args.overrides, on_finding=lambda f: print(f"  DOCTOR {f.describe()}", flush=True),
-        on_step=print_step, evaluate=not args.no_eval,
+        overrides + args.overrides,
+        on_finding=lambda f: print(f"  DOCTOR {f.describe()}", flush=True),
+        on_step=print_step,
+        evaluate=not args.no_eval,
     )
     if args.history_out:
         with open(args.history_out, "w") as out:

@@ -42,10 +42,18 @@ def train_and_evaluate(mini_batches: int, epochs: int, seed: int, iterations: in
     """Collect and train `iterations` batches with `mini_batches` mini-batches per batch; evaluate before and after."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(None, overrides + [
-            f"seed={seed}", f"iterations={iterations}", f"storage.run_dir={run_dir}", "storage.keep_checkpoints=1",
-            f"optimizer.mini_batches_per_step={mini_batches}", f"optimizer.epochs_per_batch={epochs}",
-        ])
+        cfg = load_config(
+            None,
+            overrides
+            + [
+                f"seed={seed}",
+                f"iterations={iterations}",
+                f"storage.run_dir={run_dir}",
+                "storage.keep_checkpoints=1",
+                f"optimizer.mini_batches_per_step={mini_batches}",
+                f"optimizer.epochs_per_batch={epochs}",
+            ],
+        )
         run = TrainingRun(cfg)
         before = run.evaluate(samples=False).pass_at_1
         clip = []
@@ -73,16 +81,24 @@ def main() -> None:
         for mini_batches in args.mini_batches:
             r = train_and_evaluate(mini_batches, args.epochs, seed, args.iterations, args.overrides)
             results.append(r)
-            print(f"mini_batches={r.mini_batches} seed={r.seed}: held-out pass@1 {r.before:.3f} -> {r.after:.3f}, "
-                  f"clip fraction {r.clip_fraction:.4f}, {r.optimizer_steps} optimizer steps ({r.seconds:.0f}s)", flush=True)
+            print(
+                f"mini_batches={r.mini_batches} seed={r.seed}: held-out pass@1 {r.before:.3f} -> {r.after:.3f}, "
+                f"clip fraction {r.clip_fraction:.4f}, {r.optimizer_steps} optimizer steps ({r.seconds:.0f}s)",
+                flush=True,
+            )
 
-    print(f"\n| mini-batches | optimizer steps | mean clip fraction | pass@1 before | pass@1 after {args.iterations} batches |")
+    print(
+        f"\n| mini-batches | optimizer steps | mean clip fraction | pass@1 before | pass@1 after {args.iterations} "
+        "batches |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for mini_batches in args.mini_batches:
         rows = [r for r in results if r.mini_batches == mini_batches]
-        print(f"| {mini_batches} | {statistics.fmean(r.optimizer_steps for r in rows):.0f} | "
-              f"{statistics.fmean(r.clip_fraction for r in rows):.4f} | {statistics.fmean(r.before for r in rows):.3f} | "
-              f"{statistics.fmean(r.after for r in rows):.3f} |")
+        print(
+            f"| {mini_batches} | {statistics.fmean(r.optimizer_steps for r in rows):.0f} | "
+            f"{statistics.fmean(r.clip_fraction for r in rows):.4f} | {statistics.fmean(r.before for r in rows):.3f} | "
+            f"{statistics.fmean(r.after for r in rows):.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import time
 import torch
 
 from rl_core.config import load_config
-from rl_core.run import load_environments, load_start_policy, rollout_settings
 from rl_core.rollout import collect_rollouts
+from rl_core.run import load_environments, load_start_policy, rollout_settings
 from rl_core.task_sampler import TaskSampler
 
 
@@ -29,8 +29,15 @@ def generated_tokens(episodes) -> int:
 
 
 def run_batched(policy, work, settings, group_size, seed):
-    episodes = collect_rollouts(policy, work, settings, group_size=group_size, run_id="bench", iteration=0,
-                                generator=torch.Generator().manual_seed(seed))
+    episodes = collect_rollouts(
+        policy,
+        work,
+        settings,
+        group_size=group_size,
+        run_id="bench",
+        iteration=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return generated_tokens(episodes)
 
 
@@ -39,7 +46,11 @@ def run_sequential(policy, work, settings, group_size, seed):
     tokens = 0
     for pair in work:
         for _ in range(group_size):
-            tokens += generated_tokens(collect_rollouts(policy, [pair], settings, group_size=1, run_id="bench", iteration=0, generator=generator))
+            tokens += generated_tokens(
+                collect_rollouts(
+                    policy, [pair], settings, group_size=1, run_id="bench", iteration=0, generator=generator
+                )
+            )
     return tokens
 
 
@@ -52,7 +63,9 @@ def timed(fn, *args) -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="run config (default: the shipped quickstart)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
     parser.add_argument("--tasks", type=int, default=32, help="tasks (groups) per batch")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)

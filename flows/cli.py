@@ -3,8 +3,8 @@
     turnstile train [--config PATH] [--set section.field=value ...]   # the Prefect train flow
     turnstile demo  [--set ...]                                       # train on the shipped quickstart config
     turnstile eval  [--config PATH] [--set ...]                       # held-out evaluation of the starting policy
-    turnstile serve [--port 4200]                                      # Prefect server + deployments + worker on this machine
-    turnstile replay RUN_ID ... / turnstile transcript RUN_ID ...     # look back at stored trajectories (flows/replay_cli.py)
+    turnstile serve [--port 4200]                                   # Prefect server, deployments, worker here
+    turnstile replay RUN_ID ... / turnstile transcript RUN_ID ...   # stored trajectories (flows/replay_cli.py)
     turnstile resume RUN_ID [--run-dir runs] [--set iterations=N]     # continue a run on the config it started with
 
 Without PREFECT_API_URL, Prefect runs the flow on a temporary local server whose database
@@ -30,16 +30,36 @@ from rl_core.config import RunConfig, config_error_line
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turnstile", description="Multi-turn RL for LLM agents.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("train", "run the train flow"), ("eval", "evaluate the starting policy on held-out tasks"), ("demo", "run the train flow on the shipped quickstart config")):
+    for name, text in (
+        ("train", "run the train flow"),
+        ("eval", "evaluate the starting policy on held-out tasks"),
+        ("demo", "run the train flow on the shipped quickstart config"),
+    ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", default=None, help="YAML run config (default: data/configs/quickstart.yaml)")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. rollout.group_size=4")
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field, e.g. rollout.group_size=4",
+        )
     add_replay_commands(commands)
     add_serve_command(commands)
-    resume = commands.add_parser("resume", help="continue a run (after a crash, or for more iterations) on the config it started with")
+    resume = commands.add_parser(
+        "resume", help="continue a run (after a crash, or for more iterations) on the config it started with"
+    )
     resume.add_argument("run_id", help="the run to continue (a folder under --run-dir)")
     resume.add_argument("--run-dir", default="runs", help="storage.run_dir the run lives in (default: runs)")
-    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="change what a continued run may change, e.g. iterations=40")
+    resume.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change what a continued run may change, e.g. iterations=40",
+    )
     return parser
 
 
@@ -54,8 +74,12 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
     if args.command == "resume":
         from rl_core.run import RUN_CONFIG_FILE
 
-        return TrainSettings(config_path=str(Path(args.run_dir) / args.run_id / RUN_CONFIG_FILE), overrides=args.overrides,
-                             run_dir=args.run_dir, run_id=args.run_id)
+        return TrainSettings(
+            config_path=str(Path(args.run_dir) / args.run_id / RUN_CONFIG_FILE),
+            overrides=args.overrides,
+            run_dir=args.run_dir,
+            run_id=args.run_id,
+        )
     return TrainSettings(config_path=args.config, overrides=args.overrides)
 
 
@@ -96,7 +120,10 @@ def _gate_sentence(summary: dict[str, Any]) -> str:
     gate = summary["gate"]
     if gate is None:
         return f"no candidate: {summary.get('no_candidate') or 'no checkpoint after step 0 was evaluated'}"
-    return f"version {summary['candidate_version']} (step {summary['candidate_step']}) {gate['verdict']}: {'; '.join(gate['reasons'])}"
+    return (
+        f"version {summary['candidate_version']} (step {summary['candidate_step']}) {gate['verdict']}: "
+        f"{'; '.join(gate['reasons'])}"
+    )
 
 
 def closing_summary(summary: dict[str, Any], seconds: float) -> str:
@@ -109,7 +136,10 @@ def closing_summary(summary: dict[str, Any], seconds: float) -> str:
         "",
         f"Run {summary['run_id']} finished in {seconds / 60:.1f} min",
         f"  iterations run:         {_iterations_sentence(summary)}",
-        *(f"    iteration {s['iteration']} {SKIP_LABELS[s.get('by', 'validation')]}: {s['reason']}" for s in summary["skipped"]),
+        *(
+            f"    iteration {s['iteration']} {SKIP_LABELS[s.get('by', 'validation')]}: {s['reason']}"
+            for s in summary["skipped"]
+        ),
         f"  held-out pass@1:        {_pass_at_1_sentence(summary)}",
         f"  gate:                   {_gate_sentence(summary)}",
         f"  Parquet trajectories:   {summary['trajectories']}",
@@ -118,13 +148,17 @@ def closing_summary(summary: dict[str, Any], seconds: float) -> str:
         f"  champion:               models:/{summary['registered_model']}@champion",
         f"  continue or re-run:     .venv/bin/turnstile resume {summary['run_id']} --run-dir {run_dir}",
         f"  curves:                 {Path(summary['checkpoints']).parent / 'curves'} (also in MLflow and Prefect)",
-        *(f"  doctor, step {f['step']}: {f['message']} First change to try: {f['first_change']}" for f in summary["findings"]),
+        *(
+            f"  doctor, step {f['step']}: {f['message']} First change to try: {f['first_change']}"
+            for f in summary["findings"]
+        ),
         *([f"  stopped early: {summary['stopped']}"] if summary["stopped"] else []),
         "",
         "Look at it:",
         f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --workers 1 --port 5000",
         f"  Prefect UI:  .venv/bin/turnstile serve --run-dir {run_dir}",
-        "               (then open http://127.0.0.1:4200: this run's flow, the deployments, and runs started from the UI)",
+        "               (then open http://127.0.0.1:4200: this run's flow, the deployments, and runs "
+        "started from the UI)",
     ]
     return "\n".join(lines)
 
@@ -154,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train_flow(settings)
-    except (ValueError, FileNotFoundError) as err:  # e.g. continuing a run with another setup; the flow run logged the traceback
+    except (
+        ValueError,
+        FileNotFoundError,
+    ) as err:  # e.g. continuing a run with another setup; the flow run logged the traceback
         print(f"turnstile: {err}", file=sys.stderr)
         return 2
     print(closing_summary(summary, time.time() - started))

@@ -38,7 +38,17 @@ from rl_core.config import RunConfig
 from rl_core.run import TrainingRun
 from tasks.evaluate import evaluate_task
 from tasks.promote import CHAMPION_ALIAS, PASS_AT_1_TAG, checkpoint_step
-from tasks.tracking import MLFLOW_RETRIES, Tracker, VerdictError, end_tracking, log_metrics_task, mlflow_client, start_tracking, task_set_hash, tracking_uri
+from tasks.tracking import (
+    MLFLOW_RETRIES,
+    Tracker,
+    VerdictError,
+    end_tracking,
+    log_metrics_task,
+    mlflow_client,
+    start_tracking,
+    task_set_hash,
+    tracking_uri,
+)
 
 EVALUATED_TAG = "turnstile.evaluated"
 EVALUATED_VERSION_TAG = "turnstile.evaluated_version"
@@ -49,14 +59,25 @@ class EvaluateSettings(RunSettings):
 
     checkpoint: str | None = Field(
         None,
-        description="Checkpoint folder to evaluate, e.g. runs/<run_id>/checkpoints/step-000010, on the machine that runs the flow. "
+        description="Checkpoint folder to evaluate, e.g. runs/<run_id>/checkpoints/step-000010, on the machine "
+        "that runs the flow. "
         "Empty: the registry version below.",
     )
     version: int | None = Field(
-        None, ge=1, description="Version of the registered model (tracking.registered_model) to evaluate. Empty, and no checkpoint: the current champion."
+        None,
+        ge=1,
+        description="Version of the registered model (tracking.registered_model) "
+        "to evaluate. Empty, and no checkpoint: "
+        "the current champion.",
     )
-    samples: bool = Field(True, description="Also sample evaluation.num_samples episodes per task for pass@k and pass^k (slower); off: greedy pass@1 only.")
-    max_tasks: int | None = Field(None, ge=1, description="Held-out tasks per environment (evaluation.max_tasks; empty: the config's).")
+    samples: bool = Field(
+        True,
+        description="Also sample evaluation.num_samples episodes per task for pass@k and pass^k (slower); off: "
+        "greedy pass@1 only.",
+    )
+    max_tasks: int | None = Field(
+        None, ge=1, description="Held-out tasks per environment (evaluation.max_tasks; empty: the config's)."
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> "EvaluateSettings":
@@ -85,11 +106,19 @@ def read_registry_version_task(cfg: RunConfig, version: int | str | None) -> Reg
     """Version `version` of `tracking.registered_model`, or the champion when None (VerdictError when missing)."""
     client, name = mlflow_client(cfg), cfg.tracking.registered_model
     try:
-        found = client.get_model_version(name, str(version)) if version is not None else client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+        found = (
+            client.get_model_version(name, str(version))
+            if version is not None
+            else client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+        )
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        wanted = f"version {version}" if version is not None else f"version holding the alias {CHAMPION_ALIAS!r} (nothing promoted yet)"
+        wanted = (
+            f"version {version}"
+            if version is not None
+            else f"version holding the alias {CHAMPION_ALIAS!r} (nothing promoted yet)"
+        )
         raise VerdictError(f"registered model {name!r} in {tracking_uri(cfg)} has no {wanted}") from exc
     recorded = found.tags.get(PASS_AT_1_TAG)
     return RegistryVersion(
@@ -104,7 +133,9 @@ def read_registry_version_task(cfg: RunConfig, version: int | str | None) -> Reg
 @task(name="download-registry-version", cache_policy=NONE, **MLFLOW_RETRIES)
 def download_registry_version_task(cfg: RunConfig, registered: RegistryVersion, destination: str | Path) -> Path:
     """Copy a registry version's checkpoint folder under `destination`; returns the local folder."""
-    local = mlflow.artifacts.download_artifacts(artifact_uri=registered.source, dst_path=str(destination), tracking_uri=tracking_uri(cfg))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=registered.source, dst_path=str(destination), tracking_uri=tracking_uri(cfg)
+    )
     return Path(local)
 
 
@@ -128,7 +159,9 @@ def _policy_config(cfg: RunConfig, policy_path: str, run_id: str) -> RunConfig:
 def _local_checkpoint(cfg: RunConfig, checkpoint: str) -> Path:
     folder = Path(_policy_config(cfg, checkpoint, "probe").resolved_policy_path())
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {checkpoint!r} does not exist on this machine (working directory {Path.cwd()})")
+        raise FileNotFoundError(
+            f"checkpoint folder {checkpoint!r} does not exist on this machine (working directory {Path.cwd()})"
+        )
     return folder.resolve()
 
 
@@ -179,7 +212,10 @@ def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, 
 
     registered = read_registry_version_task(cfg, settings.version)
     role = f"{CHAMPION_ALIAS} " if settings.version is None else ""
-    tags = {EVALUATED_TAG: f"{registered.name} {role}version {registered.version}", EVALUATED_VERSION_TAG: registered.version}
+    tags = {
+        EVALUATED_TAG: f"{registered.name} {role}version {registered.version}",
+        EVALUATED_VERSION_TAG: registered.version,
+    }
     run_id = settings.run_id or _default_run_id(f"{role.strip() or 'version'}-v{registered.version}")
     run_dir = Path(cfg.storage.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -23,10 +23,23 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    config_path: str | None = Field(None, description="YAML run config on the machine that runs the flow (empty: the shipped data/configs/quickstart.yaml).")
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the run (storage.run_id). Naming an existing run continues it from its last completed stage.")
-    run_dir: str | None = Field(None, description="Folder for all runtime output (storage.run_dir; empty: the config's, 'runs' by default).")
-    overrides: list[str] = Field(default_factory=list, description="Any other config field as section.field=value, e.g. rollout.max_turns=4.")
+    config_path: str | None = Field(
+        None,
+        description="YAML run config on the machine that runs the "
+        "flow (empty: the shipped data/configs/quickstart.yaml).",
+    )
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name of the run (storage.run_id). Naming an existing run continues it from its last completed "
+        "stage.",
+    )
+    run_dir: str | None = Field(
+        None, description="Folder for all runtime output (storage.run_dir; empty: the config's, 'runs' by default)."
+    )
+    overrides: list[str] = Field(
+        default_factory=list, description="Any other config field as section.field=value, e.g. rollout.max_turns=4."
+    )
 
     def typed_values(self) -> dict[str, Any]:
         """Dotted config field -> value of every typed field that is set (empty fields are left out)."""
@@ -44,12 +57,29 @@ class TrainSettings(RunSettings):
     iterations: int | None = Field(None, ge=1, description="Training iterations (collect -> validate -> train) to run.")
     learning_rate: float | None = Field(None, gt=0, description="AdamW learning rate (optimizer.lr).")
     group_size: int | None = Field(None, ge=1, le=64, description="Episodes sampled per task (rollout.group_size).")
-    global_batch_size: int | None = Field(None, ge=1, description="Episodes per iteration (rollout.global_batch_size), a multiple of group_size.")
-    loss_fn: Literal["importance_sampling", "ppo", "cispo"] | None = Field(None, description="Policy loss (algorithm.loss_fn).")
-    advantage_method: Literal[
-        "monte_carlo", "group_based", "group_based_per_turn", "rloo", "reinforce_pp", "reinforce_pp_baseline", "opo", "grpo_passk", "gpg"
-    ] | None = Field(None, description="How advantages come from rewards (algorithm.advantage_method).")
-    on_collapse: Literal["warn", "stop", "rollback"] | None = Field(None, description="What the training doctor does when training reward collapses (doctor.on_collapse).")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Episodes per iteration (rollout.global_batch_size), a multiple of group_size."
+    )
+    loss_fn: Literal["importance_sampling", "ppo", "cispo"] | None = Field(
+        None, description="Policy loss (algorithm.loss_fn)."
+    )
+    advantage_method: (
+        Literal[
+            "monte_carlo",
+            "group_based",
+            "group_based_per_turn",
+            "rloo",
+            "reinforce_pp",
+            "reinforce_pp_baseline",
+            "opo",
+            "grpo_passk",
+            "gpg",
+        ]
+        | None
+    ) = Field(None, description="How advantages come from rewards (algorithm.advantage_method).")
+    on_collapse: Literal["warn", "stop", "rollback"] | None = Field(
+        None, description="What the training doctor does when training reward collapses (doctor.on_collapse)."
+    )
 
     def typed_values(self) -> dict[str, Any]:
         pairs = {

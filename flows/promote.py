@@ -48,16 +48,25 @@ class RegistrySettings(RunSettings):
 
     def evaluation(self, version: int) -> EvaluateSettings:
         """Settings for a greedy held-out evaluation of registry `version` on the same config."""
-        return EvaluateSettings(config_path=self.config_path, run_dir=self.run_dir, overrides=list(self.overrides), version=version, samples=False)
+        return EvaluateSettings(
+            config_path=self.config_path,
+            run_dir=self.run_dir,
+            overrides=list(self.overrides),
+            version=version,
+            samples=False,
+        )
 
 
 class PromoteSettings(RegistrySettings):
     """Parameters of the promote flow."""
 
-    version: int = Field(..., ge=1, description="Version of the registered model (tracking.registered_model) to make champion.")
+    version: int = Field(
+        ..., ge=1, description="Version of the registered model (tracking.registered_model) to make champion."
+    )
     gate: bool = Field(
         False,
-        description="Gate it first: evaluate it now and promote only if it passes the config's gate (gate.min_pass_at_1, "
+        description="Gate it first: evaluate it now and promote only "
+        "if it passes the config's gate (gate.min_pass_at_1, "
         "and beating the champion on the same tasks when gate.require_improvement). Off: promote it unconditionally.",
     )
     reason: str | None = Field(None, description="Why: recorded on the version with the decision.")
@@ -69,8 +78,12 @@ class RollbackSettings(RegistrySettings):
     reason: str | None = Field(None, description="Why: logged and published with the rollback.")
 
 
-def _champion_pass_at_1(settings: PromoteSettings, cfg: RunConfig, candidate: dict[str, Any]) -> tuple[str | None, float | None]:
-    """The champion's registry version and its pass@1 on the candidate's evaluated tasks ((None, None) without a champion)."""
+def _champion_pass_at_1(
+    settings: PromoteSettings, cfg: RunConfig, candidate: dict[str, Any]
+) -> tuple[str | None, float | None]:
+    """The champion's registry version and its pass@1 on the candidate's evaluated tasks.
+
+    (None, None) without a champion."""
     champion, champion_tasks = champion_task(cfg)
     if champion is None:
         return None, None
@@ -79,13 +92,21 @@ def _champion_pass_at_1(settings: PromoteSettings, cfg: RunConfig, candidate: di
     return champion.version, evaluate_flow(settings.evaluation(int(champion.version)))["pass_at_1"]
 
 
-def _gated_decider(settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion) -> Callable[[], GateDecision]:
+def _gated_decider(
+    settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion
+) -> Callable[[], GateDecision]:
     """Evaluate the version once; return a function that gates it against the champion of the moment."""
     candidate = evaluate_flow(settings.evaluation(settings.version))
 
     def decide_now() -> GateDecision:
         champion_version, champion = _champion_pass_at_1(settings, cfg, candidate)
-        decision = gate_candidate(candidate["pass_at_1"], champion, cfg.gate, champion_version=champion_version, label=f"version {registered.version}")
+        decision = gate_candidate(
+            candidate["pass_at_1"],
+            champion,
+            cfg.gate,
+            champion_version=champion_version,
+            label=f"version {registered.version}",
+        )
         if not settings.reason:
             return decision
         return replace(decision, reasons=[*decision.reasons, f"requested because: {settings.reason}"])
@@ -93,14 +114,20 @@ def _gated_decider(settings: PromoteSettings, cfg: RunConfig, registered: Regist
     return decide_now
 
 
-def _manual_decider(settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion) -> Callable[[], GateDecision]:
+def _manual_decider(
+    settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion
+) -> Callable[[], GateDecision]:
     """A function that makes the by-hand decision against the champion of the moment."""
 
     def decide_now() -> GateDecision:
         reasons = [f"promoted by hand without the gate: {settings.reason or 'no reason given'}"]
         recorded = float("nan") if registered.pass_at_1 is None else registered.pass_at_1
         decision = GateDecision(
-            True, reasons, candidate_pass_at_1=recorded, floor=cfg.gate.min_pass_at_1, champion_version=champion_version_task(cfg)
+            True,
+            reasons,
+            candidate_pass_at_1=recorded,
+            floor=cfg.gate.min_pass_at_1,
+            champion_version=champion_version_task(cfg),
         )
         create_markdown_artifact(
             key="gate-decision",
@@ -119,7 +146,9 @@ def promote_flow(settings: PromoteSettings) -> dict[str, Any]:
     registered = read_registry_version_task(cfg, settings.version)
     outcome = {"registered_model": registered.name, "version": registered.version, "gated": settings.gate}
     if registered.is_champion:
-        get_run_logger().info("%s version %s is already the champion; nothing to do", registered.name, registered.version)
+        get_run_logger().info(
+            "%s version %s is already the champion; nothing to do", registered.name, registered.version
+        )
         return {**outcome, "verdict": "unchanged", "reasons": ["it is already the champion"]}
     decide_now = (_gated_decider if settings.gate else _manual_decider)(settings, cfg, registered)
     decision, result = settle_promotion(
@@ -136,6 +165,8 @@ def rollback_flow(settings: RollbackSettings = RollbackSettings()) -> dict[str, 
     reason = settings.reason or "no reason given"
     name = cfg.tracking.registered_model
     create_markdown_artifact(
-        key="rollback", markdown=f"# Rollback: {name} version {restored} is champion again\n\nReason: {reason}", description=f"Rollback to version {restored}"
+        key="rollback",
+        markdown=f"# Rollback: {name} version {restored} is champion again\n\nReason: {reason}",
+        description=f"Rollback to version {restored}",
     )
     return {"registered_model": name, "champion": restored, "reason": reason}

@@ -54,23 +54,63 @@ class ReplaySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    run_id: str | None = Field(None, pattern=RUN_ID_PATTERN, description="Run whose batches to replay: all its committed iterations, or first_iteration..last_iteration.")
+    run_id: str | None = Field(
+        None,
+        pattern=RUN_ID_PATTERN,
+        description="Run whose batches to replay: all its committed iterations, or first_iteration..last_iteration.",
+    )
     run_dir: str = Field("runs", description="Folder holding the runs (storage.run_dir of the original run).")
     first_iteration: int | None = Field(None, ge=0, description="First iteration to replay (empty: from the first).")
     last_iteration: int | None = Field(None, ge=0, description="Last iteration to replay (empty: to the last).")
-    include_quarantined: bool = Field(False, description="With run_id: also the run's quarantined batches in the range.")
-    manifests: list[str] = Field(default_factory=list, description="Instead of run_id: manifest paths of the batches, anywhere (e.g. <run>/quarantine/iteration-000003/iteration-000003.manifest.json).")
-    revalidate: bool = Field(True, description="Run the current validation suite on every batch and compare with its stored verdict.")
-    validation: Literal["original", "current"] = Field("original", description="Thresholds for re-validation: the original run's validation section, or the one of config_path.")
-    config_path: str | None = Field(None, description="With validation=current: the YAML config whose validation section is used (empty: the shipped quickstart).")
-    scorer: str | None = Field(None, description=f"Re-score every episode with: {', '.join(SCORERS)}, or a function 'package.module:function' taking (episode, task) -> float. Empty: no re-scoring.")
-    success_threshold: float | None = Field(None, description="Reward at or above which an episode is a success, before and after re-scoring (empty: the run's evaluation.success_threshold).")
+    include_quarantined: bool = Field(
+        False, description="With run_id: also the run's quarantined batches in the range."
+    )
+    manifests: list[str] = Field(
+        default_factory=list,
+        description="Instead of run_id: manifest paths of the batches, "
+        "anywhere (e.g. <run>/quarantine/iteration-000003/iteration-000003.manifest.json).",
+    )
+    revalidate: bool = Field(
+        True, description="Run the current validation suite on every batch and compare with its stored verdict."
+    )
+    validation: Literal["original", "current"] = Field(
+        "original",
+        description="Thresholds for re-validation: the original run's validation section, or the one of config_path.",
+    )
+    config_path: str | None = Field(
+        None,
+        description="With validation=current: the YAML config whose validation section is used (empty: the shipped "
+        "quickstart).",
+    )
+    scorer: str | None = Field(
+        None,
+        description=f"Re-score every episode with: {', '.join(SCORERS)}, or a function 'package.module:function' "
+        "taking (episode, task) -> float. Empty: no re-scoring.",
+    )
+    success_threshold: float | None = Field(
+        None,
+        description="Reward at or above which an episode is a success, before and after re-scoring (empty: the "
+        "run's evaluation.success_threshold).",
+    )
     examples: int = Field(10, ge=0, description="Flipped episodes listed in the re-scoring report.")
-    retrain: bool = Field(False, description="Train again on the committed batches, from the run's starting policy, into a new run.")
-    retrain_overrides: list[str] = Field(default_factory=list, description="Config changes to try offline when re-training, as section.field=value (e.g. optimizer.lr=1e-4).")
-    retrain_run_id: str | None = Field(None, pattern=RUN_ID_PATTERN, description="Name of the re-training run (empty: <run_id>-replay-<time>); its folder must not exist.")
-    compare_weights: bool = Field(True, description="Compare each re-trained checkpoint with the original run's checkpoint of the same step.")
-    transcripts: list[EpisodeRef] = Field(default_factory=list, description="Episodes of the selected batches to publish as markdown transcripts.")
+    retrain: bool = Field(
+        False, description="Train again on the committed batches, from the run's starting policy, into a new run."
+    )
+    retrain_overrides: list[str] = Field(
+        default_factory=list,
+        description="Config changes to try offline when re-training, as section.field=value (e.g. optimizer.lr=1e-4).",
+    )
+    retrain_run_id: str | None = Field(
+        None,
+        pattern=RUN_ID_PATTERN,
+        description="Name of the re-training run (empty: <run_id>-replay-<time>); its folder must not exist.",
+    )
+    compare_weights: bool = Field(
+        True, description="Compare each re-trained checkpoint with the original run's checkpoint of the same step."
+    )
+    transcripts: list[EpisodeRef] = Field(
+        default_factory=list, description="Episodes of the selected batches to publish as markdown transcripts."
+    )
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "ReplaySettings":
@@ -81,17 +121,30 @@ class ReplaySettings(BaseModel):
 
 def check_settings(settings: ReplaySettings) -> list[StoredBatch]:
     """The selected batches, after checking every input (ReplayError naming the bad one)."""
-    batches = select_batches(settings.run_dir, settings.run_id, settings.first_iteration, settings.last_iteration,
-                             settings.manifests, settings.include_quarantined)
+    batches = select_batches(
+        settings.run_dir,
+        settings.run_id,
+        settings.first_iteration,
+        settings.last_iteration,
+        settings.manifests,
+        settings.include_quarantined,
+    )
     if settings.scorer and settings.scorer not in SCORERS:
         load_scorer(settings.scorer)
     for ref in settings.transcripts:
         batch_of_iteration(batches, ref.iteration)
     if settings.retrain and len({b.run_id for b in batches}) > 1:
-        raise ReplayError(f"retrain takes the batches of one run; the selection holds runs {sorted({b.run_id for b in batches})}")
+        raise ReplayError(
+            f"retrain takes the batches of one run; the selection holds runs {sorted({b.run_id for b in batches})}"
+        )
     if settings.retrain:  # the overrides build a config (ReplayError naming the bad field)
         source = batches[0]
-        retrain_config(run_config(source), settings.retrain_overrides, settings.retrain_run_id or f"{source.run_id}-replay", source.run_folder.parent)
+        retrain_config(
+            run_config(source),
+            settings.retrain_overrides,
+            settings.retrain_run_id or f"{source.run_id}-replay",
+            source.run_folder.parent,
+        )
     return batches
 
 
@@ -106,8 +159,14 @@ def revalidate_task(batch: StoredBatch, cfg: ValidationConfig) -> VerdictCompari
     except CorruptTrajectoryError as err:
         report = unreadable_report(err)
     comparison = compare_verdicts(batch, stored_verdict(batch), report.to_dict())
-    get_run_logger().info("%s: stored %s, now %s (%s). %s", batch.label, _verdict(comparison.stored_passed),
-                          _verdict(comparison.new_passed), comparison.status, comparison.new_reason)
+    get_run_logger().info(
+        "%s: stored %s, now %s (%s). %s",
+        batch.label,
+        _verdict(comparison.stored_passed),
+        _verdict(comparison.new_passed),
+        comparison.status,
+        comparison.new_reason,
+    )
     return comparison
 
 
@@ -115,8 +174,15 @@ def revalidate_task(batch: StoredBatch, cfg: ValidationConfig) -> VerdictCompari
 def rescore_task(batches: list[StoredBatch], scorer: str, threshold: float | None) -> RescoreReport:
     report = rescore(batches, scorer, threshold)
     total = report.total
-    get_run_logger().info("scorer %s: %d episodes re-scored, %d success->failure, %d failure->success, %d rewards changed, %d errors",
-                          scorer, total.rescored, total.success_to_failure, total.failure_to_success, total.reward_changed, total.errors)
+    get_run_logger().info(
+        "scorer %s: %d episodes re-scored, %d success->failure, %d failure->success, %d rewards changed, %d errors",
+        scorer,
+        total.rescored,
+        total.success_to_failure,
+        total.failure_to_success,
+        total.reward_changed,
+        total.errors,
+    )
     return report
 
 
@@ -132,8 +198,11 @@ def retrain_task(batches: list[StoredBatch], overrides: list[str], run_id: str |
 @task(name="render-transcript", cache_policy=NONE)
 def transcript_task(batch: StoredBatch, ref: EpisodeRef, key_prefix: str) -> dict[str, Any]:
     index, episode = pick_episode(read_episodes(batch), ref, batch.label)
-    create_markdown_artifact(markdown=render_transcript(episode, markdown=True), key=f"{key_prefix}-transcript-iteration-{batch.iteration}-episode-{index}",
-                             description=f"Transcript: {batch.label} episode {index}")
+    create_markdown_artifact(
+        markdown=render_transcript(episode, markdown=True),
+        key=f"{key_prefix}-transcript-iteration-{batch.iteration}-episode-{index}",
+        description=f"Transcript: {batch.label} episode {index}",
+    )
     return {"episode": ref.describe(), "batch": batch.label, "index": index, "text": render_transcript(episode)}
 
 
@@ -147,7 +216,13 @@ def replay_flow(settings: ReplaySettings = ReplaySettings()) -> dict[str, Any]:
     batches = check_settings(settings)
     key = f"replay-{artifact_slug(settings.run_id or batches[0].run_id)}"
     logger.info("replaying %d batches: %s", len(batches), ", ".join(b.label for b in batches))
-    summary: dict[str, Any] = {"batches": [b.label for b in batches], "revalidation": None, "rescoring": None, "retraining": None, "transcripts": []}
+    summary: dict[str, Any] = {
+        "batches": [b.label for b in batches],
+        "revalidation": None,
+        "rescoring": None,
+        "retraining": None,
+        "transcripts": [],
+    }
     if settings.revalidate:
         current = load_config(settings.config_path).validation if settings.validation == "current" else None
         comparisons = [revalidate_task(b, current or run_config(b).validation) for b in batches]
@@ -175,34 +250,63 @@ def _verdict(passed: bool | None) -> str:
 
 def _publish_revalidation(comparisons: list[VerdictComparison], key: str) -> None:
     rows = [
-        {"batch": f"{c.run_id} iteration {c.iteration}", "location": "trajectories" if c.committed else "quarantine",
-         "stored": _verdict(c.stored_passed), "now": _verdict(c.new_passed), "status": c.status,
-         "checks changed": ", ".join(c.checks_changed) or "none", "reason now": c.new_reason}
+        {
+            "batch": f"{c.run_id} iteration {c.iteration}",
+            "location": "trajectories" if c.committed else "quarantine",
+            "stored": _verdict(c.stored_passed),
+            "now": _verdict(c.new_passed),
+            "status": c.status,
+            "checks changed": ", ".join(c.checks_changed) or "none",
+            "reason now": c.new_reason,
+        }
         for c in comparisons
     ]
     changed = sum(c.status == "changed" for c in comparisons)
-    create_table_artifact(table=rows, key=f"{key}-revalidation", description=f"Re-validation: {changed} of {len(rows)} verdicts changed")
+    create_table_artifact(
+        table=rows, key=f"{key}-revalidation", description=f"Re-validation: {changed} of {len(rows)} verdicts changed"
+    )
 
 
 def _publish_rescoring(summary: dict[str, Any], key: str) -> None:
     rows = [{k: str(v) for k, v in tally.items()} for tally in [*summary["per_environment"], summary["total"]]]
     total = summary["total"]
-    create_table_artifact(table=rows, key=f"{key}-rescoring",
-                          description=f"Re-scoring with {summary['scorer']}: {total['success_to_failure']} success->failure, {total['failure_to_success']} failure->success")
+    create_table_artifact(
+        table=rows,
+        key=f"{key}-rescoring",
+        description=f"Re-scoring with {summary['scorer']}: {total['success_to_failure']} "
+        f"success->failure, {total['failure_to_success']} "
+        "failure->success",
+    )
     lines = [f"## Re-scoring with `{summary['scorer']}`", "", f"Thresholds: {summary['thresholds']}", ""]
     lines += ["| flip | batch | episode | task | stored reward | new reward |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c['flip']} | {c['run_id']} iteration {c['iteration']} | {c['index']} (group `{c['group_id']}` sample {c['sample_index']}) "
-              f"| {c['task_id']} | {c['stored_reward']:.3f} | {c['new_reward']:.3f} |" for c in summary["examples"]]
+    lines += [
+        f"| {c['flip']} | {c['run_id']} iteration {c['iteration']} | {c['index']} (group `{c['group_id']}` "
+        f"sample {c['sample_index']}) "
+        f"| {c['task_id']} | {c['stored_reward']:.3f} | {c['new_reward']:.3f} |"
+        for c in summary["examples"]
+    ]
     lines += ["", *(f"- error: {e}" for e in summary["errors"])]
-    create_markdown_artifact(markdown="\n".join(lines) + "\n", key=f"{key}-rescoring-changes", description="Episodes whose success verdict flipped")
+    create_markdown_artifact(
+        markdown="\n".join(lines) + "\n",
+        key=f"{key}-rescoring-changes",
+        description="Episodes whose success verdict flipped",
+    )
 
 
 def _publish_retraining(summary: dict[str, Any], key: str) -> None:
-    rows = [{"iteration": str(s["iteration"]), "step": str(s["step"]),
-             "loss": f"no optimizer step: {s['skipped']}" if s.get("skipped") else f"{s['metrics']['train/loss']:.4f}",
-             "checkpoint": s["checkpoint"] or "none (no step taken)",
-             "matches original": "n/a" if s["matches_original"] is None else str(s["matches_original"]),
-             "max |w - original|": "n/a" if s["max_abs_diff"] is None else f"{s['max_abs_diff']:.3g}"}
-            for s in summary["steps"]]
-    create_table_artifact(table=rows, key=f"{key}-retraining", description=f"Re-training {summary['source_run_id']} into {summary['run_id']}")
-
+    rows = [
+        {
+            "iteration": str(s["iteration"]),
+            "step": str(s["step"]),
+            "loss": f"no optimizer step: {s['skipped']}" if s.get("skipped") else f"{s['metrics']['train/loss']:.4f}",
+            "checkpoint": s["checkpoint"] or "none (no step taken)",
+            "matches original": "n/a" if s["matches_original"] is None else str(s["matches_original"]),
+            "max |w - original|": "n/a" if s["max_abs_diff"] is None else f"{s['max_abs_diff']:.3g}",
+        }
+        for s in summary["steps"]
+    ]
+    create_table_artifact(
+        table=rows,
+        key=f"{key}-retraining",
+        description=f"Re-training {summary['source_run_id']} into {summary['run_id']}",
+    )

@@ -124,7 +124,9 @@ def _spawn(name: str, command: list[str], env: Mapping[str, str], log: Path | No
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as output:
-            process = subprocess.Popen(command, env=dict(env), cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                command, env=dict(env), cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
     return Child(name, process, log)
 
 
@@ -146,7 +148,10 @@ def wait_healthy(api_url: str, timeout_s: float = HEALTH_TIMEOUT_S, server: Chil
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server is not None and server.process.poll() is not None:
-            raise ServeError(f"{server.name} exited with code {server.process.returncode}; its log ({server.log}) ends with:\n{server.log_tail()}")
+            raise ServeError(
+                f"{server.name} exited with code {server.process.returncode}; its log ({server.log}) ends "
+                f"with:\n{server.log_tail()}"
+            )
         try:
             with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -235,7 +240,10 @@ def deploy_all(api_url: str, prefect_file: Path = PREFECT_FILE, env: Mapping[str
     pool = work_pool_name(config)
     present = [d for d in config["deployments"] if _entrypoint_file(d).is_file()]
     for skipped in (d for d in config["deployments"] if d not in present):
-        print(f"turnstile serve: skipping deployment {skipped.get('name')!r}: {_entrypoint_file(skipped)} does not exist", file=sys.stderr)
+        print(
+            f"turnstile serve: skipping deployment {skipped.get('name')!r}: {_entrypoint_file(skipped)} does not exist",
+            file=sys.stderr,
+        )
     if not present:
         raise ServeError(f"none of the entrypoints in {prefect_file} exist under {REPO_ROOT}")
 
@@ -247,7 +255,9 @@ def deploy_all(api_url: str, prefect_file: Path = PREFECT_FILE, env: Mapping[str
         deployable = Path(scratch) / "prefect.yaml"
         deployable.write_text(yaml.safe_dump({**config, "deployments": present}, sort_keys=False))
         command = prefect_cli("--no-prompt", "deploy", "--all", "--prefect-file", str(deployable))
-        result = subprocess.run(command, cwd=REPO_ROOT, env=child_environment(api_url, env), capture_output=True, text=True)
+        result = subprocess.run(
+            command, cwd=REPO_ROOT, env=child_environment(api_url, env), capture_output=True, text=True
+        )
     if result.returncode != 0:
         output = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
         raise ServeError(f"`prefect deploy` failed (exit code {result.returncode}):\n{output}")
@@ -369,18 +379,33 @@ def describe(api_url: str, deployments: Mapping[str, Any], pool: str, started_se
     lines = ["", f"Turnstile is served. Prefect UI: {ui_url_for(api_url)}", "", f"Deployments (work pool {pool!r}):"]
     resume = []
     for full_name, deployment in sorted(deployments.items()):
-        schedules = [f"{getattr(s.schedule, 'cron', s.schedule)} {getattr(s.schedule, 'timezone', '')} ({'on' if s.active else 'PAUSED'})" for s in deployment.schedules]
+        schedules = [
+            f"{getattr(s.schedule, 'cron', s.schedule)} {getattr(s.schedule, 'timezone', '')} "
+            f"({'on' if s.active else 'PAUSED'})"
+            for s in deployment.schedules
+        ]
         lines.append(f"  {full_name}" + (f"   schedule: {', '.join(schedules)}" if schedules else ""))
-        resume += [f"  {env} {prefect} deployment schedule resume {full_name} {s.id}" for s in deployment.schedules if not s.active]
+        resume += [
+            f"  {env} {prefect} deployment schedule resume {full_name} {s.id}"
+            for s in deployment.schedules
+            if not s.active
+        ]
     if resume:
-        lines += ["", "Enable a paused schedule in the UI (Deployments > the deployment > the schedule's toggle), or:", *resume]
+        lines += [
+            "",
+            "Enable a paused schedule in the UI (Deployments > the deployment > the schedule's toggle), or:",
+            *resume,
+        ]
     lines += [
         "",
         "Start a run in the UI (Deployments > the deployment > Run > Custom run shows the settings form), or:",
-        f"  {env} {prefect} deployment run 'turnstile-train/nightly' -p 'settings={{\"iterations\": 5, \"run_id\": \"try-1\"}}'",
+        f"  {env} {prefect} deployment run 'turnstile-train/nightly' -p 'settings={{\"iterations\": "
+        f'5, "run_id": "try-1"}}\'',
         "",
-        f"Prefect's state: {os.environ.get('PREFECT_HOME', '~/.prefect')}" + (f" (server log: {started_server.log})" if started_server else ""),
-        "Ctrl-C stops the worker" + (" and the server." if started_server else " (the server at PREFECT_API_URL keeps running)."),
+        f"Prefect's state: {os.environ.get('PREFECT_HOME', '~/.prefect')}"
+        + (f" (server log: {started_server.log})" if started_server else ""),
+        "Ctrl-C stops the worker"
+        + (" and the server." if started_server else " (the server at PREFECT_API_URL keeps running)."),
     ]
     return "\n".join(lines)
 
@@ -388,11 +413,24 @@ def describe(api_url: str, deployments: Mapping[str, Any], pool: str, started_se
 def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add `serve` to an argparse subparsers object; dispatch it to `run_serve_command(args)`."""
     sub = subparsers.add_parser("serve", help="run the Prefect server, the deployments and a worker on this machine")
-    sub.add_argument("--host", default=DEFAULT_HOST, help=f"address the Prefect server listens on (default {DEFAULT_HOST})")
-    sub.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the Prefect server and UI (default {DEFAULT_PORT})")
-    sub.add_argument("--run-dir", default="runs", help="runtime output folder; Prefect's state goes to <run-dir>/prefect unless PREFECT_HOME is set (default: runs)")
-    sub.add_argument("--prefect-file", default=str(PREFECT_FILE), help="deployments to register (default: deployments/prefect.yaml)")
-    sub.add_argument("--limit", type=int, default=None, help="most flow runs the worker runs at once (default: no limit)")
+    sub.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address the Prefect server listens on (default {DEFAULT_HOST})"
+    )
+    sub.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port of the Prefect server and UI (default {DEFAULT_PORT})"
+    )
+    sub.add_argument(
+        "--run-dir",
+        default="runs",
+        help="runtime output folder; Prefect's state goes to <run-dir>/prefect unless PREFECT_HOME is "
+        "set (default: runs)",
+    )
+    sub.add_argument(
+        "--prefect-file", default=str(PREFECT_FILE), help="deployments to register (default: deployments/prefect.yaml)"
+    )
+    sub.add_argument(
+        "--limit", type=int, default=None, help="most flow runs the worker runs at once (default: no limit)"
+    )
     return sub
 
 
@@ -421,7 +459,9 @@ def run_serve_command(args: argparse.Namespace) -> int:
             children.append(start_worker(pool, env, limit=args.limit))
             print(describe(api_url, deployments, pool, server), flush=True)
             ended = _wait_while_running(children)
-            print(f"turnstile serve: {ended.name} exited with code {ended.process.returncode}; stopping", file=sys.stderr)
+            print(
+                f"turnstile serve: {ended.name} exited with code {ended.process.returncode}; stopping", file=sys.stderr
+            )
             return 1
     except (KeyboardInterrupt, Stopped):
         print("\nturnstile serve: stopping", flush=True)

@@ -61,15 +61,30 @@ from rl_core.config import RunConfig
 from rl_core.evaluation import EvalReport
 from rl_core.metrics import rollout_metrics
 from rl_core.run import TrainingRun, evaluation_due
-from rl_core.trajectory import Episode
 from rl_core.store import Manifest
+from rl_core.trajectory import Episode
 from tasks.collect import collect_rollouts_task
 from tasks.curves import publish_curves_task
 from tasks.doctor import DoctorVerdict, examine_step_task, examined_untrained, publish_findings_task
 from tasks.evaluate import evaluate_checkpoint_task, evaluate_task
 from tasks.gate import GateDecision, gate_candidate
-from tasks.promote import PromotionResult, champion_task, download_champion_task, promote_task, register_checkpoint_task, settle_promotion
-from tasks.tracking import Tracker, end_tracking, log_metrics_task, log_validation_report_task, start_tracking, task_set_hash, tracking_uri
+from tasks.promote import (
+    PromotionResult,
+    champion_task,
+    download_champion_task,
+    promote_task,
+    register_checkpoint_task,
+    settle_promotion,
+)
+from tasks.tracking import (
+    Tracker,
+    end_tracking,
+    log_metrics_task,
+    log_validation_report_task,
+    start_tracking,
+    task_set_hash,
+    tracking_uri,
+)
 from tasks.train import train_step_task
 from tasks.validate import report_path, stored_report, validate_trajectories
 from tasks.write import write_trajectories_task
@@ -88,7 +103,8 @@ class Candidate:
 class _Progress:
     manifests: list[Manifest] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"iteration", "by" ("validation" | "trainer"), "reason", "passed"}
+    # {"iteration", "by" ("validation" | "trainer"), "reason", "passed"}
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     pass_at_1: dict[int, float] = field(default_factory=dict)  # held-out pass@1 of every evaluated step
     records: list[dict[str, Any]] = field(default_factory=list)  # the iterations finished so far, in order
@@ -136,7 +152,9 @@ def _starting_evaluation(run: TrainingRun, tracker: Tracker, progress: _Progress
         return _evaluate_once(run, tracker, progress, iteration=0)
     recorded = run_records.load_evaluation(run.run_dir, 0)
     if recorded is None:
-        raise FileNotFoundError(f"{run_records.evaluation_path(run.run_dir, 0)} is missing: the run's step-0 evaluation was not recorded")
+        raise FileNotFoundError(
+            f"{run_records.evaluation_path(run.run_dir, 0)} is missing: the run's step-0 evaluation was not recorded"
+        )
     return recorded[0]
 
 
@@ -182,7 +200,10 @@ class _Batches:
 
     def committed(self, iteration: int) -> bool:
         """Whether `iteration`'s batch is written (or was, and is quarantined with its report)."""
-        return self.run.store.exists(self.run.run_id, iteration) or report_path(self.run.store, self.run.run_id, iteration).is_file()
+        return (
+            self.run.store.exists(self.run.run_id, iteration)
+            or report_path(self.run.store, self.run.run_id, iteration).is_file()
+        )
 
     def commit(self, iteration: int) -> None:
         """Make sure the iteration's batch is committed. A reused batch puts sampling back where
@@ -194,7 +215,11 @@ class _Batches:
                 run.work_for(iteration)
             else:
                 run.restore_sampling_state(state)
-            get_run_logger().info("iteration %d: reusing the batch already written (%s)", iteration, run.store.path(run.run_id, iteration).name)
+            get_run_logger().info(
+                "iteration %d: reusing the batch already written (%s)",
+                iteration,
+                run.store.path(run.run_id, iteration).name,
+            )
             return
         if self.ahead is not None and self.ahead[0] == iteration:
             episodes: list[Episode] = self.ahead[1].result()
@@ -210,7 +235,12 @@ class _Batches:
         """With `rollout.overlap_collection`, start collecting `iteration` (when it is within the run and
         not written yet) in the background, sampled by a frozen snapshot of the current policy."""
         run = self.run
-        if not run.cfg.rollout.overlap_collection or iteration > run.cfg.iterations or self.ahead is not None or self.committed(iteration):
+        if (
+            not run.cfg.rollout.overlap_collection
+            or iteration > run.cfg.iterations
+            or self.ahead is not None
+            or self.committed(iteration)
+        ):
             return
         self.ahead = (iteration, collect_rollouts_task.submit(run, iteration, run.sampling_snapshot()))
 
@@ -224,18 +254,40 @@ class _Batches:
 
 
 # the metrics of a step the trainer skipped that mean something (its loss, clip fraction... are not a step's)
-SKIPPED_STEP_METRICS = ("train/step_skipped", "rollout/stale_dropped", "train/episodes", "train/loss_tokens", "train/nonfinite_step",
-                        "train/nonfinite_reward_dropped", "train/truncated_masked", "train/no_loss_token_episodes")
+SKIPPED_STEP_METRICS = (
+    "train/step_skipped",
+    "rollout/stale_dropped",
+    "train/episodes",
+    "train/loss_tokens",
+    "train/nonfinite_step",
+    "train/nonfinite_reward_dropped",
+    "train/truncated_masked",
+    "train/no_loss_token_episodes",
+)
 
 
-def _train_iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, batches: _Batches, iteration: int) -> dict[str, Any]:
+def _train_iteration(
+    run: TrainingRun, tracker: Tracker, progress: _Progress, batches: _Batches, iteration: int
+) -> dict[str, Any]:
     """Collect (or reuse), validate and train one iteration; returns its record (not yet saved)."""
     batches.commit(iteration)
     batches.collect_ahead(iteration + 1)  # with overlap_collection: while this batch is validated and trained on
     report = validate_trajectories(str(run.store.root), run.run_id, iteration, run.cfg.validation)
     log_validation_report_task(tracker, report.to_dict(), iteration)
-    log_metrics_task(tracker, {"validation/passed": float(report.passed), "analysis/zero_var_group_frac": report.zero_variance_group_frac or 0.0}, step=iteration)
-    record: dict[str, Any] = {"iteration": iteration, "step": run.policy.version, "trained": report.passed, "reason": report.reason}
+    log_metrics_task(
+        tracker,
+        {
+            "validation/passed": float(report.passed),
+            "analysis/zero_var_group_frac": report.zero_variance_group_frac or 0.0,
+        },
+        step=iteration,
+    )
+    record: dict[str, Any] = {
+        "iteration": iteration,
+        "step": run.policy.version,
+        "trained": report.passed,
+        "reason": report.reason,
+    }
     if not report.passed:
         get_run_logger().warning("Iteration %d: training skipped. %s", iteration, report.reason)
         return {**record, "skipped_by": "validation"}
@@ -244,7 +296,14 @@ def _train_iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, ba
     if metrics.skipped:  # nothing to train on, or not finite: recorded, no checkpoint, the run goes on
         step_metrics = {k: v for k, v in metrics.as_dict().items() if k in SKIPPED_STEP_METRICS}
         log_metrics_task(tracker, step_metrics, step=iteration)
-        return {**record, "trained": False, "skipped_by": "trainer", "reason": metrics.skipped, **rollout_metrics(episodes), **step_metrics}
+        return {
+            **record,
+            "trained": False,
+            "skipped_by": "trainer",
+            "reason": metrics.skipped,
+            **rollout_metrics(episodes),
+            **step_metrics,
+        }
     log_metrics_task(tracker, metrics.as_dict(), step=iteration)
     return {**record, "step": run.policy.version, **rollout_metrics(episodes), **metrics.as_dict()}
 
@@ -252,11 +311,21 @@ def _train_iteration(run: TrainingRun, tracker: Tracker, progress: _Progress, ba
 def _record_after_crash(run: TrainingRun, iteration: int) -> dict[str, Any]:
     """The record of an iteration whose checkpoint was saved but whose record was not (the process
     died in between), rebuilt from the stored batch, its validation report and the checkpoint."""
-    get_run_logger().warning("iteration %d: checkpoint found without its record (a crash after the checkpoint); rebuilding the record", iteration)
+    get_run_logger().warning(
+        "iteration %d: checkpoint found without its record (a crash after the checkpoint); rebuilding the record",
+        iteration,
+    )
     episodes = run.store.read(run.run_id, iteration)
     state = read_checkpoint_state(checkpoint_dir(run.checkpoints_dir, run.policy.version))
     reason = stored_report(run.store, run.run_id, iteration).reason
-    return {"iteration": iteration, "step": run.policy.version, "trained": True, "reason": reason, **rollout_metrics(episodes), **state.get("metrics", {})}
+    return {
+        "iteration": iteration,
+        "step": run.policy.version,
+        "trained": True,
+        "reason": reason,
+        **rollout_metrics(episodes),
+        **state.get("metrics", {}),
+    }
 
 
 def _remember(run: TrainingRun, progress: _Progress, record: dict[str, Any]) -> None:
@@ -274,7 +343,9 @@ def _examine(run: TrainingRun, tracker: Tracker, progress: _Progress, record: di
     verdict: DoctorVerdict = examine_step_task(run, [*progress.records, record], progress.pass_at_1, progress.findings)
     progress.findings += verdict.new_findings
     if verdict.new_findings:
-        log_metrics_task(tracker, {f"doctor/{f['symptom']}": 1.0 for f in verdict.new_findings}, step=record["iteration"])
+        log_metrics_task(
+            tracker, {f"doctor/{f['symptom']}": 1.0 for f in verdict.new_findings}, step=record["iteration"]
+        )
     record = {**record, "findings": verdict.new_findings, "protected_steps": sorted(run.protected_steps)}
     if verdict.action == "rollback":
         run.roll_back_to(verdict.rollback_to)
@@ -288,7 +359,11 @@ def _replay_recorded_action(run: TrainingRun, progress: _Progress, record: dict[
     """Re-apply what the doctor decided at a recorded iteration, when a crash may have undone it."""
     progress.findings += record.get("findings", [])
     run.protected_steps = {step for step in record.get("protected_steps", []) if run.can_roll_back_to(step)}
-    if record.get("rollback_to") is not None and record["step"] == run.policy.version and run.checkpoint_iteration == record["iteration"]:
+    if (
+        record.get("rollback_to") is not None
+        and record["step"] == run.policy.version
+        and run.checkpoint_iteration == record["iteration"]
+    ):
         run.roll_back_to(record["rollback_to"])
     if record.get("stopped"):
         progress.stopped = record["stopped"]
@@ -323,13 +398,19 @@ def no_candidate_reason(records: list[dict[str, Any]]) -> str:
     trained = [r for r in records if r["trained"]]
     if not trained:
         kinds = Counter(run_records.skip_kind(r) for r in records)
-        return "no optimizer step was taken (" + ", ".join(f"{_count(n, 'iteration')} {SKIP_WORDS[k]}" for k, n in kinds.items()) + ")"
+        return (
+            "no optimizer step was taken ("
+            + ", ".join(f"{_count(n, 'iteration')} {SKIP_WORDS[k]}" for k, n in kinds.items())
+            + ")"
+        )
     last = trained[-1]
     if last.get("rollback_to") is not None:
-        return (f"the training doctor rolled the policy back to step {last['rollback_to']} at iteration {last['iteration']}, "
-                "and no checkpoint up to that step was evaluated")
+        return (
+            "the training doctor rolled the policy back to "
+            f"step {last['rollback_to']} at iteration {last['iteration']}, "
+            "and no checkpoint up to that step was evaluated"
+        )
     return "no checkpoint after step 0 was evaluated"
-
 
 
 def _champion_pass_at_1(run: TrainingRun, candidate: Candidate) -> tuple[str | None, float | None]:
@@ -359,7 +440,9 @@ def _gate(run: TrainingRun, progress: _Progress) -> tuple[Candidate, GateDecisio
 
     def decide_now() -> GateDecision:
         champion_version, champion_pass_at_1 = _champion_pass_at_1(run, best)
-        return gate_candidate(best.report.pass_at_1, champion_pass_at_1, run.cfg.gate, champion_version=champion_version, label=label)
+        return gate_candidate(
+            best.report.pass_at_1, champion_pass_at_1, run.cfg.gate, champion_version=champion_version, label=label
+        )
 
     def record_and_promote(decision: GateDecision) -> PromotionResult:
         record = {"version": best.version, "step": best.step, "decision": decision.as_dict()}
@@ -388,7 +471,9 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
     cfg = _run_id(settings.load())
     run = TrainingRun.open(cfg)
     if run.last_iteration:
-        logger.info("continuing run %s after iteration %d (step %d)", run.run_id, run.last_iteration, run.policy.version)
+        logger.info(
+            "continuing run %s after iteration %d (step %d)", run.run_id, run.last_iteration, run.policy.version
+        )
     tracker = start_tracking(run.cfg, run.run_id)
     progress = _recorded_progress(run)
     batches = _Batches(run, tracker)
@@ -404,7 +489,11 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
                 _replay_recorded_action(run, progress, record)
             else:
                 crashed = iteration <= run.checkpoint_iteration  # checkpointed, but not recorded
-                record = _record_after_crash(run, iteration) if crashed else _train_iteration(run, tracker, progress, batches, iteration)
+                record = (
+                    _record_after_crash(run, iteration)
+                    if crashed
+                    else _train_iteration(run, tracker, progress, batches, iteration)
+                )
                 _remember(run, progress, record)
                 if cfg.doctor.enabled and (record["trained"] or examined_untrained(record)):
                     record = _examine(run, tracker, progress, record)
@@ -413,7 +502,11 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
             if record.get("rollback_to") is not None:
                 batches.discard()  # sampled by the policy just rolled back
             progress.records.append(record)
-            due = record["trained"] and record.get("rollback_to") is None and evaluation_due(step_before, record["step"], cfg.evaluation.val_every)
+            due = (
+                record["trained"]
+                and record.get("rollback_to") is None
+                and evaluation_due(step_before, record["step"], cfg.evaluation.val_every)
+            )
             if due and iteration < cfg.iterations and record["step"] == run.policy.version and not progress.stopped:
                 _evaluate_once(run, tracker, progress, iteration)
         batches.discard()  # a batch collected ahead of a run that stopped

@@ -124,7 +124,9 @@ def _group_centered(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _zero_where_all_equal(values - mean[index], values, index)
 
 
-def _standardise(values: torch.Tensor, baseline: torch.Tensor, scale: torch.Tensor, normalize_std: bool, eps: float) -> torch.Tensor:
+def _standardise(
+    values: torch.Tensor, baseline: torch.Tensor, scale: torch.Tensor, normalize_std: bool, eps: float
+) -> torch.Tensor:
     """(values - baseline) / (scale + eps) where scale > 0, else 0; without normalize_std just values - baseline."""
     centered = values - baseline
     if not normalize_std:
@@ -145,24 +147,32 @@ def monte_carlo(rewards: torch.Tensor, group_ids: Sequence[str]) -> torch.Tensor
     return _reward_vector(rewards, group_ids).float()
 
 
-def group_based(rewards: torch.Tensor, group_ids: Sequence[str], normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def group_based(
+    rewards: torch.Tensor, group_ids: Sequence[str], normalize_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """GRPO advantages: reward minus its group's mean, optionally divided by the group's std. float32 [N]."""
     values = _reward_vector(rewards, group_ids)
     index = group_index(group_ids)
     _, mean, std = _group_stats(values, index)
-    return _zero_where_all_equal(_standardise(values, mean[index], std[index], normalize_std, eps), values, index).float()
+    return _zero_where_all_equal(
+        _standardise(values, mean[index], std[index], normalize_std, eps), values, index
+    ).float()
 
 
 def rloo(rewards: torch.Tensor, group_ids: Sequence[str]) -> torch.Tensor:
     """Leave-one-out baseline: A_i = r_i - mean of the other rewards in i's group; 0 for a group of one. float32 [N]."""
     values = _reward_vector(rewards, group_ids)
     index = group_index(group_ids)
-    others = (_group_sum(values, index)[index] - values) / (_group_sum(torch.ones_like(values), index)[index] - 1).clamp(min=1)
+    others = (_group_sum(values, index)[index] - values) / (
+        _group_sum(torch.ones_like(values), index)[index] - 1
+    ).clamp(min=1)
     return _zero_where_all_equal(values - others, values, index).float()
 
 
 def reinforce_pp(rewards: torch.Tensor, group_ids: Sequence[str], eps: float = 1e-6) -> torch.Tensor:
-    """REINFORCE++: rewards normalised over the whole batch, (r - mean_B) / (std_B + eps); groups unused. float32 [N]."""
+    """REINFORCE++: rewards normalised over the whole batch, (r - mean_B) / (std_B + eps).
+
+    Groups are unused. Returns float32 [N]."""
     return _batch_whiten(_reward_vector(rewards, group_ids), eps).float()
 
 
@@ -185,7 +195,9 @@ def opo(rewards: torch.Tensor, group_ids: Sequence[str], token_counts: torch.Ten
     values = _reward_vector(rewards, group_ids)
     lengths = torch.as_tensor(token_counts).detach().to(torch.float64)
     if lengths.shape != values.shape:
-        raise ValueError(f"token_counts must have one count per episode ({values.numel()}), got shape {tuple(lengths.shape)}")
+        raise ValueError(
+            f"token_counts must have one count per episode ({values.numel()}), got shape {tuple(lengths.shape)}"
+        )
     if bool((lengths < 0).any()):
         raise ValueError("token_counts must be >= 0")
     index = group_index(group_ids)
@@ -196,7 +208,9 @@ def opo(rewards: torch.Tensor, group_ids: Sequence[str], token_counts: torch.Ten
     return _zero_where_all_equal(values - baseline[index], values, index).float()
 
 
-def grpo_passk(rewards: torch.Tensor, group_ids: Sequence[str], k: int, success_threshold: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+def grpo_passk(
+    rewards: torch.Tensor, group_ids: Sequence[str], k: int, success_threshold: float = 1.0, eps: float = 1e-6
+) -> torch.Tensor:
     """Advantages that optimise pass@k: the analytic form of Pass@k Training (Chen et al. 2025, arXiv:2508.10751).
 
     An episode is correct when r >= success_threshold. In a group of n episodes with c correct,
@@ -324,7 +338,9 @@ def compute_advantages(
         raise ValueError(f"advantage method {method!r} needs {needed[method][0]}")
     if method == "group_based_per_turn":
         if len(turn_rewards) != len(rewards):
-            raise ValueError(f"advantage method {method!r}: turn_rewards covers {len(turn_rewards)} episodes, rewards {len(rewards)}")
+            raise ValueError(
+                f"advantage method {method!r}: turn_rewards covers {len(turn_rewards)} episodes, rewards {len(rewards)}"
+            )
         return group_based_per_turn(turn_rewards, group_ids, normalize_std, eps)
     if method == "monte_carlo":
         advantages = monte_carlo(rewards, group_ids)

@@ -98,7 +98,9 @@ def _import_deepspeed() -> Any:
         import deepspeed
         import deepspeed.ops
     except ImportError as exc:  # pragma: no cover - deepspeed is a dependency
-        raise ImportError("trainer.backend 'deepspeed' needs the deepspeed package: pip install 'deepspeed>=0.19,<0.20'") from exc
+        raise ImportError(
+            "trainer.backend 'deepspeed' needs the deepspeed package: pip install 'deepspeed>=0.19,<0.20'"
+        ) from exc
     single_process_env()
     if os.environ["WORLD_SIZE"] == "1":
         # deepspeed.ops.__compatible_ops__ is probed lazily and only read by build_shm_op
@@ -139,7 +141,10 @@ class DeepSpeedBackend:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_cfg: Any, zero_stage: int):
         bad = {p.dtype for p in model.parameters() if p.requires_grad} - {torch.float32}
         if bad:
-            raise ValueError(f"trainer.backend 'deepspeed' trains float32 weights only (policy.dtype float32), got {sorted(map(str, bad))}")
+            raise ValueError(
+                "trainer.backend 'deepspeed' trains float32 weights "
+                f"only (policy.dtype float32), got {sorted(map(str, bad))}"
+            )
         deepspeed = _import_deepspeed()
         self.zero_stage = zero_stage
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -147,12 +152,16 @@ class DeepSpeedBackend:
         # client optimizer at its flat partitions): the checkpoint format.
         template = type(optimizer)([dict(group, params=list(group["params"])) for group in optimizer.param_groups])
         self.engine, engine_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(optimizer_cfg, zero_stage),
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(optimizer_cfg, zero_stage),
         )
         self._model = model
         self._gather_whole_weights()  # now, not at the first forward
         self.model = self.engine
-        self.optimizer = engine_optimizer if zero_stage == 0 else ZeroAdamWState(engine_optimizer, self.params, template)
+        self.optimizer = (
+            engine_optimizer if zero_stage == 0 else ZeroAdamWState(engine_optimizer, self.params, template)
+        )
 
     def _gather_whole_weights(self) -> None:
         """ZeRO-3: gather the (persistent, see deepspeed_config) weights so that they are whole outside the
@@ -285,7 +294,11 @@ class ZeroAdamWState:
         state = self.zero.optimizer.state
         for flat in self._flat_params():
             if not state.get(flat):
-                state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+                state[flat] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
         if not hasattr(self.zero, "fp32_partitioned_groups_flat"):
             from deepspeed.utils import lazy_init_hp_params_optimizer_state
 
@@ -293,7 +306,9 @@ class ZeroAdamWState:
                 lazy_init_hp_params_optimizer_state(lp_params, flat, state)
 
 
-def make_backend(trainer_cfg: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_cfg: Any) -> TorchBackend | DeepSpeedBackend:
+def make_backend(
+    trainer_cfg: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_cfg: Any
+) -> TorchBackend | DeepSpeedBackend:
     """The backend `trainer_cfg.backend` names (None: torch)."""
     if trainer_cfg is None or trainer_cfg.backend == "torch":
         return TorchBackend(model, optimizer, optimizer_cfg.grad_clip)

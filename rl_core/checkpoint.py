@@ -2,8 +2,9 @@
 
 Layout: `<checkpoints_dir>/step-000003/` holding the Hugging Face model files
 (`model.safetensors`, `config.json`), the tokenizer files, `optimizer.pt`, `rng.pt` (random
-number generator states, for exact resume) and `trainer_state.json` ({"step": 3, ...}). A checkpoint is written into a temporary sibling
-folder and renamed into place, so a folder named `step-*` is always complete. The folder
+number generator states, for exact resume) and `trainer_state.json` ({"step": 3, ...}). A
+checkpoint is written into a temporary sibling folder and renamed into place, so a folder named
+`step-*` is always complete. The folder
 loads with `load_policy` like any Hugging Face model directory.
 
 For a LoRA policy the model files are the adapter in PEFT layout (`adapter_config.json`,
@@ -89,7 +90,9 @@ def load_rng_states(path: str | Path) -> dict[str, Any] | None:
     return torch.load(file, weights_only=True) if file.exists() else None
 
 
-def prune_checkpoints(checkpoints_dir: str | Path, keep: int, protect: set[Path] | frozenset[Path] = frozenset()) -> list[Path]:
+def prune_checkpoints(
+    checkpoints_dir: str | Path, keep: int, protect: set[Path] | frozenset[Path] = frozenset()
+) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints and those in `protect`; returns the deleted folders."""
     folders = sorted(Path(checkpoints_dir).glob("step-[0-9]*[0-9]"))
     doomed = [f for f in (folders[:-keep] if keep > 0 else []) if f not in protect]

@@ -28,31 +28,60 @@ class _Section(BaseModel):
 
 
 class LoraConfig(_Section):
-    enabled: bool = Field(False, description="Train low-rank adapters (peft LoRA) instead of all weights; checkpoints then hold only the adapter.")
-    rank: int = Field(32, gt=0, description="LoRA rank r of each adapter (32 for large models; small models do with 4-16).")
+    enabled: bool = Field(
+        False,
+        description="Train low-rank adapters (peft LoRA) instead of all weights; checkpoints then hold only the "
+        "adapter.",
+    )
+    rank: int = Field(
+        32, gt=0, description="LoRA rank r of each adapter (32 for large models; small models do with 4-16)."
+    )
     alpha: int = Field(64, gt=0, description="LoRA alpha; the adapter update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input during training.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
-        description="Names of the linear layers that get adapters (Llama-style attention and MLP projections by default).",
+        description="Names of the linear layers that get adapters (Llama-style attention and MLP projections "
+        "by default).",
     )
 
 
 class PolicyConfig(_Section):
-    path: str = Field("data/checkpoints/reference", description="Hugging Face causal LM directory (or hub id when online) to start from; relative paths are resolved against the repository root.")
-    context_window: int = Field(768, gt=0, description="Longest episode in tokens (prompt + all turns); must not exceed the model's maximum positions.")
-    chat_format: Literal["turnstile", "chatml"] = Field("turnstile", description="Role markers around turns: Turnstile's own special tokens, or ChatML (<|im_start|>role ... <|im_end|>) for models trained on it.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype for training and generation.")
+    path: str = Field(
+        "data/checkpoints/reference",
+        description="Hugging Face causal LM directory (or hub id when online) to start from; relative paths are "
+        "resolved against the repository root.",
+    )
+    context_window: int = Field(
+        768,
+        gt=0,
+        description="Longest episode in tokens (prompt + all turns); must not exceed the model's maximum positions.",
+    )
+    chat_format: Literal["turnstile", "chatml"] = Field(
+        "turnstile",
+        description="Role markers around turns: Turnstile's own special tokens, or ChatML (<|im_start|>role ... "
+        "<|im_end|>) for models trained on it.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype for training and generation."
+    )
     device: str = Field("cpu", description="Torch device for the policy: cpu, cuda, cuda:1 ...")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="Low-rank adaptation (LoRA) of the policy; off by default.")
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="Low-rank adaptation (LoRA) of the policy; off by default."
+    )
 
 
 class EnvironmentEntry(_Section):
     """One entry of `environment.domains` that carries its own constructor arguments."""
 
-    name: str = Field(min_length=1, description="Built-in SOP domain name, or 'package.module:Class' path of your own Environment class.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for this entry's class (class paths only: built-in domains take none).")
+    name: str = Field(
+        min_length=1,
+        description="Built-in SOP domain name, or 'package.module:Class' path of your own Environment class.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for this entry's class (class paths only: built-in domains take none).",
+    )
 
 
 class EnvironmentConfig(_Section):
@@ -67,12 +96,26 @@ class EnvironmentConfig(_Section):
     domains: list[str | EnvironmentEntry] = Field(
         default_factory=lambda: ["refunds", "inventory", "access"],
         min_length=1,
-        description="The environments: a built-in SOP domain name or a 'package.module:Class' path of your own Environment class, or a mapping {name: ..., kwargs: {...}} that gives that class its own constructor arguments.",
+        description="The environments: a built-in SOP domain name or a 'package.module:Class' path of your own "
+        "Environment class, or a mapping {name: ..., kwargs: {...}} that gives that class its own "
+        "constructor arguments.",
     )
     domains_dir: str | None = Field(None, description="Folder holding SOP domains; default: the shipped data/domains.")
-    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for every class-path entry of environment.domains written as a plain string (a mapping entry uses its own kwargs instead; built-in domains take none).")
-    prompt_tokens: int = Field(192, gt=0, description="Longest prompt in tokens (system and task turns with their role markers, and the opening of the first policy turn: the trajectory's prompt_tokens); an episode whose prompt is longer ends as context_overflow before any generation.")
-    expected_tool_output: int = Field(40, ge=0, description="Tokens budgeted per environment turn (tool result plus role markers).")
+    env_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for every class-path entry of environment.domains written as a plain string "
+        "(a mapping entry uses its own kwargs instead; built-in domains take none).",
+    )
+    prompt_tokens: int = Field(
+        192,
+        gt=0,
+        description="Longest prompt in tokens (system and task turns with their role markers, and the opening "
+        "of the first policy turn: the trajectory's prompt_tokens); an episode whose prompt is longer "
+        "ends as context_overflow before any generation.",
+    )
+    expected_tool_output: int = Field(
+        40, ge=0, description="Tokens budgeted per environment turn (tool result plus role markers)."
+    )
     train_split: str = Field("train", description="Split the training tasks come from.")
 
     @field_validator("domains", mode="before")
@@ -87,15 +130,25 @@ class EnvironmentConfig(_Section):
             if isinstance(entry, (str, EnvironmentEntry)):
                 continue
             if not isinstance(entry, dict):
-                raise ValueError(f"{where}: an entry is a domain name, a 'package.module:Class' path or a mapping "
-                                 f"{{name: ..., kwargs: {{...}}}}, got {type(entry).__name__} {entry!r}")
+                raise ValueError(
+                    f"{where}: an entry is a domain name, a 'package.module:Class' path or a mapping "
+                    f"{{name: ..., kwargs: {{...}}}}, got {type(entry).__name__} {entry!r}"
+                )
             unknown = sorted(str(key) for key in entry if key not in ("name", "kwargs"))
             if unknown:
-                raise ValueError(f"{where}: a mapping entry takes the keys name and kwargs, got unknown key(s) {unknown}")
+                raise ValueError(
+                    f"{where}: a mapping entry takes the keys name and kwargs, got unknown key(s) {unknown}"
+                )
             if not isinstance(entry.get("name"), str) or not entry["name"]:
-                raise ValueError(f"{where}: a mapping entry needs name: a domain name or a 'package.module:Class' path, got {entry.get('name')!r}")
+                raise ValueError(
+                    f"{where}: a mapping entry needs name: a domain name or a 'package.module:Class' path, got "
+                    f"{entry.get('name')!r}"
+                )
             if not isinstance(entry.get("kwargs", {}), dict):
-                raise ValueError(f"{where} ({entry['name']!r}): kwargs must be a mapping of constructor arguments, got {entry['kwargs']!r}")
+                raise ValueError(
+                    f"{where} ({entry['name']!r}): kwargs must be a "
+                    f"mapping of constructor arguments, got {entry['kwargs']!r}"
+                )
         return value
 
     def entries(self) -> list[tuple[str, dict[str, Any]]]:
@@ -123,38 +176,108 @@ class EnvironmentConfig(_Section):
 
 class RolloutConfig(_Section):
     group_size: int = Field(8, ge=1, le=64, description="Episodes sampled per task (one group); 2-32 in practice.")
-    global_batch_size: int = Field(32, ge=1, description="Episodes per iteration (tasks per batch x group_size); 128 in production, 32 for debugging.")
+    global_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Episodes per iteration (tasks per batch x group_size); 128 in production, 32 for debugging.",
+    )
     max_turns: int = Field(6, ge=1, description="Policy turns before an unanswered episode ends as max_turns.")
-    max_tokens_per_turn: int = Field(40, ge=1, description="Token cap for one policy turn; hitting it ends the episode as token_cap.")
+    max_tokens_per_turn: int = Field(
+        40, ge=1, description="Token cap for one policy turn; hitting it ends the episode as token_cap."
+    )
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for training rollouts (0 = greedy).")
-    timeout_s: float = Field(600.0, gt=0, description="Wall-clock limit for one episode; past it the episode ends as timeout.")
-    max_retries: int = Field(3, ge=0, description="Retries of an environment step that raised before the episode ends as env_error.")
+    timeout_s: float = Field(
+        600.0, gt=0, description="Wall-clock limit for one episode; past it the episode ends as timeout."
+    )
+    max_retries: int = Field(
+        3, ge=0, description="Retries of an environment step that raised before the episode ends as env_error."
+    )
     generation_batch_size: int = Field(256, ge=1, description="Most sequences generated in one batched forward pass.")
-    overlap_collection: bool = Field(False, description="Collect iteration k+1 (from a snapshot of the policy) while step k trains; its rollouts are then one step off-policy, so it needs algorithm.max_steps_off_policy >= 1.")
+    overlap_collection: bool = Field(
+        False,
+        description="Collect iteration k+1 (from a snapshot of the policy) while step k trains; its rollouts "
+        "are then one step off-policy, so it needs algorithm.max_steps_off_policy >= 1.",
+    )
 
 
 class AlgorithmConfig(_Section):
     advantage_method: Literal[
-        "monte_carlo", "group_based", "group_based_per_turn", "rloo", "reinforce_pp", "reinforce_pp_baseline", "opo", "grpo_passk", "gpg"
-    ] = Field("group_based", description="How advantages come from rewards (see rl_core/advantages.py): group_based = GRPO (reward minus group mean, over group std).")
-    normalize_advantage_std: bool = Field(True, description="group_based / group_based_per_turn: divide by the group's reward standard deviation.")
-    pass_k: int = Field(4, ge=1, description="grpo_passk: the k whose pass@k the advantages optimise (needs group_size >= k).")
-    loss_fn: Literal["importance_sampling", "ppo", "cispo"] = Field("ppo", description="Policy loss (see rl_core/losses.py): ratio-weighted policy gradient, PPO clipped surrogate, or CISPO (clipped stop-gradient weight times log-prob).")
-    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field("token_mean", description="How per-token losses add up: over all loss tokens of the batch, or per sequence then over sequences.")
-    clip_low_threshold: float = Field(0.8, ge=0.0, le=1.0, description="Lower bound on the ratio pi_new/pi_old (PPO 0.8; CISPO usually 1.0).")
-    clip_high_threshold: float = Field(1.2, ge=1.0, description="Upper bound on the ratio pi_new/pi_old (PPO 1.2; CISPO usually 6.0).")
-    clip_ratio_dual: float | None = Field(3.0, gt=1.0, description="Dual-clip bound c of ppo (Ye et al. 2020): on tokens with a negative advantage the loss is capped at -c * A however large the ratio grows; must be > 1 (None = off).")
-    kl_coef: float = Field(0.0, ge=0.0, description="Weight of a KL(pi || pi_ref) penalty against the starting policy (0 = off).")
-    tis_cap: float | None = Field(None, gt=0.0, description="Truncated importance sampling against the inference/trainer mismatch: pi_old becomes the trainer's own log-probs and each token is weighted by min(pi_trainer / pi_sampler, cap). None = off.")
-    max_steps_off_policy: int = Field(3, ge=0, description="Rollouts sampled by a policy more than this many optimizer steps old are dropped (0 = synchronous).")
-    zero_variance_groups: Literal["keep", "drop", "resample"] = Field("keep", description="Groups whose rewards are all equal carry no signal: keep them (their advantages are 0 but their tokens count in the loss denominator), drop them from the loss, or resample (dynamic sampling: drop them and collect more tasks until the batch is full).")
-    max_resample_rounds: int = Field(3, ge=1, description="With zero_variance_groups=resample: most extra collection rounds per iteration.")
+        "monte_carlo",
+        "group_based",
+        "group_based_per_turn",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+        "opo",
+        "grpo_passk",
+        "gpg",
+    ] = Field(
+        "group_based",
+        description="How advantages come from rewards (see rl_core/advantages.py): group_based = GRPO (reward "
+        "minus group mean, over group std).",
+    )
+    normalize_advantage_std: bool = Field(
+        True, description="group_based / group_based_per_turn: divide by the group's reward standard deviation."
+    )
+    pass_k: int = Field(
+        4, ge=1, description="grpo_passk: the k whose pass@k the advantages optimise (needs group_size >= k)."
+    )
+    loss_fn: Literal["importance_sampling", "ppo", "cispo"] = Field(
+        "ppo",
+        description="Policy loss (see rl_core/losses.py): ratio-weighted policy gradient, PPO clipped surrogate, "
+        "or CISPO (clipped stop-gradient weight times log-prob).",
+    )
+    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field(
+        "token_mean",
+        description="How per-token losses add up: over all loss tokens of the batch, or per sequence then over "
+        "sequences.",
+    )
+    clip_low_threshold: float = Field(
+        0.8, ge=0.0, le=1.0, description="Lower bound on the ratio pi_new/pi_old (PPO 0.8; CISPO usually 1.0)."
+    )
+    clip_high_threshold: float = Field(
+        1.2, ge=1.0, description="Upper bound on the ratio pi_new/pi_old (PPO 1.2; CISPO usually 6.0)."
+    )
+    clip_ratio_dual: float | None = Field(
+        3.0,
+        gt=1.0,
+        description="Dual-clip bound c of ppo (Ye et al. 2020): on tokens with a negative advantage the loss "
+        "is capped at -c * A however large the ratio grows; must be > 1 (None = off).",
+    )
+    kl_coef: float = Field(
+        0.0, ge=0.0, description="Weight of a KL(pi || pi_ref) penalty against the starting policy (0 = off)."
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=0.0,
+        description="Truncated importance sampling against the inference/trainer mismatch: pi_old becomes the "
+        "trainer's own log-probs and each token is weighted by min(pi_trainer / pi_sampler, cap). "
+        "None = off.",
+    )
+    max_steps_off_policy: int = Field(
+        3,
+        ge=0,
+        description="Rollouts sampled by a policy more than this many "
+        "optimizer steps old are dropped (0 = synchronous).",
+    )
+    zero_variance_groups: Literal["keep", "drop", "resample"] = Field(
+        "keep",
+        description="Groups whose rewards are all equal carry no signal: keep them (their advantages are 0 but "
+        "their tokens count in the loss denominator), drop them from the loss, or resample (dynamic "
+        "sampling: drop them and collect more tasks until the batch is full).",
+    )
+    max_resample_rounds: int = Field(
+        3, ge=1, description="With zero_variance_groups=resample: most extra collection rounds per iteration."
+    )
     mask_truncated: list[Literal["token_cap", "context_overflow", "max_turns", "timeout"]] = Field(
         default_factory=list,
         description=(
-            "Finish reasons that count as truncated (cut off, not judged): such episodes get no loss tokens and are left out of "
-            "their group's baseline statistics, whose advantages come from the group's other members, because a cut-off "
-            "attempt's reward is not a verdict on the attempt and counting its penalty would lift wrong answers above the "
+            "Finish reasons that count as truncated (cut off, not judged): such episodes get no loss "
+            "tokens and are left out of "
+            "their group's baseline statistics, whose advantages come from the group's other members, "
+            "because a cut-off "
+            "attempt's reward is not a verdict on the attempt and counting its penalty would lift wrong "
+            "answers above the "
             "baseline ([] = train on them as on any episode)."
         ),
     )
@@ -172,9 +295,25 @@ class OptimizerConfig(_Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    micro_batch_size: int = Field(16, ge=1, description="Episodes per forward/backward pass; gradients accumulate over the micro-batches of one mini-batch into one optimizer step.")
-    mini_batches_per_step: int = Field(1, ge=1, description="Mini-batches each iteration's batch is split into (whole groups, in batch order; single episodes when there are fewer groups, and at most one mini-batch per episode), each taking one optimizer step; 1 = one step per batch.")
-    epochs_per_batch: int = Field(1, ge=1, description="Passes over the batch's mini-batches per iteration (PPO epochs); optimizer steps per iteration = mini-batches x epochs_per_batch, at most mini_batches_per_step x epochs_per_batch.")
+    micro_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Episodes per forward/backward pass; gradients accumulate over the micro-batches of one mini-batch "
+        "into one optimizer step.",
+    )
+    mini_batches_per_step: int = Field(
+        1,
+        ge=1,
+        description="Mini-batches each iteration's batch is split into (whole groups, in batch order; single "
+        "episodes when there are fewer groups, and at most one mini-batch per episode), each taking "
+        "one optimizer step; 1 = one step per batch.",
+    )
+    epochs_per_batch: int = Field(
+        1,
+        ge=1,
+        description="Passes over the batch's mini-batches per iteration (PPO epochs); optimizer steps per iteration "
+        "= mini-batches x epochs_per_batch, at most mini_batches_per_step x epochs_per_batch.",
+    )
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> "OptimizerConfig":
@@ -184,29 +323,51 @@ class OptimizerConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    backend: Literal["torch", "deepspeed"] = Field("torch", description="Training backend (rl_core/backends.py): plain torch, or a DeepSpeed engine on one process (gloo on CPU) taking the same update.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (backend deepspeed only); 0-3 all run on CPU and take the torch update; on one process none saves memory, and 3 (weights kept whole for rollouts and checkpoints) cannot deep-copy the policy, as rollout.overlap_collection does.")
+    backend: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="Training backend (rl_core/backends.py): plain torch, or a DeepSpeed engine on one process "
+        "(gloo on CPU) taking the same update.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0,
+        description="DeepSpeed ZeRO stage (backend deepspeed only); 0-3 all run on CPU and take the torch update; "
+        "on one process none saves memory, and 3 (weights kept whole for rollouts and checkpoints) "
+        "cannot deep-copy the policy, as rollout.overlap_collection does.",
+    )
 
     @model_validator(mode="after")
     def _zero_needs_deepspeed(self) -> "TrainerConfig":
         if self.zero_stage and self.backend != "deepspeed":
-            raise ValueError(f"trainer.zero_stage {self.zero_stage} needs trainer.backend 'deepspeed' (got {self.backend!r})")
+            raise ValueError(
+                f"trainer.zero_stage {self.zero_stage} needs trainer.backend 'deepspeed' (got {self.backend!r})"
+            )
         return self
 
 
 class EvaluationConfig(_Section):
     split: str = Field("heldout", description="Split evaluated; its tasks never appear in training.")
-    max_tasks: int | None = Field(None, ge=1, description="Evaluate only the first N tasks per environment (None = all).")
+    max_tasks: int | None = Field(
+        None, ge=1, description="Evaluate only the first N tasks per environment (None = all)."
+    )
     val_every: int = Field(5, ge=1, description="Evaluate every this many training steps (and at step 0 and the end).")
-    pass_k: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1, description="k values for pass@k and pass^k from sampled groups.")
+    pass_k: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8],
+        min_length=1,
+        description="k values for pass@k and pass^k from sampled groups.",
+    )
     num_samples: int = Field(8, ge=1, description="Samples per task for pass@k; must be >= the largest k.")
-    sample_temperature: float = Field(1.0, gt=0.0, description="Temperature of the sampled groups (pass@1 itself is greedy).")
+    sample_temperature: float = Field(
+        1.0, gt=0.0, description="Temperature of the sampled groups (pass@1 itself is greedy)."
+    )
     success_threshold: float = Field(1.0, description="Reward at or above which an episode is a success.")
 
     @model_validator(mode="after")
     def _samples_cover_k(self) -> "EvaluationConfig":
         if max(self.pass_k) > self.num_samples:
-            raise ValueError(f"evaluation.num_samples ({self.num_samples}) must be >= the largest evaluation.pass_k ({max(self.pass_k)})")
+            raise ValueError(
+                f"evaluation.num_samples ({self.num_samples}) must "
+                f"be >= the largest evaluation.pass_k ({max(self.pass_k)})"
+            )
         if min(self.pass_k) < 1:
             raise ValueError("evaluation.pass_k values must be >= 1")
         return self
@@ -215,48 +376,118 @@ class EvaluationConfig(_Section):
 class ValidationConfig(_Section):
     reward_min: float = Field(-0.1, description="Lowest valid episode reward.")
     reward_max: float = Field(1.0, description="Highest valid episode reward.")
-    max_token_cap_frac: float = Field(0.05, ge=0, le=1, description="Most episodes that may end at the per-turn token cap.")
-    max_turns_unanswered_frac: float = Field(0.10, ge=0, le=1, description="Most episodes that may hit max_turns without an answer.")
-    max_env_error_frac: float = Field(0.01, ge=0, le=1, description="Most episodes that may end in a permanent environment failure (above it: an environment bug).")
-    max_context_overflow_frac: float = Field(0.05, ge=0, le=1, description="Most episodes that may end as context_overflow: the config's context budget should make it rare, so above it (5%, as for token-cap hits, another cut-off ending) prompts or tool outputs do not fit policy.context_window.")
+    max_token_cap_frac: float = Field(
+        0.05, ge=0, le=1, description="Most episodes that may end at the per-turn token cap."
+    )
+    max_turns_unanswered_frac: float = Field(
+        0.10, ge=0, le=1, description="Most episodes that may hit max_turns without an answer."
+    )
+    max_env_error_frac: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Most episodes that may end in a permanent environment failure (above it: an environment bug).",
+    )
+    max_context_overflow_frac: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Most episodes that may end as context_overflow: the config's context budget should make "
+        "it rare, so above it (5%, as for token-cap hits, another cut-off ending) prompts or tool "
+        "outputs do not fit policy.context_window.",
+    )
 
     @model_validator(mode="after")
     def _range(self) -> "ValidationConfig":
         if self.reward_min > self.reward_max:
-            raise ValueError(f"validation.reward_min ({self.reward_min}) must be <= validation.reward_max ({self.reward_max})")
+            raise ValueError(
+                f"validation.reward_min ({self.reward_min}) must be <= validation.reward_max ({self.reward_max})"
+            )
         return self
 
 
 class TrackingConfig(_Section):
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: a SQLite store under the run directory (runs/mlflow.db).")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: a SQLite store under the run directory (runs/mlflow.db)."
+    )
     experiment: str = Field("turnstile", min_length=1, description="MLflow experiment name.")
     registered_model: str = Field("turnstile-policy", min_length=1, description="MLflow registry name of the policy.")
 
 
 class GateConfig(_Section):
     min_pass_at_1: float = Field(0.0, ge=0, le=1, description="Held-out pass@1 a candidate must reach to be promoted.")
-    require_improvement: bool = Field(True, description="Promote only if the candidate beats the current champion's pass@1 on the same tasks.")
+    require_improvement: bool = Field(
+        True, description="Promote only if the candidate beats the current champion's pass@1 on the same tasks."
+    )
 
 
 class DoctorConfig(_Section):
     """The training doctor (rl_core/doctor.py): checks run after every step on the metric history."""
 
     enabled: bool = Field(True, description="Run the training doctor after every step and report what it finds.")
-    on_collapse: Literal["warn", "stop", "rollback"] = Field("warn", description="What to do when training reward collapses: only report it, stop the run, or roll back to the last good checkpoint and continue.")
-    max_rollbacks: int = Field(2, ge=0, description="With on_collapse=rollback: rollbacks allowed in one run before the run stops instead.")
+    on_collapse: Literal["warn", "stop", "rollback"] = Field(
+        "warn",
+        description="What to do when training reward collapses: only report it, stop the run, or roll back to "
+        "the last good checkpoint and continue.",
+    )
+    max_rollbacks: int = Field(
+        2, ge=0, description="With on_collapse=rollback: rollbacks allowed in one run before the run stops instead."
+    )
     window: int = Field(5, ge=2, description="Steps a symptom is averaged over before it is reported.")
-    flat_reward_steps: int = Field(20, ge=2, description="Steps after which a training reward that has not moved from step 0 is reported as flat.")
-    zero_adv_groups_max: float = Field(0.8, ge=0, le=1, description="Fraction of groups with all-equal rewards (analysis/zero_adv_groups) above which the batch carries little signal.")
-    collapse_frac: float = Field(0.5, gt=0, lt=1, description="Training reward below this fraction of its best windowed mean counts as a collapse.")
-    token_cap_frac_max: float = Field(0.2, ge=0, le=1, description="Fraction of episodes ending at the per-turn token cap above which responses are clustering at the cap.")
-    grad_clip_pinned_frac: float = Field(0.8, ge=0, le=1, description="Fraction of recent steps whose grad norm reached optimizer.grad_clip above which the norm is pinned at the clip.")
-    hacking_min_gain: float = Field(0.1, ge=0, description="Training reward gain over the evaluated span above which a flat held-out pass@1 suggests reward hacking.")
+    flat_reward_steps: int = Field(
+        20, ge=2, description="Steps after which a training reward that has not moved from step 0 is reported as flat."
+    )
+    zero_adv_groups_max: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Fraction of groups with all-equal rewards (analysis/zero_adv_groups) above which the batch "
+        "carries little signal.",
+    )
+    collapse_frac: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Training reward below this fraction of its best windowed mean counts as a collapse.",
+    )
+    token_cap_frac_max: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Fraction of episodes ending at the per-turn token cap above which responses are clustering "
+        "at the cap.",
+    )
+    grad_clip_pinned_frac: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Fraction of recent steps whose grad norm reached optimizer.grad_clip above which the norm "
+        "is pinned at the clip.",
+    )
+    hacking_min_gain: float = Field(
+        0.1,
+        ge=0,
+        description="Training reward gain over the evaluated span above which a flat held-out pass@1 suggests "
+        "reward hacking.",
+    )
 
 
 class StorageConfig(_Section):
-    run_dir: str = Field("runs", min_length=1, description="Folder for all runtime output (trajectories, checkpoints, tracking); relative to the working directory.")
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this run; generated from the time when empty.")
-    keep_checkpoints: int | None = Field(5, ge=1, description="Keep only the newest N step checkpoints of a run (None = all); registered ones live on in the MLflow store.")
+    run_dir: str = Field(
+        "runs",
+        min_length=1,
+        description="Folder for all runtime output (trajectories, checkpoints, tracking); relative to the working "
+        "directory.",
+    )
+    run_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this run; generated from the time when empty."
+    )
+    keep_checkpoints: int | None = Field(
+        5,
+        ge=1,
+        description="Keep only the newest N step checkpoints of a run (None = all); registered ones live on in "
+        "the MLflow store.",
+    )
 
 
 class RunConfig(_Section):
@@ -281,22 +512,35 @@ class RunConfig(_Section):
     def _combinations(self) -> "RunConfig":
         r, e, p = self.rollout, self.environment, self.policy
         if self.algorithm.advantage_method == "grpo_passk" and r.group_size < self.algorithm.pass_k:
-            raise ValueError(f"algorithm.pass_k ({self.algorithm.pass_k}) must be <= rollout.group_size ({r.group_size}) for grpo_passk")
+            raise ValueError(
+                f"algorithm.pass_k ({self.algorithm.pass_k}) must be <= rollout.group_size ({r.group_size}) "
+                "for grpo_passk"
+            )
         if self.trainer.backend == "deepspeed" and p.dtype != "float32":
             raise ValueError(f"trainer.backend deepspeed trains in float32 only; policy.dtype is {p.dtype!r}")
         if r.overlap_collection and self.trainer.zero_stage == 3:
-            raise ValueError("rollout.overlap_collection copies the model for sampling, which trainer.zero_stage 3 does not allow")
+            raise ValueError(
+                "rollout.overlap_collection copies the model for sampling, which trainer.zero_stage 3 does not allow"
+            )
         if r.overlap_collection and self.algorithm.max_steps_off_policy < 1:
-            raise ValueError("rollout.overlap_collection samples one step off-policy: it needs algorithm.max_steps_off_policy >= 1 (0 = synchronous)")
+            raise ValueError(
+                "rollout.overlap_collection samples one step off-policy: it needs algorithm.max_steps_off_policy "
+                ">= 1 (0 = synchronous)"
+            )
         steps = self.optimizer.mini_batches_per_step * self.optimizer.epochs_per_batch
         if r.overlap_collection and self.algorithm.max_steps_off_policy < steps:
             raise ValueError(
-                f"rollout.overlap_collection samples one iteration off-policy, which is optimizer.mini_batches_per_step x "
-                f"optimizer.epochs_per_batch = {steps} optimizer steps: it needs algorithm.max_steps_off_policy >= {steps} "
+                "rollout.overlap_collection samples one iteration off-policy, which is optimizer.mini_batches_per_step "
+                "x "
+                f"optimizer.epochs_per_batch = {steps} optimizer steps: it needs algorithm.max_steps_off_policy "
+                f">= {steps} "
                 f"(got {self.algorithm.max_steps_off_policy}), or every overlapped batch is dropped as stale"
             )
         if r.global_batch_size % r.group_size:
-            raise ValueError(f"rollout.global_batch_size ({r.global_batch_size}) must be a multiple of rollout.group_size ({r.group_size})")
+            raise ValueError(
+                f"rollout.global_batch_size ({r.global_batch_size}) must be a multiple of rollout.group_size "
+                f"({r.group_size})"
+            )
         budget = r.max_turns * (r.max_tokens_per_turn + e.expected_tool_output) + e.prompt_tokens
         if budget > p.context_window:
             raise ValueError(

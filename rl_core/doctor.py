@@ -31,7 +31,15 @@ from dataclasses import asdict, dataclass
 
 from rl_core.config import RunConfig
 
-SYMPTOMS = ("reward_flat", "zero_adv_groups", "reward_hacking", "reward_collapse", "token_cap", "grad_norm_pinned", "nonfinite_step")
+SYMPTOMS = (
+    "reward_flat",
+    "zero_adv_groups",
+    "reward_hacking",
+    "reward_collapse",
+    "token_cap",
+    "grad_norm_pinned",
+    "nonfinite_step",
+)
 
 REWARD = "rollout/reward/mean"
 ZERO_ADV = "analysis/zero_adv_groups"
@@ -81,7 +89,15 @@ def diagnose(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> list[Fin
     if not cfg.doctor.enabled or not history:
         return []
     step = _latest_step(history)
-    checks = (_reward_flat, _zero_adv_groups, _reward_hacking, _reward_collapse, _token_cap, _grad_norm_pinned, _nonfinite_step)
+    checks = (
+        _reward_flat,
+        _zero_adv_groups,
+        _reward_hacking,
+        _reward_collapse,
+        _token_cap,
+        _grad_norm_pinned,
+        _nonfinite_step,
+    )
     return [finding for check in checks if (finding := check(history, cfg, step)) is not None]
 
 
@@ -115,11 +131,15 @@ def _reward_flat(history, cfg: RunConfig, step: int) -> Finding | None:
     zero_adv = _window_mean(history, ZERO_ADV, d.window)
     degenerate = f"; {zero_adv:.0%} of groups have all-equal rewards" if zero_adv is not None else ""
     return Finding(
-        symptom="reward_flat", step=step, metric=REWARD, value=abs(change), threshold=tolerance,
+        symptom="reward_flat",
+        step=step,
+        metric=REWARD,
+        value=abs(change),
+        threshold=tolerance,
         message=(
             f"Training reward has not moved in {len(rewards)} steps: the fitted change since step {rewards[0][0]} is "
             f"{change:+.3f}, within {FLAT_STANDARD_ERRORS:g} standard errors ({tolerance:.3f}); "
-            f"latest {d.window}-step mean {_mean(_values(rewards[-d.window:])):.3f}{degenerate}."
+            f"latest {d.window}-step mean {_mean(_values(rewards[-d.window :])):.3f}{degenerate}."
         ),
         first_change=_flat_advice(cfg, zero_adv),
     )
@@ -148,8 +168,13 @@ def _zero_adv_groups(history, cfg: RunConfig, step: int) -> Finding | None:
     wrong = _window_mean(history, ZERO_ADV_ALL_WRONG, d.window)
     split = f" ({correct:.0%} all correct, {wrong:.0%} all wrong)" if correct is not None and wrong is not None else ""
     return Finding(
-        symptom="zero_adv_groups", step=step, metric=ZERO_ADV, value=share, threshold=d.zero_adv_groups_max,
-        message=f"{share:.0%} of groups over the last {d.window} steps have all-equal rewards{split}, above {d.zero_adv_groups_max:.0%}.",
+        symptom="zero_adv_groups",
+        step=step,
+        metric=ZERO_ADV,
+        value=share,
+        threshold=d.zero_adv_groups_max,
+        message=f"{share:.0%} of groups over the last {d.window} steps have all-equal rewards{split}, above "
+        f"{d.zero_adv_groups_max:.0%}.",
         first_change=_zero_adv_advice(cfg, correct, wrong),
     )
 
@@ -157,14 +182,22 @@ def _zero_adv_groups(history, cfg: RunConfig, step: int) -> Finding | None:
 def _zero_adv_advice(cfg: RunConfig, correct: float | None, wrong: float | None) -> str:
     """Which change fits the kind of degenerate group that dominates."""
     sampling = (
-        "raise algorithm.max_resample_rounds" if cfg.algorithm.zero_variance_groups == "resample"
+        "raise algorithm.max_resample_rounds"
+        if cfg.algorithm.zero_variance_groups == "resample"
         else "set algorithm.zero_variance_groups=resample"
     )
     common = f"{sampling} or raise rollout.group_size (now {cfg.rollout.group_size})"
     if correct is not None and wrong is not None and correct > wrong:
-        return f"the tasks are too easy for the policy: train on harder tasks (environment.domains / environment.train_split); {common}"
+        return (
+            "the tasks are too easy for the policy: train "
+            "on harder tasks (environment.domains / environment.train_split); "
+            f"{common}"
+        )
     if correct is not None and wrong is not None and wrong > correct:
-        return f"the tasks are too hard for the policy: train on easier tasks or start from a stronger (SFT) policy.path; {common}"
+        return (
+            "the tasks are too hard for the policy: train on easier tasks or start from a stronger (SFT) "
+            f"policy.path; {common}"
+        )
     return common
 
 
@@ -185,13 +218,19 @@ def _reward_hacking(history, cfg: RunConfig, step: int) -> Finding | None:
     if not rising or val_gain >= HACKING_VAL_GAIN_FRACTION * gain:
         return None
     return Finding(
-        symptom="reward_hacking", step=step, metric=REWARD, value=gain, threshold=d.hacking_min_gain,
+        symptom="reward_hacking",
+        step=step,
+        metric=REWARD,
+        value=gain,
+        threshold=d.hacking_min_gain,
         message=(
-            f"Training reward rose by {gain:.3f} (fitted, +-{standard_error:.3f}) between steps {first_step} and {last_step} "
+            f"Training reward rose by {gain:.3f} (fitted, +-{standard_error:.3f}) between steps {first_step} "
+            f"and {last_step} "
             f"while held-out {VAL_PASS_AT_1} went {first_val:.3f} -> {last_val:.3f} ({val_gain:+.3f})."
         ),
         first_change=(
-            "audit the reward: re-score this run's stored trajectories with `turnstile replay --scorer ...` and read the "
+            "audit the reward: re-score this run's stored trajectories with `turnstile replay --scorer "
+            "...` and read the "
             "high-reward episodes that fail held-out; then tighten the environment's reward (or raise "
             "evaluation.success_threshold) before training on"
         ),
@@ -206,14 +245,19 @@ def _reward_collapse(history, cfg: RunConfig, step: int) -> Finding | None:
     if len(rewards) < d.window or best is None or best[1] <= COLLAPSE_MIN_BEST:
         return None
     best_step, best_mean = best
-    current = _mean(_values(rewards[-d.window:]))
+    current = _mean(_values(rewards[-d.window :]))
     threshold = d.collapse_frac * best_mean
     if current >= threshold:
         return None
     return Finding(
-        symptom="reward_collapse", step=step, metric=REWARD, value=current, threshold=threshold,
+        symptom="reward_collapse",
+        step=step,
+        metric=REWARD,
+        value=current,
+        threshold=threshold,
         message=(
-            f"Training reward over the last {d.window} steps averages {current:.3f}, below {d.collapse_frac:g} x its best "
+            f"Training reward over the last {d.window} steps averages {current:.3f}, below {d.collapse_frac:g} "
+            "x its best "
             f"windowed mean {best_mean:.3f} (window ending at step {best_step}); last good step {best_step - 1}."
         ),
         first_change=_collapse_advice(cfg),
@@ -236,14 +280,17 @@ def _collapse_advice(cfg: RunConfig) -> str:
         )
     if a.loss_fn == "cispo" and steps > 1:
         return (
-            f"switch to algorithm.loss_fn=ppo with clip_low_threshold=0.8, clip_high_threshold=1.2: this run takes {steps} "
-            "optimizer steps per batch (optimizer.mini_batches_per_step x optimizer.epochs_per_batch), so the ratio moves "
+            "switch to algorithm.loss_fn=ppo with clip_low_threshold=0.8, clip_high_threshold=1.2: this "
+            f"run takes {steps} "
+            "optimizer steps per batch (optimizer.mini_batches_per_step x optimizer.epochs_per_batch), "
+            "so the ratio moves "
             f"away from 1 within a batch and PPO's clip bounds the later steps; or {lower_lr}"
         )
     if a.loss_fn == "cispo":
         return (
             f"{lower_lr}: this run samples on-policy (rollout.overlap_collection=false) and takes one step per batch, "
-            "so CISPO's ratio weights are about 1 and neither algorithm.max_steps_off_policy=0 nor algorithm.loss_fn=ppo "
+            "so CISPO's ratio weights are about 1 and neither "
+            "algorithm.max_steps_off_policy=0 nor algorithm.loss_fn=ppo "
             "would change the update"
         )
     return f"{lower_lr} and roll back to the last good step"
@@ -257,10 +304,15 @@ def _token_cap(history, cfg: RunConfig, step: int) -> Finding | None:
         return None
     first_step, first_share = _series(history, TOKEN_CAP)[0]
     return Finding(
-        symptom="token_cap", step=step, metric=TOKEN_CAP, value=share, threshold=d.token_cap_frac_max,
+        symptom="token_cap",
+        step=step,
+        metric=TOKEN_CAP,
+        value=share,
+        threshold=d.token_cap_frac_max,
         message=(
             f"{share:.0%} of episodes over the last {d.window} steps ended at the per-turn token cap "
-            f"({cfg.rollout.max_tokens_per_turn} tokens), above {d.token_cap_frac_max:.0%} ({first_share:.0%} at step {first_step})."
+            f"({cfg.rollout.max_tokens_per_turn} tokens), above {d.token_cap_frac_max:.0%} ({first_share:.0%} "
+            f"at step {first_step})."
         ),
         first_change=_token_cap_advice(cfg, first_share),
     )
@@ -273,11 +325,13 @@ def _token_cap_advice(cfg: RunConfig, first_share: float) -> str:
     if first_share > cfg.doctor.token_cap_frac_max:
         return (
             f"raise rollout.max_tokens_per_turn (now {r.max_tokens_per_turn}; the context budget allows up to "
-            f"{_largest_turn_cap(cfg)} with policy.context_window {cfg.policy.context_window}) or add a length penalty to the reward"
+            f"{_largest_turn_cap(cfg)} with policy.context_window {cfg.policy.context_window}) or add "
+            "a length penalty to the reward"
         )
     return (
         f"the policy drifted to the cap while training (rambling, often before a collapse): lower optimizer.lr "
-        f"(now {cfg.optimizer.lr:.2g}) or add a length penalty to the reward; raising rollout.max_tokens_per_turn would only postpone it"
+        f"(now {cfg.optimizer.lr:.2g}) or add a length penalty to the reward; raising rollout.max_tokens_per_turn "
+        "would only postpone it"
     )
 
 
@@ -290,17 +344,22 @@ def _largest_turn_cap(cfg: RunConfig) -> int:
 def _grad_norm_pinned(history, cfg: RunConfig, step: int) -> Finding | None:
     """The pre-clip gradient norm at or above optimizer.grad_clip on most recent steps."""
     d, clip = cfg.doctor, cfg.optimizer.grad_clip
-    norms = _values(_series(history, GRAD_NORM)[-d.window:])
+    norms = _values(_series(history, GRAD_NORM)[-d.window :])
     if len(norms) < d.window:
         return None
     pinned = sum(norm >= clip * (1 - CLIP_TOLERANCE) for norm in norms) / len(norms)
     if pinned <= d.grad_clip_pinned_frac:
         return None
     return Finding(
-        symptom="grad_norm_pinned", step=step, metric=GRAD_NORM, value=pinned, threshold=d.grad_clip_pinned_frac,
+        symptom="grad_norm_pinned",
+        step=step,
+        metric=GRAD_NORM,
+        value=pinned,
+        threshold=d.grad_clip_pinned_frac,
         message=(
             f"{GRAD_NORM} reached optimizer.grad_clip ({clip:g}) on {pinned:.0%} of the last {d.window} steps "
-            f"(mean norm {_mean(norms):.3g}): every update is clipped, so the step size is set by the clip, not the gradient."
+            f"(mean norm {_mean(norms):.3g}): every update is clipped, so the step size is set by the "
+            "clip, not the gradient."
         ),
         first_change=f"lower optimizer.lr (now {cfg.optimizer.lr:.2g}, e.g. to {cfg.optimizer.lr / 3:.2g})",
     )
@@ -313,7 +372,11 @@ def _nonfinite_step(history, cfg: RunConfig, step: int) -> Finding | None:
         return None
     earlier = sum(1 for _, value in _series(history[:-1], NONFINITE_STEP) if value > 0)
     return Finding(
-        symptom="nonfinite_step", step=step, metric=NONFINITE_STEP, value=float(skipped), threshold=0.0,
+        symptom="nonfinite_step",
+        step=step,
+        metric=NONFINITE_STEP,
+        value=float(skipped),
+        threshold=0.0,
         message=(
             f"{skipped:g} optimizer step(s) of this iteration had a non-finite loss or gradient norm and were skipped "
             f"(weights and optimizer state unchanged; {earlier} earlier step(s) of the run had the same)."
@@ -329,7 +392,8 @@ def _nonfinite_advice(cfg: RunConfig) -> str:
     return (
         "read this iteration's validation report and stored trajectories for non-finite behavior_logprobs or rewards "
         "(a sampler or environment fault); if the batch is clean the update overflowed: lower optimizer.lr "
-        f"(now {o.lr:.2g}, e.g. to {o.lr / 3:.2g}) and keep optimizer.grad_clip (now {o.grad_clip:g}) at 1 or below{precision}"
+        f"(now {o.lr:.2g}, e.g. to {o.lr / 3:.2g}) and keep optimizer.grad_clip (now {o.grad_clip:g}) "
+        f"at 1 or below{precision}"
     )
 
 
@@ -375,7 +439,7 @@ def _best_window(series: list[tuple[int, float]], window: int) -> tuple[int, flo
     collapse within the first window still has a best to compare with."""
     best = None
     for end in range(1, len(series) + 1):
-        mean = _mean(_values(series[max(0, end - window):end]))
+        mean = _mean(_values(series[max(0, end - window) : end]))
         if best is None or mean > best[1]:
             best = (series[end - 1][0], mean)
     return best

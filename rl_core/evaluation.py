@@ -80,15 +80,21 @@ def evaluate(
     if num_samples:
         sample_settings = replace(settings, temperature=sample_temperature)
         generator = torch.Generator().manual_seed(seed)
-        sampled = collect_rollouts(policy, work, sample_settings, group_size=num_samples, run_id="eval", iteration=0, generator=generator)
+        sampled = collect_rollouts(
+            policy, work, sample_settings, group_size=num_samples, run_id="eval", iteration=0, generator=generator
+        )
         successes: dict[str, int] = defaultdict(int)
         for e in sampled:
             successes[e.group_id] += int(e.success)
         for k in pass_k or [1]:
             if k > num_samples:
                 raise ValueError(f"pass@{k} needs at least {k} samples per task, got num_samples={num_samples}")
-            metrics[f"val/pass_at_k/{k}"] = sum(pass_at_k(num_samples, c, k) for c in successes.values()) / len(successes)
-            metrics[f"val/pass_hat_k/{k}"] = sum(pass_hat_k(num_samples, c, k) for c in successes.values()) / len(successes)
+            metrics[f"val/pass_at_k/{k}"] = sum(pass_at_k(num_samples, c, k) for c in successes.values()) / len(
+                successes
+            )
+            metrics[f"val/pass_hat_k/{k}"] = sum(pass_hat_k(num_samples, c, k) for c in successes.values()) / len(
+                successes
+            )
         metrics.update(_summary(sampled, "val/sampled"))
     return EvalReport(
         metrics=metrics,

@@ -31,7 +31,9 @@ class Generation:
     stopped: bool
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pick(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row; return (ids, their log-probs)."""
     logits = logits.float()
     if temperature == 0:
@@ -57,7 +59,9 @@ class _GrowingLayer(DynamicLayer):
         self._key_store = self._value_store = None
         self._length = 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new_length = self._length + key_states.shape[-2]
@@ -66,8 +70,8 @@ class _GrowingLayer(DynamicLayer):
             self._key_store = self._grow(self._key_store, key_states, capacity)
             self._value_store = self._grow(self._value_store, value_states, capacity)
         rows = slice(0, self.active)
-        self._key_store[rows, ..., self._length:new_length, :] = key_states
-        self._value_store[rows, ..., self._length:new_length, :] = value_states
+        self._key_store[rows, ..., self._length : new_length, :] = key_states
+        self._value_store[rows, ..., self._length : new_length, :] = value_states
         self._length = new_length
         self.keys, self.values = self._key_store[..., :new_length, :], self._value_store[..., :new_length, :]
         return self.keys[rows], self.values[rows]
@@ -83,7 +87,10 @@ class _GrowingLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows `indices` (repeats allowed), copying only the filled columns."""
         if self.get_seq_length() > 0:
-            self._key_store, self._value_store = self._select(self._key_store, indices), self._select(self._value_store, indices)
+            self._key_store, self._value_store = (
+                self._select(self._key_store, indices),
+                self._select(self._value_store, indices),
+            )
             self.keys, self.values = self._key_store[..., : self._length, :], self._value_store[..., : self._length, :]
 
     def permute_front_rows(self, order: torch.Tensor) -> None:
@@ -128,14 +135,24 @@ class _Group:
 class BatchDecoder:
     """Continues keyed token sequences in batches of at most `batch_size`, caching across calls."""
 
-    def __init__(self, model: PreTrainedModel, *, stop_id: int, pad_id: int, batch_size: int = 256, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        stop_id: int,
+        pad_id: int,
+        batch_size: int = 256,
+        generator: torch.Generator | None = None,
+    ):
         self.model, self.stop_id, self.pad_id = model, stop_id, pad_id
         self.batch_size, self.generator = batch_size, generator
         self.device = next(model.parameters()).device
         self.groups: list[_Group] = []
 
     @torch.no_grad()
-    def generate(self, keys: list[Hashable], contexts: list[list[int]], limits: list[int], temperature: float) -> list[Generation]:
+    def generate(
+        self, keys: list[Hashable], contexts: list[list[int]], limits: list[int], temperature: float
+    ) -> list[Generation]:
         """Continue each context (which must extend what was fed for its key, if anything).
 
         Keys not named are forgotten. Returns one Generation per key, in order.
@@ -151,7 +168,7 @@ class BatchDecoder:
         cached = {key for group in self.groups for key in group.keys}
         fresh = [key for key in keys if key not in cached]
         for start in range(0, len(fresh), self.batch_size):
-            chunk = fresh[start:start + self.batch_size]
+            chunk = fresh[start : start + self.batch_size]
             self.groups.append(_Group(keys=chunk, fed=[[] for _ in chunk]))
         was_training = self.model.training
         self.model.eval()
@@ -182,8 +199,8 @@ class BatchDecoder:
         real = torch.zeros((len(suffixes), width), dtype=torch.long)
         for row, suffix in enumerate(suffixes):
             if suffix:
-                ids[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
-                real[row, width - len(suffix):] = 1
+                ids[row, width - len(suffix) :] = torch.tensor(suffix, dtype=torch.long)
+                real[row, width - len(suffix) :] = 1
         ids, real = ids.to(self.device), real.to(self.device)
         active = len(suffixes)
         if group.attention is None:
@@ -197,7 +214,11 @@ class BatchDecoder:
         for layer in group.cache.layers:
             layer.active = active
         logits = self.model(
-            input_ids=ids, attention_mask=group.attention[:active], position_ids=positions, cache=group.cache, use_cache=True
+            input_ids=ids,
+            attention_mask=group.attention[:active],
+            position_ids=positions,
+            cache=group.cache,
+            use_cache=True,
         ).logits
         return logits[:, -1]
 
@@ -238,8 +259,10 @@ class BatchDecoder:
         group.keys = [group.keys[i] for i in order]
         group.fed = [group.fed[i] for i in order]
 
-    def _continue(self, group: _Group, contexts: list[list[int]], limits: list[int], temperature: float) -> list[Generation]:
-        suffixes = [ctx[len(fed):] for ctx, fed in zip(contexts, group.fed)]
+    def _continue(
+        self, group: _Group, contexts: list[list[int]], limits: list[int], temperature: float
+    ) -> list[Generation]:
+        suffixes = [ctx[len(fed) :] for ctx, fed in zip(contexts, group.fed)]
         for fed, suffix in zip(group.fed, suffixes):
             fed.extend(suffix)
         logits = self._prefill_shared(group, suffixes) if group.attention is None else self._feed(group, suffixes)
@@ -263,7 +286,11 @@ class BatchDecoder:
                 front = [r for r in range(active) if live[r]] + [r for r in range(active) if not live[r]]
                 self._permute_front(group, front)
                 order = front + list(range(active, len(live)))
-                results, limits, live = [results[r] for r in order], [limits[r] for r in order], [live[r] for r in order]
+                results, limits, live = (
+                    [results[r] for r in order],
+                    [limits[r] for r in order],
+                    [live[r] for r in order],
+                )
                 active = still
             # Active rows still generating feed their new token; finished active rows feed a masked gap.
             step = [[results[row].tokens[-1]] if live[row] else [] for row in range(active)]

@@ -104,7 +104,9 @@ def adapter_base(directory: str | Path) -> str:
         return str(directory / BASE_DIR)
     ref = json.loads((directory / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not ref or ref == BASE_DIR:
-        raise FileNotFoundError(f"adapter {directory} has no {BASE_DIR}/ folder and names no base model (base_model_name_or_path)")
+        raise FileNotFoundError(
+            f"adapter {directory} has no {BASE_DIR}/ folder and names no base model (base_model_name_or_path)"
+        )
     return ref
 
 

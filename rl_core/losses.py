@@ -40,8 +40,9 @@ Aggregation over the masked per-token values v_t, selected by `aggregation`:
 `total_tokens` and `total_sequences` are counts over the WHOLE batch (all micro-batches), so
 summing the losses of micro-batches split by whole sequences gives exactly the loss and gradient
 of the one big batch, in every mode. (`seq_mean_token_mean` breaks if one sequence is split
-across micro-batches: each part would be averaged over its own token count.) A row without mask tokens contributes 0 (it still counts in
-`total_sequences` if the caller counts it there). Totals below 1 are treated as 1.
+across micro-batches: each part would be averaged over its own token count.) A row without mask
+tokens contributes 0 (it still counts in `total_sequences` if the caller counts it there). Totals
+below 1 are treated as 1.
 
 Optional terms:
 
@@ -70,14 +71,18 @@ class LossStats:
     Every field is additive, so `a + b` accumulates micro-batches.
     """
 
-    clipped_tokens: float  # tokens whose policy term was changed by the clip, dual clip included (0 for importance_sampling)
+    clipped_tokens: (
+        float  # tokens whose policy term was changed by the clip, dual clip included (0 for importance_sampling)
+    )
     approx_kl_sum: float  # sum of k3 KL(pi_old || pi_new) = (r - 1) - log r
     ratio_sum: float  # sum of r = pi_new / pi_old
     tokens: float  # mask tokens
     is_weight_sum: float = 0.0  # sum of is_weights (= tokens when no correction is applied)
     ref_kl_sum: float = 0.0  # sum of k3 KL(pi || pi_ref), before kl_coef (0 without ref_logprobs)
     kl_penalty: float = 0.0  # the KL term's share of the returned loss (kl_coef * aggregated k3)
-    dual_clipped_tokens: float = 0.0  # ppo tokens with A < 0 whose term the dual-clip bound replaced (also in clipped_tokens)
+    dual_clipped_tokens: float = (
+        0.0  # ppo tokens with A < 0 whose term the dual-clip bound replaced (also in clipped_tokens)
+    )
 
     def __add__(self, other: LossStats) -> LossStats:
         return LossStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -119,8 +124,14 @@ def policy_loss(
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when kl_coef > 0")
-    _check_shapes(logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
-                  is_weights=is_weights, ref_logprobs=ref_logprobs)
+    _check_shapes(
+        logprobs,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        mask=mask,
+        is_weights=is_weights,
+        ref_logprobs=ref_logprobs,
+    )
 
     active = mask > 0
     # Neutral values on masked tokens first, so that inf/huge values there cannot leak into the

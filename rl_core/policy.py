@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rl_core.lora import apply_lora, is_adapter_dir, is_lora, load_adapter_model, save_adapter, tokenizer_dir
 from rl_core.tokenizer import ChatFormat, chat_format
@@ -74,7 +81,12 @@ def build_tiny_model(
 
 
 def load_policy(
-    path: str | Path, *, chat: str = "turnstile", dtype: str = "float32", device: str = "cpu", lora: LoraConfig | None = None
+    path: str | Path,
+    *,
+    chat: str = "turnstile",
+    dtype: str = "float32",
+    device: str = "cpu",
+    lora: LoraConfig | None = None,
 ) -> Policy:
     """Load a Hugging Face causal LM and its tokenizer from `path`.
 
@@ -96,7 +108,8 @@ def load_policy(
 
 
 def save_policy(policy: Policy, directory: str | Path) -> None:
-    """Write weights (safetensors) and model config, or a LoRA policy's adapter (PEFT layout), and the tokenizer to `directory`."""
+    """Write weights (safetensors) and model config, or a LoRA policy's adapter (PEFT layout), and the
+    tokenizer to `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if is_lora(policy.model):

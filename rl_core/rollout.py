@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rl_core.environments.base import EnvSession, Environment, StepResult, Task
+from rl_core.environments.base import Environment, EnvSession, StepResult, Task
 from rl_core.generation import BatchDecoder, Generation
 from rl_core.policy import Policy
 from rl_core.tokenizer import repair_unicode
@@ -163,7 +163,10 @@ class _LiveEpisode:
             raise _EnvFault(f"{what} must be a str, got {type(value).__name__}")
         text, invalid = repair_unicode(value)
         if invalid:
-            self.repairs.append(f"{what} was not valid Unicode: {invalid} surrogate code point(s) repaired (lone ones replaced with U+FFFD)")
+            self.repairs.append(
+                f"{what} was not valid Unicode: {invalid} surrogate code point(s) repaired (lone ones replaced "
+                "with U+FFFD)"
+            )
         return text
 
     @property
@@ -191,14 +194,21 @@ def _flag(value: object, what: str) -> bool:
     try:
         return bool(value)
     except Exception as exc:
-        raise _EnvFault(f"environment returned a {what} that is not a truth value: {type(exc).__name__}: {exc}") from None
+        raise _EnvFault(
+            f"environment returned a {what} that is not a truth value: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _checked_reward(live: _LiveEpisode, reward: object, components: object) -> tuple[float, dict[str, float]]:
     """The reward and components as finite floats; raises _EnvFault naming every bad value."""
     if not isinstance(components, Mapping):
-        raise _EnvFault(f"environment returned reward_components of type {type(components).__name__}, not a mapping of str to float")
-    values = [("reward", None, reward), *((f"reward component {key!r}", key, value) for key, value in components.items())]
+        raise _EnvFault(
+            f"environment returned reward_components of type {type(components).__name__}, not a mapping of str to float"
+        )
+    values = [
+        ("reward", None, reward),
+        *((f"reward component {key!r}", key, value) for key, value in components.items()),
+    ]
     faults: list[str] = []
     checked_reward, checked = 0.0, {}
     for what, key, value in values:
@@ -218,12 +228,16 @@ def _checked_reward(live: _LiveEpisode, reward: object, components: object) -> t
 
 def hf_sampler(policy: Policy, batch_size: int, generator: torch.Generator | None = None) -> Sampler:
     """A Sampler running the policy's own model in this process, caching each episode's keys and values."""
-    decoder = BatchDecoder(policy.model, stop_id=policy.chat.stop_id, pad_id=policy.chat.pad_id, batch_size=batch_size, generator=generator)
+    decoder = BatchDecoder(
+        policy.model, stop_id=policy.chat.stop_id, pad_id=policy.chat.pad_id, batch_size=batch_size, generator=generator
+    )
     return decoder.generate
 
 
 def _call_with_retries(live: _LiveEpisode, call: Callable[[], object], max_retries: int) -> object | None:
-    """Run an environment call, retrying exceptions; on exhaustion end the episode as env_error (check `live.finish_reason`)."""
+    """Run an environment call, retrying exceptions; on exhaustion end the episode as env_error.
+
+    The caller checks `live.finish_reason`."""
     for attempt in range(1, max_retries + 2):
         try:
             result = call()
@@ -360,7 +374,9 @@ def collect_rollouts(
     return [_to_episode(live, sampling, run_id, iteration, settings.success_threshold) for live in episodes]
 
 
-def _open_episode(policy: Policy, env: Environment, task: Task, group_id: str, index: int, settings: RolloutSettings) -> _LiveEpisode:
+def _open_episode(
+    policy: Policy, env: Environment, task: Task, group_id: str, index: int, settings: RolloutSettings
+) -> _LiveEpisode:
     """Open an episode: system and task turns, then the opening of the first policy turn.
 
     An environment whose `system_prompt` or `start` keeps raising, or whose prompts are not
@@ -408,7 +424,9 @@ def _identifier(live: _LiveEpisode, value: object, what: str) -> str:
     return live.text(value if isinstance(value, str) else str(value), what)
 
 
-def _to_episode(live: _LiveEpisode, sampling: Sampling, run_id: str, iteration: int, success_threshold: float) -> Episode:
+def _to_episode(
+    live: _LiveEpisode, sampling: Sampling, run_id: str, iteration: int, success_threshold: float
+) -> Episode:
     task_id = _identifier(live, live.task.task_id, "task id")
     group_id = repair_unicode(live.group_id)[0]  # holds the task id, already noted
     notes = [note for note in (live.env_error, *live.repairs) if note]  # messages may quote environment text

@@ -32,8 +32,16 @@ from typing import Any
 import torch
 
 from rl_core import run_records
-from rl_core.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, load_rng_states, prune_checkpoints, restore_optimizer, save_checkpoint
 from rl_core.atomic import sweep_temp_files, write_text_atomically
+from rl_core.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    load_rng_states,
+    prune_checkpoints,
+    restore_optimizer,
+    save_checkpoint,
+)
 from rl_core.config import RunConfig, config_differences, dump_config, load_config
 from rl_core.environments import load_environment
 from rl_core.environments.base import Environment, Task
@@ -45,7 +53,6 @@ from rl_core.store import Manifest, TrajectoryStore
 from rl_core.task_sampler import TaskSampler
 from rl_core.trainer import StepMetrics, Trainer, informative
 from rl_core.trajectory import Episode
-
 
 RUN_CONFIG_FILE = "config.yaml"
 # Fields a resumed run may change: how long it runs, where it lives, how it is watched and gated.
@@ -63,7 +70,8 @@ def record_run_config(cfg: RunConfig, run_dir: Path) -> Path:
         changed = [f for f in config_differences(stored, cfg) if not f.startswith(RESUMABLE_CHANGES)]
         if changed:
             raise ValueError(
-                f"run {run_dir.name!r} already exists with a different config ({', '.join(changed)} differ from {path}); "
+                f"run {run_dir.name!r} already exists with a different config ({', '.join(changed)} differ "
+                f"from {path}); "
                 "continue it with the same settings or start a new run with another storage.run_id"
             )
     write_text_atomically(path, dump_config(cfg))
@@ -97,13 +105,21 @@ def load_environments(cfg: RunConfig) -> list[Environment]:
         try:
             env = load_environment(name, domains_dir, **kwargs)
         except Exception as err:
-            raise ValueError(f"environment.domains[{index}] ({name!r}) could not be built: {type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"environment.domains[{index}] ({name!r}) could not be built: {type(err).__name__}: {err}"
+            ) from err
         env_name = getattr(env, "name", None)
         if not (isinstance(env_name, str) and env_name):
-            raise ValueError(f"environment.domains[{index}] ({name!r}) built an environment whose `name` is {env_name!r}: an Environment needs a non-empty str name (set it in the class or its constructor)")
+            raise ValueError(
+                f"environment.domains[{index}] ({name!r}) built an environment whose `name` is {env_name!r}: "
+                "an Environment needs a non-empty str name (set it in the class or its constructor)"
+            )
         for earlier, other in enumerate(envs):
             if other.name == env.name:
-                raise ValueError(f"environment.domains[{earlier}] and environment.domains[{index}] both build an environment named {env.name!r}; environment names must differ")
+                raise ValueError(
+                    f"environment.domains[{earlier}] and environment.domains[{index}] both build an environment "
+                    f"named {env.name!r}; environment names must differ"
+                )
         envs.append(env)
     return envs
 
@@ -125,10 +141,17 @@ def rollout_settings(cfg: RunConfig, temperature: float | None = None) -> Rollou
 
 def load_start_policy(cfg: RunConfig) -> Policy:
     """The policy the run starts from, checked against the configured context window."""
-    policy = load_policy(cfg.resolved_policy_path(), chat=cfg.policy.chat_format, dtype=cfg.policy.dtype, device=cfg.policy.device, lora=cfg.policy.lora)
+    policy = load_policy(
+        cfg.resolved_policy_path(),
+        chat=cfg.policy.chat_format,
+        dtype=cfg.policy.dtype,
+        device=cfg.policy.device,
+        lora=cfg.policy.lora,
+    )
     if cfg.policy.context_window > policy.max_positions:
         raise ValueError(
-            f"policy.context_window ({cfg.policy.context_window}) exceeds the model's max_position_embeddings ({policy.max_positions})"
+            f"policy.context_window ({cfg.policy.context_window}) exceeds the model's max_position_embeddings "
+            f"({policy.max_positions})"
         )
     return policy
 
@@ -146,14 +169,22 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.envs = load_environments(cfg)
         self.policy = policy or load_start_policy(cfg)
-        self.trainer = Trainer(self.policy, cfg.algorithm, cfg.optimizer, reference=self._reference_model(), trainer_cfg=cfg.trainer,
-                               temperature=cfg.rollout.temperature)  # for episodes without a sampling record
+        self.trainer = Trainer(
+            self.policy,
+            cfg.algorithm,
+            cfg.optimizer,
+            reference=self._reference_model(),
+            trainer_cfg=cfg.trainer,
+            temperature=cfg.rollout.temperature,
+        )  # for episodes without a sampling record
         self.tasks = TaskSampler(self.envs, cfg.environment.train_split, cfg.seed)
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
         self._work: dict[tuple[int, int], list[tuple[Environment, Task]]] = {}
         self.last_iteration = 0  # the last finished iteration: its step checkpointed, or recorded as taking no step
         self.checkpoint_iteration = 0  # the iteration of the newest checkpoint this run saved or resumed from
-        self._checkpointed_version = self.policy.version  # policy version of that checkpoint (the start: no checkpoint needed)
+        self._checkpointed_version = (
+            self.policy.version
+        )  # policy version of that checkpoint (the start: no checkpoint needed)
         self.last_step: StepMetrics | None = None  # what the latest `train` call did
         self.protected_steps: set[int] = set()  # checkpoints kept whatever storage.keep_checkpoints says
 
@@ -211,7 +242,9 @@ class TrainingRun:
         of them left it (its `sampling/` state; without one, the task sampler at least skips their
         tasks). Returns the iterations gone past."""
         done: list[int] = []
-        while (record := run_records.load_iteration(self.run_dir, self.last_iteration + len(done) + 1)) is not None and not record["trained"]:
+        while (
+            record := run_records.load_iteration(self.run_dir, self.last_iteration + len(done) + 1)
+        ) is not None and not record["trained"]:
             done.append(int(record["iteration"]))
         if not done:
             return done
@@ -290,10 +323,18 @@ class TrainingRun:
             groups_played += len(extra_work)
         return episodes
 
-    def _collect_work(self, policy: Policy, iteration: int, work: list[tuple[Environment, Task]], first_group: int) -> list[Episode]:
+    def _collect_work(
+        self, policy: Policy, iteration: int, work: list[tuple[Environment, Task]], first_group: int
+    ) -> list[Episode]:
         return collect_rollouts(
-            policy, work, rollout_settings(self.cfg), group_size=self.cfg.rollout.group_size,
-            run_id=self.run_id, iteration=iteration, generator=self.generator, first_group=first_group,
+            policy,
+            work,
+            rollout_settings(self.cfg),
+            group_size=self.cfg.rollout.group_size,
+            run_id=self.run_id,
+            iteration=iteration,
+            generator=self.generator,
+            first_group=first_group,
         )
 
     def write(self, iteration: int, episodes: list[Episode]) -> Manifest:
@@ -337,12 +378,21 @@ class TrainingRun:
         self.record_config()
         if self.policy.version == self._checkpointed_version:
             if iteration is not None:
-                reason = self.last_step.skipped if self.last_step is not None and self.last_step.skipped else "no optimizer step was taken"
+                reason = (
+                    self.last_step.skipped
+                    if self.last_step is not None and self.last_step.skipped
+                    else "no optimizer step was taken"
+                )
                 self.record_skipped_iteration(iteration, reason)
             return None
         if iteration is not None:
             self.last_iteration = self.checkpoint_iteration = iteration
-        state = {"tasks": self.tasks.state_dict(), "run_id": self.run_id, "iteration": self.last_iteration, "metrics": metrics or {}}
+        state = {
+            "tasks": self.tasks.state_dict(),
+            "run_id": self.run_id,
+            "iteration": self.last_iteration,
+            "metrics": metrics or {},
+        }
         path = save_checkpoint(self.checkpoints_dir, self.policy, self.trainer.optimizer, state, self.rng_states())
         self._checkpointed_version = self.policy.version
         if self.cfg.storage.keep_checkpoints is not None:
@@ -359,7 +409,13 @@ class TrainingRun:
         self.record_config()
         if not run_records.sampling_path(self.run_dir, iteration).is_file():
             run_records.save_sampling_state(self.run_dir, iteration, self.sampling_state())
-        record = {"iteration": iteration, "step": self.policy.version, "trained": False, "skipped_by": "trainer", "reason": reason}
+        record = {
+            "iteration": iteration,
+            "step": self.policy.version,
+            "trained": False,
+            "skipped_by": "trainer",
+            "reason": reason,
+        }
         path = run_records.save_iteration(self.run_dir, record)
         self.last_iteration = iteration
         return path
@@ -373,7 +429,9 @@ class TrainingRun:
         else:
             folder = checkpoint_dir(self.checkpoints_dir, step)
             if not folder.is_dir():
-                raise FileNotFoundError(f"cannot roll back to step {step}: {folder} is gone (pruned by storage.keep_checkpoints?)")
+                raise FileNotFoundError(
+                    f"cannot roll back to step {step}: {folder} is gone (pruned by storage.keep_checkpoints?)"
+                )
             p = self.cfg.policy
             earlier, _ = load_checkpoint(folder, chat=p.chat_format, dtype=p.dtype, device=p.device)
         with torch.no_grad():
@@ -392,9 +450,15 @@ class TrainingRun:
         """Held-out evaluation of the run's policy (or of `policy`, e.g. a champion to compare with)."""
         e = self.cfg.evaluation
         return evaluate(
-            policy or self.policy, self.envs, rollout_settings(self.cfg), split=e.split, max_tasks=e.max_tasks,
-            pass_k=e.pass_k, num_samples=e.num_samples if samples else 0,
-            sample_temperature=e.sample_temperature, seed=self.cfg.seed,
+            policy or self.policy,
+            self.envs,
+            rollout_settings(self.cfg),
+            split=e.split,
+            max_tasks=e.max_tasks,
+            pass_k=e.pass_k,
+            num_samples=e.num_samples if samples else 0,
+            sample_temperature=e.sample_temperature,
+            seed=self.cfg.seed,
         )
 
     def run(self, log: Callable[[str], None] = print) -> dict[str, float]:
@@ -416,12 +480,26 @@ class TrainingRun:
             if step.skipped:
                 skipped += 1
                 outcome = f"no optimizer step ({step.skipped}); the policy stays at step {self.policy.version}"
-            log(f"[{self.run_id}] iteration {iteration}: reward {stats['rollout/reward/mean']:.3f} success {stats['rollout/success/mean']:.3f} {outcome}")
-            if evaluation_due(start, self.policy.version, self.cfg.evaluation.val_every) and iteration != self.cfg.iterations:
-                log(f"[{self.run_id}] step {self.policy.version}: held-out pass@1 {self.evaluate(samples=False).pass_at_1:.3f}")
+            log(
+                f"[{self.run_id}] iteration {iteration}: reward {stats['rollout/reward/mean']:.3f} success "
+                f"{stats['rollout/success/mean']:.3f} {outcome}"
+            )
+            if (
+                evaluation_due(start, self.policy.version, self.cfg.evaluation.val_every)
+                and iteration != self.cfg.iterations
+            ):
+                log(
+                    f"[{self.run_id}] step {self.policy.version}: held-out "
+                    f"pass@1 {self.evaluate(samples=False).pass_at_1:.3f}"
+                )
         after = self.evaluate(samples=False).pass_at_1
         log(f"[{self.run_id}] step {self.policy.version}: held-out pass@1 {after:.3f}")
-        return {"pass_at_1_before": before, "pass_at_1_after": after, "steps": float(self.policy.version), "skipped": float(skipped)}
+        return {
+            "pass_at_1_before": before,
+            "pass_at_1_after": after,
+            "steps": float(self.policy.version),
+            "skipped": float(skipped),
+        }
 
 
 def evaluation_due(step_before: int, step_after: int, val_every: int) -> bool:

@@ -90,7 +90,13 @@ def evaluation_path(run_dir: Path, step: int) -> Path:
 
 def save_evaluation(run_dir: Path, step: int, report: EvalReport, version: str | None = None) -> Path:
     """Record the held-out evaluation of `step` (and its registry version, once registered)."""
-    data = {"step": step, "metrics": report.metrics, "per_env": report.per_env, "task_success": report.task_success, "version": version}
+    data = {
+        "step": step,
+        "metrics": report.metrics,
+        "per_env": report.per_env,
+        "task_success": report.task_success,
+        "version": version,
+    }
     return _write_json(evaluation_path(run_dir, step), data)
 
 
@@ -99,7 +105,9 @@ def load_evaluation(run_dir: Path, step: int) -> tuple[EvalReport, str | None] |
     data = _read_json(evaluation_path(run_dir, step))
     if data is None:
         return None
-    return EvalReport(metrics=data["metrics"], per_env=data["per_env"], task_success=data["task_success"]), data["version"]
+    return EvalReport(metrics=data["metrics"], per_env=data["per_env"], task_success=data["task_success"]), data[
+        "version"
+    ]
 
 
 def evaluated_steps(run_dir: Path) -> list[int]:

@@ -16,7 +16,9 @@ import torch
 from rl_core.policy import Policy
 
 
-def render_transcript(policy: Policy, system: str, prompt: str, turns: list[tuple[str, str | None]]) -> tuple[list[int], list[int]]:
+def render_transcript(
+    policy: Policy, system: str, prompt: str, turns: list[tuple[str, str | None]]
+) -> tuple[list[int], list[int]]:
     """(tokens, loss_mask) of a transcript: turns are (action text, observation text or None)."""
     tok, chat = policy.tokenizer, policy.chat
     tokens = chat.prompt(tok, system, prompt)
@@ -55,7 +57,7 @@ def fine_tune(
         rng.shuffle(order)
         losses = []
         for start in range(0, len(order), batch_size):
-            batch = [examples[i] for i in order[start:start + batch_size]]
+            batch = [examples[i] for i in order[start : start + batch_size]]
             width = max(len(t) for t, _ in batch)
             tokens = torch.full((len(batch), width), policy.chat.pad_id, dtype=torch.long)
             labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -64,7 +66,11 @@ def fine_tune(
                 tokens[row, : len(ids)] = torch.tensor(ids)
                 attention[row, : len(ids)] = 1
                 labels[row, : len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), torch.tensor(-100))
-            loss = model(input_ids=tokens.to(policy.device), attention_mask=attention.to(policy.device), labels=labels.to(policy.device)).loss
+            loss = model(
+                input_ids=tokens.to(policy.device),
+                attention_mask=attention.to(policy.device),
+                labels=labels.to(policy.device),
+            ).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -176,8 +176,7 @@ class TrajectoryStore:
             else ""
         )
         raise TrajectoryNotFoundError(
-            f"no committed trajectories for run {run_id!r} iteration {iteration}: "
-            f"{manifest_path} is missing{hint}"
+            f"no committed trajectories for run {run_id!r} iteration {iteration}: {manifest_path} is missing{hint}"
         )
 
     # -- writes ------------------------------------------------------------------------
@@ -190,9 +189,7 @@ class TrajectoryStore:
         data_path = self.path(run_id, iteration)
         manifest_path = self.manifest_path(run_id, iteration)
         if manifest_path.exists():
-            raise TrajectoryExistsError(
-                f"{manifest_path} already exists; committed trajectories are never overwritten"
-            )
+            raise TrajectoryExistsError(f"{manifest_path} already exists; committed trajectories are never overwritten")
         folder = data_path.parent
         folder.mkdir(parents=True, exist_ok=True)
         data_tmp, manifest_tmp = temp_path(data_path), temp_path(manifest_path)
@@ -255,7 +252,11 @@ class TrajectoryStore:
         folder = self.root / _checked_run_id(run_id) / "quarantine"
         stem = _stem(iteration)
         name = f"{stem}{_MANIFEST_SUFFIX}"
-        found = [d / name for d in folder.glob(f"{stem}*") if d.is_dir() and (d / name).is_file()] if folder.is_dir() else []
+        found = (
+            [d / name for d in folder.glob(f"{stem}*") if d.is_dir() and (d / name).is_file()]
+            if folder.is_dir()
+            else []
+        )
         return sorted(found, key=lambda p: _quarantine_copy_number(p.parent.name, stem))
 
     def _unfinished_quarantine(self, run_id: str, iteration: int) -> Path | None:
@@ -283,9 +284,7 @@ def _checked_run_id(run_id: str) -> str:
 
 def _check_lineage(run_id: str, iteration: int, episodes: list[Episode]) -> None:
     if not episodes:
-        raise ValueError(
-            f"refusing to write an empty batch for run {run_id!r} iteration {iteration}"
-        )
+        raise ValueError(f"refusing to write an empty batch for run {run_id!r} iteration {iteration}")
     for i, ep in enumerate(episodes):
         if ep.run_id != run_id:
             raise ValueError(f"episodes[{i}].run_id is {ep.run_id!r}, expected {run_id!r}")
@@ -375,8 +374,7 @@ def _read_verified(manifest_path: Path) -> tuple[Manifest, pa.Table]:
 
     if manifest.schema_version not in KNOWN_SCHEMA_VERSIONS:
         raise corrupt(
-            f"unknown schema_version {manifest.schema_version} "
-            f"(this code reads {sorted(KNOWN_SCHEMA_VERSIONS)})"
+            f"unknown schema_version {manifest.schema_version} (this code reads {sorted(KNOWN_SCHEMA_VERSIONS)})"
         )
     if not data_path.is_file():
         raise corrupt(f"data file is missing but {manifest_path.name} commits it")

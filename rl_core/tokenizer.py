@@ -97,7 +97,9 @@ class ChatFormat:
 
     def prompt(self, tokenizer: PreTrainedTokenizerBase, system: str, user: str) -> list[int]:
         """System and user turns, then the opening of the first policy turn."""
-        return self.message(tokenizer, "system", system) + self.message(tokenizer, "user", user) + self.prefix["assistant"]
+        return (
+            self.message(tokenizer, "system", system) + self.message(tokenizer, "user", user) + self.prefix["assistant"]
+        )
 
     def observation(self, tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
         """An environment turn, then the opening of the next policy turn."""

@@ -115,10 +115,15 @@ def informative(episodes: list[Episode], algorithm: AlgorithmConfig | None = Non
     env_error, a finite reward, not truncated and masked by `algorithm.mask_truncated`), so a group
     kept here is not then dropped by the trainer; every member of a kept group is returned.
     """
-    judged = episodes if algorithm is None else [
-        e for e in episodes
-        if e.finish_reason != "env_error" and finite_reward(e) and e.finish_reason not in algorithm.mask_truncated
-    ]
+    judged = (
+        episodes
+        if algorithm is None
+        else [
+            e
+            for e in episodes
+            if e.finish_reason != "env_error" and finite_reward(e) and e.finish_reason not in algorithm.mask_truncated
+        ]
+    )
     rewards: dict[str, set[float]] = {}
     for e in judged:
         rewards.setdefault(e.group_id, set()).add(e.reward)
@@ -152,8 +157,9 @@ def training_temperature(episode: Episode, default: float) -> float:
     return 1.0 if temperature == 0 else float(temperature)
 
 
-def token_logprobs(model: torch.nn.Module, tokens: torch.Tensor, attention: torch.Tensor,
-                   temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    model: torch.nn.Module, tokens: torch.Tensor, attention: torch.Tensor, temperature: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each token given its prefix under softmax(logits / T), and that distribution's entropy (nats).
 
     tokens, attention: [batch, length]; temperature: [batch] (T > 0 per row; None = 1 for all).
@@ -185,12 +191,17 @@ def token_advantages(episode: Episode, per_turn: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(len(episode.tokens))
     assistant = [t for t in episode.turns if t.role == "assistant"]
     for index, turn in enumerate(assistant):
-        out[turn.start:turn.end] = float(per_turn[min(index, len(per_turn) - 1)])
+        out[turn.start : turn.end] = float(per_turn[min(index, len(per_turn) - 1)])
     return out
 
 
-def pad_batch(episodes: list[Episode], advantages: list[torch.Tensor], pad_id: int, device: torch.device,
-              default_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+def pad_batch(
+    episodes: list[Episode],
+    advantages: list[torch.Tensor],
+    pad_id: int,
+    device: torch.device,
+    default_temperature: float = 1.0,
+) -> dict[str, torch.Tensor]:
     """Right-pad episodes into tensors: tokens, attention, loss mask, old log-probs, token advantages
     ([batch, width], width = the longest episode) and each row's training temperature ([batch])."""
     width = max(len(e.tokens) for e in episodes)
@@ -235,15 +246,28 @@ class Selection:
         causes = [
             (self.env_error, "env_error (environment failures)"),
             (self.nonfinite_reward, "given a non-finite reward (or reward component)"),
-            (self.stale, f"stale (sampled more than algorithm.max_steps_off_policy={algorithm.max_steps_off_policy} policy versions ago)"),
-            (self.truncated_masked, f"truncated and masked (algorithm.mask_truncated={list(algorithm.mask_truncated)})"),
-            (self.zero_variance, f"in groups whose rewards were all equal, dropped (algorithm.zero_variance_groups={algorithm.zero_variance_groups})"),
+            (
+                self.stale,
+                f"stale (sampled more than algorithm.max_steps_off_policy={algorithm.max_steps_off_policy} "
+                "policy versions ago)",
+            ),
+            (
+                self.truncated_masked,
+                f"truncated and masked (algorithm.mask_truncated={list(algorithm.mask_truncated)})",
+            ),
+            (
+                self.zero_variance,
+                "in groups whose rewards were all equal, dropped "
+                f"(algorithm.zero_variance_groups={algorithm.zero_variance_groups})",
+            ),
             (self.small_groups, f"in groups smaller than algorithm.pass_k={algorithm.pass_k}"),
         ]
         seen = [(count, what) for count, what in causes if count]
         if len(seen) == 1 and seen[0][0] == self.received:
             return f"nothing to train on: all {self.received} episodes were {seen[0][1]}"
-        return f"nothing to train on: of {self.received} episodes, " + ", ".join(f"{count} {what}" for count, what in seen)
+        return f"nothing to train on: of {self.received} episodes, " + ", ".join(
+            f"{count} {what}" for count, what in seen
+        )
 
 
 def finite_reward(episode: Episode) -> bool:
@@ -289,14 +313,14 @@ def split_mini_batches(episodes: list[Episode], count: int) -> list[list[int]]:
     units = list(members.values()) if len(members) >= count else [[i] for i in range(len(episodes))]
     parts = min(count, len(units))
     bounds = [round(k * len(units) / parts) for k in range(parts + 1)] if parts else [0]
-    return [[i for unit in units[bounds[k]:bounds[k + 1]] for i in unit] for k in range(parts)]
+    return [[i for unit in units[bounds[k] : bounds[k + 1]] for i in unit] for k in range(parts)]
 
 
 def length_sorted_micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     """Positions 0..len(lengths)-1 sorted by length (ties by position) and cut into runs of `size`,
     so each micro-batch pads its episodes to a similar width."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[start:start + size] for start in range(0, len(order), size)]
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 # --- one optimizer step ----------------------------------------------------------------------------
@@ -343,8 +367,15 @@ class Trainer:
     KL penalty without a reference or a negative / non-finite temperature.
     """
 
-    def __init__(self, policy: Policy, algorithm: AlgorithmConfig, optimizer: OptimizerConfig, reference: torch.nn.Module | None = None,
-                 trainer_cfg: TrainerConfig | None = None, temperature: float = 1.0):
+    def __init__(
+        self,
+        policy: Policy,
+        algorithm: AlgorithmConfig,
+        optimizer: OptimizerConfig,
+        reference: torch.nn.Module | None = None,
+        trainer_cfg: TrainerConfig | None = None,
+        temperature: float = 1.0,
+    ):
         self.policy, self.algorithm, self.optim_cfg = policy, algorithm, optimizer
         if algorithm.kl_coef > 0 and reference is None:
             raise ValueError("algorithm.kl_coef > 0 needs a reference model")
@@ -382,7 +413,9 @@ class Trainer:
             return []
         rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
         return compute_advantages(
-            self.algorithm.advantage_method, rewards, [e.group_id for e in episodes],
+            self.algorithm.advantage_method,
+            rewards,
+            [e.group_id for e in episodes],
             token_counts=torch.tensor([e.response_tokens for e in episodes], dtype=torch.float64),
             turn_rewards=[turn_rewards(e) for e in episodes],
             normalize_std=self.algorithm.normalize_advantage_std,
@@ -397,14 +430,25 @@ class Trainer:
         train = selection.train
         fed = [i for i, e in enumerate(train) if e.response_tokens > 0]
         metrics = StepMetrics(
-            step=self.policy.version, loss=0.0, clip_fraction=0.0, approx_kl=0.0, entropy=0.0, grad_norm=0.0,
-            loss_tokens=sum(train[i].response_tokens for i in fed), episodes=len(train), stale_dropped=selection.stale,
-            nonfinite_reward_dropped=selection.nonfinite_reward, truncated_masked=selection.truncated_masked,
+            step=self.policy.version,
+            loss=0.0,
+            clip_fraction=0.0,
+            approx_kl=0.0,
+            entropy=0.0,
+            grad_norm=0.0,
+            loss_tokens=sum(train[i].response_tokens for i in fed),
+            episodes=len(train),
+            stale_dropped=selection.stale,
+            nonfinite_reward_dropped=selection.nonfinite_reward,
+            truncated_masked=selection.truncated_masked,
             no_loss_token_episodes=len(train) - len(fed),
         )
         if not fed:
-            reason = selection.nothing_left_reason(self.algorithm) if not train else (
-                f"nothing to train on: none of the {len(train)} episodes left has a generated (loss) token")
+            reason = (
+                selection.nothing_left_reason(self.algorithm)
+                if not train
+                else (f"nothing to train on: none of the {len(train)} episodes left has a generated (loss) token")
+            )
             log.info("training step skipped: %s", reason)
             metrics.skipped = reason
             return metrics
@@ -425,9 +469,12 @@ class Trainer:
         for _ in range(self.optim_cfg.epochs_per_batch):
             for indices in plan:
                 measure_mismatch = start_logprobs is None and not any(s.applied for s in steps)
-                step = self._optimizer_step([episodes[i] for i in indices], [advantages[i] for i in indices],
-                                            None if start_logprobs is None else [start_logprobs[i] for i in indices],
-                                            measure_mismatch)
+                step = self._optimizer_step(
+                    [episodes[i] for i in indices],
+                    [advantages[i] for i in indices],
+                    None if start_logprobs is None else [start_logprobs[i] for i in indices],
+                    measure_mismatch,
+                )
                 steps.append(step)
                 if measure_mismatch:
                     measured.mismatch_sum += step.measures.mismatch_sum
@@ -435,18 +482,30 @@ class Trainer:
                     measured.mismatch_max = max(measured.mismatch_max, step.measures.mismatch_max)
         self._fill_metrics(metrics, steps, measured)
 
-    def _optimizer_step(self, episodes: list[Episode], advantages: list[torch.Tensor],
-                        start_logprobs: list[torch.Tensor] | None, measure_mismatch: bool) -> OptimizerStep:
+    def _optimizer_step(
+        self,
+        episodes: list[Episode],
+        advantages: list[torch.Tensor],
+        start_logprobs: list[torch.Tensor] | None,
+        measure_mismatch: bool,
+    ) -> OptimizerStep:
         """Forward/backward one mini-batch in length-sorted micro-batches, then one optimizer step unless
         its loss or gradient norm is not finite (then nothing changes but the logged warning)."""
         self.backend.zero_grad()
         total_tokens = sum(e.response_tokens for e in episodes)
         measures, loss = Measures(), 0.0
         for chunk in length_sorted_micro_batches([len(e.tokens) for e in episodes], self.optim_cfg.micro_batch_size):
-            batch = pad_batch([episodes[i] for i in chunk], [advantages[i] for i in chunk], self.policy.chat.pad_id,
-                              self.policy.device, self.temperature)
+            batch = pad_batch(
+                [episodes[i] for i in chunk],
+                [advantages[i] for i in chunk],
+                self.policy.chat.pad_id,
+                self.policy.device,
+                self.temperature,
+            )
             if start_logprobs is not None:
-                batch["start_logprobs"] = _pad_rows([start_logprobs[i] for i in chunk], batch["tokens"].shape[1]).to(self.policy.device)
+                batch["start_logprobs"] = _pad_rows([start_logprobs[i] for i in chunk], batch["tokens"].shape[1]).to(
+                    self.policy.device
+                )
             loss += self._accumulate(batch, total_tokens, len(episodes), measures, measure_mismatch)
         if not math.isfinite(loss):
             self.backend.discard()
@@ -458,15 +517,26 @@ class Trainer:
         return OptimizerStep(loss, grad_norm, measures, applied=True)
 
     def _skip(self, loss: float, grad_norm: float, measures: Measures, problem: str) -> OptimizerStep:
-        log.warning("optimizer step skipped at policy version %d: %s; weights and optimizer state left unchanged",
-                    self.policy.version, problem)
+        log.warning(
+            "optimizer step skipped at policy version %d: %s; weights and optimizer state left unchanged",
+            self.policy.version,
+            problem,
+        )
         return OptimizerStep(loss, grad_norm, measures, applied=False, problem=problem)
 
-    def _accumulate(self, batch: dict[str, torch.Tensor], total_tokens: int, total_sequences: int, measures: Measures,
-                    measure_mismatch: bool) -> float:
+    def _accumulate(
+        self,
+        batch: dict[str, torch.Tensor],
+        total_tokens: int,
+        total_sequences: int,
+        measures: Measures,
+        measure_mismatch: bool,
+    ) -> float:
         """Forward and backward one micro-batch (gradients add up across micro-batches); returns its loss."""
         a = self.algorithm
-        logprobs, entropy = token_logprobs(self.backend.model, batch["tokens"], batch["attention"], batch["temperature"])
+        logprobs, entropy = token_logprobs(
+            self.backend.model, batch["tokens"], batch["attention"], batch["temperature"]
+        )
         mask, behavior = batch["mask"], batch["old_logprobs"]
         if measure_mismatch:
             _measure_mismatch(logprobs.detach(), behavior, mask, measures)
@@ -479,10 +549,19 @@ class Trainer:
             with torch.no_grad():
                 reference, _ = token_logprobs(self.reference, batch["tokens"], batch["attention"], batch["temperature"])
         loss, stats = policy_loss(
-            a.loss_fn, logprobs, old, batch["advantages"], mask,
-            clip_low=a.clip_low_threshold, clip_high=a.clip_high_threshold, aggregation=a.loss_aggregation,
-            total_tokens=total_tokens, total_sequences=total_sequences,
-            is_weights=is_weights, ref_logprobs=reference, kl_coef=a.kl_coef,
+            a.loss_fn,
+            logprobs,
+            old,
+            batch["advantages"],
+            mask,
+            clip_low=a.clip_low_threshold,
+            clip_high=a.clip_high_threshold,
+            aggregation=a.loss_aggregation,
+            total_tokens=total_tokens,
+            total_sequences=total_sequences,
+            is_weights=is_weights,
+            ref_logprobs=reference,
+            kl_coef=a.kl_coef,
             clip_ratio_dual=a.clip_ratio_dual,
         )
         self.backend.backward(loss)
@@ -496,13 +575,20 @@ class Trainer:
         out: list[torch.Tensor | None] = [None] * len(episodes)
         zeros = [torch.zeros(1)] * len(episodes)
         for chunk in length_sorted_micro_batches([len(e.tokens) for e in episodes], self.optim_cfg.micro_batch_size):
-            batch = pad_batch([episodes[i] for i in chunk], [zeros[i] for i in chunk], self.policy.chat.pad_id,
-                              self.policy.device, self.temperature)
+            batch = pad_batch(
+                [episodes[i] for i in chunk],
+                [zeros[i] for i in chunk],
+                self.policy.chat.pad_id,
+                self.policy.device,
+                self.temperature,
+            )
             with torch.no_grad():
-                logprobs, _ = token_logprobs(self.backend.model, batch["tokens"], batch["attention"], batch["temperature"])
+                logprobs, _ = token_logprobs(
+                    self.backend.model, batch["tokens"], batch["attention"], batch["temperature"]
+                )
             _measure_mismatch(logprobs, batch["old_logprobs"], batch["mask"], measured)
             for row, i in enumerate(chunk):
-                out[i] = logprobs[row, :len(episodes[i].tokens)].cpu()
+                out[i] = logprobs[row, : len(episodes[i].tokens)].cpu()
         return out
 
     def _fill_metrics(self, metrics: StepMetrics, steps: list[OptimizerStep], measured: Measures) -> None:
@@ -542,5 +628,5 @@ def _pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     """1-D tensors right-padded with 0 into one [len(rows), width] tensor."""
     out = torch.zeros((len(rows), width))
     for row, values in enumerate(rows):
-        out[row, :len(values)] = values
+        out[row, : len(values)] = values
     return out

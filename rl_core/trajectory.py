@@ -201,6 +201,7 @@ def upgrade_table(table: pa.Table, version: int) -> pa.Table:
         return table.add_column(position, TRAJECTORY_SCHEMA.field("sampling"), pa.nulls(table.num_rows, SAMPLING_TYPE))
     raise ValueError(f"no upgrade from trajectory schema version {version} to {SCHEMA_VERSION}")
 
+
 # Columns computed from `Episode` properties: written for readers, recomputed on load.
 DERIVED_COLUMNS = ("num_turns", "prompt_tokens", "response_tokens")
 
@@ -213,21 +214,14 @@ def check_episode(ep: Episode) -> None:
     n = len(ep.tokens)
     for name in ("loss_mask", "behavior_logprobs"):
         if len(getattr(ep, name)) != n:
-            raise ValueError(
-                f"{where}: {name} has {len(getattr(ep, name))} entries but tokens has {n}"
-            )
+            raise ValueError(f"{where}: {name} has {len(getattr(ep, name))} entries but tokens has {n}")
     if any(m not in (0, 1) for m in ep.loss_mask):
         raise ValueError(f"{where}: loss_mask must hold only 0 and 1")
     if ep.finish_reason not in FINISH_REASONS:
-        raise ValueError(
-            f"{where}: finish_reason {ep.finish_reason!r} is not one of {FINISH_REASONS}"
-        )
+        raise ValueError(f"{where}: finish_reason {ep.finish_reason!r} is not one of {FINISH_REASONS}")
     for i, turn in enumerate(ep.turns):
         if not 0 <= turn.start <= turn.end <= n:
-            raise ValueError(
-                f"{where}: turns[{i}] span [{turn.start}, {turn.end}) is out of range "
-                f"for {n} tokens"
-            )
+            raise ValueError(f"{where}: turns[{i}] span [{turn.start}, {turn.end}) is out of range for {n} tokens")
     if ep.created_at.tzinfo is None or ep.created_at.utcoffset() is None:
         raise ValueError(f"{where}: created_at must be timezone-aware, got {ep.created_at!r}")
     if ep.sampling is not None:
@@ -290,9 +284,7 @@ def episodes_to_table(episodes: Iterable[Episode]) -> pa.Table:
     episodes = list(episodes)
     for ep in episodes:
         check_episode(ep)
-    arrays = [
-        pa.array(_column_values(episodes, f.name), type=f.type) for f in TRAJECTORY_SCHEMA
-    ]
+    arrays = [pa.array(_column_values(episodes, f.name), type=f.type) for f in TRAJECTORY_SCHEMA]
     table = pa.Table.from_arrays(arrays, schema=TRAJECTORY_SCHEMA)
     _reject_nulls(table)
     return table
@@ -335,6 +327,4 @@ def table_to_episodes(table: pa.Table) -> list[Episode]:
         table = upgrade_table(table, 1)
     names = [f.name for f in fields(Episode)]
     columns = {name: _python_values(table, name) for name in names}
-    return [
-        Episode(**{name: columns[name][row] for name in names}) for row in range(table.num_rows)
-    ]
+    return [Episode(**{name: columns[name][row] for name in names}) for row in range(table.num_rows)]

@@ -10,8 +10,9 @@ task: that is the proof the procedure, the fixtures and the expected answers agr
 Every entity (order, customer, sku, supplier, user, email) gets a fresh 4-digit id drawn
 without replacement from one shuffled pool per domain, shared by both splits: the splits'
 ids are disjoint (no held-out entity appears in training) yet come from the same
-distribution, so a policy must copy ids from its context rather than recall them. Every task gets rows for all tools it could call (even off its branch), so a
-mistaken branch still sees real observations. Scenarios are balanced within each split.
+distribution, so a policy must copy ids from its context rather than recall them. Every task
+gets rows for all tools it could call (even off its branch), so a mistaken branch still sees real
+observations. Scenarios are balanced within each split.
 
 Usage: python scripts/make_domains.py [--out DIR] [--train N] [--heldout N]
 """
@@ -69,7 +70,9 @@ class DomainSpec:
 # --- declarative pieces of domain.json -------------------------------------------------
 
 
-def tool(name: str, description: str, args: list[str], table: str, not_found: str, returns: list[str] | None = None) -> dict[str, Any]:
+def tool(
+    name: str, description: str, args: list[str], table: str, not_found: str, returns: list[str] | None = None
+) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": name,
         "description": description,
@@ -92,7 +95,9 @@ def call(name: str, args: dict[str, str], save_as: str) -> dict[str, Any]:
     return {"call": name, "args": args, "save_as": save_as}
 
 
-def when(ref: str, op: str, value: Any, then: list[dict[str, Any]], otherwise: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def when(
+    ref: str, op: str, value: Any, then: list[dict[str, Any]], otherwise: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     step: dict[str, Any] = {"if": {"ref": ref, "op": op, "value": value}, "then": then}
     if otherwise is not None:
         step["else"] = otherwise
@@ -114,7 +119,14 @@ REFUNDS = {
         "with the order amount."
     ),
     "tools": [
-        tool("get_order", "an order", ["order_id"], "orders", "order {order_id} not found", ["customer_id", "status", "days", "amount"]),
+        tool(
+            "get_order",
+            "an order",
+            ["order_id"],
+            "orders",
+            "order {order_id} not found",
+            ["customer_id", "status", "days", "amount"],
+        ),
         tool("get_customer", "a customer", ["customer_id"], "customers", "customer {customer_id} not found"),
     ],
     "procedure": [
@@ -123,7 +135,9 @@ REFUNDS = {
         when("$order.days", "gte", "31", [answer(decision="deny", amount="0")]),
         call("get_customer", {"customer_id": "$order.customer_id"}, "customer"),
         when(
-            "$customer.tier", "equals", "gold",
+            "$customer.tier",
+            "equals",
+            "gold",
             [answer(decision="refund", amount="$order.amount")],
             [answer(decision="credit", amount="$order.amount")],
         ),
@@ -155,7 +169,15 @@ def refunds_case(scenario: str, ids: Ids, rng: random.Random) -> Case:
         inputs={"order_id": order_id},
         expected=expected,
         rows={
-            "orders": [{"order_id": order_id, "customer_id": customer_id, "status": status, "days": str(days), "amount": amount}],
+            "orders": [
+                {
+                    "order_id": order_id,
+                    "customer_id": customer_id,
+                    "status": status,
+                    "days": str(days),
+                    "amount": amount,
+                }
+            ],
             "customers": [{"customer_id": customer_id, "tier": tier, "region": rng.choice(REGIONS)}],
         },
     )
@@ -173,9 +195,18 @@ INVENTORY = {
         "Else: cancel, source none, cost 0."
     ),
     "tools": [
-        tool("check_stock", "stock at a warehouse", ["sku", "warehouse"], "stock", "sku {sku} not stocked at {warehouse}"),
+        tool(
+            "check_stock", "stock at a warehouse", ["sku", "warehouse"], "stock", "sku {sku} not stocked at {warehouse}"
+        ),
         tool("find_supplier", "supplier of a sku", ["sku"], "suppliers", "no supplier for sku {sku}"),
-        tool("get_quote", "cost and days for qty", ["supplier_id", "qty"], "quotes", "no quote from supplier {supplier_id} for qty {qty}", ["qty", "cost", "days"]),
+        tool(
+            "get_quote",
+            "cost and days for qty",
+            ["supplier_id", "qty"],
+            "quotes",
+            "no quote from supplier {supplier_id} for qty {qty}",
+            ["qty", "cost", "days"],
+        ),
     ],
     "procedure": [
         call("check_stock", {"sku": "$input.sku", "warehouse": "$input.warehouse"}, "stock"),
@@ -183,7 +214,9 @@ INVENTORY = {
         call("find_supplier", {"sku": "$input.sku"}, "supplier"),
         call("get_quote", {"supplier_id": "$supplier.supplier_id", "qty": "$input.qty"}, "quote"),
         when(
-            "$quote.days", "lte", "10",
+            "$quote.days",
+            "lte",
+            "10",
             [answer(action="backorder", source="$supplier.supplier_id", cost="$quote.cost")],
             [answer(action="cancel", source="none", cost="0")],
         ),
@@ -230,7 +263,14 @@ ACCESS = {
         "password or mfa gets unlock with the user's team; else answer escalate with team security."
     ),
     "tools": [
-        tool("lookup_user", "a user by email", ["email"], "users", "no user with email {email}", ["user_id", "status", "team"]),
+        tool(
+            "lookup_user",
+            "a user by email",
+            ["email"],
+            "users",
+            "no user with email {email}",
+            ["user_id", "status", "team"],
+        ),
         tool("get_lock_reason", "why a user is locked", ["user_id"], "locks", "no lock record for user {user_id}"),
     ],
     "procedure": [
@@ -239,7 +279,9 @@ ACCESS = {
         when("$user.status", "equals", "disabled", [answer(action="deny", team="hr")]),
         call("get_lock_reason", {"user_id": "$user.user_id"}, "lock"),
         when(
-            "$lock.reason", "in", BENIGN_LOCKS,
+            "$lock.reason",
+            "in",
+            BENIGN_LOCKS,
             [answer(action="unlock", team="$user.team")],
             [answer(action="escalate", team="security")],
         ),
@@ -283,7 +325,9 @@ DOMAINS = [
 # --- generation and writing -------------------------------------------------------------
 
 
-def generate(spec: DomainSpec, sizes: dict[str, int]) -> tuple[dict[str, list[dict[str, str]]], dict[str, list[dict[str, Any]]]]:
+def generate(
+    spec: DomainSpec, sizes: dict[str, int]
+) -> tuple[dict[str, list[dict[str, str]]], dict[str, list[dict[str, Any]]]]:
     """Fixture tables and tasks per split for one domain, from a seed of its own."""
     name = spec.meta["name"]
     rng = random.Random(f"{SEED}-{name}")

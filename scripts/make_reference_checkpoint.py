@@ -46,7 +46,9 @@ def tokenizer_corpus(envs) -> list[str]:
     return corpus
 
 
-def demonstrations(policy: Policy, envs, per_task: int, mistake_rate: float, seed: int) -> list[tuple[list[int], list[int]]]:
+def demonstrations(
+    policy: Policy, envs, per_task: int, mistake_rate: float, seed: int
+) -> list[tuple[list[int], list[int]]]:
     rng = random.Random(seed)
     examples = []
     for env in envs:
@@ -78,8 +80,10 @@ def main() -> None:
     policy = Policy(model=model, tokenizer=tokenizer, chat=chat_format("turnstile", tokenizer))
     examples = demonstrations(policy, envs, args.demos_per_task, args.mistake_rate, args.seed)
     lengths = sorted(len(t) for t, _ in examples)
-    print(f"{len(examples)} demonstrations, tokens median {lengths[len(lengths) // 2]} max {lengths[-1]}, "
-          f"vocab {len(tokenizer)}, params {sum(p.numel() for p in model.parameters()):,}")
+    print(
+        f"{len(examples)} demonstrations, tokens median {lengths[len(lengths) // 2]} max {lengths[-1]}, "
+        f"vocab {len(tokenizer)}, params {sum(p.numel() for p in model.parameters()):,}"
+    )
     fine_tune(policy, examples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
 
     settings = RolloutSettings(max_turns=6, max_tokens_per_turn=40, context_window=768, temperature=0.0)

@@ -27,7 +27,11 @@ def collect_rollouts_task(run: TrainingRun, iteration: int, policy: Policy | Non
     stats = rollout_metrics(episodes)
     logger.info(
         "iteration %d: %d episodes, reward %.3f, success %.3f, turns %.2f%s",
-        iteration, len(episodes), stats["rollout/reward/mean"], stats["rollout/success/mean"], stats["rollout/turns/mean"],
+        iteration,
+        len(episodes),
+        stats["rollout/reward/mean"],
+        stats["rollout/success/mean"],
+        stats["rollout/turns/mean"],
         "" if policy is None else f" (sampled in the background by the policy of step {policy.version})",
     )
     return episodes

@@ -60,7 +60,9 @@ def _reward_curve(records: list[dict[str, Any]], path: Path) -> Path:
         axes.plot(x, y, marker=".", label=label)
     for record in records:
         if record.get("rollback_to") is not None:
-            axes.axvline(record["iteration"], color="red", linestyle=":", label=f"rollback to step {record['rollback_to']}")
+            axes.axvline(
+                record["iteration"], color="red", linestyle=":", label=f"rollback to step {record['rollback_to']}"
+            )
     axes.legend(loc="best")
     return _save(figure, path)
 
@@ -87,7 +89,9 @@ def draw_curves(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / CURVES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     records = [r for r in run_records.read_history(run_dir) if r["trained"]]
-    evaluations = {s: run_records.load_evaluation(run_dir, s)[0].pass_at_1 for s in run_records.evaluated_steps(run_dir)}
+    evaluations = {
+        s: run_records.load_evaluation(run_dir, s)[0].pass_at_1 for s in run_records.evaluated_steps(run_dir)
+    }
     return [
         _reward_curve(records, folder / "reward.png"),
         _pass_at_1_curve(evaluations, folder / "pass_at_1.png"),

@@ -83,8 +83,15 @@ def examine_step_task(
     known = {f["symptom"] for f in reported}
     verdict = DoctorVerdict(new_findings=[f.as_dict() for f in findings if f.symptom not in known])
     for finding in verdict.new_findings:
-        logger.warning("doctor, step %d: %s (%s = %.4g, threshold %.4g). First change to try: %s",
-                       finding["step"], finding["message"], finding["metric"], finding["value"], finding["threshold"], finding["first_change"])
+        logger.warning(
+            "doctor, step %d: %s (%s = %.4g, threshold %.4g). First change to try: %s",
+            finding["step"],
+            finding["message"],
+            finding["metric"],
+            finding["value"],
+            finding["threshold"],
+            finding["first_change"],
+        )
     if not record["trained"]:  # a non-finite iteration (examined_untrained): named, nothing to act on
         return verdict
     good = last_good_step(history, run.cfg)
@@ -101,11 +108,13 @@ def _collapse_action(run: TrainingRun, verdict: DoctorVerdict, good: int | None,
     can_roll_back = good is not None and run.can_roll_back_to(good)
     if cfg.on_collapse == "rollback" and can_roll_back and rollbacks < cfg.max_rollbacks:
         verdict.action, verdict.rollback_to = "rollback", good
-        verdict.reason = f"training reward collapsed; rolled back to the checkpoint of step {good} (rollback {rollbacks + 1} of {cfg.max_rollbacks})"
-    else:
-        why = "" if cfg.on_collapse == "stop" else (
-            f" (rollback not possible: {'no good checkpoint left' if not can_roll_back else f'{rollbacks} rollbacks already'})"
+        verdict.reason = (
+            f"training reward collapsed; rolled back to the checkpoint of step {good} (rollback {rollbacks + 1} "
+            f"of {cfg.max_rollbacks})"
         )
+    else:
+        cause = "no good checkpoint left" if not can_roll_back else f"{rollbacks} rollbacks already"
+        why = "" if cfg.on_collapse == "stop" else f" (rollback not possible: {cause})"
         verdict.action, verdict.reason = "stop", f"training reward collapsed; the run stops{why}"
     logger.warning("doctor: %s", verdict.reason)
     return verdict
@@ -116,9 +125,13 @@ def findings_markdown(run_id: str, findings: list[dict[str, Any]], stopped: str 
     if not findings:
         lines.append("No symptoms seen.")
     else:
-        lines += ["| step | symptom | metric | value | threshold | first change to try |", "| --- | --- | --- | --- | --- | --- |"]
         lines += [
-            f"| {f['step']} | {f['symptom']} | `{f['metric']}` | {f['value']:.4g} | {f['threshold']:.4g} | {f['first_change']} |"
+            "| step | symptom | metric | value | threshold | first change to try |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {f['step']} | {f['symptom']} | `{f['metric']}` | {f['value']:.4g} | {f['threshold']:.4g} "
+            f"| {f['first_change']} |"
             for f in findings
         ]
     if stopped:

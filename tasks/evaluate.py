@@ -26,8 +26,14 @@ def evaluate_task(run: TrainingRun, samples: bool = True) -> EvalReport:
     """Evaluate the run's current policy on the held-out split."""
     report = run.evaluate(samples=samples)
     step = run.policy.version
-    get_run_logger().info("step %d: held-out pass@1 %.3f %s", step, report.pass_at_1, {k: round(v, 3) for k, v in report.per_env.items()})
-    create_markdown_artifact(markdown=summary_markdown(run.run_id, step, report), key=f"eval-{artifact_slug(run.run_id)}-step-{step}", description="held-out evaluation")
+    get_run_logger().info(
+        "step %d: held-out pass@1 %.3f %s", step, report.pass_at_1, {k: round(v, 3) for k, v in report.per_env.items()}
+    )
+    create_markdown_artifact(
+        markdown=summary_markdown(run.run_id, step, report),
+        key=f"eval-{artifact_slug(run.run_id)}-step-{step}",
+        description="held-out evaluation",
+    )
     return report
 
 

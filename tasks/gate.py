@@ -80,7 +80,12 @@ def _at_least(value: float, bound: float) -> bool:
 
 
 def decide(
-    candidate: float, champion: float | None, cfg: GateConfig, *, same_tasks: bool = True, champion_version: str | None = None
+    candidate: float,
+    champion: float | None,
+    cfg: GateConfig,
+    *,
+    same_tasks: bool = True,
+    champion_version: str | None = None,
 ) -> GateDecision:
     """Apply the gate rules to held-out pass@1 scores (`champion` None = no champion yet).
 
@@ -107,7 +112,9 @@ def decide(
         reasons.append("there is no champion yet")
         beats_champion = True
     elif not cfg.require_improvement:
-        reasons.append(f"improvement over the champion ({champion:.3f}) is not required (gate.require_improvement is off)")
+        reasons.append(
+            f"improvement over the champion ({champion:.3f}) is not required (gate.require_improvement is off)"
+        )
         beats_champion = True
     elif not same_tasks:
         reasons.append(
@@ -140,9 +147,13 @@ def gate_candidate(
     """Decide, log the decision with its reasons and publish it as the `gate-decision` artifact.
 
     `champion_version`: the registry version whose pass@1 `champion_pass_at_1` is (see `decide`)."""
-    decision = decide(candidate_pass_at_1, champion_pass_at_1, cfg, same_tasks=same_tasks, champion_version=champion_version)
+    decision = decide(
+        candidate_pass_at_1, champion_pass_at_1, cfg, same_tasks=same_tasks, champion_version=champion_version
+    )
     get_run_logger().info("gate: %s %s (%s)", label, decision.verdict, "; ".join(decision.reasons))
     create_markdown_artifact(
-        key="gate-decision", markdown=decision.to_markdown(label), description=f"Gate decision for {label}: {decision.verdict}"
+        key="gate-decision",
+        markdown=decision.to_markdown(label),
+        description=f"Gate decision for {label}: {decision.verdict}",
     )
     return decision

@@ -51,8 +51,9 @@ Where the lock lives, and what that guarantees, depends on the store:
   (`<tempdir>/turnstile-promotion-<hash of the URI>.lock`), so promoters on one machine get the
   guarantee above. Across machines it is **read-check-set with a re-read after setting**: the
   lost-update window is from our read of the champion to the end of our alias writes (three
-  requests: read `champion`, set `previous`, set `champion`). If another machine's promoter writes in that window and its read-back comes
-  before our write, our write replaces its champion unnoticed by either side (a better
+  requests: read `champion`, set `previous`, set `champion`). If another machine's promoter
+  writes in that window and its read-back comes before our write, our write replaces its champion
+  unnoticed by either side (a better
   champion can be replaced by a worse one, and `previous` names the champion we read). Any
   other overlap is detected: whoever reads back a champion other than its own returns
   `applied=False` and decides again against it. Serialise promotions on a shared server
@@ -101,7 +102,9 @@ DECISION_TAG = "gate.decision"
 REASONS_TAG = "gate.reasons"
 AGAINST_TAG = "gate.champion_version"  # the champion the recorded decision was made against ("none": there was none)
 
-PROMOTION_LOCK_TIMEOUT_S = 60.0  # how long a promotion waits for another one to finish before giving up (transient: retried)
+PROMOTION_LOCK_TIMEOUT_S = (
+    60.0  # how long a promotion waits for another one to finish before giving up (transient: retried)
+)
 MAX_REDECISIONS = 3  # how many times `settle_promotion` decides again after the champion changed under a decision
 
 
@@ -213,7 +216,9 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
-        client.create_registered_model(name, description="Turnstile policy checkpoints; alias `champion` is in service.")
+        client.create_registered_model(
+            name, description="Turnstile policy checkpoints; alias `champion` is in service."
+        )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -349,10 +354,13 @@ def promote(
             if current is not None:
                 client.set_registered_model_alias(name, PREVIOUS_ALIAS, current)
             client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-            current = _aliases(client, name).get(CHAMPION_ALIAS)  # read back: a writer outside this lock may have moved it
+            current = _aliases(client, name).get(
+                CHAMPION_ALIAS
+            )  # read back: a writer outside this lock may have moved it
             if current != version:
                 return PromotionResult(applied=False, champion=current, expected=expected)
-        # recorded after the aliases moved (a crash in between is repaired by repeating: the candidate is champion by then)
+        # recorded after the aliases moved (a crash in between is repaired by repeating:
+        # the candidate is champion by then)
         client.set_model_version_tag(name, version, DECISION_TAG, decision.verdict)
         client.set_model_version_tag(name, version, REASONS_TAG, _tag_value(decision.reasons))
         client.set_model_version_tag(name, version, AGAINST_TAG, "none" if expected is None else expected)
@@ -380,7 +388,10 @@ def settle_promotion(
         result = apply(decision)
         if result.applied:
             return decision, result
-        changed = f"the champion changed from {_version_label(result.expected)} to {_version_label(result.champion)} during the gate"
+        changed = (
+            f"the champion changed from {_version_label(result.expected)} to {_version_label(result.champion)} "
+            "during the gate"
+        )
         if attempt == max_redecisions:
             break
         fresh = decide_again()
@@ -431,7 +442,9 @@ def _rollback(client: MlflowClient, name: str) -> str:
 
 
 @task(name="register-checkpoint", cache_policy=NONE, **MLFLOW_RETRIES)
-def register_checkpoint_task(cfg: RunConfig, tracker: Tracker, checkpoint_dir: str | Path, lineage: Mapping[str, Any]) -> str:
+def register_checkpoint_task(
+    cfg: RunConfig, tracker: Tracker, checkpoint_dir: str | Path, lineage: Mapping[str, Any]
+) -> str:
     version = register_checkpoint(tracker.client, cfg, checkpoint_dir, tracker.mlflow_run_id, lineage)
     get_run_logger().info("registered %s as %s version %s", checkpoint_dir, cfg.tracking.registered_model, version)
     return version
@@ -451,7 +464,9 @@ def champion_version_task(cfg: RunConfig) -> str | None:
 
 
 @task(name="promote", cache_policy=NONE, **MLFLOW_RETRIES)
-def promote_task(cfg: RunConfig, version: str, decision: GateDecision, expected_champion: str | None) -> PromotionResult:
+def promote_task(
+    cfg: RunConfig, version: str, decision: GateDecision, expected_champion: str | None
+) -> PromotionResult:
     """`promote` on `tracking.registered_model` (compare-and-set against `expected_champion`), logged."""
     name = cfg.tracking.registered_model
     result = promote(mlflow_client(cfg), name, version, decision, expected_champion)
@@ -489,4 +504,8 @@ def download_champion_task(cfg: RunConfig, destination: str | Path) -> Path | No
     if source is None:
         return None
     Path(destination).mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri(cfg)))
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri(cfg)
+        )
+    )

@@ -83,7 +83,9 @@ def flatten_config(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
         if isinstance(value, BaseModel):
             flat.update(flatten_config(value, prefix=f"{key}."))
         else:
-            text = value if isinstance(value, str) else json.dumps(to_jsonable_python(value), sort_keys=True)  # models inside lists too
+            text = (
+                value if isinstance(value, str) else json.dumps(to_jsonable_python(value), sort_keys=True)
+            )  # models inside lists too
             flat[key] = truncate(text, MAX_PARAM_VAL_LENGTH)
     return flat
 
@@ -112,7 +114,9 @@ def tracking_uri(cfg: RunConfig) -> str:
 
 
 def artifact_location(cfg: RunConfig) -> str | None:
-    """Where a new experiment keeps artifacts: `<run_dir>/mlartifacts`, or None (the server decides) for a server URI."""
+    """Where a new experiment keeps artifacts: `<run_dir>/mlartifacts`, or None for a server URI.
+
+    (A server decides where its artifacts go.)"""
     if tracking_uri(cfg).startswith(_REMOTE_SCHEMES):
         return None
     return (Path(cfg.storage.run_dir).resolve() / "mlartifacts").as_uri()
@@ -235,8 +239,13 @@ class Tracker:
 
 
 _DETERMINISTIC_MLFLOW_ERRORS = {
-    "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-    "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED",
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",
+    "INVALID_STATE",
+    "BAD_REQUEST",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
 }
 
 
@@ -253,7 +262,11 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(exc, BaseException) or is_transient(exc)
 
 
-MLFLOW_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [1, 2, 4], "retry_condition_fn": retry_if_transient}
+MLFLOW_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": [1, 2, 4],
+    "retry_condition_fn": retry_if_transient,
+}
 """Task options for every call to MLflow (tracking and registry)."""
 
 

@@ -30,12 +30,22 @@ def train_step_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -
     metrics = run.train(episodes)
     checkpoint = run.save_checkpoint(iteration, metrics.as_dict())
     if metrics.skipped or checkpoint is None:
-        logger.warning("iteration %d: no optimizer step taken (%s); the policy stays at step %d and no checkpoint is written",
-                       iteration, metrics.skipped or "no optimizer step was taken", run.policy.version)
+        logger.warning(
+            "iteration %d: no optimizer step taken (%s); the policy stays at step %d and no checkpoint is written",
+            iteration,
+            metrics.skipped or "no optimizer step was taken",
+            run.policy.version,
+        )
         return metrics, None
     steps = f"step {metrics.step}" if metrics.step == start + 1 else f"steps {start + 1}-{metrics.step}"
     logger.info(
         "%s: loss %.4f, clip %.3f, kl %.4f, entropy %.3f, grad norm %.3f -> %s",
-        steps, metrics.loss, metrics.clip_fraction, metrics.approx_kl, metrics.entropy, metrics.grad_norm, checkpoint.name,
+        steps,
+        metrics.loss,
+        metrics.clip_fraction,
+        metrics.approx_kl,
+        metrics.entropy,
+        metrics.grad_norm,
+        checkpoint.name,
     )
     return metrics, checkpoint

@@ -65,9 +65,7 @@ def artifact_slug(text: str) -> str:
 
 
 @task(name="validate-trajectories", retries=0, cache_policy=NONE)
-def validate_trajectories(
-    store_root: str, run_id: str, iteration: int, cfg: ValidationConfig
-) -> ValidationReport:
+def validate_trajectories(store_root: str, run_id: str, iteration: int, cfg: ValidationConfig) -> ValidationReport:
     """Gate one iteration's batch; quarantine it when the verdict is a failure.
 
     Idempotent: the report, written before anything moves, is the verdict's commit point. A
@@ -96,7 +94,11 @@ def validate_trajectories(
     else:
         logger.warning(
             "Validation FAILED for %s iteration %d (%s); batch quarantined to %s. %s",
-            run_id, iteration, ", ".join(report.failed_checks), report.quarantined_to, report.reason,
+            run_id,
+            iteration,
+            ", ".join(report.failed_checks),
+            report.quarantined_to,
+            report.reason,
         )
     return report
 
@@ -108,7 +110,10 @@ def _quarantine(store: TrajectoryStore, run_id: str, iteration: int, reason: str
         return store.quarantine(run_id, iteration, reason).parent
     moved = store.quarantined(run_id, iteration)
     if not moved:
-        raise TrajectoryNotFoundError(f"run {run_id!r} iteration {iteration}: the batch failed validation but is neither in trajectories/ nor in quarantine/")
+        raise TrajectoryNotFoundError(
+            f"run {run_id!r} iteration {iteration}: the batch failed validation but is neither in trajectories/ "
+            "nor in quarantine/"
+        )
     return moved[-1].parent
 
 

@@ -19,9 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rl_core.config import ValidationConfig
-
 from rl_core.trajectory import FINISH_REASONS, TRAJECTORY_SCHEMA
-
 
 # Checks in the order a reader should hear about them: the reason names the first failure.
 CHECK_ORDER = (
@@ -143,9 +141,7 @@ class ValidationReport:
 # -- 3. GX results -> checks -----------------------------------------------------------
 
 
-def summarize(
-    results: list, frame: pd.DataFrame, table: pa.Table, cfg: ValidationConfig
-) -> list[Check]:
+def summarize(results: list, frame: pd.DataFrame, table: pa.Table, cfg: ValidationConfig) -> list[Check]:
     """One `Check` per name in CHECK_ORDER from the GX results tagged with it."""
     by_check: dict[str, list] = {name: [] for name in CHECK_ORDER}
     for result in results:
@@ -224,7 +220,10 @@ def _batch_not_empty(results, frame, cfg) -> Check:
     rows = int(results[0].result.get("observed_value") or 0)
     ok = results[0].success
     return Check(
-        "batch_not_empty", ok, rows, ">= 1 row",
+        "batch_not_empty",
+        ok,
+        rows,
+        ">= 1 row",
         f"{rows} episodes in the batch." if ok else "The batch holds no episodes.",
     )
 
@@ -233,7 +232,10 @@ def _columns_present(results, frame, cfg) -> Check:
     missing = [r.expectation_config.meta["column"] for r in results if not r.success]
     ok = not missing
     return Check(
-        "columns_present", ok, missing, f"all {len(TRAJECTORY_SCHEMA)} schema columns",
+        "columns_present",
+        ok,
+        missing,
+        f"all {len(TRAJECTORY_SCHEMA)} schema columns",
         "All schema columns are present." if ok else f"Missing column(s): {', '.join(missing)}.",
     )
 
@@ -246,7 +248,10 @@ def _column_types(table: pa.Table) -> Check:
     ]
     ok = not wrong
     return Check(
-        "column_types", ok, wrong, "TRAJECTORY_SCHEMA types",
+        "column_types",
+        ok,
+        wrong,
+        "TRAJECTORY_SCHEMA types",
         "Column types match the trajectory schema." if ok else f"Wrong type(s): {'; '.join(wrong)}.",
     )
 
@@ -260,7 +265,10 @@ def _required_not_null(results, frame, cfg) -> Check:
     ok = not nulls
     listed = ", ".join(f"{c} ({n} null)" for c, n in nulls.items())
     return Check(
-        "required_not_null", ok, nulls, "no nulls (env_error may be null)",
+        "required_not_null",
+        ok,
+        nulls,
+        "no nulls (env_error may be null)",
         "Required columns hold no nulls." if ok else f"Nulls in required column(s): {listed}.",
     )
 
@@ -269,7 +277,10 @@ def _lengths_equal(results, frame, cfg) -> Check:
     rows = _unexpected_rows(results)
     ok = all(r.success for r in results)
     return Check(
-        "lengths_equal", ok, len(rows), "0 episodes with unequal lengths",
+        "lengths_equal",
+        ok,
+        len(rows),
+        "0 episodes with unequal lengths",
         "tokens, loss_mask and behavior_logprobs have equal lengths."
         if ok
         else f"Unequal lengths of tokens, loss_mask and behavior_logprobs in {_episodes(len(rows))} "
@@ -285,7 +296,10 @@ def _count_check(name: str, what: str) -> Callable:
         total = int(frame[column].sum())
         ok = result.success
         return Check(
-            name, ok, total, f"0 {what}",
+            name,
+            ok,
+            total,
+            f"0 {what}",
             f"No {what}." if ok else f"{total} {what} in {_episodes(len(rows))} ({_where(frame, rows)}).",
         )
 
@@ -298,7 +312,10 @@ def _reward_in_range(results, frame, cfg) -> Check:
     bad = sorted({float(v) for v in result.result.get("partial_unexpected_list") or []})
     ok = result.success
     return Check(
-        "reward_in_range", ok, bad, f"[{cfg.reward_min}, {cfg.reward_max}]",
+        "reward_in_range",
+        ok,
+        bad,
+        f"[{cfg.reward_min}, {cfg.reward_max}]",
         "All rewards are within range."
         if ok
         else f"{_episodes(len(rows)).capitalize()} with reward outside [{cfg.reward_min}, "
@@ -312,7 +329,10 @@ def _finish_reason_known(results, frame, cfg) -> Check:
     count = int(result.result.get("unexpected_count") or 0)
     ok = result.success
     return Check(
-        "finish_reason_known", ok, unknown, f"one of {', '.join(FINISH_REASONS)}",
+        "finish_reason_known",
+        ok,
+        unknown,
+        f"one of {', '.join(FINISH_REASONS)}",
         "All finish reasons are known."
         if ok
         else f"Unknown finish_reason {', '.join(repr(v) for v in unknown)} in {_episodes(count)}.",
@@ -326,7 +346,10 @@ def _rate_check(name: str) -> Callable:
         limit = rate_limits(cfg)[name]
         _, value = RATE_COLUMNS[name]
         return Check(
-            name, bool(result.success), observed, f"<= {limit:.1%}",
+            name,
+            bool(result.success),
+            observed,
+            f"<= {limit:.1%}",
             f"{observed:.1%} of episodes ended with finish_reason {value!r} (limit {limit:.1%}).",
         )
 
@@ -338,7 +361,10 @@ def _trainable_tokens(results, frame, cfg) -> Check:
     total = int(frame["trainable_tokens"].sum())
     ok = bool(result.success)
     return Check(
-        "trainable_tokens", ok, total, ">= 1 loss_mask token outside env_error episodes",
+        "trainable_tokens",
+        ok,
+        total,
+        ">= 1 loss_mask token outside env_error episodes",
         f"{total} trainable tokens (loss_mask == 1, env_error episodes left out)."
         if ok
         else f"No trainable tokens: no episode outside env_error holds a generated token (loss_mask == 1); "
@@ -456,7 +482,6 @@ def _display(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
     return str(value)
-
 
 
 def rate_limits(cfg: ValidationConfig) -> dict[str, float]:

@@ -34,7 +34,6 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from rl_core.config import ValidationConfig
 from rl_core.trajectory import FINISH_REASONS, TRAJECTORY_SCHEMA
-
 from tasks.validation_report import (
     LENGTH_COLUMNS,
     RATE_COLUMNS,
@@ -46,7 +45,6 @@ from tasks.validation_report import (
     summarize,
     zero_variance_groups,
 )
-
 
 # -- the public entry point ------------------------------------------------------------
 
@@ -165,9 +163,9 @@ def _generated_logprob_problems(table: pa.Table) -> tuple[np.ndarray, np.ndarray
     n = table.num_rows
     mask = table.column("loss_mask").combine_chunks()
     logprobs = table.column("behavior_logprobs").combine_chunks()
-    same = pc.fill_null(
-        pc.equal(pc.list_value_length(mask), pc.list_value_length(logprobs)), False
-    ).to_numpy(zero_copy_only=False)
+    same = pc.fill_null(pc.equal(pc.list_value_length(mask), pc.list_value_length(logprobs)), False).to_numpy(
+        zero_copy_only=False
+    )
     rows = np.flatnonzero(same)
     mask_same, lp_same = mask.take(rows), logprobs.take(rows)
     generated = _flat_numbers(mask_same) == 1
@@ -261,9 +259,7 @@ def run_suite(frame: pd.DataFrame, suite: gx.ExpectationSuite) -> list:
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     suite = context.suites.add(suite)  # bind the suite to this context, not the process-wide one
     asset = context.data_sources.add_pandas("turnstile").add_dataframe_asset("trajectories")
-    batch = asset.add_batch_definition_whole_dataframe("batch").get_batch(
-        batch_parameters={"dataframe": frame}
-    )
+    batch = asset.add_batch_definition_whole_dataframe("batch").get_batch(batch_parameters={"dataframe": frame})
     return list(batch.validate(suite, result_format="COMPLETE").results)
 
 
@@ -275,6 +271,3 @@ def _quiet_gx_logging() -> None:
         if name.startswith("great_expectations.") and isinstance(logger, logging.Logger):
             if logger.level and logger.level < logging.ERROR:
                 logger.setLevel(logging.ERROR)
-
-
-

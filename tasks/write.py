@@ -18,5 +18,11 @@ from rl_core.trajectory import Episode
 def write_trajectories_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -> Manifest:
     """Store the batch; returns its manifest (rows, sha256)."""
     manifest = run.write(iteration, episodes)
-    get_run_logger().info("iteration %d: wrote %d rows to %s (sha256 %s)", iteration, manifest.rows, run.store.path(run.run_id, iteration), manifest.sha256[:12])
+    get_run_logger().info(
+        "iteration %d: wrote %d rows to %s (sha256 %s)",
+        iteration,
+        manifest.rows,
+        run.store.path(run.run_id, iteration),
+        manifest.sha256[:12],
+    )
     return manifest

@@ -39,7 +39,9 @@ def tiny_policy(tiny_tokenizer):
     from rl_core.policy import Policy, build_tiny_model
     from rl_core.tokenizer import chat_format
 
-    model = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=512, seed=0)
+    model = build_tiny_model(
+        tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=512, seed=0
+    )
     return Policy(model=model, tokenizer=tiny_tokenizer, chat=chat_format("turnstile", tiny_tokenizer))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from rl_core.environments import load_environment
-from rl_core.environments.base import EnvSession, Environment, StepResult, Task
+from rl_core.environments.base import Environment, EnvSession, StepResult, Task
 
 
 class _BrokenSession(EnvSession):

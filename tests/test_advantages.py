@@ -110,7 +110,23 @@ def test_gpg_with_no_valid_group_is_zero():
 # --- grpo_passk --------------------------------------------------------------------------------
 
 PASSK_REWARDS = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
-PASSK_GROUPS = ["four", "four", "pair", "four", "four", "five", "five", "right", "right", "wrong", "wrong", "pair", "five", "five", "five"]
+PASSK_GROUPS = [
+    "four",
+    "four",
+    "pair",
+    "four",
+    "four",
+    "five",
+    "five",
+    "right",
+    "right",
+    "wrong",
+    "wrong",
+    "pair",
+    "five",
+    "five",
+    "five",
+]
 #   four:  1, 0, 0, 0       (n=4, c=1)
 #   pair:  1, 0             (n=2, c=1)
 #   five:  1, 0, 1, 0, 0    (n=5, c=2)
@@ -157,7 +173,9 @@ def brute_force_passk(correct: list[int], k: int) -> list[float]:
     ]
 
 
-@pytest.mark.parametrize("correct", [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0, 0]])
+@pytest.mark.parametrize(
+    "correct", [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0, 0]]
+)
 def test_grpo_passk_matches_brute_force_over_subsets(correct):
     for k in range(1, len(correct) + 1):
         adv = grpo_passk(torch.tensor(correct, dtype=torch.float32), ["g"] * len(correct), k=k, eps=0.0)
@@ -245,8 +263,15 @@ def test_per_turn_rejects_an_episode_without_turns():
 
 def test_methods_menu():
     assert ADVANTAGE_METHODS == (
-        "monte_carlo", "group_based", "group_based_per_turn", "rloo", "reinforce_pp",
-        "reinforce_pp_baseline", "opo", "grpo_passk", "gpg",
+        "monte_carlo",
+        "group_based",
+        "group_based_per_turn",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+        "opo",
+        "grpo_passk",
+        "gpg",
     )
 
 
@@ -297,9 +322,11 @@ def test_episode_order_does_not_matter(method):
     order = [6, 4, 0, 7, 2, 5, 1, 3]
     kwargs = {"token_counts": TOKENS, "pass_k": 1, "success_threshold": 0.7}
     base = torch.cat(compute_advantages(method, REWARDS, GROUPS, **kwargs))
-    permuted = torch.cat(compute_advantages(
-        method, REWARDS[order], [GROUPS[i] for i in order], **{**kwargs, "token_counts": [TOKENS[i] for i in order]}
-    ))
+    permuted = torch.cat(
+        compute_advantages(
+            method, REWARDS[order], [GROUPS[i] for i in order], **{**kwargs, "token_counts": [TOKENS[i] for i in order]}
+        )
+    )
     assert permuted.tolist() == approx(base[order].tolist())
 
 

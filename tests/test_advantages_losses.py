@@ -38,7 +38,9 @@ def test_ppo_loss_by_hand():
     new = torch.tensor([[0.1, -0.5, 0.3, 5.0]], requires_grad=True)
     adv = torch.tensor([[1.0, 1.0, -1.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    loss, stats = policy_loss("ppo", new, old, adv, mask, clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=1)
+    loss, stats = policy_loss(
+        "ppo", new, old, adv, mask, clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=1
+    )
     r1, r2, r3 = math.exp(0.1), math.exp(-0.5), math.exp(0.3)
     # token1: min(1.105, 1.105)=1.105 ; token2: min(0.6065, 0.8)=0.6065 ; token3: min(-1.3499, -1.2) = -1.3499
     expected = -(r1 + r2 - r3) / 3
@@ -53,7 +55,9 @@ def test_ppo_loss_clips_and_zeroes_gradient_outside_bounds():
     old = torch.zeros(1, 2)
     new = torch.tensor([[0.5, -0.5]], requires_grad=True)  # ratios 1.65 (A>0) and 0.61 (A<0)
     adv = torch.tensor([[2.0, -1.0]])
-    loss, stats = policy_loss("ppo", new, old, adv, torch.ones(1, 2), clip_low=0.8, clip_high=1.2, total_tokens=2, total_sequences=1)
+    loss, stats = policy_loss(
+        "ppo", new, old, adv, torch.ones(1, 2), clip_low=0.8, clip_high=1.2, total_tokens=2, total_sequences=1
+    )
     assert loss.item() == pytest.approx(-(1.2 * 2.0 + 0.8 * -1.0) / 2, rel=1e-6)
     assert stats.clipped_tokens == 2.0
     loss.backward()
@@ -66,6 +70,10 @@ def test_ppo_loss_normalises_by_global_token_count():
     adv = torch.ones(2, 3)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     whole, _ = policy_loss("ppo", new, old, adv, mask, clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=2)
-    first, _ = policy_loss("ppo", new[:1], old[:1], adv[:1], mask[:1], clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=2)
-    second, _ = policy_loss("ppo", new[1:], old[1:], adv[1:], mask[1:], clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=2)
+    first, _ = policy_loss(
+        "ppo", new[:1], old[:1], adv[:1], mask[:1], clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=2
+    )
+    second, _ = policy_loss(
+        "ppo", new[1:], old[1:], adv[1:], mask[1:], clip_low=0.8, clip_high=1.2, total_tokens=3, total_sequences=2
+    )
     assert (first + second).item() == pytest.approx(whole.item(), rel=1e-6)

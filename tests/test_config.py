@@ -9,7 +9,10 @@ from rl_core.config import RunConfig, apply_overrides, load_config
 def test_defaults_follow_the_design():
     cfg = RunConfig()
     assert (cfg.algorithm.clip_low_threshold, cfg.algorithm.clip_high_threshold) == (0.8, 1.2)
-    assert cfg.algorithm.clip_ratio_dual == 3.0 and RunConfig.model_validate({"algorithm": {"clip_ratio_dual": None}}).algorithm.clip_ratio_dual is None
+    assert (
+        cfg.algorithm.clip_ratio_dual == 3.0
+        and RunConfig.model_validate({"algorithm": {"clip_ratio_dual": None}}).algorithm.clip_ratio_dual is None
+    )
     assert cfg.optimizer.betas == (0.9, 0.95) and cfg.optimizer.eps == 1e-8
     assert cfg.optimizer.weight_decay == 0.0 and cfg.optimizer.grad_clip == 1.0
     assert cfg.rollout.group_size == 8 and cfg.algorithm.max_steps_off_policy == 3
@@ -24,7 +27,9 @@ def test_shipped_quickstart_config_loads():
 
 def test_context_budget_is_checked_with_the_fields_named():
     with pytest.raises(ValidationError) as err:
-        RunConfig.model_validate({"rollout": {"max_turns": 20, "max_tokens_per_turn": 64}, "policy": {"context_window": 512}})
+        RunConfig.model_validate(
+            {"rollout": {"max_turns": 20, "max_tokens_per_turn": 64}, "policy": {"context_window": 512}}
+        )
     msg = str(err.value)
     assert "rollout.max_turns" in msg and "policy.context_window" in msg and "environment.expected_tool_output" in msg
 
@@ -58,7 +63,13 @@ def test_bad_combinations_name_the_fields():
 
 
 def test_overrides_parse_yaml_values():
-    data = apply_overrides({}, ["rollout.group_size=4", "algorithm.clip_high_threshold=1.3", "environment.domains=[refunds]"])
-    assert data == {"rollout": {"group_size": 4}, "algorithm": {"clip_high_threshold": 1.3}, "environment": {"domains": ["refunds"]}}
+    data = apply_overrides(
+        {}, ["rollout.group_size=4", "algorithm.clip_high_threshold=1.3", "environment.domains=[refunds]"]
+    )
+    assert data == {
+        "rollout": {"group_size": 4},
+        "algorithm": {"clip_high_threshold": 1.3},
+        "environment": {"domains": ["refunds"]},
+    }
     with pytest.raises(ValueError, match="section.field=value"):
         apply_overrides({}, ["no_equals_sign"])

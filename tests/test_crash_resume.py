@@ -21,7 +21,13 @@ from tests.test_train_flow import TINY, run_flow
 
 RUN = "crash"
 # three iterations; one episode per micro-batch so that a training step lasts long enough to be killed in
-CRASH_RUN = [*TINY, "iterations=3", "rollout.global_batch_size=16", "optimizer.micro_batch_size=1", "evaluation.val_every=2"]
+CRASH_RUN = [
+    *TINY,
+    "iterations=3",
+    "rollout.global_batch_size=16",
+    "optimizer.micro_batch_size=1",
+    "evaluation.val_every=2",
+]
 
 
 def _train_command(run_dir: Path) -> list[str]:
@@ -39,7 +45,9 @@ def _environment(run_dir: Path) -> dict[str, str]:
 
 def _kill_when(command: list[str], env: dict[str, str], marker: str, timeout_s: float = 300) -> list[str]:
     """Start `command`, SIGKILL it as soon as it prints `marker`; returns the lines it printed."""
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines, deadline = [], time.time() + timeout_s
     try:
         for line in process.stdout:
@@ -75,7 +83,9 @@ KILL_POINTS = {
 def uninterrupted(prefect_harness, tmp_path_factory) -> Path:
     """The same run, never killed: what a resumed run must end up as."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    finished = subprocess.run(_train_command(run_dir), cwd=REPO_ROOT, env=_environment(run_dir), capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(
+        _train_command(run_dir), cwd=REPO_ROOT, env=_environment(run_dir), capture_output=True, text=True, timeout=600
+    )
     assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]
     return run_dir / RUN
 
@@ -102,9 +112,13 @@ def test_sigkill_in_iteration_2_loses_and_duplicates_nothing(prefect_harness, tm
         assert iteration_2_finished and committed == [1, 2]
     if stage == "training":
         assert committed == [1, 2]
-        assert sorted(p.name for p in checkpoints.iterdir() if not p.name.endswith(".tmp")) == ["step-000001"]  # killed mid-step 2
+        assert sorted(p.name for p in checkpoints.iterdir() if not p.name.endswith(".tmp")) == [
+            "step-000001"
+        ]  # killed mid-step 2
 
-    finished = subprocess.run(_train_command(tmp_path), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(
+        _train_command(tmp_path), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     output = finished.stdout + finished.stderr
     assert finished.returncode == 0, output[-4000:]
     if 2 in committed and not iteration_2_finished:
@@ -125,8 +139,10 @@ def test_sigkill_in_iteration_2_loses_and_duplicates_nothing(prefect_harness, tm
 
     # sampling went on exactly where the killed attempt left it: the same batches, the same weights
     for i in (1, 2, 3):
-        assert store.read_table(RUN, i).column("tokens").equals(
-            TrajectoryStore(uninterrupted.parent).read_table(RUN, i).column("tokens")
+        assert (
+            store.read_table(RUN, i)
+            .column("tokens")
+            .equals(TrajectoryStore(uninterrupted.parent).read_table(RUN, i).column("tokens"))
         ), f"iteration {i} differs from the uninterrupted run"
     final, reference = _weights(checkpoints / "step-000003"), _weights(uninterrupted / "checkpoints" / "step-000003")
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
@@ -144,7 +160,9 @@ def test_sigkill_in_iteration_2_loses_and_duplicates_nothing(prefect_harness, tm
 def test_rerunning_a_finished_run_repeats_no_work(prefect_harness, tmp_path):
     first = run_flow(tmp_path, "again")
     checkpoints = sorted(p.name for p in (tmp_path / "again" / "checkpoints").iterdir())
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "again").rglob("*") if p.is_file() and "prefect" not in p.parts}
+    stamps = {
+        p: p.stat().st_mtime_ns for p in (tmp_path / "again").rglob("*") if p.is_file() and "prefect" not in p.parts
+    }
 
     second = run_flow(tmp_path, "again")
 
@@ -188,7 +206,9 @@ def test_an_unnamed_run_is_named_after_its_flow_run(prefect_harness, tmp_path):
     from flows.parameters import TrainSettings
     from flows.train import train_flow
 
-    state = train_flow(TrainSettings(overrides=[*TINY, "iterations=1", f"storage.run_dir={tmp_path}"]), return_state=True)
+    state = train_flow(
+        TrainSettings(overrides=[*TINY, "iterations=1", f"storage.run_dir={tmp_path}"]), return_state=True
+    )
     run_id = state.result()["run_id"]
     match = re.fullmatch(r"run-(\d{8}-\d{6})-([0-9a-f]{6})", run_id)
     assert match, run_id

@@ -24,8 +24,9 @@ ALGORITHM = AlgorithmConfig(loss_fn="cispo", advantage_method="rloo")
 # Tolerance. Forward passes are bit-identical across the backends, and so are the gradients with
 # ZeRO 0-2; stage 0 ends bit-identical to torch, and so do 1-2 without clipping. What remains is
 # float32 summation order: ZeRO 1-2 compute the clipping norm with their own reduction (clip
-# coefficients differ in the last bit; measured: params within 1.2e-7 after three steps), and ZeRO-3's backward hooks change the
-# attention backward's rounding (gradients differ by ~2e-7 relative). Adam divides by sqrt(v) + eps,
+# coefficients differ in the last bit; measured: params within 1.2e-7 after three steps), and
+# ZeRO-3's backward hooks change the attention backward's rounding (gradients differ by ~2e-7
+# relative). Adam divides by sqrt(v) + eps,
 # so weights whose gradient is ~1e-9, below eps = 1e-8, turn those last-bit differences into update
 # differences of up to ~5e-6 (measured 5.1e-6 with ZeRO-3). Hence atol 1e-6 for stages 0-2 and 2e-5
 # for stage 3: well above that noise, and 500x or more below one step's movement (~lr = 1e-2 per
@@ -45,7 +46,7 @@ def train(policy, trainer_cfg, steps=STEPS, episodes=None, optimizer_state=None)
 
 def assert_same_params(a, b, atol=ATOL):
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=RTOL, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(x, y, rtol=RTOL, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def assert_same_optimizer_state(a, b, atol=ATOL):
@@ -53,7 +54,13 @@ def assert_same_optimizer_state(a, b, atol=ATOL):
     assert a["state"].keys() == b["state"].keys()
     for index, state in a["state"].items():
         for key, value in state.items():
-            torch.testing.assert_close(value, b["state"][index][key], rtol=RTOL, atol=atol, msg=lambda m: f"state {index} {key}: {m}")
+            torch.testing.assert_close(
+                value,
+                b["state"][index][key],
+                rtol=RTOL,
+                atol=atol,
+                msg=lambda m, index=index, key=key: f"state {index} {key}: {m}",
+            )
 
 
 @pytest.fixture()
@@ -76,7 +83,10 @@ def test_deepspeed_takes_the_torch_update(reference_run, zero_stage):
     for ours, theirs in zip(metrics, torch_metrics):
         assert ours.loss == pytest.approx(theirs.loss, rel=1e-5, abs=1e-7)
         assert ours.grad_norm == pytest.approx(theirs.grad_norm, rel=1e-5)
-    moved = max(float((a - b).abs().max()) for a, b in zip(policy.model.state_dict().values(), start.model.state_dict().values()))
+    moved = max(
+        float((a - b).abs().max())
+        for a, b in zip(policy.model.state_dict().values(), start.model.state_dict().values())
+    )
     assert moved > 1e-3  # the steps happened
     atol = ATOL_ZERO3 if zero_stage == 3 else ATOL
     assert_same_params(policy.model, torch_policy.model, atol)
@@ -92,7 +102,13 @@ def test_checkpoints_move_between_the_backends(reference_run, zero_stage):
     policy = copy.deepcopy(start)
     first, _ = train(policy, None, steps=2, episodes=episodes)
     saved = copy.deepcopy(first.optimizer.state_dict())
-    resumed, _ = train(policy, TrainerConfig(backend="deepspeed", zero_stage=zero_stage), steps=1, episodes=episodes, optimizer_state=saved)
+    resumed, _ = train(
+        policy,
+        TrainerConfig(backend="deepspeed", zero_stage=zero_stage),
+        steps=1,
+        episodes=episodes,
+        optimizer_state=saved,
+    )
     atol = ATOL_ZERO3 if zero_stage == 3 else ATOL
     assert_same_params(policy.model, torch_policy.model, atol)
     back = Trainer(copy.deepcopy(policy), ALGORITHM, OPTIMIZER)

@@ -25,7 +25,16 @@ import psutil
 import pytest
 from prefect.states import AwaitingRetry
 
-from flows.serve import PREFECT_FILE, api_url_for, child_environment, deploy_all, ensure_work_pool, load_prefect_file, wait_healthy, work_pool_name
+from flows.serve import (
+    PREFECT_FILE,
+    api_url_for,
+    child_environment,
+    deploy_all,
+    ensure_work_pool,
+    load_prefect_file,
+    wait_healthy,
+    work_pool_name,
+)
 from rl_core.paths import REPO_ROOT
 from tests.test_train_flow import TINY
 
@@ -66,7 +75,10 @@ def _wait_for_banner(process: subprocess.Popen, output: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while SERVED_BANNER not in output.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"serve did not come up (exit code {process.poll()}); its output:\n{output.read_text(errors='replace')[-4000:]}")
+            pytest.fail(
+                f"serve did not come up (exit code {process.poll()}); "
+                f"its output:\n{output.read_text(errors='replace')[-4000:]}"
+            )
         time.sleep(0.5)
 
 
@@ -78,7 +90,9 @@ def _stop_serve(process: subprocess.Popen, output: Path) -> None:
         code = process.wait(timeout=90)
     except subprocess.TimeoutExpired:
         process.kill()
-        pytest.fail(f"serve did not stop within 90 s after SIGTERM; its output:\n{output.read_text(errors='replace')[-4000:]}")
+        pytest.fail(
+            f"serve did not stop within 90 s after SIGTERM; its output:\n{output.read_text(errors='replace')[-4000:]}"
+        )
     _, left = psutil.wait_procs(started, timeout=5)
     for orphan in left:
         orphan.kill()
@@ -92,12 +106,20 @@ def served(tmp_path_factory) -> Served:
     port = _free_port()
     api_url = api_url_for(HOST, port)
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1", OMP_NUM_THREADS="1")
+    env.update(
+        PREFECT_HOME=str(root / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        OMP_NUM_THREADS="1",
+    )
     output = root / "serve.log"
     with open(output, "wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.serve", "--host", HOST, "--port", str(port), "--run-dir", str(root / "runs")],
-            cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
     try:
         _wait_for_banner(process, output)
@@ -123,7 +145,10 @@ def _wait_until_final(client: Any, flow_run_id: Any, served: Served) -> Any:
         if state is not None and state.is_final():
             return state
         time.sleep(1)
-    pytest.fail(f"flow run {flow_run_id} not finished after {RUN_TIMEOUT_S} s; serve's output ends with:\n{served.output_tail()}")
+    pytest.fail(
+        f"flow run {flow_run_id} not finished after {RUN_TIMEOUT_S} "
+        f"s; serve's output ends with:\n{served.output_tail()}"
+    )
 
 
 def test_every_deployment_is_registered_on_the_pool_with_the_portable_pull_step(served):
@@ -149,7 +174,9 @@ def test_parameters_are_typed_forms_with_descriptions(served):
         assert fields, name
         assert all(field.get("description") for field in fields.values()), name
     train = _settings_schema(served.deployments[TRAIN])["properties"]
-    assert {"run_id", "run_dir", "iterations", "learning_rate", "group_size", "global_batch_size", "overrides"} <= set(train)
+    assert {"run_id", "run_dir", "iterations", "learning_rate", "group_size", "global_batch_size", "overrides"} <= set(
+        train
+    )
     assert train["iterations"]["anyOf"][0] == {"minimum": 1, "type": "integer"}
     evaluate = _settings_schema(served.deployments["turnstile-evaluate/on-demand"])["properties"]
     assert {"checkpoint", "version", "samples", "max_tasks"} <= set(evaluate)
@@ -161,7 +188,9 @@ def test_the_server_rejects_settings_outside_the_schema(served):
     from prefect.exceptions import PrefectHTTPStatusError
 
     with _client(served.api_url) as client, pytest.raises(PrefectHTTPStatusError) as rejected:
-        client.create_flow_run_from_deployment(served.deployments[TRAIN].id, parameters={"settings": {"learning_rate": -1}})
+        client.create_flow_run_from_deployment(
+            served.deployments[TRAIN].id, parameters={"settings": {"learning_rate": -1}}
+        )
     assert rejected.value.response.status_code == 409
     assert "settings.learning_rate" in rejected.value.response.json()["detail"]
 
@@ -181,12 +210,19 @@ def test_a_custom_train_run_started_through_the_api_runs_on_the_worker_with_its_
         "overrides": [item for item in TINY if not item.startswith(typed)],
     }
     with _client(served.api_url) as client:
-        flow_run = client.create_flow_run_from_deployment(served.deployments[TRAIN].id, parameters={"settings": settings})
+        flow_run = client.create_flow_run_from_deployment(
+            served.deployments[TRAIN].id, parameters={"settings": settings}
+        )
         state = _wait_until_final(client, flow_run.id, served)
     assert state.is_completed(), f"{state.type}: {state.message}\n{served.output_tail()}"
 
     cfg = load_run_config(Path(tmp_path) / "from-the-ui")
-    assert (cfg.iterations, cfg.optimizer.lr, cfg.rollout.group_size, cfg.rollout.global_batch_size) == (1, 1.0e-4, 4, 8)
+    assert (cfg.iterations, cfg.optimizer.lr, cfg.rollout.group_size, cfg.rollout.global_batch_size) == (
+        1,
+        1.0e-4,
+        4,
+        8,
+    )
     assert cfg.evaluation.max_tasks == 2  # a free-form override
     assert TrajectoryStore(tmp_path).iterations("from-the-ui") == [1]
 
@@ -247,10 +283,16 @@ def test_a_crashed_train_run_retried_from_the_ui_resumes_where_it_died(served, t
         "iterations": 3,
         "group_size": 4,
         "global_batch_size": 16,
-        "overrides": [*(item for item in TINY if not item.startswith(typed)), "optimizer.micro_batch_size=1", "evaluation.val_every=2"],
+        "overrides": [
+            *(item for item in TINY if not item.startswith(typed)),
+            "optimizer.micro_batch_size=1",
+            "evaluation.val_every=2",
+        ],
     }
     with _client(served.api_url) as client:
-        flow_run = client.create_flow_run_from_deployment(served.deployments[TRAIN].id, parameters={"settings": settings})
+        flow_run = client.create_flow_run_from_deployment(
+            served.deployments[TRAIN].id, parameters={"settings": settings}
+        )
         second_batch = _wait_for("*/trajectories/iteration-000002.manifest.json", tmp_path, served)
         doomed = _flow_run_processes(flow_run.id)
         assert doomed, f"no process runs flow run {flow_run.id}"
@@ -266,6 +308,8 @@ def test_a_crashed_train_run_retried_from_the_ui_resumes_where_it_died(served, t
         state = _retry_until_final(client, flow_run.id, served)
         assert state.is_completed(), f"{state.type}: {state.message}\n{served.output_tail()}"
 
-    assert [p.name for p in tmp_path.iterdir() if (p / "config.yaml").exists()] == [run_folder.name]  # the same run, continued
+    assert [p.name for p in tmp_path.iterdir() if (p / "config.yaml").exists()] == [
+        run_folder.name
+    ]  # the same run, continued
     assert store.iterations(run_folder.name) == [1, 2, 3]
     assert {i: store.path(run_folder.name, i).stat().st_ino for i in before} == before  # nothing collected twice

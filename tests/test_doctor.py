@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from rl_core.config import RunConfig, load_config
+from rl_core.config import RunConfig
 from rl_core.doctor import SYMPTOMS, Finding, diagnose, last_good_step, newly_reported
 from rl_core.paths import REPO_ROOT
 
@@ -22,11 +22,20 @@ def config(**sections) -> RunConfig:
 def entry(step: int, reward: float, **metrics: float) -> dict[str, float]:
     """A trained step's metrics, healthy unless overridden (keys use '__' for '/', e.g. train__grad_norm)."""
     out = {
-        "step": step, "iteration": step,
-        "rollout/episodes": 128.0, "rollout/reward/mean": reward, "rollout/reward/std": 0.45,
-        "rollout/success/mean": reward, "rollout/finish/token_cap": 0.02, "rollout/finish/answered": 0.95,
-        "analysis/zero_adv_groups": 0.25, "analysis/zero_adv_groups/all_correct": 0.1, "analysis/zero_adv_groups/all_wrong": 0.15,
-        "train/grad_norm": 0.4, "train/entropy": 0.07, "train/loss": 0.01,
+        "step": step,
+        "iteration": step,
+        "rollout/episodes": 128.0,
+        "rollout/reward/mean": reward,
+        "rollout/reward/std": 0.45,
+        "rollout/success/mean": reward,
+        "rollout/finish/token_cap": 0.02,
+        "rollout/finish/answered": 0.95,
+        "analysis/zero_adv_groups": 0.25,
+        "analysis/zero_adv_groups/all_correct": 0.1,
+        "analysis/zero_adv_groups/all_wrong": 0.15,
+        "train/grad_norm": 0.4,
+        "train/entropy": 0.07,
+        "train/loss": 0.01,
     }
     out.update({key.replace("__", "/"): value for key, value in metrics.items()})
     return out
@@ -104,16 +113,33 @@ def test_reward_flat_after_flat_reward_steps():
 
 
 def test_reward_that_is_zero_everywhere_is_flat_and_points_at_zero_variance_groups():
-    history = [entry(step, 0.0, rollout__reward__std=0.0, analysis__zero_adv_groups=1.0,
-                     analysis__zero_adv_groups__all_correct=0.0, analysis__zero_adv_groups__all_wrong=1.0) for step in range(1, 21)]
+    history = [
+        entry(
+            step,
+            0.0,
+            rollout__reward__std=0.0,
+            analysis__zero_adv_groups=1.0,
+            analysis__zero_adv_groups__all_correct=0.0,
+            analysis__zero_adv_groups__all_wrong=1.0,
+        )
+        for step in range(1, 21)
+    ]
     finding = only(diagnose(history, config(doctor={"flat_reward_steps": 20})), "reward_flat")
     assert finding.value == 0.0
     assert "algorithm.zero_variance_groups=resample" in finding.first_change
 
 
 def test_zero_adv_groups_mostly_all_wrong():
-    history = [entry(step, 0.05, analysis__zero_adv_groups=0.9, analysis__zero_adv_groups__all_correct=0.05,
-                     analysis__zero_adv_groups__all_wrong=0.85) for step in range(1, 6)]
+    history = [
+        entry(
+            step,
+            0.05,
+            analysis__zero_adv_groups=0.9,
+            analysis__zero_adv_groups__all_correct=0.05,
+            analysis__zero_adv_groups__all_wrong=0.85,
+        )
+        for step in range(1, 6)
+    ]
     finding = only(diagnose(history, config()), "zero_adv_groups")
     assert finding.metric == "analysis/zero_adv_groups"
     assert finding.value == pytest.approx(0.9)
@@ -125,8 +151,16 @@ def test_zero_adv_groups_mostly_all_wrong():
 
 
 def test_zero_adv_groups_mostly_all_correct_asks_for_harder_tasks():
-    history = [entry(step, 0.95, analysis__zero_adv_groups=0.9, analysis__zero_adv_groups__all_correct=0.85,
-                     analysis__zero_adv_groups__all_wrong=0.05) for step in range(1, 6)]
+    history = [
+        entry(
+            step,
+            0.95,
+            analysis__zero_adv_groups=0.9,
+            analysis__zero_adv_groups__all_correct=0.85,
+            analysis__zero_adv_groups__all_wrong=0.05,
+        )
+        for step in range(1, 6)
+    ]
     finding = only(diagnose(history, config()), "zero_adv_groups")
     assert "harder tasks" in finding.first_change
 
@@ -172,22 +206,28 @@ def test_reward_collapse_value_and_threshold():
     assert "reward_collapse" not in symptoms(diagnose(history[:22], config()))
     finding = only(diagnose(history, config()), "reward_collapse")
     rewards = [e["rollout/reward/mean"] for e in history]
-    best = max(sum(rewards[end - 5:end]) / 5 for end in range(5, len(rewards) + 1))
+    best = max(sum(rewards[end - 5 : end]) / 5 for end in range(5, len(rewards) + 1))
     assert finding.metric == "rollout/reward/mean"
     assert finding.value == pytest.approx(sum(rewards[-5:]) / 5)
     assert finding.threshold == pytest.approx(0.5 * best)
 
 
 def test_reward_collapse_with_off_policy_cispo_goes_on_policy_then_to_ppo():
-    cfg = config(algorithm={"loss_fn": "cispo", "clip_low_threshold": 1.0, "clip_high_threshold": 6.0},
-                 rollout={"overlap_collection": True})
+    cfg = config(
+        algorithm={"loss_fn": "cispo", "clip_low_threshold": 1.0, "clip_high_threshold": 6.0},
+        rollout={"overlap_collection": True},
+    )
     finding = only(diagnose(rise_then_collapse(), cfg), "reward_collapse")
     assert finding.first_change.startswith("set rollout.overlap_collection=false and algorithm.max_steps_off_policy=0;")
-    assert "switch to algorithm.loss_fn=ppo with clip_low_threshold=0.8, clip_high_threshold=1.2" in finding.first_change
+    assert (
+        "switch to algorithm.loss_fn=ppo with clip_low_threshold=0.8, clip_high_threshold=1.2" in finding.first_change
+    )
 
 
 def test_reward_collapse_with_on_policy_cispo_lowers_the_learning_rate_and_says_why():
-    cfg = config(algorithm={"loss_fn": "cispo", "clip_low_threshold": 1.0, "clip_high_threshold": 6.0}, optimizer={"lr": 3e-3})
+    cfg = config(
+        algorithm={"loss_fn": "cispo", "clip_low_threshold": 1.0, "clip_high_threshold": 6.0}, optimizer={"lr": 3e-3}
+    )
     finding = only(diagnose(rise_then_collapse(), cfg), "reward_collapse")
     assert finding.first_change.startswith("lower optimizer.lr (now 0.003, e.g. to 0.001)")
     assert "on-policy" in finding.first_change and "algorithm.max_steps_off_policy=0" in finding.first_change
@@ -197,7 +237,9 @@ def test_reward_collapse_with_ppo_lowers_the_learning_rate():
     ppo = only(diagnose(rise_then_collapse(), config(optimizer={"lr": 3e-4})), "reward_collapse")
     assert ppo.first_change.startswith("lower optimizer.lr (now 0.0003, e.g. to 0.0001)")
     assert "loss_fn" not in ppo.first_change
-    off_policy_ppo = only(diagnose(rise_then_collapse(), config(rollout={"overlap_collection": True})), "reward_collapse")
+    off_policy_ppo = only(
+        diagnose(rise_then_collapse(), config(rollout={"overlap_collection": True})), "reward_collapse"
+    )
     assert off_policy_ppo.first_change.startswith("lower optimizer.lr")
 
 
@@ -216,7 +258,7 @@ def test_no_collapse_from_a_best_that_never_left_zero():
 def test_last_good_step_is_the_policy_that_sampled_the_end_of_the_best_window():
     history = rise_then_collapse(peak_step=20)
     rewards = [e["rollout/reward/mean"] for e in history]
-    best_end = max(range(5, len(rewards) + 1), key=lambda end: sum(rewards[end - 5:end]))
+    best_end = max(range(5, len(rewards) + 1), key=lambda end: sum(rewards[end - 5 : end]))
     assert last_good_step(history, config()) == best_end - 1
     assert 18 <= last_good_step(history, config()) <= 21
     assert last_good_step([], config()) is None

@@ -38,7 +38,11 @@ def test_collapse_rolls_back_to_the_last_good_checkpoint_then_stops(prefect_harn
     assert collapse["metric"] == "rollout/reward/mean" and collapse["value"] < collapse["threshold"]
     assert "optimizer.lr" in collapse["first_change"]
     assert TrajectoryStore(tmp_path).iterations("collapse") == [r["iteration"] for r in records]
-    assert sorted(p.name for p in (tmp_path / "collapse" / "curves").iterdir()) == ["pass_at_1.png", "reward.png", "truncation.png"]
+    assert sorted(p.name for p in (tmp_path / "collapse" / "curves").iterdir()) == [
+        "pass_at_1.png",
+        "reward.png",
+        "truncation.png",
+    ]
 
 
 def test_collapse_stops_the_run_when_told_to(prefect_harness, tmp_path):

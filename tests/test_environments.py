@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from rl_core.environments import EnvSession, Environment, SOPEnvironment, StepResult, Task, available_domains, load_environment
+from rl_core.environments import (
+    Environment,
+    EnvSession,
+    SOPEnvironment,
+    StepResult,
+    Task,
+    available_domains,
+    load_environment,
+)
 from rl_core.environments.actions import FinalAnswer, ParseFailure, ToolCall, format_answer, format_call, parse_action
 from rl_core.environments.expert import ExpertError, expert_actions, solve
 from rl_core.paths import DOMAINS_DIR, REPO_ROOT
@@ -92,10 +100,29 @@ MINI_DOMAIN = {
     ],
     "answer_fields": ["decision", "amount"],
 }
-MINI_ROWS = {"orders": [{"order_id": "4821", "status": "open", "amount": "120"}, {"order_id": "4822", "status": "closed", "amount": "75"}]}
+MINI_ROWS = {
+    "orders": [
+        {"order_id": "4821", "status": "open", "amount": "120"},
+        {"order_id": "4822", "status": "closed", "amount": "75"},
+    ]
+}
 MINI_TASKS = {
-    "train": [{"task_id": "mini-train-0", "prompt": "Refund order 4821.", "inputs": {"order_id": "4821"}, "expected": {"decision": "refund", "amount": "120"}}],
-    "heldout": [{"task_id": "mini-heldout-0", "prompt": "Refund order 4822.", "inputs": {"order_id": "4822"}, "expected": {"decision": "deny", "amount": "0"}}],
+    "train": [
+        {
+            "task_id": "mini-train-0",
+            "prompt": "Refund order 4821.",
+            "inputs": {"order_id": "4821"},
+            "expected": {"decision": "refund", "amount": "120"},
+        }
+    ],
+    "heldout": [
+        {
+            "task_id": "mini-heldout-0",
+            "prompt": "Refund order 4822.",
+            "inputs": {"order_id": "4822"},
+            "expected": {"decision": "deny", "amount": "0"},
+        }
+    ],
 }
 
 
@@ -170,20 +197,32 @@ def test_formatted_actions_parse_back() -> None:
         ('CALL get_order {"order_id": "9999"}', '{"error": "order 9999 not found"}', "get_order", False),
         ('CALL get_refund {"order_id": "4821"}', '{"error": "unknown tool \'get_refund\'"}', "get_refund", False),
         ("CALL get_order {}", '{"error": "missing argument \'order_id\' for get_order"}', "get_order", False),
-        ('CALL get_order {"order_id": "4821", "note": "x"}', '{"error": "unknown argument \'note\' for get_order"}', "get_order", False),
-        ('CALL get_order {"order_id": 4821}', '{"error": "argument \'order_id\' must be a string"}', "get_order", False),
+        (
+            'CALL get_order {"order_id": "4821", "note": "x"}',
+            '{"error": "unknown argument \'note\' for get_order"}',
+            "get_order",
+            False,
+        ),
+        (
+            'CALL get_order {"order_id": 4821}',
+            '{"error": "argument \'order_id\' must be a string"}',
+            "get_order",
+            False,
+        ),
         ("refund it please", '{"error": "expected CALL <tool> {...} or ANSWER {...}"}', None, False),
         ('ANSWER {"decision": "refund"', '{"error": "bad JSON (Expecting \',\' delimiter)"}', None, False),
     ],
 )
-def test_step_observations(mini_session: EnvSession, action: str, observation: str, tool_name: str | None, tool_ok: bool) -> None:
+def test_step_observations(
+    mini_session: EnvSession, action: str, observation: str, tool_name: str | None, tool_ok: bool
+) -> None:
     result = mini_session.step(action)
     assert result == StepResult(observation=observation, tool_name=tool_name, tool_ok=tool_ok)
     assert json.loads(result.observation)  # always valid JSON
 
 
 def test_bad_actions_never_end_the_episode(mini_session: EnvSession) -> None:
-    for text in ["", "ANSWER", "CALL", "{}", "ANSWER {\"a\": [1, {\"b\": null}]}", "CALL x " + "[" * 5000, "\x00\ud800"]:
+    for text in ["", "ANSWER", "CALL", "{}", 'ANSWER {"a": [1, {"b": null}]}', "CALL x " + "[" * 5000, "\x00\ud800"]:
         result = mini_session.step(text)
         assert not result.done and result.tool_ok is False
     assert mini_session.step('ANSWER {"decision": "refund", "amount": "120"}').done

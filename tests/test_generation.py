@@ -29,13 +29,18 @@ def test_batched_greedy_matches_one_at_a_time(tiny_policy):
 def test_logprobs_match_a_recomputation_at_temperature_one(tiny_policy):
     prompts = _prompts(tiny_policy)
     gens = generate_batch(
-        tiny_policy.model, prompts, 10, temperature=1.0, stop_id=tiny_policy.chat.stop_id,
-        pad_id=tiny_policy.chat.pad_id, generator=torch.Generator().manual_seed(3),
+        tiny_policy.model,
+        prompts,
+        10,
+        temperature=1.0,
+        stop_id=tiny_policy.chat.stop_id,
+        pad_id=tiny_policy.chat.pad_id,
+        generator=torch.Generator().manual_seed(3),
     )
     for prompt, gen in zip(prompts, gens):
         full = torch.tensor([prompt + gen.tokens])
         logp, _ = token_logprobs(tiny_policy.model, full, torch.ones_like(full))
-        recomputed = logp[0, len(prompt):].tolist()
+        recomputed = logp[0, len(prompt) :].tolist()
         assert recomputed == __import__("pytest").approx(gen.logprobs, abs=1e-4)
         assert all(lp <= 0 for lp in gen.logprobs)
 

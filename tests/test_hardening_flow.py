@@ -34,8 +34,17 @@ def _set_rewards(episodes, rewards):
 
 
 def _plain_run(tmp_path, run_id):
-    cfg = load_config(None, ["rollout.group_size=2", "rollout.global_batch_size=4", "algorithm.zero_variance_groups=drop",
-                             "iterations=3", f"storage.run_dir={tmp_path}", f"storage.run_id={run_id}"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.group_size=2",
+            "rollout.global_batch_size=4",
+            "algorithm.zero_variance_groups=drop",
+            "iterations=3",
+            f"storage.run_dir={tmp_path}",
+            f"storage.run_id={run_id}",
+        ],
+    )
     return cfg, TrainingRun(cfg)
 
 
@@ -90,7 +99,13 @@ def test_replay_retraining_reports_a_batch_with_nothing_to_train_on_as_no_step(t
     assert (first.step, first.skipped, first.matches_original) == (1, None, True)
     assert (second.step, second.checkpoint, second.skipped) == (1, None, metrics.skipped)
     assert second.skipped.startswith(NOTHING_TO_TRAIN_ON)
-    summary = {"batches": ["orig/1", "orig/2"], "revalidation": None, "rescoring": None, "retraining": report.as_dict(), "transcripts": []}
+    summary = {
+        "batches": ["orig/1", "orig/2"],
+        "revalidation": None,
+        "rescoring": None,
+        "retraining": report.as_dict(),
+        "transcripts": [],
+    }
     lines = format_summary(summary).splitlines()
     assert lines[-2].startswith("  iteration 1 -> step 1: loss ")
     assert lines[-1] == f"  iteration 2: no optimizer step, the policy stays at step 1 ({metrics.skipped})"
@@ -98,7 +113,9 @@ def test_replay_retraining_reports_a_batch_with_nothing_to_train_on_as_no_step(t
 
 def test_evaluation_is_due_when_the_step_count_passes_a_multiple_of_val_every():
     assert [evaluation_due(s, s + 1, 5) for s in range(0, 10)] == [s + 1 in (5, 10) for s in range(0, 10)]
-    assert evaluation_due(3, 7, 5) and evaluation_due(4, 8, 4) and not evaluation_due(5, 8, 5)  # several steps an iteration
+    assert (
+        evaluation_due(3, 7, 5) and evaluation_due(4, 8, 4) and not evaluation_due(5, 8, 5)
+    )  # several steps an iteration
     assert not evaluation_due(5, 5, 1)  # no step taken
 
 
@@ -107,10 +124,25 @@ def test_evaluation_is_due_when_the_step_count_passes_a_multiple_of_val_every():
 
 def _summary(**changes):
     summary = {
-        "run_id": "r", "iterations": 2, "iterations_run": 2, "trained_steps": 0, "optimizer_steps": 0, "skipped": [],
-        "no_candidate": None, "stopped": None, "findings": [], "pass_at_1_before": 0.3, "pass_at_1_after": 0.3,
-        "candidate_version": None, "candidate_step": None, "gate": None, "trajectories": "runs/r/trajectories",
-        "checkpoints": "runs/r/checkpoints", "mlflow_uri": "sqlite:///runs/mlflow.db", "mlflow_run_id": "abc", "registered_model": "m",
+        "run_id": "r",
+        "iterations": 2,
+        "iterations_run": 2,
+        "trained_steps": 0,
+        "optimizer_steps": 0,
+        "skipped": [],
+        "no_candidate": None,
+        "stopped": None,
+        "findings": [],
+        "pass_at_1_before": 0.3,
+        "pass_at_1_after": 0.3,
+        "candidate_version": None,
+        "candidate_step": None,
+        "gate": None,
+        "trajectories": "runs/r/trajectories",
+        "checkpoints": "runs/r/checkpoints",
+        "mlflow_uri": "sqlite:///runs/mlflow.db",
+        "mlflow_run_id": "abc",
+        "registered_model": "m",
     }
     return {**summary, **changes}
 
@@ -118,12 +150,23 @@ def _summary(**changes):
 def test_the_closing_summary_names_each_kind_of_skipped_iteration():
     from flows.cli import closing_summary
 
-    text = closing_summary(_summary(
-        iterations=3, iterations_run=3, trained_steps=1, optimizer_steps=1, pass_at_1_after=0.4,
-        skipped=[{"iteration": 1, "by": "validation", "reason": "5.0% of episodes hit env errors."},
-                 {"iteration": 3, "by": "trainer", "reason": "the loss was not finite"}],
-        candidate_version="1", candidate_step=1, gate={"verdict": "promoted", "reasons": ["no champion yet"]},
-    ), 60).splitlines()
+    text = closing_summary(
+        _summary(
+            iterations=3,
+            iterations_run=3,
+            trained_steps=1,
+            optimizer_steps=1,
+            pass_at_1_after=0.4,
+            skipped=[
+                {"iteration": 1, "by": "validation", "reason": "5.0% of episodes hit env errors."},
+                {"iteration": 3, "by": "trainer", "reason": "the loss was not finite"},
+            ],
+            candidate_version="1",
+            candidate_step=1,
+            gate={"verdict": "promoted", "reasons": ["no champion yet"]},
+        ),
+        60,
+    ).splitlines()
     assert text[2:7] == [
         "  iterations run:         3 of 3 (1 trained, 2 skipped: 1 failed validation, 1 took no optimizer step)",
         "    iteration 1 failed validation: 5.0% of episodes hit env errors.",
@@ -136,20 +179,30 @@ def test_the_closing_summary_names_each_kind_of_skipped_iteration():
 # -- items 4 and 13 through the flow -------------------------------------------------------------
 
 
-def test_a_flow_whose_batches_leave_nothing_to_train_on_finishes_says_so_and_resumes(prefect_harness, tmp_path, monkeypatch, capsys):
+def test_a_flow_whose_batches_leave_nothing_to_train_on_finishes_says_so_and_resumes(
+    prefect_harness, tmp_path, monkeypatch, capsys
+):
     import flows.cli
     from flows.cli import closing_summary
 
     summary = run_flow(tmp_path, "flat", ZERO_REWARD)  # before: FileExistsError in iteration 2
 
     assert summary["trained_steps"] == 0 and summary["optimizer_steps"] == 0 and summary["gate"] is None
-    assert [(s["iteration"], s["by"], s["passed"]) for s in summary["skipped"]] == [(1, "trainer", True), (2, "trainer", True)]
+    assert [(s["iteration"], s["by"], s["passed"]) for s in summary["skipped"]] == [
+        (1, "trainer", True),
+        (2, "trainer", True),
+    ]
     assert all(s["reason"].startswith(NOTHING_TO_TRAIN_ON) for s in summary["skipped"])
     history = run_records.read_history(tmp_path / "flat")
-    assert [(r["iteration"], r["step"], r["trained"], r["skipped_by"]) for r in history] == [(1, 0, False, "trainer"), (2, 0, False, "trainer")]
+    assert [(r["iteration"], r["step"], r["trained"], r["skipped_by"]) for r in history] == [
+        (1, 0, False, "trainer"),
+        (2, 0, False, "trainer"),
+    ]
     assert all(r["train/step_skipped"] == 1.0 for r in history)
     for iteration in (1, 2):  # validation passed: the batch is committed, not quarantined
-        assert json.loads((tmp_path / "flat" / "trajectories" / f"iteration-00000{iteration}.validation.json").read_text())["passed"]
+        assert json.loads(
+            (tmp_path / "flat" / "trajectories" / f"iteration-00000{iteration}.validation.json").read_text()
+        )["passed"]
     assert not (tmp_path / "flat" / "checkpoints").exists()
 
     lines = closing_summary(summary, 60).splitlines()
@@ -158,7 +211,8 @@ def test_a_flow_whose_batches_leave_nothing_to_train_on_finishes_says_so_and_res
         "  iterations run:         2 of 2 (0 trained, 2 skipped: 2 took no optimizer step)",
         f"    iteration 1 took no optimizer step: {reason}",
         f"    iteration 2 took no optimizer step: {reason}",
-        "  held-out pass@1:        %.3f at step 0 (no optimizer step was taken: the policy is the starting one)" % summary["pass_at_1_before"],
+        "  held-out pass@1:        %.3f at step 0 (no optimizer step was taken: the policy is the starting one)"
+        % summary["pass_at_1_before"],
         "  gate:                   no candidate: no optimizer step was taken (2 iterations took no optimizer step)",
     ]
     assert "validation" not in "\n".join(lines)
@@ -184,7 +238,10 @@ def test_the_flow_collects_the_next_batch_while_a_step_trains(prefect_harness, t
     # batch 2 was sampled while step 1 trained, by the policy of before step 1 (synchronous: version 1)
     assert [{e.policy_version for e in store.read("overlap", i)} for i in (1, 2)] == [{0}, {0}]
     history = run_records.read_history(tmp_path / "overlap")
-    assert [(r["iteration"], r["step"], r["trained"], r["rollout/stale_dropped"]) for r in history] == [(1, 1, True, 0.0), (2, 2, True, 0.0)]
+    assert [(r["iteration"], r["step"], r["trained"], r["rollout/stale_dropped"]) for r in history] == [
+        (1, 1, True, 0.0),
+        (2, 2, True, 0.0),
+    ]
     client = MlflowClient(summary["mlflow_uri"])
     stale = client.get_metric_history(summary["mlflow_run_id"], "rollout/stale_dropped")
     assert sorted((m.step, m.value) for m in stale) == [(1, 0.0), (2, 0.0)]

@@ -29,14 +29,27 @@ def test_typed_run_id_stays_the_string_it_is(name):
 
 def test_every_typed_field_reaches_the_config_with_its_type():
     settings = TrainSettings(
-        run_id="2024", run_dir="yes", iterations=3, learning_rate=1e-5, group_size=4, global_batch_size=8,
-        loss_fn="cispo", advantage_method="rloo", on_collapse="stop",
+        run_id="2024",
+        run_dir="yes",
+        iterations=3,
+        learning_rate=1e-5,
+        group_size=4,
+        global_batch_size=8,
+        loss_fn="cispo",
+        advantage_method="rloo",
+        on_collapse="stop",
         overrides=["storage.run_id=overridden", "optimizer.lr=0.5"],  # the typed fields win
     )
     assert settings.typed_values() == {
-        "iterations": 3, "optimizer.lr": 1e-5, "rollout.group_size": 4, "rollout.global_batch_size": 8,
-        "algorithm.loss_fn": "cispo", "algorithm.advantage_method": "rloo", "doctor.on_collapse": "stop",
-        "storage.run_id": "2024", "storage.run_dir": "yes",
+        "iterations": 3,
+        "optimizer.lr": 1e-5,
+        "rollout.group_size": 4,
+        "rollout.global_batch_size": 8,
+        "algorithm.loss_fn": "cispo",
+        "algorithm.advantage_method": "rloo",
+        "doctor.on_collapse": "stop",
+        "storage.run_id": "2024",
+        "storage.run_dir": "yes",
     }
     cfg = settings.load()
     assert (cfg.storage.run_id, cfg.storage.run_dir) == ("2024", "yes")

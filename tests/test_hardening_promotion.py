@@ -14,7 +14,6 @@ import json
 import shutil
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -55,7 +54,11 @@ def cfg(tmp_path, empty_store) -> RunConfig:
     run_dir = tmp_path / "runs"
     run_dir.mkdir()
     shutil.copy(empty_store, run_dir / "mlflow.db")
-    return RunConfig(storage={"run_dir": str(run_dir), "run_id": "run-a"}, tracking={"registered_model": MODEL}, gate=GATE.model_dump())
+    return RunConfig(
+        storage={"run_dir": str(run_dir), "run_id": "run-a"},
+        tracking={"registered_model": MODEL},
+        gate=GATE.model_dump(),
+    )
 
 
 @pytest.fixture()
@@ -130,7 +133,9 @@ def test_a_candidate_that_still_beats_the_new_champion_is_promoted_over_it(clien
     decision_a = decide(0.60, 0.30, GATE, champion_version="1")  # A (0.60) decided against v1
     assert promote(client, MODEL, "3", decide(0.50, 0.30, GATE, champion_version="1"), "1").applied  # B promotes v3
 
-    final, result = settle_promotion(apply_with(client, "2"), lambda: decide(0.60, 0.50, GATE, champion_version="3"), decision_a)
+    final, result = settle_promotion(
+        apply_with(client, "2"), lambda: decide(0.60, 0.50, GATE, champion_version="3"), decision_a
+    )
     assert result == PromotionResult(True, "2", "3")
     assert final.promote and final.reasons[0] == CHANGED_1_TO_3
     assert "it beats the champion's pass@1 0.500 by 0.100" in final.reasons
@@ -148,7 +153,9 @@ def test_a_champion_that_keeps_changing_leaves_the_candidate_unpromoted_after_th
         assert promote(client, MODEL, next(moves), decide(0.9, None, GATE), current).applied
         return decision
 
-    final, result = settle_promotion(apply_with(client, "2"), decide_then_overtaken, decide_then_overtaken(), max_redecisions=2)
+    final, result = settle_promotion(
+        apply_with(client, "2"), decide_then_overtaken, decide_then_overtaken(), max_redecisions=2
+    )
     assert result.applied and not final.promote
     assert final.reasons[-1].startswith("the champion changed 3 times during the gate, so no decision could be applied")
     assert sum(r.startswith("the champion changed from") for r in final.reasons) == 3
@@ -216,7 +223,9 @@ def test_two_promotions_racing_for_the_lock_apply_one_after_the_other(cfg, regis
         assert not outcomes["A"][0].promote and outcomes["A"][0].reasons[0] == CHANGED_1_TO_3
     else:  # A first: B is decided again against v2 and still wins
         assert aliases(client) == {CHAMPION_ALIAS: "3", PREVIOUS_ALIAS: "2"}
-        assert outcomes["B"][0].promote and outcomes["B"][0].reasons[0].startswith("the champion changed from version 1 to version 2")
+        assert outcomes["B"][0].promote and outcomes["B"][0].reasons[0].startswith(
+            "the champion changed from version 1 to version 2"
+        )
 
 
 def test_the_lock_lives_next_to_a_sqlite_store_and_is_per_machine_for_a_server(tmp_path):
@@ -258,14 +267,17 @@ def train_run(cfg, tmp_path) -> tuple[SimpleNamespace, SimpleNamespace]:
     run_dir = tmp_path / "runs" / "run-a"
     run_dir.mkdir(parents=True, exist_ok=True)
     report = EvalReport(metrics={"val/pass_at_1": 0.40}, task_success=dict(EVAL_TASKS))
-    return SimpleNamespace(cfg=cfg, run_dir=run_dir), SimpleNamespace(candidates=[Candidate(report=report, version="2", step=2)])
+    return SimpleNamespace(cfg=cfg, run_dir=run_dir), SimpleNamespace(
+        candidates=[Candidate(report=report, version="2", step=2)]
+    )
 
 
 def test_train_gate_decides_again_when_another_run_promotes_between_its_decision_and_its_promotion(
     prefect_harness, cfg, client, registry, tmp_path, monkeypatch
 ):
-    import flows.train as train
     from prefect import flow
+
+    import flows.train as train
 
     real_gate_candidate = train.gate_candidate
     calls = []
@@ -293,10 +305,13 @@ def test_train_gate_decides_again_when_another_run_promotes_between_its_decision
     assert gate_record["decision"]["champion_version"] == "3" and gate_record["decision"]["verdict"] == "rejected"
 
 
-def test_a_resumed_run_reapplying_its_recorded_decision_goes_through_compare_and_set(prefect_harness, cfg, client, registry, tmp_path):
+def test_a_resumed_run_reapplying_its_recorded_decision_goes_through_compare_and_set(
+    prefect_harness, cfg, client, registry, tmp_path
+):
     """Run A decided against v1 and recorded it, then crashed before promoting; B promoted v3; A resumes."""
-    import flows.train as train
     from prefect import flow
+
+    import flows.train as train
 
     run, progress = train_run(cfg, tmp_path)
     decided = decide(0.40, 0.30, GATE, champion_version="1")
@@ -327,10 +342,16 @@ def promote_settings(cfg, version: int, gate: bool):
     return PromoteSettings(run_dir=cfg.storage.run_dir, overrides=overrides, version=version, gate=gate)
 
 
-def test_gated_promote_flow_decides_again_when_the_champion_changes_under_it(prefect_harness, cfg, client, registry, monkeypatch):
+def test_gated_promote_flow_decides_again_when_the_champion_changes_under_it(
+    prefect_harness, cfg, client, registry, monkeypatch
+):
     import flows.promote as promote_module
 
-    monkeypatch.setattr(promote_module, "evaluate_flow", lambda settings: {"pass_at_1": 0.40, "eval_tasks_hash": task_set_hash(EVAL_TASKS)})
+    monkeypatch.setattr(
+        promote_module,
+        "evaluate_flow",
+        lambda settings: {"pass_at_1": 0.40, "eval_tasks_hash": task_set_hash(EVAL_TASKS)},
+    )
     real_gate_candidate = promote_module.gate_candidate
     calls = []
 
@@ -349,12 +370,16 @@ def test_gated_promote_flow_decides_again_when_the_champion_changes_under_it(pre
     assert aliases(client) == {CHAMPION_ALIAS: "3", PREVIOUS_ALIAS: "1"}
 
 
-def test_promote_by_hand_replaces_the_champion_it_finds_and_keeps_previous_for_rollback(prefect_harness, cfg, client, registry):
-    from flows.promote import promote_flow, rollback_flow, RollbackSettings
+def test_promote_by_hand_replaces_the_champion_it_finds_and_keeps_previous_for_rollback(
+    prefect_harness, cfg, client, registry
+):
+    from flows.promote import RollbackSettings, promote_flow, rollback_flow
 
     outcome = promote_flow(promote_settings(cfg, 2, gate=False))
     assert outcome["verdict"] == "promoted" and outcome["champion"] == "2"
     assert aliases(client) == {CHAMPION_ALIAS: "2", PREVIOUS_ALIAS: "1"}
     assert recorded(client, "2")[2] == "1"
-    restored = rollback_flow(RollbackSettings(run_dir=cfg.storage.run_dir, overrides=[f"tracking.registered_model={MODEL}"]))
+    restored = rollback_flow(
+        RollbackSettings(run_dir=cfg.storage.run_dir, overrides=[f"tracking.registered_model={MODEL}"])
+    )
     assert restored["champion"] == "1" and aliases(client) == {CHAMPION_ALIAS: "1", PREVIOUS_ALIAS: "2"}

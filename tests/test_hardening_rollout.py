@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from rl_core.config import EnvironmentEntry, RunConfig, dump_config, load_config
 from rl_core.environments import load_environment
-from rl_core.environments.base import EnvSession, Environment, StepResult, Task
+from rl_core.environments.base import Environment, EnvSession, StepResult, Task
 from rl_core.evaluation import evaluate
 from rl_core.generation import Generation
 from rl_core.policy import load_policy
@@ -69,8 +69,16 @@ class _Session(EnvSession):
 class _Env(Environment):
     """A scripted environment whose texts and per-episode outcomes a test sets."""
 
-    def __init__(self, name="scripted", answer_after=2, outcomes=None, observation='{"ok": "1"}', tool_name="lookup",
-                 system="Use the tools.", prompt="Solve task one."):
+    def __init__(
+        self,
+        name="scripted",
+        answer_after=2,
+        outcomes=None,
+        observation='{"ok": "1"}',
+        tool_name="lookup",
+        system="Use the tools.",
+        prompt="Solve task one.",
+    ):
         self.name, self.answer_after, self.outcomes = name, answer_after, outcomes or [(1.0, {"field/x": 1.0})]
         self.observation, self.tool_name, self.system, self.prompt = observation, tool_name, system, prompt
         self.started = 0
@@ -108,12 +116,21 @@ def _sampler(policy, text='CALL lookup {"id": "1"}'):
 
 
 def _settings(**overrides) -> RolloutSettings:
-    return RolloutSettings(**{**dict(max_turns=4, max_tokens_per_turn=32, context_window=400, temperature=1.0, max_retries=1), **overrides})
+    return RolloutSettings(
+        **{**dict(max_turns=4, max_tokens_per_turn=32, context_window=400, temperature=1.0, max_retries=1), **overrides}
+    )
 
 
 def _collect(policy, work, settings=None, group_size=1, sampler=None):
-    return collect_rollouts(policy, work, settings or _settings(), group_size=group_size, run_id="r", iteration=1,
-                            sampler=sampler or _sampler(policy))
+    return collect_rollouts(
+        policy,
+        work,
+        settings or _settings(),
+        group_size=group_size,
+        run_id="r",
+        iteration=1,
+        sampler=sampler or _sampler(policy),
+    )
 
 
 def _parquet_roundtrip(episodes) -> list[float]:
@@ -140,7 +157,9 @@ class _AnswerAtOnce(Environment):
     def start(self, task):
         class Session(EnvSession):
             def step(self, action_text):
-                return StepResult(None, done=True, reward=1.0, reward_components={"answered": 1.0}, finish_reason="answered")
+                return StepResult(
+                    None, done=True, reward=1.0, reward_components={"answered": 1.0}, finish_reason="answered"
+                )
 
             def finish(self):
                 return 0.0, {}
@@ -156,16 +175,28 @@ def test_issue_input_context_filled_exactly_ends_that_episode_and_the_batch_goes
     `environment.prompt_tokens=1` is a prompt budget that item 15 now enforces (it would end every
     episode at its 115-token prompt, tested below), so the budget is lifted here to reach the
     full-context point."""
-    cfg = RunConfig.model_validate({
-        "policy": {"context_window": 165},
-        "environment": {"domains": ["refunds"], "prompt_tokens": 1, "expected_tool_output": 0},
-        "rollout": {"max_turns": 2, "max_tokens_per_turn": 40, "temperature": 0.0, "group_size": 2, "global_batch_size": 2},
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "policy": {"context_window": 165},
+            "environment": {"domains": ["refunds"], "prompt_tokens": 1, "expected_tool_output": 0},
+            "rollout": {
+                "max_turns": 2,
+                "max_tokens_per_turn": 40,
+                "temperature": 0.0,
+                "group_size": 2,
+                "global_batch_size": 2,
+            },
+        }
+    )
     settings = replace(rollout_settings(cfg), max_prompt_tokens=None)
     [refunds] = load_environments(cfg)
     tasks = {task.task_id: task for task in refunds.tasks("train")}
     short = _AnswerAtOnce()
-    work = [(refunds, tasks["refunds-train-0000"]), (short, short.tasks("train")[0]), (refunds, tasks["refunds-train-0001"])]
+    work = [
+        (refunds, tasks["refunds-train-0000"]),
+        (short, short.tasks("train")[0]),
+        (refunds, tasks["refunds-train-0001"]),
+    ]
     episodes = collect_rollouts(reference_policy, work, settings, group_size=2, run_id="r", iteration=1)
 
     full = episodes[:2]
@@ -220,7 +251,10 @@ def test_rollout_settings_reject_limits_below_one():
 
 
 def test_non_finite_reward_in_one_episode_of_four_is_an_env_error_of_that_episode(tiny_policy):
-    env = _Env(answer_after=2, outcomes=[(1.0, {"field/x": 1.0}), (math.nan, {"field/x": 0.5}), (0.5, {"field/x": 0.5}), (0.0, {})])
+    env = _Env(
+        answer_after=2,
+        outcomes=[(1.0, {"field/x": 1.0}), (math.nan, {"field/x": 0.5}), (0.5, {"field/x": 0.5}), (0.0, {})],
+    )
     episodes = _collect(tiny_policy, [(env, env.tasks("train")[0])], group_size=4)
     assert [ep.finish_reason for ep in episodes] == ["answered", "env_error", "answered", "answered"]
     assert [ep.reward for ep in episodes] == [1.0, 0.0, 0.5, 0.0]
@@ -305,7 +339,10 @@ class _Answers(Environment):
     [
         (StepResult('{"ok": 1}', tool_ok=np.array([True, False])), "tool_ok that is not a truth value"),
         (StepResult('{"ok": 1}', done=np.array([True, False])), "done that is not a truth value"),
-        (StepResult(None, done=True, reward=1.0, finish_reason=np.array(["answered", "answered"])), "finish_reason array("),
+        (
+            StepResult(None, done=True, reward=1.0, finish_reason=np.array(["answered", "answered"])),
+            "finish_reason array(",
+        ),
     ],
 )
 def test_step_fields_the_engine_cannot_read_end_only_that_episode(tiny_policy, result, message):
@@ -321,8 +358,14 @@ def test_non_finite_reward_domain_one_in_four(reference_policy):
     """The fault environment the flow tests use: every 4th refunds episode ends with reward NaN."""
     env = NonFiniteRewardDomain("refunds", every=4)
     task = env.tasks("train")[0]
-    episodes = collect_rollouts(reference_policy, [(env, task)], _settings(max_turns=3, max_tokens_per_turn=40, context_window=768, temperature=0.0),
-                                group_size=8, run_id="r", iteration=1)
+    episodes = collect_rollouts(
+        reference_policy,
+        [(env, task)],
+        _settings(max_turns=3, max_tokens_per_turn=40, context_window=768, temperature=0.0),
+        group_size=8,
+        run_id="r",
+        iteration=1,
+    )
     assert [ep.finish_reason == "env_error" for ep in episodes] == [False, False, False, True] * 2
     assert all("non-finite reward: nan" in ep.env_error for ep in episodes[3::4])
     assert all(math.isfinite(r) for r in _parquet_roundtrip(episodes))
@@ -346,8 +389,12 @@ def test_lone_surrogate_from_the_environment_is_repaired_and_noted(tiny_policy, 
     good = _Env(name="good", answer_after=2)
     episodes = _collect(tiny_policy, [(bad, bad.tasks("train")[0]), (good, good.tasks("train")[0])], group_size=2)
     assert [ep.finish_reason for ep in episodes] == ["answered"] * 4
-    label = {"observation": "observation after policy turn 1", "tool_name": "tool name after policy turn 1",
-             "system": "system prompt", "prompt": "task prompt"}[where]
+    label = {
+        "observation": "observation after policy turn 1",
+        "tool_name": "tool name after policy turn 1",
+        "system": "system prompt",
+        "prompt": "task prompt",
+    }[where]
     for ep in episodes[:2]:
         assert ep.env_error.startswith(f"{label} was not valid Unicode: 1 surrogate code point(s) repaired")
         texts = [t.text for t in ep.turns] + [t.tool_name or "" for t in ep.turns]
@@ -357,7 +404,9 @@ def test_lone_surrogate_from_the_environment_is_repaired_and_noted(tiny_policy, 
     assert len(_parquet_roundtrip(episodes)) == 4  # the batch is writable
 
 
-@pytest.mark.parametrize("where, value", [("observation", {"result": 1}), ("tool_name", 7), ("system", None), ("prompt", b"bytes")])
+@pytest.mark.parametrize(
+    "where, value", [("observation", {"result": 1}), ("tool_name", 7), ("system", None), ("prompt", b"bytes")]
+)
 def test_environment_text_that_is_not_a_string_ends_only_that_episode(tiny_policy, where, value):
     bad = _Env(answer_after=2, **{where: value})
     good = _Env(name="good", answer_after=2)
@@ -398,12 +447,16 @@ class _RaisesText(_Env):
         return Session()
 
 
-@pytest.mark.parametrize("in_step, message", [(True, "ValueError: tool answered \ufffd"), (False, "ValueError: scorer answered \ufffd")])
+@pytest.mark.parametrize(
+    "in_step, message", [(True, "ValueError: tool answered \ufffd"), (False, "ValueError: scorer answered \ufffd")]
+)
 def test_environment_exception_text_that_is_not_valid_unicode_gives_a_writable_row(tiny_policy, in_step, message):
     """The env_error column quotes the environment's exception; a lone surrogate in it used to fail
     the Parquet write of the whole batch."""
     bad, good = _RaisesText(in_step), _Env(name="good", answer_after=1)
-    episodes = _collect(tiny_policy, [(bad, bad.tasks("train")[0]), (good, good.tasks("train")[0])], _settings(max_turns=1))
+    episodes = _collect(
+        tiny_policy, [(bad, bad.tasks("train")[0]), (good, good.tasks("train")[0])], _settings(max_turns=1)
+    )
     assert [ep.finish_reason for ep in episodes] == ["env_error", "answered"]
     assert episodes[0].env_error == message
     assert len(_parquet_roundtrip(episodes)) == 2
@@ -427,7 +480,11 @@ def test_environment_without_a_name_ends_only_its_episodes(tiny_policy):
     assert episodes[0].env_error.startswith("environment name could not be read: AttributeError")
     assert bad.started == 0 and len(_parquet_roundtrip(episodes)) == 2
     cfg = RunConfig.model_validate({"environment": {"domains": ["access", "tests.test_hardening_rollout:_Nameless"]}})
-    with pytest.raises(ValueError, match=r"environment.domains\[1\] \('tests.test_hardening_rollout:_Nameless'\) built an environment whose `name` is None"):
+    with pytest.raises(
+        ValueError,
+        match=r"environment.domains\[1\] \('tests.test_hardening_rollout:_Nameless'\) built an environment "
+        r"whose `name` is None",
+    ):
         load_environments(cfg)
 
 
@@ -438,7 +495,14 @@ def test_evaluation_survives_an_environment_with_a_lone_surrogate(reference_poli
     settings = _settings(max_turns=3, max_tokens_per_turn=40, context_window=768)
     report = evaluate(reference_policy, [broken, healthy], settings, split="heldout", max_tasks=2)
     assert set(report.per_env) == {"refunds", "access"}
-    episodes = collect_rollouts(reference_policy, [(broken, broken.tasks("heldout")[0])], replace(settings, temperature=0.0), group_size=1, run_id="eval", iteration=0)
+    episodes = collect_rollouts(
+        reference_policy,
+        [(broken, broken.tasks("heldout")[0])],
+        replace(settings, temperature=0.0),
+        group_size=1,
+        run_id="eval",
+        iteration=0,
+    )
     tool_turns = [turn for turn in episodes[0].turns if turn.role == "tool"]
     assert tool_turns and all(turn.text.endswith(" \ufffd") for turn in tool_turns)
     assert "was not valid Unicode" in episodes[0].env_error and episodes[0].finish_reason != "env_error"
@@ -451,7 +515,9 @@ def test_prompt_longer_than_the_budget_ends_as_context_overflow(tiny_policy):
     env = _Env(answer_after=1)
     prompt = len(tiny_policy.chat.prompt(tiny_policy.tokenizer, env.system, env.prompt))
     sampler = _sampler(tiny_policy)
-    [over] = _collect(tiny_policy, [(env, env.tasks("train")[0])], _settings(max_prompt_tokens=prompt - 1), sampler=sampler)
+    [over] = _collect(
+        tiny_policy, [(env, env.tasks("train")[0])], _settings(max_prompt_tokens=prompt - 1), sampler=sampler
+    )
     assert over.finish_reason == "context_overflow" and over.response_tokens == 0 and over.prompt_tokens == prompt
     assert sampler.seen == []
     [fits] = _collect(tiny_policy, [(env, env.tasks("train")[0])], _settings(max_prompt_tokens=prompt))
@@ -464,10 +530,14 @@ def test_issue_input_prompt_tokens_8_ends_every_episode_at_its_prompt(reference_
     settings = rollout_settings(cfg)
     assert settings.max_prompt_tokens == 8
     [env] = load_environments(cfg)
-    episodes = collect_rollouts(reference_policy, [(env, t) for t in env.tasks("train")[:2]], settings, group_size=2, run_id="r", iteration=1)
+    episodes = collect_rollouts(
+        reference_policy, [(env, t) for t in env.tasks("train")[:2]], settings, group_size=2, run_id="r", iteration=1
+    )
     assert [ep.finish_reason for ep in episodes] == ["context_overflow"] * 4
     assert all(ep.response_tokens == 0 and ep.prompt_tokens == 115 for ep in episodes)
-    assert "context_overflow" in RunConfig.model_fields["environment"].annotation.model_fields["prompt_tokens"].description
+    assert (
+        "context_overflow" in RunConfig.model_fields["environment"].annotation.model_fields["prompt_tokens"].description
+    )
 
 
 def test_quickstart_prompt_budget_holds_every_shipped_prompt(reference_policy):
@@ -475,7 +545,9 @@ def test_quickstart_prompt_budget_holds_every_shipped_prompt(reference_policy):
     cfg = load_config()
     longest = max(
         len(reference_policy.chat.prompt(reference_policy.tokenizer, env.system_prompt(), task.prompt))
-        for env in load_environments(cfg) for split in ("train", "heldout") for task in env.tasks(split)
+        for env in load_environments(cfg)
+        for split in ("train", "heldout")
+        for task in env.tasks(split)
     )
     assert 150 < longest <= cfg.environment.prompt_tokens
 
@@ -494,9 +566,14 @@ def test_two_class_path_environments_with_their_own_arguments_load_and_run(refer
     assert cfg.environment.domains == [EnvironmentEntry(**entry) for entry in TWO_ENVS]
     failing, collapsing = load_environments(cfg)
     assert isinstance(failing, FailingDomain) and (failing.name, failing.fail_every) == ("refunds", 1000)
-    assert isinstance(collapsing, CollapsingDomain) and (collapsing.name, collapsing.healthy_episodes) == ("inventory", 5)
+    assert isinstance(collapsing, CollapsingDomain) and (collapsing.name, collapsing.healthy_episodes) == (
+        "inventory",
+        5,
+    )
     work = [(env, env.tasks("train")[0]) for env in (failing, collapsing)]
-    episodes = collect_rollouts(reference_policy, work, replace(rollout_settings(cfg), max_turns=2), group_size=1, run_id="r", iteration=1)
+    episodes = collect_rollouts(
+        reference_policy, work, replace(rollout_settings(cfg), max_turns=2), group_size=1, run_id="r", iteration=1
+    )
     assert [ep.env_name for ep in episodes] == ["refunds", "inventory"]
     assert all(ep.finish_reason != "env_error" and ep.num_turns >= 1 for ep in episodes)
     # the config file round-trips, mapping entries included
@@ -506,8 +583,17 @@ def test_two_class_path_environments_with_their_own_arguments_load_and_run(refer
 
 
 def test_plain_class_path_entries_still_take_env_kwargs():
-    cfg = load_config(None, ["environment.domains=['tests.fault_envs:FailingDomain', access]", "environment.env_kwargs={domain: refunds, fail_every: 20}"])
-    assert cfg.environment.entries() == [("tests.fault_envs:FailingDomain", {"domain": "refunds", "fail_every": 20}), ("access", {})]
+    cfg = load_config(
+        None,
+        [
+            "environment.domains=['tests.fault_envs:FailingDomain', access]",
+            "environment.env_kwargs={domain: refunds, fail_every: 20}",
+        ],
+    )
+    assert cfg.environment.entries() == [
+        ("tests.fault_envs:FailingDomain", {"domain": "refunds", "fail_every": 20}),
+        ("access", {}),
+    ]
     failing, access = load_environments(cfg)
     assert failing.fail_every == 20 and access.name == "access"
 
@@ -515,14 +601,20 @@ def test_plain_class_path_entries_still_take_env_kwargs():
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"name": "tests.fault_envs:CollapsingDomain", "kwargs": {"domain": "inventory", "fail_every": 3}}, "unexpected keyword argument 'fail_every'"),
+        (
+            {"name": "tests.fault_envs:CollapsingDomain", "kwargs": {"domain": "inventory", "fail_every": 3}},
+            "unexpected keyword argument 'fail_every'",
+        ),
         ({"name": "tests.fault_envs:NoSuchClass"}, "has no attribute 'NoSuchClass'"),
         ({"name": "tests.no_such_module:Env"}, "cannot import module 'tests.no_such_module'"),
         ({"name": "refunds", "kwargs": {"fail_every": 3}}, "built-in domain 'refunds' takes no keyword arguments"),
         ("refundz", "unknown environment 'refundz'"),
         # imports, is an Environment, accepts the arguments, but cannot be instantiated
         ("tests.test_hardening_rollout:NoStart", "NoStart is abstract: it does not implement ['start']"),
-        ({"name": "tests.test_hardening_rollout:Named", "kwargs": {"name": "x", "domains_dir": "/data"}}, "'domains_dir' cannot reach an environment class"),
+        (
+            {"name": "tests.test_hardening_rollout:Named", "kwargs": {"name": "x", "domains_dir": "/data"}},
+            "'domains_dir' cannot reach an environment class",
+        ),
     ],
 )
 def test_bad_environment_entry_is_named_when_the_config_is_built(entry, message):
@@ -534,9 +626,15 @@ def test_bad_environment_entry_is_named_when_the_config_is_built(entry, message)
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"name": "tests.fault_envs:CollapsingDomain", "kwarg": {"domain": "inventory"}}, "environment.domains[1]: a mapping entry takes the keys name and kwargs, got unknown key(s) ['kwarg']"),
+        (
+            {"name": "tests.fault_envs:CollapsingDomain", "kwarg": {"domain": "inventory"}},
+            "environment.domains[1]: a mapping entry takes the keys name and kwargs, got unknown key(s) ['kwarg']",
+        ),
         ({"kwargs": {"domain": "inventory"}}, "environment.domains[1]: a mapping entry needs name"),
-        ({"name": "tests.fault_envs:CollapsingDomain", "kwargs": ["inventory"]}, "environment.domains[1] ('tests.fault_envs:CollapsingDomain'): kwargs must be a mapping"),
+        (
+            {"name": "tests.fault_envs:CollapsingDomain", "kwargs": ["inventory"]},
+            "environment.domains[1] ('tests.fault_envs:CollapsingDomain'): kwargs must be a mapping",
+        ),
         (3, "environment.domains[1]: an entry is a domain name, a 'package.module:Class' path or a mapping"),
     ],
 )
@@ -574,28 +672,55 @@ class NeedsURL(_Env):
 def test_missing_constructor_argument_is_named():
     with pytest.raises(ValidationError, match=r"environment.domains\[0\].*missing a required argument: 'url'"):
         RunConfig.model_validate({"environment": {"domains": ["tests.test_hardening_rollout:NeedsURL"]}})
-    cfg = RunConfig.model_validate({"environment": {"domains": ["tests.test_hardening_rollout:NeedsURL"], "env_kwargs": {"url": "http://x"}}})
+    cfg = RunConfig.model_validate(
+        {"environment": {"domains": ["tests.test_hardening_rollout:NeedsURL"], "env_kwargs": {"url": "http://x"}}}
+    )
     assert [env.name for env in load_environments(cfg)] == ["http://x"]
 
 
 def test_environments_that_cannot_be_built_or_share_a_name_are_named():
-    broken = RunConfig.model_validate({"environment": {"domains": ["access", {"name": "tests.fault_envs:FailingDomain", "kwargs": {"domain": "nope"}}]}})
-    with pytest.raises(ValueError, match=r"environment.domains\[1\] \('tests.fault_envs:FailingDomain'\) could not be built: ValueError: unknown environment 'nope'"):
+    broken = RunConfig.model_validate(
+        {
+            "environment": {
+                "domains": ["access", {"name": "tests.fault_envs:FailingDomain", "kwargs": {"domain": "nope"}}]
+            }
+        }
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"environment.domains\[1\] \('tests.fault_envs:FailingDomain'\) could not be built: ValueError: "
+        r"unknown environment 'nope'",
+    ):
         load_environments(broken)
-    twice = RunConfig.model_validate({"environment": {"domains": ["refunds", {"name": "tests.fault_envs:FailingDomain", "kwargs": {"domain": "refunds"}}]}})
-    with pytest.raises(ValueError, match=r"environment.domains\[0\] and environment.domains\[1\] both build an environment named 'refunds'"):
+    twice = RunConfig.model_validate(
+        {
+            "environment": {
+                "domains": ["refunds", {"name": "tests.fault_envs:FailingDomain", "kwargs": {"domain": "refunds"}}]
+            }
+        }
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"environment.domains\[0\] and environment.domains\[1\] both build an environment named 'refunds'",
+    ):
         load_environments(twice)
 
 
 def test_turnstile_train_refuses_a_bad_entry_in_one_line_before_starting_prefect(tmp_path, capsys):
     import flows.cli
 
-    bad = "environment.domains=[{name: 'tests.fault_envs:FailingDomain', kwargs: {domain: refunds}}, {name: 'tests.fault_envs:CollapsingDomain', kwargs: {domain: inventory, fail_every: 3}}]"
+    bad = (
+        "environment.domains=[{name: 'tests.fault_envs:FailingDomain', kwargs: {domain: refunds}}, "
+        "{name: 'tests.fault_envs:CollapsingDomain', kwargs: {domain: inventory, fail_every: 3}}]"
+    )
     run_dir = tmp_path / "runs"
     assert flows.cli.main(["train", "--set", bad, "--set", f"storage.run_dir={run_dir}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert err.startswith("turnstile: bad config: environment.domains[1] ('tests.fault_envs:CollapsingDomain')") and "fail_every" in err
+    assert (
+        err.startswith("turnstile: bad config: environment.domains[1] ('tests.fault_envs:CollapsingDomain')")
+        and "fail_every" in err
+    )
     assert not run_dir.exists()  # nothing was prepared: no Prefect home, no run folder
 
 
@@ -621,12 +746,26 @@ class Named(_Env):
 def test_a_constructor_argument_called_name_reaches_the_class():
     """`name` used to collide with load_environment(name, ...): TypeError 'got multiple values for
     argument name' after the config check had passed."""
-    cfg = RunConfig.model_validate({"environment": {"domains": [
-        {"name": "tests.test_hardening_rollout:Named", "kwargs": {"name": "first", "start": datetime.date(2024, 1, 1)}},
-        {"name": "tests.test_hardening_rollout:Named", "kwargs": {"name": "second"}},
-    ]}})
+    cfg = RunConfig.model_validate(
+        {
+            "environment": {
+                "domains": [
+                    {
+                        "name": "tests.test_hardening_rollout:Named",
+                        "kwargs": {"name": "first", "start": datetime.date(2024, 1, 1)},
+                    },
+                    {"name": "tests.test_hardening_rollout:Named", "kwargs": {"name": "second"}},
+                ]
+            }
+        }
+    )
     first, second = load_environments(cfg)
-    assert (first.name, first.start_date, second.name, second.start_date) == ("first", datetime.date(2024, 1, 1), "second", None)
+    assert (first.name, first.start_date, second.name, second.start_date) == (
+        "first",
+        datetime.date(2024, 1, 1),
+        "second",
+        None,
+    )
     assert load_environment("tests.test_hardening_rollout:Named", None, name="direct").name == "direct"
 
 
@@ -651,7 +790,10 @@ def test_typed_yaml_arguments_survive_the_run_config_so_the_run_can_continue(tmp
     record_run_config(cfg, run_dir)  # the same config again: accepted
     stored = load_run_config(run_dir)
     assert stored == cfg and stored.environment.env_kwargs["start"] == datetime.date(2023, 12, 31)
-    assert [env.start_date for env in load_environments(stored)] == [datetime.date(2024, 1, 1), datetime.date(2023, 12, 31)]
+    assert [env.start_date for env in load_environments(stored)] == [
+        datetime.date(2024, 1, 1),
+        datetime.date(2023, 12, 31),
+    ]
 
 
 def test_rescoring_finds_tasks_whose_ids_were_repaired_and_checks_replayed_rewards(tiny_policy):
@@ -660,7 +802,9 @@ def test_rescoring_finds_tasks_whose_ids_were_repaired_and_checks_replayed_rewar
     component that is not finite is an environment fault there too, as in a rollout."""
     from rl_core.replay.scoring import TaskCatalog, load_scorer
 
-    cfg = RunConfig.model_validate({"environment": {"domains": [{"name": "tests.fault_envs:SurrogateIdDomain", "kwargs": {"domain": "refunds"}}]}})
+    cfg = RunConfig.model_validate(
+        {"environment": {"domains": [{"name": "tests.fault_envs:SurrogateIdDomain", "kwargs": {"domain": "refunds"}}]}}
+    )
     catalog = TaskCatalog(cfg)
     env = catalog.environment("refunds")
     raw = env.tasks("train")[0]

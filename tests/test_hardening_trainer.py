@@ -39,23 +39,46 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[name], b[name]), name
 
 
-def sampled_episodes(policy, temperature: float, groups: int = 2, group_size: int = 4, record: bool = True, seed: int = 0) -> list[Episode]:
+def sampled_episodes(
+    policy, temperature: float, groups: int = 2, group_size: int = 4, record: bool = True, seed: int = 0
+) -> list[Episode]:
     """Episodes whose generated tokens and behaviour log-probs come from the policy's own sampler at `temperature`."""
     prompt = policy.tokenizer.encode("Customer asks for a refund on order 4821.")
     prompts = [list(prompt) for _ in range(groups * group_size)]
-    generations = generate_batch(policy.model.eval(), prompts, 12, temperature=temperature, stop_id=policy.chat.stop_id,
-                                 pad_id=policy.chat.pad_id, generator=torch.Generator().manual_seed(seed))
+    generations = generate_batch(
+        policy.model.eval(),
+        prompts,
+        12,
+        temperature=temperature,
+        stop_id=policy.chat.stop_id,
+        pad_id=policy.chat.pad_id,
+        generator=torch.Generator().manual_seed(seed),
+    )
     episodes = []
     for i, (context, gen) in enumerate(zip(prompts, generations)):
         tokens = context + gen.tokens
         n = len(context)
         sampling = Sampling(temperature, 1.0, 12, "torch", 0) if record else None
-        episodes.append(Episode(
-            "r", 1, 0, "env", f"t{i // group_size}", f"g{i // group_size}", i % group_size, tokens,
-            [0] * n + [1] * len(gen.tokens), [0.0] * n + list(gen.logprobs),
-            [Turn("user", "p", 0, n), Turn("assistant", "a", n, len(tokens))],
-            reward=float(i % 2), reward_components={}, success=bool(i % 2), finish_reason="answered", sampling=sampling,
-        ))
+        episodes.append(
+            Episode(
+                "r",
+                1,
+                0,
+                "env",
+                f"t{i // group_size}",
+                f"g{i // group_size}",
+                i % group_size,
+                tokens,
+                [0] * n + [1] * len(gen.tokens),
+                [0.0] * n + list(gen.logprobs),
+                [Turn("user", "p", 0, n), Turn("assistant", "a", n, len(tokens))],
+                reward=float(i % 2),
+                reward_components={},
+                success=bool(i % 2),
+                finish_reason="answered",
+                sampling=sampling,
+            )
+        )
     return episodes
 
 
@@ -75,7 +98,8 @@ def exact_behaviour(policy, episodes: list[Episode]) -> list[Episode]:
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["sampling-record", "trainer-default"])
 def test_first_step_at_temperature_half_is_on_policy(tiny_policy, recorded):
-    """Sampled at T = 0.5, the first (fully on-policy) step sees the sampler's own log-probs: no mismatch, no clipping."""
+    """Sampled at T = 0.5, the first (fully on-policy) step sees the sampler's own log-probs:
+    no mismatch, no clipping."""
     policy = copy.deepcopy(tiny_policy)
     episodes = sampled_episodes(policy, 0.5, record=recorded)
     trainer = Trainer(policy, AlgorithmConfig(), OptimizerConfig(), temperature=1.0 if recorded else 0.5)
@@ -123,7 +147,11 @@ def test_kl_reference_uses_the_sampling_temperature(tiny_policy):
     for t in (1.0, 0.25):
         for ep in episodes:
             ep.sampling = Sampling(t, 1.0, 40, "torch", 0)
-        at[t] = Trainer(copy.deepcopy(policy), AlgorithmConfig(kl_coef=0.1), OptimizerConfig(), reference=reference).step(episodes).ref_kl
+        at[t] = (
+            Trainer(copy.deepcopy(policy), AlgorithmConfig(kl_coef=0.1), OptimizerConfig(), reference=reference)
+            .step(episodes)
+            .ref_kl
+        )
     assert at[0.25] > 2 * at[1.0] > 0  # sharper distributions differ more
 
 
@@ -132,7 +160,10 @@ def test_sampling_record_round_trips_and_version_one_batches_still_read(tmp_path
     for ep in episodes:
         ep.run_id = "run"
     episodes[0].sampling = Sampling(0.7, 0.9, 40, "torch", 0)
-    assert [e.sampling for e in table_to_episodes(episodes_to_table(episodes))] == [Sampling(0.7, 0.9, 40, "torch", 0), None]
+    assert [e.sampling for e in table_to_episodes(episodes_to_table(episodes))] == [
+        Sampling(0.7, 0.9, 40, "torch", 0),
+        None,
+    ]
     store = TrajectoryStore(tmp_path)
     store.write("run", 1, episodes)
     assert store.read("run", 1)[0].sampling == Sampling(0.7, 0.9, 40, "torch", 0)
@@ -141,7 +172,11 @@ def test_sampling_record_round_trips_and_version_one_batches_still_read(tmp_path
     path, manifest_path = store.path("run", 1), store.manifest_path("run", 1)
     pq.write_table(table, path, compression="zstd")
     data = path.read_bytes()
-    manifest = json.loads(manifest_path.read_text()) | {"schema_version": 1, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = json.loads(manifest_path.read_text()) | {
+        "schema_version": 1,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     manifest_path.write_text(json.dumps(manifest))
     read = store.read("run", 1)
     assert [e.sampling for e in read] == [None, None] and read[0].tokens == episodes[0].tokens
@@ -227,8 +262,12 @@ def test_a_non_finite_loss_leaves_weights_and_optimizer_state_untouched(tiny_pol
     assert policy.version == 1 and m.step == 1
     assert_same_weights(snapshot(policy), weights)
     assert_same_optimizer_state(optimizer_state(trainer), state)
-    assert any("optimizer step skipped" in r.getMessage() and "non-finite loss" in r.getMessage() for r in caplog.records)
-    assert all(p.grad is None or not p.grad.abs().sum() for p in policy.model.parameters())  # nothing left to leak into the next step
+    assert any(
+        "optimizer step skipped" in r.getMessage() and "non-finite loss" in r.getMessage() for r in caplog.records
+    )
+    assert all(
+        p.grad is None or not p.grad.abs().sum() for p in policy.model.parameters()
+    )  # nothing left to leak into the next step
 
 
 def test_a_non_finite_gradient_norm_is_not_stepped(tiny_policy):
@@ -262,7 +301,9 @@ def test_with_mini_batches_only_the_non_finite_step_is_skipped(tiny_policy):
 
 def test_the_doctor_names_a_non_finite_step():
     cfg = RunConfig.model_validate({"optimizer": {"lr": 3e-4}})
-    history = [{"step": s, "train/nonfinite_step": 0.0} for s in range(1, 5)] + [{"step": 4, "train/nonfinite_step": 1.0}]
+    history = [{"step": s, "train/nonfinite_step": 0.0} for s in range(1, 5)] + [
+        {"step": 4, "train/nonfinite_step": 1.0}
+    ]
     (finding,) = [f for f in diagnose(history, cfg) if f.symptom == "nonfinite_step"]
     assert (finding.metric, finding.value, finding.threshold, finding.step) == ("train/nonfinite_step", 1.0, 0.0, 4)
     assert "behavior_logprobs" in finding.first_change and "optimizer.lr (now 0.0003" in finding.first_change
@@ -306,14 +347,25 @@ def test_dynamic_sampling_judges_groups_by_their_judged_members(tmp_path, monkey
     from rl_core.config import load_config
     from rl_core.run import TrainingRun
 
-    cfg = load_config(None, ["rollout.group_size=2", "rollout.global_batch_size=4", "algorithm.zero_variance_groups=resample",
-                             "algorithm.mask_truncated=[token_cap]", f"storage.run_dir={tmp_path}", "storage.run_id=dyn"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.group_size=2",
+            "rollout.global_batch_size=4",
+            "algorithm.zero_variance_groups=resample",
+            "algorithm.mask_truncated=[token_cap]",
+            f"storage.run_dir={tmp_path}",
+            "storage.run_id=dyn",
+        ],
+    )
     run = TrainingRun(cfg)
-    rounds = iter([
-        [("a", 1.0, "answered"), ("a", 0.0, "token_cap"), ("b", 1.0, "answered"), ("b", 0.0, "answered")],
-        [("c", 1.0, "answered"), ("c", 0.0, "env_error")],
-        [("d", 0.0, "answered"), ("d", 1.0, "answered")],
-    ])
+    rounds = iter(
+        [
+            [("a", 1.0, "answered"), ("a", 0.0, "token_cap"), ("b", 1.0, "answered"), ("b", 0.0, "answered")],
+            [("c", 1.0, "answered"), ("c", 0.0, "env_error")],
+            [("d", 0.0, "answered"), ("d", 1.0, "answered")],
+        ]
+    )
 
     def collected(policy, iteration, work, first_group):
         out = []
@@ -342,7 +394,10 @@ def test_a_batch_of_only_masked_episodes_is_a_skipped_step(tiny_policy):
     policy = copy.deepcopy(tiny_policy)
     m = Trainer(policy, AlgorithmConfig(mask_truncated=["context_overflow"]), OptimizerConfig()).step(episodes)
     assert policy.version == 0 and m.optimizer_steps == 0
-    assert m.skipped == "nothing to train on: all 4 episodes were truncated and masked (algorithm.mask_truncated=['context_overflow'])"
+    assert (
+        m.skipped == "nothing to train on: all 4 episodes were truncated "
+        "and masked (algorithm.mask_truncated=['context_overflow'])"
+    )
 
 
 # --- nothing to train on (StepMetrics.skipped) -------------------------------------------------------
@@ -355,16 +410,23 @@ def test_skipped_reasons_name_what_removed_the_episodes(tiny_policy):
     policy = copy.deepcopy(tiny_policy)
     m = Trainer(policy, AlgorithmConfig(zero_variance_groups="drop"), OptimizerConfig()).step(episodes)
     assert policy.version == 0 and m.step == 0 and m.as_dict()["train/step_skipped"] == 1.0
-    assert m.skipped == ("nothing to train on: all 4 episodes were in groups whose rewards were all equal, "
-                         "dropped (algorithm.zero_variance_groups=drop)")
+    assert m.skipped == (
+        "nothing to train on: all 4 episodes were in groups whose rewards were all equal, "
+        "dropped (algorithm.zero_variance_groups=drop)"
+    )
     for ep in episodes:
         ep.finish_reason = "env_error"
-    assert "all 4 episodes were env_error" in Trainer(policy, AlgorithmConfig(), OptimizerConfig()).step(episodes).skipped
+    assert (
+        "all 4 episodes were env_error" in Trainer(policy, AlgorithmConfig(), OptimizerConfig()).step(episodes).skipped
+    )
     fresh = make_episodes(tiny_policy, n=4)
     policy.version = 9
     m = Trainer(policy, AlgorithmConfig(), OptimizerConfig()).step(fresh)
     assert "all 4 episodes were stale" in m.skipped and m.stale_dropped == 4
-    assert Trainer(policy, AlgorithmConfig(), OptimizerConfig()).step([]).skipped == "nothing to train on: the batch is empty"
+    assert (
+        Trainer(policy, AlgorithmConfig(), OptimizerConfig()).step([]).skipped
+        == "nothing to train on: the batch is empty"
+    )
 
 
 # --- item 11: mini-batches and epochs -----------------------------------------------------------------
@@ -376,7 +438,9 @@ def test_two_mini_batches_take_two_steps_and_the_clip_acts(tiny_policy):
     assert one.clip_fraction == 0.0 and one.optimizer_steps == 1
     policy = copy.deepcopy(tiny_policy)
     m = Trainer(policy, AlgorithmConfig(), OptimizerConfig(lr=0.05, mini_batches_per_step=2)).step(episodes)
-    assert policy.version == 2 and m.step == 2 and m.optimizer_steps == 2 and m.as_dict()["train/optimizer_steps"] == 2.0
+    assert (
+        policy.version == 2 and m.step == 2 and m.optimizer_steps == 2 and m.as_dict()["train/optimizer_steps"] == 2.0
+    )
     assert m.clip_fraction > 0.0  # the first mini-batch is exactly on-policy (ratio 1), so the clipping is the second's
     assert m.logprob_mismatch_max < 1e-4  # measured with the iteration's starting weights only
 
@@ -384,7 +448,9 @@ def test_two_mini_batches_take_two_steps_and_the_clip_acts(tiny_policy):
 def test_epochs_repeat_the_mini_batches_and_staleness_is_judged_once(tiny_policy):
     policy = copy.deepcopy(tiny_policy)
     episodes = make_episodes(policy, n=8)
-    m = Trainer(policy, AlgorithmConfig(max_steps_off_policy=0), OptimizerConfig(mini_batches_per_step=2, epochs_per_batch=3)).step(episodes)
+    m = Trainer(
+        policy, AlgorithmConfig(max_steps_off_policy=0), OptimizerConfig(mini_batches_per_step=2, epochs_per_batch=3)
+    ).step(episodes)
     assert policy.version == 6 and m.optimizer_steps == 6 and m.stale_dropped == 0 and m.episodes == 8
 
 
@@ -399,8 +465,17 @@ def test_one_mini_batch_one_epoch_is_the_single_full_batch_step(tiny_policy):
     trainer = Trainer(by_hand, AlgorithmConfig(), OptimizerConfig(lr=1e-2))
     batch = pad_batch(episodes, trainer.advantages(episodes), by_hand.chat.pad_id, by_hand.device)
     logp, _ = token_logprobs(by_hand.model, batch["tokens"], batch["attention"])
-    loss, _ = policy_loss("ppo", logp, batch["old_logprobs"], batch["advantages"], batch["mask"], clip_low=0.8, clip_high=1.2,
-                          total_tokens=sum(e.response_tokens for e in episodes), total_sequences=len(episodes))
+    loss, _ = policy_loss(
+        "ppo",
+        logp,
+        batch["old_logprobs"],
+        batch["advantages"],
+        batch["mask"],
+        clip_low=0.8,
+        clip_high=1.2,
+        total_tokens=sum(e.response_tokens for e in episodes),
+        total_sequences=len(episodes),
+    )
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_([p for p in by_hand.model.parameters()], 1.0)
     trainer.optimizer.step()
@@ -421,14 +496,22 @@ def test_mini_batches_are_whole_groups_in_batch_order(tiny_policy):
 
 def test_overlap_needs_one_iteration_of_optimizer_steps_of_staleness():
     with pytest.raises(ValueError, match="algorithm.max_steps_off_policy >= 4"):
-        RunConfig.model_validate({"rollout": {"overlap_collection": True}, "algorithm": {"max_steps_off_policy": 3},
-                                  "optimizer": {"mini_batches_per_step": 2, "epochs_per_batch": 2}})
+        RunConfig.model_validate(
+            {
+                "rollout": {"overlap_collection": True},
+                "algorithm": {"max_steps_off_policy": 3},
+                "optimizer": {"mini_batches_per_step": 2, "epochs_per_batch": 2},
+            }
+        )
 
 
 def test_tis_cap_with_mini_batches_keeps_pi_old_at_the_iterations_start(tiny_policy):
-    """With tis_cap, pi_old is the trainer before the iteration's first step, so later mini-batches see the ratio move."""
+    """With tis_cap, pi_old is the trainer before the iteration's first step, so later mini-batches
+    see the ratio move."""
     episodes = exact_behaviour(tiny_policy, make_episodes(tiny_policy, n=8))
-    m = Trainer(copy.deepcopy(tiny_policy), AlgorithmConfig(tis_cap=2.0), OptimizerConfig(lr=0.05, mini_batches_per_step=2)).step(episodes)
+    m = Trainer(
+        copy.deepcopy(tiny_policy), AlgorithmConfig(tis_cap=2.0), OptimizerConfig(lr=0.05, mini_batches_per_step=2)
+    ).step(episodes)
     assert m.optimizer_steps == 2 and m.clip_fraction > 0.0
     assert m.logprob_mismatch_max < 1e-4 and m.is_weight_mean == pytest.approx(1.0, abs=1e-4)
 
@@ -441,9 +524,25 @@ def long_overflowed(policy, n: int, length: int) -> list[Episode]:
     out = []
     for i in range(n):
         tokens = torch.randint(5, len(policy.tokenizer), (length,), generator=torch.Generator().manual_seed(i)).tolist()
-        out.append(Episode("r", 1, 0, "env", f"overflow{i}", f"overflow{i}", 0, tokens, [0] * length, [0.0] * length,
-                           [Turn("user", "p", 0, length)], reward=0.0, reward_components={}, success=False,
-                           finish_reason="context_overflow"))
+        out.append(
+            Episode(
+                "r",
+                1,
+                0,
+                "env",
+                f"overflow{i}",
+                f"overflow{i}",
+                0,
+                tokens,
+                [0] * length,
+                [0.0] * length,
+                [Turn("user", "p", 0, length)],
+                reward=0.0,
+                reward_components={},
+                success=False,
+                finish_reason="context_overflow",
+            )
+        )
     return out
 
 
@@ -456,12 +555,16 @@ def test_episodes_without_loss_tokens_never_reach_the_model(tiny_policy, aggrega
     for name, data in (("with", batch), ("without", episodes)):
         policy = copy.deepcopy(tiny_policy)
         widths: list[int] = []
-        policy.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        policy.model.register_forward_pre_hook(
+            lambda module, args, kwargs, widths=widths: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
         m = Trainer(policy, algorithm, OptimizerConfig(lr=1e-2, micro_batch_size=4)).step(data)
         results[name] = (m, snapshot(policy), widths)
     (m_with, w_with, widths), (m_without, w_without, _) = results["with"], results["without"]
     assert max(widths) < 400 and len(widths) == 2 and m_with.no_loss_token_episodes == 2
-    assert m_with.loss == pytest.approx(m_without.loss, abs=1e-7) and m_with.grad_norm == pytest.approx(m_without.grad_norm, rel=1e-6)
+    assert m_with.loss == pytest.approx(m_without.loss, abs=1e-7) and m_with.grad_norm == pytest.approx(
+        m_without.grad_norm, rel=1e-6
+    )
     for name in w_with:
         torch.testing.assert_close(w_with[name], w_without[name], rtol=0, atol=0)
 
@@ -471,20 +574,30 @@ def test_micro_batches_group_episodes_of_similar_length(tiny_policy):
     lengths = [len(e.tokens) for e in episodes]
     policy = copy.deepcopy(tiny_policy)
     widths: list[int] = []
-    policy.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    policy.model.register_forward_pre_hook(
+        lambda module, args, kwargs, widths=widths: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
     Trainer(policy, AlgorithmConfig(), OptimizerConfig(micro_batch_size=2)).step(episodes)
     ordered = sorted(lengths)
-    assert widths == [max(ordered[i:i + 2]) for i in range(0, 8, 2)]
+    assert widths == [max(ordered[i : i + 2]) for i in range(0, 8, 2)]
     whole = Trainer(copy.deepcopy(tiny_policy), AlgorithmConfig(), OptimizerConfig(micro_batch_size=8)).step(episodes)
     parts = Trainer(copy.deepcopy(tiny_policy), AlgorithmConfig(), OptimizerConfig(micro_batch_size=2)).step(episodes)
-    assert parts.loss == pytest.approx(whole.loss, abs=1e-6) and parts.grad_norm == pytest.approx(whole.grad_norm, rel=1e-5)
+    assert parts.loss == pytest.approx(whole.loss, abs=1e-6) and parts.grad_norm == pytest.approx(
+        whole.grad_norm, rel=1e-5
+    )
 
 
 def test_the_schema_column_is_the_designs_sampling_struct():
     from rl_core.trajectory import SAMPLING_TYPE, TRAJECTORY_SCHEMA
 
     assert TRAJECTORY_SCHEMA.field("sampling").type == SAMPLING_TYPE
-    assert [f.name for f in SAMPLING_TYPE] == ["temperature", "top_p", "max_tokens_per_turn", "backend", "policy_version"]
+    assert [f.name for f in SAMPLING_TYPE] == [
+        "temperature",
+        "top_p",
+        "max_tokens_per_turn",
+        "backend",
+        "policy_version",
+    ]
     assert pa.types.is_struct(SAMPLING_TYPE)
 
 
@@ -497,7 +610,10 @@ def test_deepspeed_skips_a_non_finite_step_and_then_trains_like_torch(tiny_polic
     """After a skipped step (its gradients discarded) the next clean step equals the torch backend's."""
     from rl_core.config import TrainerConfig
 
-    algorithm, optimizer = AlgorithmConfig(loss_fn="cispo", advantage_method="rloo"), OptimizerConfig(lr=1e-2, micro_batch_size=2)
+    algorithm, optimizer = (
+        AlgorithmConfig(loss_fn="cispo", advantage_method="rloo"),
+        OptimizerConfig(lr=1e-2, micro_batch_size=2),
+    )
     clean, bad = make_episodes(tiny_policy), make_episodes(tiny_policy, seed=1)
     if fault == "loss":
         bad[1].behavior_logprobs[bad[1].loss_mask.index(1)] = math.nan
@@ -506,7 +622,9 @@ def test_deepspeed_skips_a_non_finite_step_and_then_trains_like_torch(tiny_polic
     for _ in range(2):
         torch_trainer.step(clean)
     policy = copy.deepcopy(tiny_policy)
-    trainer = Trainer(policy, algorithm, optimizer, trainer_cfg=TrainerConfig(backend="deepspeed", zero_stage=zero_stage))
+    trainer = Trainer(
+        policy, algorithm, optimizer, trainer_cfg=TrainerConfig(backend="deepspeed", zero_stage=zero_stage)
+    )
     trainer.step(clean)
     weights, state = snapshot(policy), optimizer_state(trainer)
     handle = None
@@ -526,7 +644,9 @@ def test_deepspeed_skips_a_non_finite_step_and_then_trains_like_torch(tiny_polic
     assert trainer.step(clean).skipped is None and policy.version == 2
     atol = 2e-5 if zero_stage == 3 else 1e-6
     for name, value in snapshot(torch_policy).items():
-        torch.testing.assert_close(snapshot(policy)[name], value, rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            snapshot(policy)[name], value, rtol=1e-5, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_opo_with_a_group_that_generated_nothing_trains_the_others(tiny_policy):
@@ -545,7 +665,9 @@ def test_opo_with_a_group_that_generated_nothing_trains_the_others(tiny_policy):
 # --- item 3 in `turnstile train`: a wholly non-finite step is logged and named by the doctor ---------------
 
 
-def test_the_train_flow_logs_and_names_an_iteration_whose_only_step_was_not_finite(prefect_harness, tmp_path, monkeypatch):
+def test_the_train_flow_logs_and_names_an_iteration_whose_only_step_was_not_finite(
+    prefect_harness, tmp_path, monkeypatch
+):
     """With one optimizer step per batch (the default), a non-finite step leaves the iteration without a step:
     it is still logged as train/nonfinite_step and the doctor names it (run history and summary)."""
     from mlflow import MlflowClient

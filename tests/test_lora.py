@@ -89,7 +89,9 @@ def test_trainer_step_trains_only_the_adapter(tiny_policy):
 def test_generation_runs_on_a_lora_policy(tiny_policy):
     policy = apply_lora(tiny_policy, LORA)
     prompt = policy.tokenizer.encode("Customer asks for a refund")
-    out = generate_batch(policy.model, [prompt, prompt], 5, temperature=0.0, stop_id=policy.chat.pad_id, pad_id=policy.chat.pad_id)
+    out = generate_batch(
+        policy.model, [prompt, prompt], 5, temperature=0.0, stop_id=policy.chat.pad_id, pad_id=policy.chat.pad_id
+    )
     assert len(out) == 2 and out[0].tokens == out[1].tokens
 
 

@@ -69,8 +69,18 @@ CLIPPED = {"importance_sampling": 0.0, "ppo": 3.0, "cispo": 4.0}
 def test_loss_by_hand(loss_fn, aggregation):
     logprobs, old, adv, mask = hand_batch()
     logprobs.requires_grad_()
-    loss, stats = policy_loss(loss_fn, logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                              aggregation=aggregation, total_tokens=5, total_sequences=3)
+    loss, stats = policy_loss(
+        loss_fn,
+        logprobs,
+        old,
+        adv,
+        mask,
+        clip_low=LOW,
+        clip_high=HIGH,
+        aggregation=aggregation,
+        total_tokens=5,
+        total_sequences=3,
+    )
     assert loss.item() == pytest.approx(EXPECTED[loss_fn, aggregation], rel=1e-12)
     assert stats.tokens == 5.0
     assert stats.clipped_tokens == CLIPPED[loss_fn]
@@ -87,8 +97,18 @@ def test_denominators_are_the_given_totals():
     # Same hand batch, but as a micro-batch of a larger batch: 10 tokens and 6 sequences overall.
     logprobs, old, adv, mask = hand_batch()
     for aggregation, factor in (("token_mean", 5 / 10), ("seq_mean_token_sum", 3 / 6), ("seq_mean_token_mean", 3 / 6)):
-        loss, _ = policy_loss("ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                              aggregation=aggregation, total_tokens=10, total_sequences=6)
+        loss, _ = policy_loss(
+            "ppo",
+            logprobs,
+            old,
+            adv,
+            mask,
+            clip_low=LOW,
+            clip_high=HIGH,
+            aggregation=aggregation,
+            total_tokens=10,
+            total_sequences=6,
+        )
         assert loss.item() == pytest.approx(EXPECTED["ppo", aggregation] * factor, rel=1e-12)
 
 
@@ -97,8 +117,9 @@ def test_cispo_usual_bounds_lift_small_ratios_to_one():
     logprobs = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
     old = logprobs - torch.log(torch.tensor([[0.5, 8.0]], dtype=torch.float64))
     adv = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
-    loss, stats = policy_loss("cispo", logprobs, old, adv, torch.ones(1, 2), clip_low=1.0, clip_high=6.0,
-                              total_tokens=2, total_sequences=1)
+    loss, stats = policy_loss(
+        "cispo", logprobs, old, adv, torch.ones(1, 2), clip_low=1.0, clip_high=6.0, total_tokens=2, total_sequences=1
+    )
     # -(1.0*1*(-1) + 6.0*1*(-2)) / 2 = 13 / 2
     assert loss.item() == pytest.approx(6.5)
     assert stats.clipped_tokens == 2.0
@@ -120,8 +141,21 @@ def test_gradcheck(loss_fn, aggregation):
         # VALUE in logp is not its gradient; finite differences match the gradient when the
         # perturbation leaves the ratio (hence the weight) unchanged: move old_logprobs with lp.
         old_here = old + (lp.detach() - logprobs) if loss_fn == "cispo" else old
-        return policy_loss(loss_fn, lp, old_here, adv, mask, clip_low=LOW, clip_high=HIGH, aggregation=aggregation,
-                           total_tokens=5, total_sequences=3, is_weights=is_weights, ref_logprobs=ref, kl_coef=0.1)[0]
+        return policy_loss(
+            loss_fn,
+            lp,
+            old_here,
+            adv,
+            mask,
+            clip_low=LOW,
+            clip_high=HIGH,
+            aggregation=aggregation,
+            total_tokens=5,
+            total_sequences=3,
+            is_weights=is_weights,
+            ref_logprobs=ref,
+            kl_coef=0.1,
+        )[0]
 
     assert torch.autograd.gradcheck(loss_of, (logprobs.clone().requires_grad_(),))
 
@@ -129,21 +163,28 @@ def test_gradcheck(loss_fn, aggregation):
 def test_cispo_gradient_is_detached_clamped_weight_times_advantage():
     logprobs, old, adv, mask = hand_batch()
     logprobs.requires_grad_()
-    loss, _ = policy_loss("cispo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                          total_tokens=5, total_sequences=3)
+    loss, _ = policy_loss(
+        "cispo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=3
+    )
     loss.backward()
     # d/dlogp of -sg(clamp(r))*A*logp / 5 = -clamp(r)*A/5 (no term from the ratio: it is detached);
     # clipped tokens (1.5 -> 1.2, 0.5 -> 0.8, 2.0 -> 1.2, 0.7 -> 0.8) still get gradient.
-    expected = torch.tensor([[-1.2 * 2.0, -0.8 * -1.0, 0.0], [-1.1 * 1.0, -1.2 * -1.0, -0.8 * -2.0], [0.0, 0.0, 0.0]],
-                            dtype=torch.float64) / 5
+    expected = (
+        torch.tensor(
+            [[-1.2 * 2.0, -0.8 * -1.0, 0.0], [-1.1 * 1.0, -1.2 * -1.0, -0.8 * -2.0], [0.0, 0.0, 0.0]],
+            dtype=torch.float64,
+        )
+        / 5
+    )
     assert torch.allclose(logprobs.grad, expected, rtol=1e-12)
 
 
 def test_ppo_gradient_is_zero_on_clipped_tokens():
     logprobs, old, adv, mask = hand_batch()
     logprobs.requires_grad_()
-    loss, _ = policy_loss("ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                          total_tokens=5, total_sequences=3)
+    loss, _ = policy_loss(
+        "ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=3
+    )
     loss.backward()
     # unclipped side active: d(-r*A)/dlogp = -r*A (dr/dlogp = r); clipped side: constant in logp -> 0.
     # row0: 1.5 clipped, 0.5 clipped; row1: 1.1 unclipped -> -1.1, 2.0 unclipped -> -2.0*(-1) = 2.0, 0.7 clipped
@@ -154,8 +195,9 @@ def test_ppo_gradient_is_zero_on_clipped_tokens():
 def test_importance_sampling_gradient_is_ratio_times_advantage():
     logprobs, old, adv, mask = hand_batch()
     logprobs.requires_grad_()
-    policy_loss("importance_sampling", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                total_tokens=5, total_sequences=3)[0].backward()
+    policy_loss(
+        "importance_sampling", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=3
+    )[0].backward()
     expected = torch.tensor([[-3.0, 0.5, 0.0], [-1.1, 2.0, 1.4], [0.0, 0.0, 0.0]], dtype=torch.float64) / 5
     assert torch.allclose(logprobs.grad, expected, rtol=1e-12)
 
@@ -184,9 +226,20 @@ def loss_and_grad(loss_fn, aggregation, pieces, logprobs, old, adv, mask, ref, *
     for piece in pieces:
         piece_mask = mask[piece]
         tokens, sequences = totals(piece_mask) if totals else (int(mask.sum()), mask.shape[0])
-        loss, _ = policy_loss(loss_fn, leaf[piece], old[piece], adv[piece], piece_mask, clip_low=LOW, clip_high=HIGH,
-                              aggregation=aggregation, total_tokens=tokens, total_sequences=sequences,
-                              ref_logprobs=ref[piece], kl_coef=0.05)
+        loss, _ = policy_loss(
+            loss_fn,
+            leaf[piece],
+            old[piece],
+            adv[piece],
+            piece_mask,
+            clip_low=LOW,
+            clip_high=HIGH,
+            aggregation=aggregation,
+            total_tokens=tokens,
+            total_sequences=sequences,
+            ref_logprobs=ref[piece],
+            kl_coef=0.05,
+        )
         loss.backward()
         total += loss.item()
     return total, leaf.grad
@@ -278,8 +331,18 @@ def test_is_weights_multiply_the_policy_term():
     logprobs, old, adv, mask = hand_batch()
     logprobs.requires_grad_()
     weights = torch.tensor([[0.5, 2.0, math.nan], [1.0, 0.25, 1.0], [9.0, 9.0, 9.0]], dtype=torch.float64)
-    loss, stats = policy_loss("importance_sampling", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                              total_tokens=5, total_sequences=3, is_weights=weights)
+    loss, stats = policy_loss(
+        "importance_sampling",
+        logprobs,
+        old,
+        adv,
+        mask,
+        clip_low=LOW,
+        clip_high=HIGH,
+        total_tokens=5,
+        total_sequences=3,
+        is_weights=weights,
+    )
     # per-token -r*A*w: -3.0*0.5 = -1.5 ; 0.5*2 = 1.0 ; -1.1*1 ; 2.0*0.25 = 0.5 ; 1.4*1  -> sum 0.3, / 5
     assert loss.item() == pytest.approx(0.3 / 5, rel=1e-12)
     assert stats.is_weight_sum == pytest.approx(0.5 + 2.0 + 1.0 + 0.25 + 1.0)  # mask tokens only (nan masked)
@@ -315,8 +378,18 @@ def test_kl_penalty_by_hand():
 def test_ref_kl_is_reported_but_not_added_when_kl_coef_is_zero():
     logprobs, old, adv, mask = hand_batch()
     ref = logprobs - 0.5
-    with_ref, stats = policy_loss("ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                                  total_tokens=5, total_sequences=3, ref_logprobs=ref)
+    with_ref, stats = policy_loss(
+        "ppo",
+        logprobs,
+        old,
+        adv,
+        mask,
+        clip_low=LOW,
+        clip_high=HIGH,
+        total_tokens=5,
+        total_sequences=3,
+        ref_logprobs=ref,
+    )
     assert with_ref.item() == pytest.approx(EXPECTED["ppo", "token_mean"], rel=1e-12)
     assert stats.ref_kl_sum == pytest.approx(5 * (math.exp(-0.5) + 0.5 - 1)) and stats.kl_penalty == 0.0
 
@@ -339,8 +412,20 @@ def test_ref_kl_is_reported_but_not_added_when_kl_coef_is_zero():
 )
 def test_bad_arguments_are_rejected_by_name(overrides, named):
     logprobs, old, adv, mask = hand_batch()
-    args = dict(loss_fn="ppo", logprobs=logprobs, old_logprobs=old, advantages=adv, mask=mask,
-                clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=3) | overrides
+    args = (
+        dict(
+            loss_fn="ppo",
+            logprobs=logprobs,
+            old_logprobs=old,
+            advantages=adv,
+            mask=mask,
+            clip_low=LOW,
+            clip_high=HIGH,
+            total_tokens=5,
+            total_sequences=3,
+        )
+        | overrides
+    )
     with pytest.raises(ValueError, match=named):
         policy_loss(**args)
 
@@ -371,7 +456,12 @@ DUAL_ADVANTAGES = [-1.0, -1.0, -1.0, 1.0, -0.5]
 
 def dual_batch():
     logprobs = torch.log(torch.tensor([DUAL_RATIOS], dtype=torch.float64)).requires_grad_()
-    return logprobs, torch.zeros(1, 5, dtype=torch.float64), torch.tensor([DUAL_ADVANTAGES], dtype=torch.float64), torch.ones(1, 5)
+    return (
+        logprobs,
+        torch.zeros(1, 5, dtype=torch.float64),
+        torch.tensor([DUAL_ADVANTAGES], dtype=torch.float64),
+        torch.ones(1, 5),
+    )
 
 
 @pytest.mark.parametrize(
@@ -383,8 +473,18 @@ def dual_batch():
 )
 def test_ppo_dual_clip_by_hand(dual, expected_loss, expected_grad, clipped, dual_clipped):
     logprobs, old, adv, mask = dual_batch()
-    loss, stats = policy_loss("ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                              total_tokens=5, total_sequences=1, clip_ratio_dual=dual)
+    loss, stats = policy_loss(
+        "ppo",
+        logprobs,
+        old,
+        adv,
+        mask,
+        clip_low=LOW,
+        clip_high=HIGH,
+        total_tokens=5,
+        total_sequences=1,
+        clip_ratio_dual=dual,
+    )
     assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
     assert (stats.clipped_tokens, stats.dual_clipped_tokens) == (clipped, dual_clipped)
     loss.backward()
@@ -393,7 +493,9 @@ def test_ppo_dual_clip_by_hand(dual, expected_loss, expected_grad, clipped, dual
 
 def test_dual_clip_is_the_default_and_only_touches_ppo():
     logprobs, old, adv, mask = dual_batch()
-    default, _ = policy_loss("ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=1)
+    default, _ = policy_loss(
+        "ppo", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=1
+    )
     assert default.item() == pytest.approx(1.22, rel=1e-12)
     for loss_fn in ("importance_sampling", "cispo"):
         args = dict(clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=1)
@@ -401,8 +503,9 @@ def test_dual_clip_is_the_default_and_only_touches_ppo():
         off, _ = policy_loss(loss_fn, logprobs, old, adv, mask, clip_ratio_dual=None, **args)
         assert on.item() == off.item()
     # importance_sampling by hand: -sum(r * A) / 5 = -(-4 - 2 - 0.5 + 4 - 5) / 5 = 7.5 / 5
-    is_loss, _ = policy_loss("importance_sampling", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                             total_tokens=5, total_sequences=1)
+    is_loss, _ = policy_loss(
+        "importance_sampling", logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH, total_tokens=5, total_sequences=1
+    )
     assert is_loss.item() == pytest.approx(1.5, rel=1e-12)
 
 
@@ -426,8 +529,18 @@ def test_a_stale_token_cannot_overflow_the_ratio(dtype):
     }
     for (loss_fn, dual), expected in cases.items():
         logprobs.grad = None
-        loss, stats = policy_loss(loss_fn, logprobs, old, adv, mask, clip_low=LOW, clip_high=HIGH,
-                                  total_tokens=3, total_sequences=1, clip_ratio_dual=dual)
+        loss, stats = policy_loss(
+            loss_fn,
+            logprobs,
+            old,
+            adv,
+            mask,
+            clip_low=LOW,
+            clip_high=HIGH,
+            total_tokens=3,
+            total_sequences=1,
+            clip_ratio_dual=dual,
+        )
         assert math.isfinite(loss.item()), (loss_fn, dual)
         assert loss.item() == pytest.approx(expected, rel=2e-2, abs=1e-6), (loss_fn, dual)
         assert math.isfinite(stats.ratio_sum) and math.isfinite(stats.approx_kl_sum)
@@ -438,9 +551,19 @@ def test_a_stale_token_cannot_overflow_the_ratio(dtype):
 def test_kl_term_log_ratio_is_bounded_too():
     logprobs = torch.tensor([[-300.0, -1.0]], requires_grad=True)
     ref = torch.tensor([[-0.5, -1.0]])  # ref - logp = 299.5: k3 = exp(299.5) - ... overflows unbounded
-    loss, stats = policy_loss("ppo", logprobs, logprobs.detach(), torch.zeros(1, 2), torch.ones(1, 2),
-                              clip_low=LOW, clip_high=HIGH, total_tokens=2, total_sequences=1,
-                              ref_logprobs=ref, kl_coef=0.1)
+    loss, stats = policy_loss(
+        "ppo",
+        logprobs,
+        logprobs.detach(),
+        torch.zeros(1, 2),
+        torch.ones(1, 2),
+        clip_low=LOW,
+        clip_high=HIGH,
+        total_tokens=2,
+        total_sequences=1,
+        ref_logprobs=ref,
+        kl_coef=0.1,
+    )
     expected_k3 = math.exp(20.0) - 20.0 - 1.0  # the bounded log-ratio 20, then k3 = e^x - x - 1
     assert stats.ref_kl_sum == pytest.approx(expected_k3, rel=1e-6)
     assert loss.item() == pytest.approx(0.1 * expected_k3 / 2, rel=1e-6)

@@ -49,7 +49,11 @@ def make_run(run_dir, run_id, iterations, extra=(), train=True) -> TrainingRun:
     """An original run made stage by stage, as the train flow does (without tracking or evaluation)."""
     from tasks.validate import validate_trajectories
 
-    run = TrainingRun(load_config(None, TINY + [*extra, f"iterations={iterations}", f"storage.run_dir={run_dir}", f"storage.run_id={run_id}"]))
+    run = TrainingRun(
+        load_config(
+            None, TINY + [*extra, f"iterations={iterations}", f"storage.run_dir={run_dir}", f"storage.run_id={run_id}"]
+        )
+    )
     for iteration in range(1, iterations + 1):
         episodes = run.collect(iteration)
         run.write(iteration, episodes)
@@ -117,10 +121,16 @@ def test_stored_verdict_is_the_one_the_validate_task_wrote(runs):
     "kwargs, message",
     [
         ({"run_id": "nope"}, r"unknown run 'nope'.*runs in .*\['faulty', 'orig'\]"),
-        ({"run_id": "orig", "first": 5, "last": 9}, r"run 'orig' has no committed iteration in 5\.\.9 \(committed: \[1, 2\]"),
+        (
+            {"run_id": "orig", "first": 5, "last": 9},
+            r"run 'orig' has no committed iteration in 5\.\.9 \(committed: \[1, 2\]",
+        ),
         ({"run_id": "orig", "first": 2, "last": 1}, r"range 2\.\.1 is empty"),
         ({"run_id": "faulty"}, r"run 'faulty' has no committed iteration.*quarantined: \[1\]"),
-        ({"manifests": ["missing/iteration-000001.manifest.json"]}, r"manifest missing/iteration-000001.manifest.json does not exist"),
+        (
+            {"manifests": ["missing/iteration-000001.manifest.json"]},
+            r"manifest missing/iteration-000001.manifest.json does not exist",
+        ),
         ({}, r"nothing selected"),
     ],
 )
@@ -204,11 +214,16 @@ def test_retrain_reproduces_the_original_parameters(runs):
     assert [(s.iteration, s.step) for s in report.steps] == [(1, 1), (2, 2)]
     assert all(s.matches_original for s in report.steps) and report.changed_fields == [] and report.notes == []
     for step in ("step-000001", "step-000002"):
-        replayed, first = state_dict(runs / "orig-again" / "checkpoints" / step), state_dict(runs / "orig" / "checkpoints" / step)
+        replayed, first = (
+            state_dict(runs / "orig-again" / "checkpoints" / step),
+            state_dict(runs / "orig" / "checkpoints" / step),
+        )
         assert replayed.keys() == first.keys()
         for name in first:
             assert torch.equal(replayed[name], first[name]), (step, name)
-    assert sorted(p.name for p in (runs / "orig" / "checkpoints").iterdir()) == original  # the original run is untouched
+    assert (
+        sorted(p.name for p in (runs / "orig" / "checkpoints").iterdir()) == original
+    )  # the original run is untouched
     lineage = json.loads((runs / "orig-again" / "replay.json").read_text())
     assert lineage["replay_of"] == "orig" and [b["iteration"] for b in lineage["batches"]] == [1, 2]
     assert not (runs / "orig-again" / "trajectories").exists()
@@ -224,9 +239,13 @@ def test_retrain_with_an_override_differs_and_says_so(runs):
 def test_retrain_with_more_steps_per_batch_is_not_compared_with_another_iterations_checkpoint(runs):
     """Two optimizer steps per batch put iteration 1 at step 2, where the original holds its iteration 2
     checkpoint: no comparison is made (it would report the difference of another batch's update)."""
-    report = retrain(select_batches(runs, "orig"), new_run_id="orig-mb2", overrides=["optimizer.mini_batches_per_step=2"])
+    report = retrain(
+        select_batches(runs, "orig"), new_run_id="orig-mb2", overrides=["optimizer.mini_batches_per_step=2"]
+    )
     assert [(s.iteration, s.step) for s in report.steps] == [(1, 2), (2, 4)]
-    assert [(s.original_checkpoint, s.max_abs_diff, s.matches_original) for s in report.steps] == [(None, None, None)] * 2
+    assert [(s.original_checkpoint, s.max_abs_diff, s.matches_original) for s in report.steps] == [
+        (None, None, None)
+    ] * 2
 
 
 def test_retrain_never_writes_into_an_existing_run(runs, quarantined_manifest):
@@ -245,7 +264,11 @@ def test_retrain_never_writes_into_an_existing_run(runs, quarantined_manifest):
 def test_transcript_shows_every_turn(runs):
     iteration, index, episode = next(x for x in stored_episodes(runs) if any(t.role == "tool" for t in x[2].turns))
     text = render_transcript(episode)
-    assert episode.group_id in text and f"finish reason:  {episode.finish_reason}" in text and f"{episode.reward:.3f}" in text
+    assert (
+        episode.group_id in text
+        and f"finish reason:  {episode.finish_reason}" in text
+        and f"{episode.reward:.3f}" in text
+    )
     position = 0
     for turn in episode.turns:
         found = text.index(turn.text, position)  # every turn, in order
@@ -264,7 +287,10 @@ def test_episode_refs(runs):
     episodes = read_episodes(select_batches(runs, "orig")[0])
     chosen = episodes[5]
     assert pick_episode(episodes, EpisodeRef(iteration=1, episode=5)) == (5, chosen)
-    assert pick_episode(episodes, EpisodeRef(iteration=1, group_id=chosen.group_id, sample=chosen.sample_index)) == (5, chosen)
+    assert pick_episode(episodes, EpisodeRef(iteration=1, group_id=chosen.group_id, sample=chosen.sample_index)) == (
+        5,
+        chosen,
+    )
     with pytest.raises(ReplayError, match=r"has 8 episodes \(0\.\.7\); episode 8 is out of range"):
         pick_episode(episodes, EpisodeRef(iteration=1, episode=8))
     with pytest.raises(ReplayError, match=r"no group 'g' sample 0"):
@@ -285,21 +311,52 @@ def test_transcript_command(runs, capsys):
     chosen = TrajectoryStore(runs).read("orig", 2)[3]
     assert cli("transcript", "orig", "--iteration", "2", "--episode", "3", "--run-dir", str(runs)) == 0
     assert capsys.readouterr().out == render_transcript(chosen)
-    assert cli("transcript", "orig", "--iteration", "2", "--group", chosen.group_id, "--sample", str(chosen.sample_index),
-               "--run-dir", str(runs), "--markdown") == 0
+    assert (
+        cli(
+            "transcript",
+            "orig",
+            "--iteration",
+            "2",
+            "--group",
+            chosen.group_id,
+            "--sample",
+            str(chosen.sample_index),
+            "--run-dir",
+            str(runs),
+            "--markdown",
+        )
+        == 0
+    )
     assert capsys.readouterr().out == render_transcript(chosen, markdown=True)
-    assert cli("transcript", "faulty", "--iteration", "1", "--run-dir", str(runs)) == 0  # falls back to the quarantined copy
+    assert (
+        cli("transcript", "faulty", "--iteration", "1", "--run-dir", str(runs)) == 0
+    )  # falls back to the quarantined copy
     assert "faulty iteration 1" in capsys.readouterr().out
     assert cli("transcript", "orig", "--iteration", "7", "--run-dir", str(runs)) == 2
     assert "run 'orig' has no batch for iteration 7 (committed: [1, 2]" in capsys.readouterr().err
 
 
 def test_a_bad_retrain_override_is_refused_in_one_line_before_the_flow_starts(runs, capsys):
-    assert cli("replay", "orig", "--run-dir", str(runs), "--no-revalidate", "--retrain", "--retrain-run-id", "orig-bad-set",
-               "--retrain-set", "algorithm.clip_ratio_dual=0.5") == 2
+    assert (
+        cli(
+            "replay",
+            "orig",
+            "--run-dir",
+            str(runs),
+            "--no-revalidate",
+            "--retrain",
+            "--retrain-run-id",
+            "orig-bad-set",
+            "--retrain-set",
+            "algorithm.clip_ratio_dual=0.5",
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert err == ("turnstile replay: bad retrain override(s) ['algorithm.clip_ratio_dual=0.5']: "
-                   "algorithm.clip_ratio_dual: Input should be greater than 1")
+    assert err == (
+        "turnstile replay: bad retrain override(s) ['algorithm.clip_ratio_dual=0.5']: "
+        "algorithm.clip_ratio_dual: Input should be greater than 1"
+    )
     assert not (runs / "orig-bad-set").exists()
 
 
@@ -327,7 +384,11 @@ def test_flow_reports_a_changed_verdict_under_current_thresholds(runs, tmp_path)
 
     strict = tmp_path / "strict.yaml"
     strict.write_text("validation:\n  reward_min: 2.0\n  reward_max: 3.0\n")
-    summary = replay_flow(ReplaySettings(run_id="orig", run_dir=str(runs), last_iteration=1, validation="current", config_path=str(strict)))
+    summary = replay_flow(
+        ReplaySettings(
+            run_id="orig", run_dir=str(runs), last_iteration=1, validation="current", config_path=str(strict)
+        )
+    )
     [verdict] = summary["revalidation"]
     assert (verdict["stored_passed"], verdict["new_passed"], verdict["status"]) == (True, False, "changed")
     assert verdict["checks_changed"] == ["reward_in_range"] and "reward" in verdict["new_reason"]
@@ -338,16 +399,28 @@ def test_flow_runs_every_part_and_publishes_artifacts(runs):
 
     from flows.replay import ReplaySettings, replay_flow
 
-    settings = ReplaySettings(run_id="orig", run_dir=str(runs), scorer="strict", success_threshold=THRESHOLD, retrain=True,
-                              retrain_run_id="orig-flow", transcripts=[EpisodeRef(iteration=2, episode=1)])
+    settings = ReplaySettings(
+        run_id="orig",
+        run_dir=str(runs),
+        scorer="strict",
+        success_threshold=THRESHOLD,
+        retrain=True,
+        retrain_run_id="orig-flow",
+        transcripts=[EpisodeRef(iteration=2, episode=1)],
+    )
     summary = replay_flow(settings)
     assert [c["status"] for c in summary["revalidation"]] == ["same", "same"]
     assert summary["rescoring"]["total"]["success_to_failure"] > 0
     assert [s["matches_original"] for s in summary["retraining"]["steps"]] == [True, True]
     [transcript] = summary["transcripts"]
     assert transcript["text"] == render_transcript(TrajectoryStore(runs).read("orig", 2)[1])
-    for key in ("replay-orig-revalidation", "replay-orig-rescoring", "replay-orig-rescoring-changes", "replay-orig-retraining",
-                "replay-orig-transcript-iteration-2-episode-1"):
+    for key in (
+        "replay-orig-revalidation",
+        "replay-orig-rescoring",
+        "replay-orig-rescoring-changes",
+        "replay-orig-retraining",
+        "replay-orig-transcript-iteration-2-episode-1",
+    ):
         assert Artifact.get(key) is not None, key
 
 
@@ -359,7 +432,9 @@ def test_flow_names_bad_input_before_doing_anything(runs):
     with pytest.raises(ReplayError, match="cannot import module 'nope'"):
         check_settings(ReplaySettings(run_id="orig", run_dir=str(runs), scorer="nope:score"))
     with pytest.raises(ReplayError, match=r"iteration 3 is not among the selected batches"):
-        check_settings(ReplaySettings(run_id="orig", run_dir=str(runs), transcripts=[EpisodeRef(iteration=3, episode=0)]))
+        check_settings(
+            ReplaySettings(run_id="orig", run_dir=str(runs), transcripts=[EpisodeRef(iteration=3, episode=0)])
+        )
     with pytest.raises(ReplayError, match="either manifest paths or a run_id"):
         check_settings(ReplaySettings(run_id="orig", run_dir=str(runs), manifests=["x.manifest.json"]))
     with pytest.raises(ValidationError, match="nothing to do"):

@@ -18,7 +18,9 @@ def train(run: TrainingRun, iterations: range) -> None:
 
 
 def test_stopped_after_step_2_and_resumed_matches_an_uninterrupted_run(tmp_path):
-    straight = TrainingRun(load_config(None, SMALL + ["iterations=4", f"storage.run_dir={tmp_path}", "storage.run_id=straight"]))
+    straight = TrainingRun(
+        load_config(None, SMALL + ["iterations=4", f"storage.run_dir={tmp_path}", "storage.run_id=straight"])
+    )
     train(straight, range(1, 5))
 
     cfg = load_config(None, SMALL + ["iterations=4", f"storage.run_dir={tmp_path}", "storage.run_id=stopped"])
@@ -42,8 +44,16 @@ def test_stopped_after_step_2_and_resumed_matches_an_uninterrupted_run(tmp_path)
 def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
     from rl_core.trainer import informative
 
-    cfg = load_config(None, ["rollout.group_size=4", "rollout.global_batch_size=32", "algorithm.zero_variance_groups=resample",
-                             f"storage.run_dir={tmp_path}", "storage.run_id=dyn"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.group_size=4",
+            "rollout.global_batch_size=32",
+            "algorithm.zero_variance_groups=resample",
+            f"storage.run_dir={tmp_path}",
+            "storage.run_id=dyn",
+        ],
+    )
     run = TrainingRun(cfg)
     episodes = run.collect(1)
     groups = {e.group_id for e in episodes}
@@ -53,8 +63,16 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
 
 
 def test_overlapped_collection_samples_one_step_behind_and_nothing_is_dropped(tmp_path):
-    cfg = load_config(None, SMALL + ["rollout.overlap_collection=true", "algorithm.max_steps_off_policy=1",
-                                     f"storage.run_dir={tmp_path}", "storage.run_id=overlap"])
+    cfg = load_config(
+        None,
+        SMALL
+        + [
+            "rollout.overlap_collection=true",
+            "algorithm.max_steps_off_policy=1",
+            f"storage.run_dir={tmp_path}",
+            "storage.run_id=overlap",
+        ],
+    )
     run = TrainingRun(cfg)
     seen = []
     for iteration, episodes in run.batches(1, 3):

@@ -1,9 +1,8 @@
 """The rollout engine: token-in/token-out records, masks, finish reasons, environment faults."""
 
-import pytest
 import torch
 
-from rl_core.environments.base import EnvSession, Environment, StepResult, Task
+from rl_core.environments.base import Environment, EnvSession, StepResult, Task
 from rl_core.generation import Generation
 from rl_core.rollout import RolloutSettings, collect_rollouts
 from rl_core.trajectory import Sampling
@@ -70,7 +69,9 @@ def settings(**kw):
 def test_record_is_token_in_token_out_with_exact_masks(tiny_policy):
     env = ScriptedEnv(answer_after=3)
     sampler = scripted_sampler(tiny_policy)
-    [ep] = collect_rollouts(tiny_policy, [(env, TASK)], settings(), group_size=1, run_id="r", iteration=1, sampler=sampler)
+    [ep] = collect_rollouts(
+        tiny_policy, [(env, TASK)], settings(), group_size=1, run_id="r", iteration=1, sampler=sampler
+    )
     tok, chat = tiny_policy.tokenizer, tiny_policy.chat
     action = tok.encode('CALL lookup {"id": "1"}', add_special_tokens=False) + [chat.stop_id]
     expected = chat.prompt(tok, "Use the tools.", "Solve task one.")
@@ -90,7 +91,7 @@ def test_record_is_token_in_token_out_with_exact_masks(tiny_policy):
     assert ep.prompt_tokens == len(chat.prompt(tok, "Use the tools.", "Solve task one."))
     assistant = [t for t in ep.turns if t.role == "assistant"]
     for t in assistant:
-        assert set(ep.loss_mask[t.start:t.end]) == {1} and t.text == 'CALL lookup {"id": "1"}'
+        assert set(ep.loss_mask[t.start : t.end]) == {1} and t.text == 'CALL lookup {"id": "1"}'
     assert sum(t.end - t.start for t in assistant) == sum(ep.loss_mask)
     assert env.seen == ['CALL lookup {"id": "1"}'] * 3
 
@@ -105,30 +106,70 @@ def test_generation_is_batched_across_all_live_episodes(tiny_policy):
 
 
 def test_max_turns(tiny_policy):
-    [ep] = collect_rollouts(tiny_policy, [(ScriptedEnv(answer_after=99), TASK)], settings(max_turns=2), group_size=1, run_id="r", iteration=1, sampler=scripted_sampler(tiny_policy))
+    [ep] = collect_rollouts(
+        tiny_policy,
+        [(ScriptedEnv(answer_after=99), TASK)],
+        settings(max_turns=2),
+        group_size=1,
+        run_id="r",
+        iteration=1,
+        sampler=scripted_sampler(tiny_policy),
+    )
     assert ep.finish_reason == "max_turns" and ep.num_turns == 2 and ep.reward == -0.1 and not ep.success
 
 
 def test_token_cap(tiny_policy):
-    [ep] = collect_rollouts(tiny_policy, [(ScriptedEnv(), TASK)], settings(max_tokens_per_turn=4), group_size=1, run_id="r", iteration=1, sampler=scripted_sampler(tiny_policy))
+    [ep] = collect_rollouts(
+        tiny_policy,
+        [(ScriptedEnv(), TASK)],
+        settings(max_tokens_per_turn=4),
+        group_size=1,
+        run_id="r",
+        iteration=1,
+        sampler=scripted_sampler(tiny_policy),
+    )
     assert ep.finish_reason == "token_cap" and ep.response_tokens == 4 and ep.reward == -0.1
 
 
 def test_context_overflow(tiny_policy):
     prompt_len = len(tiny_policy.chat.prompt(tiny_policy.tokenizer, "Use the tools.", "Solve task one."))
-    [ep] = collect_rollouts(tiny_policy, [(ScriptedEnv(answer_after=99), TASK)], settings(context_window=prompt_len + 30), group_size=1, run_id="r", iteration=1, sampler=scripted_sampler(tiny_policy))
+    [ep] = collect_rollouts(
+        tiny_policy,
+        [(ScriptedEnv(answer_after=99), TASK)],
+        settings(context_window=prompt_len + 30),
+        group_size=1,
+        run_id="r",
+        iteration=1,
+        sampler=scripted_sampler(tiny_policy),
+    )
     assert ep.finish_reason == "context_overflow" and len(ep.tokens) <= prompt_len + 30
 
 
 def test_transient_environment_fault_is_retried(tiny_policy):
     env = ScriptedEnv(answer_after=1, fail_times=1)
-    [ep] = collect_rollouts(tiny_policy, [(env, TASK)], settings(), group_size=1, run_id="r", iteration=1, sampler=scripted_sampler(tiny_policy))
+    [ep] = collect_rollouts(
+        tiny_policy,
+        [(env, TASK)],
+        settings(),
+        group_size=1,
+        run_id="r",
+        iteration=1,
+        sampler=scripted_sampler(tiny_policy),
+    )
     assert ep.finish_reason == "answered" and ep.attempts == 2
 
 
 def test_permanent_environment_fault_is_recorded_not_raised(tiny_policy):
     env = ScriptedEnv(answer_after=1, fail_times=100)
-    eps = collect_rollouts(tiny_policy, [(env, TASK)], settings(max_retries=2), group_size=2, run_id="r", iteration=1, sampler=scripted_sampler(tiny_policy))
+    eps = collect_rollouts(
+        tiny_policy,
+        [(env, TASK)],
+        settings(max_retries=2),
+        group_size=2,
+        run_id="r",
+        iteration=1,
+        sampler=scripted_sampler(tiny_policy),
+    )
     assert [e.finish_reason for e in eps] == ["env_error", "env_error"]
     assert all(e.attempts == 3 and "tool backend unreachable" in e.env_error and not e.success for e in eps)
 
@@ -136,8 +177,13 @@ def test_permanent_environment_fault_is_recorded_not_raised(tiny_policy):
 def test_real_policy_rollout_masks_line_up(tiny_policy):
     """With the real sampler, masks and log-probs line up with the generated spans."""
     eps = collect_rollouts(
-        tiny_policy, [(ScriptedEnv(answer_after=2), TASK)], settings(max_tokens_per_turn=6), group_size=3,
-        run_id="r", iteration=1, generator=torch.Generator().manual_seed(0),
+        tiny_policy,
+        [(ScriptedEnv(answer_after=2), TASK)],
+        settings(max_tokens_per_turn=6),
+        group_size=3,
+        run_id="r",
+        iteration=1,
+        generator=torch.Generator().manual_seed(0),
     )
     for ep in eps:
         assert len(ep.tokens) == len(ep.loss_mask) == len(ep.behavior_logprobs)
@@ -149,10 +195,36 @@ def test_real_policy_rollout_masks_line_up(tiny_policy):
 
 def test_episodes_record_what_the_sampler_was_asked(tiny_policy):
     tiny_policy.version = 3
-    [scripted] = collect_rollouts(tiny_policy, [(ScriptedEnv(answer_after=1), TASK)], settings(temperature=0.7, max_tokens_per_turn=12), group_size=1, run_id="r", iteration=1, sampler=scripted_sampler(tiny_policy), backend="vllm")
-    assert scripted.sampling == Sampling(temperature=0.7, top_p=1.0, max_tokens_per_turn=12, backend="vllm", policy_version=3)
-    [unnamed] = collect_rollouts(tiny_policy, [(ScriptedEnv(answer_after=1), TASK)], settings(), group_size=1, run_id="r", iteration=1, sampler=scripted_sampler(tiny_policy))
+    [scripted] = collect_rollouts(
+        tiny_policy,
+        [(ScriptedEnv(answer_after=1), TASK)],
+        settings(temperature=0.7, max_tokens_per_turn=12),
+        group_size=1,
+        run_id="r",
+        iteration=1,
+        sampler=scripted_sampler(tiny_policy),
+        backend="vllm",
+    )
+    assert scripted.sampling == Sampling(
+        temperature=0.7, top_p=1.0, max_tokens_per_turn=12, backend="vllm", policy_version=3
+    )
+    [unnamed] = collect_rollouts(
+        tiny_policy,
+        [(ScriptedEnv(answer_after=1), TASK)],
+        settings(),
+        group_size=1,
+        run_id="r",
+        iteration=1,
+        sampler=scripted_sampler(tiny_policy),
+    )
     assert unnamed.sampling.backend == "custom"
-    [own] = collect_rollouts(tiny_policy, [(ScriptedEnv(answer_after=1), TASK)], settings(temperature=0.0, max_tokens_per_turn=4), group_size=1, run_id="r", iteration=1)
+    [own] = collect_rollouts(
+        tiny_policy,
+        [(ScriptedEnv(answer_after=1), TASK)],
+        settings(temperature=0.0, max_tokens_per_turn=4),
+        group_size=1,
+        run_id="r",
+        iteration=1,
+    )
     assert own.sampling == Sampling(temperature=0.0, top_p=1.0, max_tokens_per_turn=4, backend="hf", policy_version=3)
     assert own.policy_version == 3

@@ -92,9 +92,7 @@ def make_batch(iteration: int = 1) -> list[Episode]:
         make_episode(0, iteration=iteration),
         make_episode(1, iteration=iteration, tool_ok=None),
         make_episode(2, iteration=iteration, tool_ok=False, finish_reason="max_turns"),
-        make_episode(
-            3, iteration=iteration, finish_reason="env_error", env_error="ConnectionError: sandbox"
-        ),
+        make_episode(3, iteration=iteration, finish_reason="env_error", env_error="ConnectionError: sandbox"),
     ]
 
 
@@ -224,9 +222,7 @@ def test_truncated_file_is_rejected(store: TrajectoryStore) -> None:
         ("iteration", 2, "manifest names run"),
     ],
 )
-def test_manifest_disagreement_is_rejected(
-    store: TrajectoryStore, field: str, value: int, problem: str
-) -> None:
+def test_manifest_disagreement_is_rejected(store: TrajectoryStore, field: str, value: int, problem: str) -> None:
     store.write(RUN, 1, make_batch())
     manifest_path = store.manifest_path(RUN, 1)
     data = json.loads(manifest_path.read_text())
@@ -293,9 +289,7 @@ def test_overwrite_is_refused_and_original_left_intact(store: TrajectoryStore) -
     ]
 
 
-def test_write_that_fails_midway_leaves_no_temp_files(
-    store: TrajectoryStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_write_that_fails_midway_leaves_no_temp_files(store: TrajectoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
     def write_half_then_fail(table, where, **kwargs):
         where.write(b"PAR1 partial row group")
         raise OSError("disk full")

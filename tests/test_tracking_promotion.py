@@ -79,8 +79,14 @@ def make_checkpoint(root: Path, step: int) -> Path:
 
 def manifest(iteration: int) -> Manifest:
     return Manifest(
-        run_id="run-test", iteration=iteration, file=f"iteration-{iteration:06d}.parquet", rows=32,
-        sha256=f"{iteration:064x}", bytes=1000, schema_version=1, created_at=datetime(2025, 1, 1, tzinfo=timezone.utc),
+        run_id="run-test",
+        iteration=iteration,
+        file=f"iteration-{iteration:06d}.parquet",
+        rows=32,
+        sha256=f"{iteration:064x}",
+        bytes=1000,
+        schema_version=1,
+        created_at=datetime(2025, 1, 1, tzinfo=timezone.utc),
     )
 
 
@@ -97,7 +103,10 @@ def register(client, cfg, tracker, tmp_path, step: int, pass_at_1: float, tasks=
 def gate_and_promote(client, version: str, candidate: float, floor: float = 0.0) -> GateDecision:
     current = champion(client, MODEL)
     decision = decide(
-        candidate, current.pass_at_1 if current else None, GateConfig(min_pass_at_1=floor), champion_version=current.version if current else None
+        candidate,
+        current.pass_at_1 if current else None,
+        GateConfig(min_pass_at_1=floor),
+        champion_version=current.version if current else None,
     )
     assert promote(client, MODEL, version, decision, decision.champion_version).applied
     return decision
@@ -162,19 +171,27 @@ def test_start_creates_one_run_with_tags_and_the_flattened_config(cfg, client):
 
 
 def test_long_param_values_are_cut_to_mlflow_limit(cfg):
-    long = cfg.model_copy(update={"environment": cfg.environment.model_copy(update={"env_kwargs": {"blob": "x" * 7000}})})
+    long = cfg.model_copy(
+        update={"environment": cfg.environment.model_copy(update={"env_kwargs": {"blob": "x" * 7000}})}
+    )
     value = flatten_config(long)["environment.env_kwargs"]
     assert len(value) == 6000 and value.endswith("chars]")
 
 
 def test_metrics_are_retrievable_by_name_and_step(tracker, client):
     tracker.log_metrics({"rollout/reward/mean": 0.25, "analysis/zero_adv_groups": 0.5, "train/loss": 1.5}, step=1)
-    tracker.log_metrics({"rollout/reward/mean": 0.75, "val/pass_at_1": 0.4, "val/pass_at_k/4": 0.9, "val/pass@1": 0.4}, step=2)
+    tracker.log_metrics(
+        {"rollout/reward/mean": 0.75, "val/pass_at_1": 0.4, "val/pass_at_k/4": 0.9, "val/pass@1": 0.4}, step=2
+    )
 
     reward = client.get_metric_history(tracker.mlflow_run_id, "rollout/reward/mean")
     assert sorted((m.step, m.value) for m in reward) == [(1, 0.25), (2, 0.75)]
-    assert [(m.step, m.value) for m in client.get_metric_history(tracker.mlflow_run_id, "val/pass_at_k/4")] == [(2, 0.9)]
-    assert [(m.step, m.value) for m in client.get_metric_history(tracker.mlflow_run_id, "analysis/zero_adv_groups")] == [(1, 0.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.mlflow_run_id, "val/pass_at_k/4")] == [
+        (2, 0.9)
+    ]
+    assert [
+        (m.step, m.value) for m in client.get_metric_history(tracker.mlflow_run_id, "analysis/zero_adv_groups")
+    ] == [(1, 0.5)]
     latest = client.get_run(tracker.mlflow_run_id).data.metrics
     assert latest["val/pass_at_1"] == 0.4 and "val/pass@1" not in latest
 
@@ -257,20 +274,29 @@ def test_registration_logs_the_checkpoint_and_tags_its_lineage(cfg, tracker, cli
     assert mv.run_id == tracker.mlflow_run_id
     assert mv.source == f"{tracker.artifact_uri}/checkpoints/step-000003"
     assert {f.path for f in client.list_artifacts(tracker.mlflow_run_id, "checkpoints/step-000003")} == {
-        "checkpoints/step-000003/config.json", "checkpoints/step-000003/trainer_state.json",
+        "checkpoints/step-000003/config.json",
+        "checkpoints/step-000003/trainer_state.json",
     }
     assert mv.tags["config_hash"] == config_hash(cfg)
     assert mv.tags["step"] == "3"
     assert json.loads(mv.tags["manifests"]) == [
         {"run_id": "run-test", "iteration": i, "sha256": f"{i:064x}"} for i in (1, 2, 3)
     ]
-    assert json.loads(mv.tags["validation"]) == {"iteration-1": "passed", "iteration-2": "passed", "iteration-3": "passed"}
+    assert json.loads(mv.tags["validation"]) == {
+        "iteration-1": "passed",
+        "iteration-2": "passed",
+        "iteration-3": "passed",
+    }
     assert mv.tags["pass_at_1"] == "0.5"
     assert mv.tags["eval_tasks_hash"] == task_set_hash(reversed(EVAL_TASKS))
-    lineage = json.loads(Path(client.download_artifacts(tracker.mlflow_run_id, "lineage/step-000003.json", str(tmp_path))).read_text())
+    lineage = json.loads(
+        Path(client.download_artifacts(tracker.mlflow_run_id, "lineage/step-000003.json", str(tmp_path))).read_text()
+    )
     assert lineage["step"] == 3 and len(lineage["manifests"]) == 3
 
-    again = register_checkpoint(client, cfg, tmp_path / "checkpoints" / "step-000003", tracker.mlflow_run_id, {"pass_at_1": 0.5})
+    again = register_checkpoint(
+        client, cfg, tmp_path / "checkpoints" / "step-000003", tracker.mlflow_run_id, {"pass_at_1": 0.5}
+    )
     assert again == "1"
     assert register(client, cfg, tracker, tmp_path, step=4, pass_at_1=0.6) == "2"
 
@@ -387,7 +413,9 @@ def test_prefect_tasks_retry_transient_failures_and_publish_the_gate(prefect_har
         log_metrics_task.with_options(retry_delay_seconds=0)(tracker, {"val/pass_at_1": 0.5}, 0)
         version = register_checkpoint_task(cfg, tracker, make_checkpoint(tmp_path, 1), {"pass_at_1": 0.5})
         current, _ = champion_task(cfg)
-        decision = gate_candidate(0.5, current.pass_at_1 if current else None, cfg.gate, champion_version=current.version if current else None)
+        decision = gate_candidate(
+            0.5, current.pass_at_1 if current else None, cfg.gate, champion_version=current.version if current else None
+        )
         assert promote_task(cfg, version, decision, decision.champion_version).applied
         refused = rollback_task(cfg, return_state=True)
         end_tracking(tracker)

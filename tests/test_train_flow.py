@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from mlflow import MlflowClient
 
 from rl_core.store import TrajectoryStore
@@ -39,7 +38,9 @@ def test_two_iterations_end_to_end(prefect_harness, tmp_path):
     assert store.iterations("e2e") == [1, 2]
     for iteration in (1, 2):
         assert store.read_table("e2e", iteration).schema.equals(TRAJECTORY_SCHEMA)
-        report = json.loads((tmp_path / "e2e" / "trajectories" / f"iteration-{iteration:06d}.validation.json").read_text())
+        report = json.loads(
+            (tmp_path / "e2e" / "trajectories" / f"iteration-{iteration:06d}.validation.json").read_text()
+        )
         assert report["passed"] is True and report["rows"] == 8
     assert summary["trained_steps"] == 2 and summary["skipped"] == []
 
@@ -69,9 +70,13 @@ def test_two_iterations_end_to_end(prefect_harness, tmp_path):
     from prefect.artifacts import Artifact
 
     reward_curve = Artifact.get("curve-e2e-reward")
-    assert reward_curve is not None and reward_curve.type == "image" and "data:image/png;base64," in str(reward_curve.data)
+    assert (
+        reward_curve is not None and reward_curve.type == "image" and "data:image/png;base64," in str(reward_curve.data)
+    )
     assert Artifact.get("doctor-e2e") is not None
-    assert str(client.get_model_version_by_alias("turnstile-policy", "champion").version) == summary["candidate_version"]
+    assert (
+        str(client.get_model_version_by_alias("turnstile-policy", "champion").version) == summary["candidate_version"]
+    )
 
 
 def test_permanent_environment_failures_quarantine_the_batch(prefect_harness, tmp_path):
@@ -85,11 +90,17 @@ def test_permanent_environment_failures_quarantine_the_batch(prefect_harness, tm
     summary = run_flow(tmp_path, "faulty", extra)
     assert summary["trained_steps"] == 0
     [skipped] = summary["skipped"]
-    assert "5.0%" in skipped["reason"] and "environment" in skipped["reason"] and "tool backend unreachable" in skipped["reason"]
+    assert (
+        "5.0%" in skipped["reason"]
+        and "environment" in skipped["reason"]
+        and "tool backend unreachable" in skipped["reason"]
+    )
     store = TrajectoryStore(tmp_path)
     assert store.iterations("faulty") == []
     quarantined = tmp_path / "faulty" / "quarantine" / "iteration-000001"
-    assert (quarantined / "iteration-000001.parquet").exists() and (quarantined / "iteration-000001.manifest.json").exists()
+    assert (quarantined / "iteration-000001.parquet").exists() and (
+        quarantined / "iteration-000001.manifest.json"
+    ).exists()
     assert summary["gate"] is None and not (tmp_path / "faulty" / "checkpoints").exists()
 
 

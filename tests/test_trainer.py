@@ -23,10 +23,31 @@ def make_episodes(policy, n=6, seed=0):
         tokens = torch.randint(5, vocab, (sum(lens),), generator=g).tolist()
         mask = [0] * prompt + [1] * gen1 + [0] * obs + [1] * gen2
         logprobs = [(-0.5 - 0.1 * (j % 3)) if m else 0.0 for j, m in enumerate(mask)]
-        turns = [Turn("user", "p", 0, prompt), Turn("assistant", "a", prompt, prompt + gen1),
-                 Turn("tool", "o", prompt + gen1, prompt + gen1 + obs), Turn("assistant", "b", prompt + gen1 + obs, len(tokens))]
-        episodes.append(Episode("r", 1, 0, "env", f"t{i // 2}", f"g{i // 2}", i % 2, tokens, mask, logprobs, turns,
-                                reward=float(i % 2), reward_components={}, success=bool(i % 2), finish_reason="answered"))
+        turns = [
+            Turn("user", "p", 0, prompt),
+            Turn("assistant", "a", prompt, prompt + gen1),
+            Turn("tool", "o", prompt + gen1, prompt + gen1 + obs),
+            Turn("assistant", "b", prompt + gen1 + obs, len(tokens)),
+        ]
+        episodes.append(
+            Episode(
+                "r",
+                1,
+                0,
+                "env",
+                f"t{i // 2}",
+                f"g{i // 2}",
+                i % 2,
+                tokens,
+                mask,
+                logprobs,
+                turns,
+                reward=float(i % 2),
+                reward_components={},
+                success=bool(i % 2),
+                finish_reason="answered",
+            )
+        )
     return episodes
 
 
@@ -147,9 +168,11 @@ def test_per_turn_advantages_land_on_their_turns_tokens(tiny_policy):
     ep = make_episodes(tiny_policy, n=1)[0]
     first, second = [t for t in ep.turns if t.role == "assistant"]
     adv = token_advantages(ep, torch.tensor([0.5, -2.0]))
-    assert set(adv[first.start:first.end].tolist()) == {0.5} and set(adv[second.start:second.end].tolist()) == {-2.0}
-    assert adv[:first.start].abs().sum() == 0 and adv[first.end:second.start].abs().sum() == 0
-    assert set(token_advantages(ep, torch.tensor([1.5]))[second.start:second.end].tolist()) == {1.5}
+    assert set(adv[first.start : first.end].tolist()) == {0.5} and set(adv[second.start : second.end].tolist()) == {
+        -2.0
+    }
+    assert adv[: first.start].abs().sum() == 0 and adv[first.end : second.start].abs().sum() == 0
+    assert set(token_advantages(ep, torch.tensor([1.5]))[second.start : second.end].tolist()) == {1.5}
 
 
 def test_mismatch_is_measured_and_tis_weights_are_capped(tiny_policy):
@@ -176,11 +199,26 @@ def test_kl_penalty_needs_a_reference_and_is_zero_against_itself(tiny_policy):
     with pytest.raises(ValueError, match="reference"):
         Trainer(copy.deepcopy(tiny_policy), AlgorithmConfig(kl_coef=0.1), OptimizerConfig())
     policy = copy.deepcopy(tiny_policy)
-    m = Trainer(policy, AlgorithmConfig(kl_coef=0.1), OptimizerConfig(), reference=copy.deepcopy(tiny_policy.model)).step(make_episodes(policy))
+    m = Trainer(
+        policy, AlgorithmConfig(kl_coef=0.1), OptimizerConfig(), reference=copy.deepcopy(tiny_policy.model)
+    ).step(make_episodes(policy))
     assert m.ref_kl == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("method", ["monte_carlo", "group_based", "group_based_per_turn", "rloo", "reinforce_pp", "reinforce_pp_baseline", "opo", "grpo_passk", "gpg"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "monte_carlo",
+        "group_based",
+        "group_based_per_turn",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+        "opo",
+        "grpo_passk",
+        "gpg",
+    ],
+)
 def test_every_advantage_method_trains(tiny_policy, method):
     policy = copy.deepcopy(tiny_policy)
     episodes = make_episodes(policy)

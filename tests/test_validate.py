@@ -58,11 +58,7 @@ def make_episode(
         tokens += [int(t) for t in rng.integers(5, 300, size=n)]
         generated = role == "assistant"
         mask += [int(generated)] * n
-        logprobs += (
-            [float(x) for x in (-rng.exponential(0.7, size=n)).astype(np.float32)]
-            if generated
-            else [0.0] * n
-        )
+        logprobs += [float(x) for x in (-rng.exponential(0.7, size=n)).astype(np.float32)] if generated else [0.0] * n
         last = i == len(spans) - 1
         turns.append(
             Turn(
@@ -72,11 +68,7 @@ def make_episode(
                 end=len(tokens),
                 tool_name="get_order" if role == "tool" else None,
                 tool_ok=True if role == "tool" else None,
-                finish_reason=(
-                    ("length" if finish_reason == "token_cap" and last else "stop")
-                    if generated
-                    else None
-                ),
+                finish_reason=(("length" if finish_reason == "token_cap" and last else "stop") if generated else None),
             )
         )
     return Episode(
@@ -147,9 +139,7 @@ def with_endings(count: int, finish_reason: str, env_error: str | None = None) -
     answered = rows_where(episodes, "answered")
     for row in answered[:count]:
         ep = episodes[row]
-        episodes[row] = make_episode(
-            int(ep.group_id[1:]), ep.sample_index, 0.0, finish_reason, env_error
-        )
+        episodes[row] = make_episode(int(ep.group_id[1:]), ep.sample_index, 0.0, finish_reason, env_error)
     return episodes_to_table(episodes)
 
 
@@ -219,10 +209,14 @@ def test_zero_variance_group_share(good_report, good_table):
 
     small = episodes_to_table(
         [
-            make_episode(0, 0, 1.0), make_episode(0, 1, 1.0),  # constant
-            make_episode(1, 0, 0.0), make_episode(1, 1, 1.0),  # varied
+            make_episode(0, 0, 1.0),
+            make_episode(0, 1, 1.0),  # constant
+            make_episode(1, 0, 0.0),
+            make_episode(1, 1, 1.0),  # varied
             make_episode(2, 0, 0.5),  # a single sample is constant
-            make_episode(3, 0, -0.1), make_episode(3, 1, -0.1), make_episode(3, 2, 0.5),
+            make_episode(3, 0, -0.1),
+            make_episode(3, 1, -0.1),
+            make_episode(3, 2, 0.5),
         ]
     )
     report = validate_batch(small, CFG)
@@ -357,13 +351,27 @@ def overflowed_episode(group: int, sample: int, prompt_tokens: int = 900) -> Epi
     rng = np.random.default_rng(group * 100 + sample)
     tokens = [int(t) for t in rng.integers(5, 300, size=prompt_tokens)]
     return Episode(
-        run_id=RUN, iteration=1, policy_version=0, env_name="sop", task_id=f"task-{group:03d}",
-        group_id=f"g{group:03d}", sample_index=sample, tokens=tokens, loss_mask=[0] * prompt_tokens,
+        run_id=RUN,
+        iteration=1,
+        policy_version=0,
+        env_name="sop",
+        task_id=f"task-{group:03d}",
+        group_id=f"g{group:03d}",
+        sample_index=sample,
+        tokens=tokens,
+        loss_mask=[0] * prompt_tokens,
         behavior_logprobs=[0.0] * prompt_tokens,
-        turns=[Turn(role="system", text="a very long procedure", start=0, end=prompt_tokens - 10),
-               Turn(role="user", text="the task", start=prompt_tokens - 10, end=prompt_tokens)],
-        reward=0.0, reward_components={}, success=False, finish_reason="context_overflow",
-        env_error=None, attempts=1, created_at=T0,
+        turns=[
+            Turn(role="system", text="a very long procedure", start=0, end=prompt_tokens - 10),
+            Turn(role="user", text="the task", start=prompt_tokens - 10, end=prompt_tokens),
+        ],
+        reward=0.0,
+        reward_components={},
+        success=False,
+        finish_reason="context_overflow",
+        env_error=None,
+        attempts=1,
+        created_at=T0,
     )
 
 
@@ -395,13 +403,17 @@ def test_generated_tokens_only_in_env_error_episodes_are_not_trainable():
     # trains on env_error, so there is still nothing to train on
     episodes = [overflowed_episode(g, s) for g in range(4) for s in range(4)][:-1]
     episodes.append(make_episode(3, 3, 0.0, "env_error", CONNECTION_TEXT))
-    report = validate_batch(episodes_to_table(episodes), ValidationConfig(max_env_error_frac=1.0, max_context_overflow_frac=1.0))
+    report = validate_batch(
+        episodes_to_table(episodes), ValidationConfig(max_env_error_frac=1.0, max_context_overflow_frac=1.0)
+    )
     assert report.failed_checks == ["trainable_tokens"]
     assert report.reason.startswith("The batch holds no trainable tokens")
     assert "15 context_overflow, 1 env_error" in report.reason
     # one overflowed episode that did generate before the window filled makes the batch trainable
     episodes[0] = make_episode(0, 0, 0.0, "context_overflow")
-    report = validate_batch(episodes_to_table(episodes), ValidationConfig(max_env_error_frac=1.0, max_context_overflow_frac=1.0))
+    report = validate_batch(
+        episodes_to_table(episodes), ValidationConfig(max_env_error_frac=1.0, max_context_overflow_frac=1.0)
+    )
     assert report.passed and report.check("trainable_tokens").observed == sum(episodes[0].loss_mask)
 
 
@@ -442,7 +454,9 @@ def test_thresholds_come_from_the_config(good_table):
     assert report.failed_checks == ["reward_in_range", "max_turns_rate"]
     overflows = with_endings(3, "context_overflow")  # 3% overflowed: inside 5%, outside 2%
     assert validate_batch(overflows, CFG).passed
-    assert validate_batch(overflows, ValidationConfig(max_context_overflow_frac=0.02)).failed_checks == ["context_overflow_rate"]
+    assert validate_batch(overflows, ValidationConfig(max_context_overflow_frac=0.02)).failed_checks == [
+        "context_overflow_rate"
+    ]
     # one sentence: the first failure, then the others by name
     assert report.reason.startswith("Validation check reward_in_range failed")
     assert report.reason.endswith("; also failed: max_turns_rate.")
@@ -490,7 +504,9 @@ def env_failure_batch(iteration: int) -> list[Episode]:
     bad = good_episodes(iteration=iteration)
     for row in rows_where(bad, "answered")[:4]:
         ep = bad[row]
-        bad[row] = make_episode(int(ep.group_id[1:]), ep.sample_index, 0.0, "env_error", CONNECTION_TEXT, iteration=iteration)
+        bad[row] = make_episode(
+            int(ep.group_id[1:]), ep.sample_index, 0.0, "env_error", CONNECTION_TEXT, iteration=iteration
+        )
     return bad
 
 

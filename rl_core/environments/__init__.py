@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rl_core.environments.base import EnvSession, Environment, StepResult, Task
+from rl_core.environments.base import Environment, EnvSession, StepResult, Task
 from rl_core.environments.sop import SOPDomain, SOPEnvironment
 from rl_core.imports import import_from_path
 from rl_core.paths import DOMAINS_DIR
@@ -54,7 +54,10 @@ def load_environment(name: str, /, domains_dir: Path | None = None, **kwargs: An
     root = Path(domains_dir) if domains_dir is not None else DOMAINS_DIR
     available = available_domains(root)
     if name not in available:
-        raise ValueError(f"unknown environment {name!r}: available domains in {root} are {available}; a class of your own is given as 'package.module:ClassName'")
+        raise ValueError(
+            f"unknown environment {name!r}: available domains in {root} are {available}; a class of your "
+            "own is given as 'package.module:ClassName'"
+        )
     return SOPEnvironment(root / name)
 
 
@@ -74,13 +77,19 @@ def check_environment(name: str, kwargs: Mapping[str, Any] | None = None, domain
         root = Path(domains_dir) if domains_dir is not None else DOMAINS_DIR
         available = available_domains(root)
         if name not in available:
-            raise ValueError(f"unknown environment {name!r}: available domains in {root} are {available}; a class of your own is given as 'package.module:ClassName'")
+            raise ValueError(
+                f"unknown environment {name!r}: available domains in {root} are {available}; a class of your "
+                "own is given as 'package.module:ClassName'"
+            )
         if kwargs:
             raise ValueError(f"built-in domain {name!r} takes no keyword arguments, got {sorted(kwargs)}")
         return
     cls = _load_class(name)
     if "domains_dir" in kwargs:
-        raise ValueError("the keyword argument 'domains_dir' cannot reach an environment class (load_environment takes it for built-in domains); give the constructor parameter another name")
+        raise ValueError(
+            "the keyword argument 'domains_dir' cannot reach an environment class (load_environment takes "
+            "it for built-in domains); give the constructor parameter another name"
+        )
     if inspect.isabstract(cls):
         missing = sorted(getattr(cls, "__abstractmethods__", ()))
         raise ValueError(f"{cls.__name__} is abstract: it does not implement {missing}, so it cannot be instantiated")
@@ -98,5 +107,7 @@ def _load_class(spec: str) -> type[Environment]:
     class_name = spec.partition(":")[2]
     cls = import_from_path(spec, "environment class path", form="package.module:ClassName")
     if not (isinstance(cls, type) and issubclass(cls, Environment)):
-        raise ValueError(f"environment class path {spec!r}: {class_name} is not a subclass of rl_core.environments.base.Environment")
+        raise ValueError(
+            f"environment class path {spec!r}: {class_name} is not a subclass of rl_core.environments.base.Environment"
+        )
     return cls

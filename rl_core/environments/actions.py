@@ -56,13 +56,13 @@ def parse_action(text: str) -> Action:
     keyword = _KEYWORD.match(text)
     if keyword is None:
         return ParseFailure("expected CALL <tool> {...} or ANSWER {...}")
-    rest = text[keyword.end():]
+    rest = text[keyword.end() :]
     if keyword.group(1) == "ANSWER":
         return _parse_answer(rest)
     name = _TOOL_NAME.match(rest)
     if name is None:
         return ParseFailure("CALL needs a tool name, then a JSON object")
-    arguments = _json_object(rest[name.end():])
+    arguments = _json_object(rest[name.end() :])
     if isinstance(arguments, ParseFailure):
         return arguments
     return ToolCall(name.group(1), arguments)

@@ -52,7 +52,9 @@ class ExpertEpisode:
         return [action for action, _ in self.turns]
 
 
-def solve(env: SOPEnvironment, task: Task, *, mistake_rate: float = 0.0, rng: random.Random | None = None) -> ExpertEpisode:
+def solve(
+    env: SOPEnvironment, task: Task, *, mistake_rate: float = 0.0, rng: random.Random | None = None
+) -> ExpertEpisode:
     """Play `task` in a fresh session of `env` by following the domain's procedure."""
     if not 0.0 <= mistake_rate <= 1.0:
         raise ValueError(f"mistake_rate must be in [0, 1], got {mistake_rate}")
@@ -60,10 +62,14 @@ def solve(env: SOPEnvironment, task: Task, *, mistake_rate: float = 0.0, rng: ra
     if not player.run(env.domain.procedure):
         raise ExpertError(f"{env.name} procedure ended without an answer on task {task.task_id}")
     reward, components = player.final
-    return ExpertEpisode(task.task_id, player.turns, reward, components, reward >= env.success_threshold(), player.mistakes)
+    return ExpertEpisode(
+        task.task_id, player.turns, reward, components, reward >= env.success_threshold(), player.mistakes
+    )
 
 
-def expert_actions(env: SOPEnvironment, task: Task, *, mistake_rate: float = 0.0, rng: random.Random | None = None) -> list[str]:
+def expert_actions(
+    env: SOPEnvironment, task: Task, *, mistake_rate: float = 0.0, rng: random.Random | None = None
+) -> list[str]:
     """Just the expert's action texts for `task` (see `solve`)."""
     return solve(env, task, mistake_rate=mistake_rate, rng=rng).actions
 

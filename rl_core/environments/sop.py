@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_core.environments.actions import FinalAnswer, ParseFailure, ToolCall, check_arguments, parse_action
-from rl_core.environments.base import EnvSession, Environment, StepResult, Task
+from rl_core.environments.base import Environment, EnvSession, StepResult, Task
 
 SPLITS = ("train", "heldout")
 FORMAT_PENALTY = 0.1
@@ -100,7 +100,9 @@ def error_observation(reason: str) -> str:
     return json.dumps({"error": reason})
 
 
-def score_answer(answer_fields: tuple[str, ...], expected: dict[str, Any], answer: dict[str, str] | None) -> tuple[float, dict[str, float]]:
+def score_answer(
+    answer_fields: tuple[str, ...], expected: dict[str, Any], answer: dict[str, str] | None
+) -> tuple[float, dict[str, float]]:
     """Reward and components for a final answer (None = no well-formed answer was given)."""
     weight = 1.0 / len(answer_fields)
     components: dict[str, float] = {}
@@ -133,7 +135,9 @@ class SOPSession(EnvSession):
         assert isinstance(action, FinalAnswer)
         self._final = score_answer(self._domain.answer_fields, self._task.expected, action.fields)
         reward, components = self._final
-        return StepResult(observation=None, done=True, reward=reward, reward_components=dict(components), finish_reason="answered")
+        return StepResult(
+            observation=None, done=True, reward=reward, reward_components=dict(components), finish_reason="answered"
+        )
 
     def finish(self) -> tuple[float, dict[str, float]]:
         if self._final is not None:
@@ -143,7 +147,9 @@ class SOPSession(EnvSession):
     def _call(self, call: ToolCall) -> StepResult:
         tool = self._domain.tools.get(call.tool)
         if tool is None:
-            return StepResult(observation=error_observation(f"unknown tool {call.tool!r}"), tool_name=call.tool, tool_ok=False)
+            return StepResult(
+                observation=error_observation(f"unknown tool {call.tool!r}"), tool_name=call.tool, tool_ok=False
+            )
         problem = check_arguments(tool.name, tool.parameters, call.arguments)
         if problem is not None:
             return StepResult(observation=error_observation(problem), tool_name=tool.name, tool_ok=False)

@@ -19,7 +19,14 @@ Contracts:
 
 from __future__ import annotations
 
-from rl_core.replay.retraining import REPLAY_RECORD, RetrainReport, RetrainStep, retrain, retrain_config, weights_difference
+from rl_core.replay.retraining import (
+    REPLAY_RECORD,
+    RetrainReport,
+    RetrainStep,
+    retrain,
+    retrain_config,
+    weights_difference,
+)
 from rl_core.replay.scoring import (
     SCORERS,
     ActionReplay,

@@ -101,26 +101,46 @@ def retrain(
         raise ReplayError(f"run folder {root / new_run_id} already exists; re-training writes only into a new run")
     overrides = list(overrides)
     cfg = retrain_config(source_cfg, overrides, new_run_id, root)
-    report = RetrainReport(new_run_id, source.run_id, str(root / new_run_id), overrides,
-                           [f for f in config_differences(source_cfg, cfg) if not f.startswith("storage.")], skipped=skipped,
-                           notes=_retrain_notes(source_cfg, usable, overrides, cfg.rollout.temperature))
+    report = RetrainReport(
+        new_run_id,
+        source.run_id,
+        str(root / new_run_id),
+        overrides,
+        [f for f in config_differences(source_cfg, cfg) if not f.startswith("storage.")],
+        skipped=skipped,
+        notes=_retrain_notes(source_cfg, usable, overrides, cfg.rollout.temperature),
+    )
     run = TrainingRun(cfg)
     _write_lineage(run, report, usable)
     for batch in usable:
         version = run.policy.version
         metrics = run.train(read_episodes(batch))
         checkpoint = run.save_checkpoint(batch.iteration) if run.policy.version != version else None
-        step = RetrainStep(batch.iteration, run.policy.version, str(checkpoint) if checkpoint else None, metrics.as_dict(),
-                           skipped=metrics.skipped)
+        step = RetrainStep(
+            batch.iteration,
+            run.policy.version,
+            str(checkpoint) if checkpoint else None,
+            metrics.as_dict(),
+            skipped=metrics.skipped,
+        )
         original = source.run_folder / "checkpoints" / f"step-{step.step:06d}"
-        if compare and checkpoint is not None and original.is_dir() and _checkpoint_iteration(original, batch.iteration) == batch.iteration:
+        if (
+            compare
+            and checkpoint is not None
+            and original.is_dir()
+            and _checkpoint_iteration(original, batch.iteration) == batch.iteration
+        ):
             step.original_checkpoint, step.max_abs_diff = str(original), weights_difference(checkpoint, original)
         report.steps.append(step)
         if step.skipped:
-            log(f"iteration {batch.iteration}: no optimizer step ({step.skipped}); the policy stays at step {step.step}")
+            log(
+                f"iteration {batch.iteration}: no optimizer step ({step.skipped}); the policy stays at step {step.step}"
+            )
             continue
-        log(f"iteration {batch.iteration}: step {step.step}, loss {metrics.loss:.4f}"
-            + ("" if step.max_abs_diff is None else f", max |w - original| = {step.max_abs_diff:.3g}"))
+        log(
+            f"iteration {batch.iteration}: step {step.step}, loss {metrics.loss:.4f}"
+            + ("" if step.max_abs_diff is None else f", max |w - original| = {step.max_abs_diff:.3g}")
+        )
     return report
 
 
@@ -135,11 +155,15 @@ def retrain_config(source: RunConfig, overrides: list[str], run_id: str, run_dir
         cfg = RunConfig.model_validate(apply_overrides(source.model_dump(mode="json"), list(overrides)))
     except ValueError as err:
         raise ReplayError(f"bad retrain override(s) {overrides}: {config_error_line(err)}") from err
-    return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": run_id, "run_dir": str(run_dir)})})
+    return cfg.model_copy(
+        update={"storage": cfg.storage.model_copy(update={"run_id": run_id, "run_dir": str(run_dir)})}
+    )
 
 
 def weights_difference(a: str | Path, b: str | Path) -> float:
-    """Largest absolute difference between the weights saved in two checkpoint folders (inf if their tensors differ in name or shape)."""
+    """Largest absolute difference between the weights saved in two checkpoint folders.
+
+    inf if their tensors differ in name or shape."""
     from safetensors.torch import load_file
 
     def tensors(folder: Path) -> dict[str, Any]:
@@ -148,7 +172,9 @@ def weights_difference(a: str | Path, b: str | Path) -> float:
     left, right = tensors(Path(a)), tensors(Path(b))
     if left.keys() != right.keys() or any(left[k].shape != right[k].shape for k in left):
         return math.inf
-    return max((float((left[k].double() - right[k].double()).abs().max()) for k in left if left[k].numel()), default=0.0)
+    return max(
+        (float((left[k].double() - right[k].double()).abs().max()) for k in left if left[k].numel()), default=0.0
+    )
 
 
 def _training_batches(batches: list[StoredBatch]) -> tuple[list[StoredBatch], list[dict[str, Any]]]:
@@ -162,24 +188,34 @@ def _training_batches(batches: list[StoredBatch]) -> tuple[list[StoredBatch], li
         else:
             usable.append(batch)
     if not usable:
-        raise ReplayError(f"nothing to re-train on: no committed batch that passed validation among {[b.label for b in batches]}")
+        raise ReplayError(
+            f"nothing to re-train on: no committed batch that passed validation among {[b.label for b in batches]}"
+        )
     return usable, skipped
 
 
 def _retrain_notes(cfg: RunConfig, usable: list[StoredBatch], overrides: list[str], temperature: float) -> list[str]:
     notes = []
     if usable[0].iteration != 1:
-        notes.append(f"starts at iteration {usable[0].iteration}: comparable with the original only if it trained on no earlier batch")
+        notes.append(
+            f"starts at iteration {usable[0].iteration}: comparable with the original only if it trained "
+            "on no earlier batch"
+        )
     if cfg.rollout.overlap_collection:
         notes.append("the original collected with rollout.overlap_collection (one step off-policy)")
     if cfg.doctor.enabled and cfg.doctor.on_collapse == "rollback":
-        notes.append("the original may have rolled back after a collapse (doctor.on_collapse=rollback); re-training never rolls back")
+        notes.append(
+            "the original may have rolled back after a collapse (doctor.on_collapse=rollback); re-training "
+            "never rolls back"
+        )
     if overrides:
         notes.append(f"config changed by {overrides}: weights are expected to differ from the original")
     unrecorded = [b.iteration for b in usable if TrajectoryStore.manifest_at(b.manifest_path).schema_version < 2]
     if unrecorded:
-        notes.append(f"iterations {unrecorded} were stored without the sampler's settings (trajectory schema version 1): "
-                     f"they are trained at rollout.temperature={temperature}, the others at their stored temperature")
+        notes.append(
+            f"iterations {unrecorded} were stored without the sampler's settings (trajectory schema version 1): "
+            f"they are trained at rollout.temperature={temperature}, the others at their stored temperature"
+        )
     return notes
 
 
@@ -187,6 +223,18 @@ def _write_lineage(run: TrainingRun, report: RetrainReport, usable: list[StoredB
     sources = []
     for batch in usable:
         manifest = TrajectoryStore.manifest_at(batch.manifest_path)
-        sources.append({"iteration": batch.iteration, "manifest": str(batch.manifest_path), "sha256": manifest.sha256, "rows": manifest.rows})
-    record = {"replay_of": report.source_run_id, "overrides": report.overrides, "changed_fields": report.changed_fields, "batches": sources}
+        sources.append(
+            {
+                "iteration": batch.iteration,
+                "manifest": str(batch.manifest_path),
+                "sha256": manifest.sha256,
+                "rows": manifest.rows,
+            }
+        )
+    record = {
+        "replay_of": report.source_run_id,
+        "overrides": report.overrides,
+        "changed_fields": report.changed_fields,
+        "batches": sources,
+    }
     write_text_atomically(run.run_dir / REPLAY_RECORD, json.dumps(record, indent=2) + "\n")

@@ -59,10 +59,14 @@ class TaskCatalog:
     def task(self, episode: Episode) -> Task:
         env = self.environment(episode.env_name)
         if episode.env_name not in self._tasks:
-            self._tasks[episode.env_name] = {stored_text(t.task_id): t for split in self.splits for t in env.tasks(split)}
+            self._tasks[episode.env_name] = {
+                stored_text(t.task_id): t for split in self.splits for t in env.tasks(split)
+            }
         task = self._tasks[episode.env_name].get(episode.task_id)
         if task is None:
-            raise ReplayError(f"environment {episode.env_name!r} has no task {episode.task_id!r} in splits {self.splits}")
+            raise ReplayError(
+                f"environment {episode.env_name!r} has no task {episode.task_id!r} in splits {self.splits}"
+            )
         return task
 
 
@@ -106,7 +110,9 @@ def _finite(reward: object, components: object) -> tuple[float, dict[str, float]
             raise ValueError(f"the environment returned a non-finite {what}: {checked}")
         return checked
 
-    return number(reward, "reward"), {key: number(value, f"reward component {key!r}") for key, value in dict(components).items()}  # type: ignore[call-overload]
+    return number(reward, "reward"), {
+        key: number(value, f"reward component {key!r}") for key, value in dict(components).items()
+    }  # type: ignore[call-overload]
 
 
 def load_scorer(spec: str, catalog: TaskCatalog | None = None) -> Scorer:
@@ -223,7 +229,9 @@ class RescoreReport:
         }
 
 
-def rescore(batches: list[StoredBatch], scorer: str, threshold: float | None = None, reward_tolerance: float = 1e-9) -> RescoreReport:
+def rescore(
+    batches: list[StoredBatch], scorer: str, threshold: float | None = None, reward_tolerance: float = 1e-9
+) -> RescoreReport:
     """Score every episode of `batches` again and count success flips per environment.
 
     success = reward >= threshold (default: each run's evaluation.success_threshold), applied
@@ -249,8 +257,16 @@ def rescore(batches: list[StoredBatch], scorer: str, threshold: float | None = N
     return report
 
 
-def _rescore_one(report: RescoreReport, batch: StoredBatch, index: int, episode: Episode, score: Scorer, task: Task,
-                 threshold: float, tolerance: float) -> None:
+def _rescore_one(
+    report: RescoreReport,
+    batch: StoredBatch,
+    index: int,
+    episode: Episode,
+    score: Scorer,
+    task: Task,
+    threshold: float,
+    tolerance: float,
+) -> None:
     tally = report.tallies.setdefault(episode.env_name, EnvironmentTally(episode.env_name))
     tally.episodes += 1
     if episode.finish_reason == "env_error":
@@ -274,5 +290,18 @@ def _rescore_one(report: RescoreReport, batch: StoredBatch, index: int, episode:
     tally.success_to_failure += before and not after
     tally.failure_to_success += after and not before
     if before != after:
-        report.changes.append(ScoreChange(batch.run_id, batch.iteration, index, episode.env_name, episode.task_id,
-                                          episode.group_id, episode.sample_index, episode.reward, new, before, after))
+        report.changes.append(
+            ScoreChange(
+                batch.run_id,
+                batch.iteration,
+                index,
+                episode.env_name,
+                episode.task_id,
+                episode.group_id,
+                episode.sample_index,
+                episode.reward,
+                new,
+                before,
+                after,
+            )
+        )

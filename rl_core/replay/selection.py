@@ -81,7 +81,12 @@ def select_batches(
     wanted = lambda i: (first is None or i >= first) and (last is None or i <= last)  # noqa: E731
     paths = [store.manifest_path(run_id, i) for i in store.iterations(run_id) if wanted(i)]
     if include_quarantined:
-        paths += [m for i in _quarantined_iterations(Path(run_dir) / run_id) if wanted(i) for m in store.quarantined(run_id, i)]
+        paths += [
+            m
+            for i in _quarantined_iterations(Path(run_dir) / run_id)
+            if wanted(i)
+            for m in store.quarantined(run_id, i)
+        ]
     if not paths:
         span = f"{'start' if first is None else first}..{'end' if last is None else last}"
         raise ReplayError(
@@ -100,7 +105,9 @@ def batch_at(manifest_path: str | Path) -> StoredBatch:
         manifest = TrajectoryStore.manifest_at(path)
     except StoreError as err:
         raise ReplayError(str(err)) from err
-    folder = next((p for p in path.resolve().parents if p.name == manifest.run_id and (p / RUN_CONFIG_FILE).is_file()), None)
+    folder = next(
+        (p for p in path.resolve().parents if p.name == manifest.run_id and (p / RUN_CONFIG_FILE).is_file()), None
+    )
     return StoredBatch(manifest.run_id, manifest.iteration, path, folder)
 
 

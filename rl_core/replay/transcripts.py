@@ -41,19 +41,27 @@ def pick_episode(episodes: list[Episode], ref: EpisodeRef, label: str = "the bat
     """(row index, episode) that `ref` names in `episodes`; ReplayError if there is none."""
     if ref.episode is not None:
         if ref.episode >= len(episodes):
-            raise ReplayError(f"{label} has {len(episodes)} episodes (0..{len(episodes) - 1}); episode {ref.episode} is out of range")
+            raise ReplayError(
+                f"{label} has {len(episodes)} episodes (0..{len(episodes) - 1}); episode {ref.episode} is out of range"
+            )
         return ref.episode, episodes[ref.episode]
     for index, episode in enumerate(episodes):
         if episode.group_id == ref.group_id and episode.sample_index == ref.sample:
             return index, episode
     groups = sorted({e.group_id for e in episodes})
-    raise ReplayError(f"{label} has no group {ref.group_id!r} sample {ref.sample} (groups: {groups[:5]}{' ...' if len(groups) > 5 else ''})")
+    raise ReplayError(
+        f"{label} has no group {ref.group_id!r} sample "
+        f"{ref.sample} (groups: {groups[:5]}{' ...' if len(groups) > 5 else ''})"
+    )
 
 
 def render_transcript(episode: Episode, markdown: bool = False) -> str:
     """The episode as a readable transcript: lineage, outcome, then every turn with its tool and flags."""
     facts, sections = _transcript_parts(episode)
-    title = f"Episode {episode.task_id}: {episode.run_id} iteration {episode.iteration}, group {episode.group_id} sample {episode.sample_index}"
+    title = (
+        f"Episode {episode.task_id}: {episode.run_id} iteration {episode.iteration}, group {episode.group_id} "
+        f"sample {episode.sample_index}"
+    )
     if not markdown:
         lines = [title, *(f"  {name + ':':<16}{value}" for name, value in facts)]
         for heading, text in sections:
@@ -85,9 +93,13 @@ def _transcript_parts(ep: Episode) -> tuple[list[tuple[str, str]], list[tuple[st
         heading = turn.role
         if turn.role == "assistant":
             policy_turn += 1
-            heading = f"assistant, turn {policy_turn}" + (" (cut at the token cap)" if turn.finish_reason == "length" else "")
+            heading = f"assistant, turn {policy_turn}" + (
+                " (cut at the token cap)" if turn.finish_reason == "length" else ""
+            )
         if turn.tool_name is not None or turn.tool_ok is not None:
-            action = f"{'call ' if turn.role == 'assistant' else ''}{turn.tool_name}" if turn.tool_name else "invalid action"
+            action = (
+                f"{'call ' if turn.role == 'assistant' else ''}{turn.tool_name}" if turn.tool_name else "invalid action"
+            )
             heading += f" [{action}: {'ok' if turn.tool_ok else 'FAILED'}]"
         sections.append((f"{heading} (tokens {turn.start}-{turn.end})", turn.text))
     return facts, sections
