@@ -1,6 +1,6 @@
 """The trajectory record: one row per episode, the contract between pipeline stages.
 
-Column names follow `shared/DESIGN.md`. `Episode` is the in-memory form; the explicit
+Column names follow `docs/architecture.md`. `Episode` is the in-memory form; the explicit
 Arrow schema `TRAJECTORY_SCHEMA` and the converters `episodes_to_table` /
 `table_to_episodes` are the on-disk form (see `store.py`).
 
