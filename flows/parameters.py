@@ -11,11 +11,13 @@ they win.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rl_core.config import RunConfig, load_config
+from rl_core.advantages import AdvantageMethod
+from rl_core.config import OnCollapse, RunConfig, load_config
+from rl_core.losses import LossFn
 
 
 class RunSettings(BaseModel):
@@ -60,24 +62,11 @@ class TrainSettings(RunSettings):
     global_batch_size: int | None = Field(
         None, ge=1, description="Episodes per iteration (rollout.global_batch_size), a multiple of group_size."
     )
-    loss_fn: Literal["importance_sampling", "ppo", "cispo"] | None = Field(
-        None, description="Policy loss (algorithm.loss_fn)."
+    loss_fn: LossFn | None = Field(None, description="Policy loss (algorithm.loss_fn).")
+    advantage_method: AdvantageMethod | None = Field(
+        None, description="How advantages come from rewards (algorithm.advantage_method)."
     )
-    advantage_method: (
-        Literal[
-            "monte_carlo",
-            "group_based",
-            "group_based_per_turn",
-            "rloo",
-            "reinforce_pp",
-            "reinforce_pp_baseline",
-            "opo",
-            "grpo_passk",
-            "gpg",
-        ]
-        | None
-    ) = Field(None, description="How advantages come from rewards (algorithm.advantage_method).")
-    on_collapse: Literal["warn", "stop", "rollback"] | None = Field(
+    on_collapse: OnCollapse | None = Field(
         None, description="What the training doctor does when training reward collapses (doctor.on_collapse)."
     )
 

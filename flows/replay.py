@@ -13,7 +13,7 @@ summary. The logic lives in rl_core/replay/; this module only orchestrates and p
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -28,6 +28,7 @@ from rl_core.replay import (
     RescoreReport,
     RetrainReport,
     StoredBatch,
+    ValidationThresholds,
     VerdictComparison,
     batch_of_iteration,
     compare_verdicts,
@@ -73,7 +74,7 @@ class ReplaySettings(BaseModel):
     revalidate: bool = Field(
         True, description="Run the current validation suite on every batch and compare with its stored verdict."
     )
-    validation: Literal["original", "current"] = Field(
+    validation: ValidationThresholds = Field(
         "original",
         description="Thresholds for re-validation: the original run's validation section, or the one of config_path.",
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
@@ -26,6 +26,7 @@ from rl_core.config import config_error_line
 from rl_core.replay import (
     EpisodeRef,
     ReplayError,
+    ValidationThresholds,
     find_batch,
     pick_episode,
     read_episodes,
@@ -69,7 +70,7 @@ def add_replay_commands(subparsers: Any) -> None:
     replay.add_argument("--no-revalidate", action="store_false", dest="revalidate", help="skip re-validation")
     replay.add_argument(
         "--validation",
-        choices=("original", "current"),
+        choices=get_args(ValidationThresholds),
         default="original",
         help="validation thresholds: the run's own or --config's",
     )

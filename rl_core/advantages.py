@@ -50,10 +50,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 
-ADVANTAGE_METHODS = (
+AdvantageMethod = Literal[
     "monte_carlo",
     "group_based",
     "group_based_per_turn",
@@ -63,7 +64,8 @@ ADVANTAGE_METHODS = (
     "opo",
     "grpo_passk",
     "gpg",
-)
+]
+ADVANTAGE_METHODS: tuple[AdvantageMethod, ...] = get_args(AdvantageMethod)
 
 
 def group_index(group_ids: Sequence[str]) -> torch.Tensor:
@@ -307,7 +309,7 @@ def group_based_per_turn(
 
 
 def compute_advantages(
-    method: str,
+    method: AdvantageMethod,
     rewards: torch.Tensor,
     group_ids: Sequence[str],
     *,

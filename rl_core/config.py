@@ -18,6 +18,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rl_core.advantages import AdvantageMethod
+from rl_core.losses import LossAggregation, LossFn
 from rl_core.paths import DATA_DIR, REPO_ROOT
 
 DEFAULT_CONFIG_PATH = DATA_DIR / "configs" / "quickstart.yaml"
@@ -201,17 +203,7 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    advantage_method: Literal[
-        "monte_carlo",
-        "group_based",
-        "group_based_per_turn",
-        "rloo",
-        "reinforce_pp",
-        "reinforce_pp_baseline",
-        "opo",
-        "grpo_passk",
-        "gpg",
-    ] = Field(
+    advantage_method: AdvantageMethod = Field(
         "group_based",
         description="How advantages come from rewards (see rl_core/advantages.py): group_based = GRPO (reward "
         "minus group mean, over group std).",
@@ -222,12 +214,12 @@ class AlgorithmConfig(_Section):
     pass_k: int = Field(
         4, ge=1, description="grpo_passk: the k whose pass@k the advantages optimise (needs group_size >= k)."
     )
-    loss_fn: Literal["importance_sampling", "ppo", "cispo"] = Field(
+    loss_fn: LossFn = Field(
         "ppo",
         description="Policy loss (see rl_core/losses.py): ratio-weighted policy gradient, PPO clipped surrogate, "
         "or CISPO (clipped stop-gradient weight times log-prob).",
     )
-    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field(
+    loss_aggregation: LossAggregation = Field(
         "token_mean",
         description="How per-token losses add up: over all loss tokens of the batch, or per sequence then over "
         "sequences.",
@@ -421,11 +413,14 @@ class GateConfig(_Section):
     )
 
 
+OnCollapse = Literal["warn", "stop", "rollback"]  # doctor.on_collapse (acted on in tasks/doctor.py)
+
+
 class DoctorConfig(_Section):
     """The training doctor (rl_core/doctor.py): checks run after every step on the metric history."""
 
     enabled: bool = Field(True, description="Run the training doctor after every step and report what it finds.")
-    on_collapse: Literal["warn", "stop", "rollback"] = Field(
+    on_collapse: OnCollapse = Field(
         "warn",
         description="What to do when training reward collapses: only report it, stop the run, or roll back to "
         "the last good checkpoint and continue.",

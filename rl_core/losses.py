@@ -56,11 +56,14 @@ Optional terms:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 import torch
 
-LOSS_FUNCTIONS = ("importance_sampling", "ppo", "cispo")
-AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+LossFn = Literal["importance_sampling", "ppo", "cispo"]
+LossAggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
+LOSS_FUNCTIONS: tuple[LossFn, ...] = get_args(LossFn)
+AGGREGATIONS: tuple[LossAggregation, ...] = get_args(LossAggregation)
 LOG_RATIO_BOUND = 20.0  # |log r| is clamped to this before exp (module docstring)
 
 
@@ -89,7 +92,7 @@ class LossStats:
 
 
 def policy_loss(
-    loss_fn: str,
+    loss_fn: LossFn,
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -97,7 +100,7 @@ def policy_loss(
     *,
     clip_low: float,
     clip_high: float,
-    aggregation: str = "token_mean",
+    aggregation: LossAggregation = "token_mean",
     total_tokens: float,
     total_sequences: float,
     is_weights: torch.Tensor | None = None,
@@ -220,7 +223,11 @@ def logprob_mismatch(
 
 
 def _aggregate(
-    per_token: torch.Tensor, active: torch.Tensor, aggregation: str, total_tokens: float, total_sequences: float
+    per_token: torch.Tensor,
+    active: torch.Tensor,
+    aggregation: LossAggregation,
+    total_tokens: float,
+    total_sequences: float,
 ) -> torch.Tensor:
     """Reduce masked per-token values to a scalar with global denominators (module docstring)."""
     masked = torch.where(active, per_token, 0.0)

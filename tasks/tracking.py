@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -227,7 +227,7 @@ class Tracker:
 
     def end(self, status: RunEndStatus = "FINISHED") -> None:
         """Close the run with `status` (FINISHED, FAILED or KILLED)."""
-        if status not in ("FINISHED", "FAILED", "KILLED"):
+        if status not in get_args(RunEndStatus):
             raise ValueError(f"run end status must be FINISHED, FAILED or KILLED, got {status!r}")
         self.client.set_terminated(self.mlflow_run_id, status=status)
 

@@ -52,7 +52,7 @@ from rl_core.replay.selection import (
     select_batches,
 )
 from rl_core.replay.transcripts import EpisodeRef, pick_episode, render_transcript
-from rl_core.replay.verdicts import VerdictComparison, compare_verdicts, stored_verdict
+from rl_core.replay.verdicts import ValidationThresholds, VerdictComparison, compare_verdicts, stored_verdict
 
 __all__ = [
     "MANIFEST_SUFFIX",
@@ -70,6 +70,7 @@ __all__ = [
     "Scorer",
     "StoredBatch",
     "TaskCatalog",
+    "ValidationThresholds",
     "VerdictComparison",
     "batch_at",
     "batch_of_iteration",

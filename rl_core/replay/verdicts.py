@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from rl_core.replay.selection import StoredBatch
+
+# Thresholds a re-validation uses: the original run's validation section, or a current config's.
+ValidationThresholds = Literal["original", "current"]
 
 
 def stored_verdict(batch: StoredBatch) -> dict[str, Any] | None:
