@@ -14,17 +14,17 @@ lives under the run directory (PREFECT_HOME defaults to `<storage.run_dir>/prefe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from flows.environment import prepare_environment
 from flows.parameters import TrainSettings
 from flows.replay_cli import add_replay_commands, run_replay_command
 from flows.serve import add_serve_command, run_serve_command
-from rl_core.config import RunConfig, config_error_line
+from rl_core.config import config_error_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,19 +81,6 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
             run_id=args.run_id,
         )
     return TrainSettings(config_path=args.config, overrides=args.overrides)
-
-
-def prepare_environment(cfg: RunConfig) -> None:
-    """Keep Prefect's state under the run directory and its telemetry off (before importing prefect)."""
-    run_dir = Path(cfg.storage.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_HOME", str(run_dir / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bar per checkpoint saved or loaded
-    from transformers.utils import logging as transformers_logging  # already imported by the policy code
-
-    transformers_logging.disable_progress_bar()
 
 
 SKIP_LABELS = {"validation": "failed validation", "trainer": "took no optimizer step"}

@@ -22,6 +22,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from flows.environment import prepare_environment
 from rl_core.config import config_error_line
 from rl_core.replay import (
     EpisodeRef,
@@ -157,7 +158,6 @@ SETTINGS_ARGS = (
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from flows.cli import prepare_environment  # imported here: flows.cli imports this module
     from rl_core.config import RunConfig
 
     # the selection is checked before prepare_environment creates anything, and that comes before Prefect is imported

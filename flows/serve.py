@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from flows.environment import prepare_environment
 from rl_core.paths import REPO_ROOT
 
 PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
@@ -436,7 +437,6 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_serve_command(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C / SIGTERM (exit code 0) or until a step or a child fails (1)."""
-    from flows.cli import prepare_environment
     from rl_core.config import RunConfig, StorageConfig
 
     prepare_environment(RunConfig(storage=StorageConfig(run_dir=args.run_dir)))

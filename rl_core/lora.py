@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -30,12 +30,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 if TYPE_CHECKING:
     from rl_core.config import LoraConfig
-    from rl_core.policy import Policy
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_DIR = "base"
 _NAME = "default"  # peft's name for the single adapter
+
+
+class _HasModel(Protocol):
+    """What `apply_lora` needs of a policy (rl_core.policy.Policy; not imported: policy imports this module)."""
+
+    model: PreTrainedModel
+
+
+_P = TypeVar("_P", bound=_HasModel)
 
 
 def is_lora(model: torch.nn.Module) -> bool:
@@ -57,7 +65,7 @@ def _durable_path(model: PreTrainedModel) -> str | None:
     return str(local.resolve()) if local.exists() else name
 
 
-def apply_lora(policy: "Policy", cfg: "LoraConfig") -> "Policy":
+def apply_lora(policy: _P, cfg: LoraConfig) -> _P:
     """Wrap `policy.model` with fresh LoRA adapters from `cfg` (in place); returns `policy`."""
     if is_lora(policy.model):
         raise ValueError("the policy already carries LoRA adapters")

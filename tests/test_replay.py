@@ -442,10 +442,11 @@ def test_flow_names_bad_input_before_doing_anything(runs):
 
 
 def test_replay_command_names_bad_input(runs, capsys, monkeypatch):
-    import flows.cli
+    import flows.replay_cli
 
     prepared = []
-    monkeypatch.setattr(flows.cli, "prepare_environment", prepared.append)  # keep this process's Prefect settings
+    # keep this process's Prefect settings
+    monkeypatch.setattr(flows.replay_cli, "prepare_environment", prepared.append)
     assert cli("replay", "nope", "--run-dir", str(runs), "--scorer", "strict") == 2
     assert "unknown run 'nope'" in capsys.readouterr().err and prepared == []  # refused before Prefect is set up
     assert cli("replay", "orig", "--run-dir", str(runs), "--scorer", "bad.module:fn") == 2
