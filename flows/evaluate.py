@@ -21,33 +21,29 @@ mlflow_run_id}.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import mlflow.artifacts
-from mlflow.exceptions import MlflowException
-from prefect import flow, task
-from prefect.cache_policies import NONE
+from prefect import flow
 from pydantic import Field, model_validator
 
 from flows.parameters import RunSettings
 from rl_core.checkpoint import STATE_FILE
 from rl_core.config import RunConfig
 from rl_core.run import TrainingRun
-from tasks.evaluate import evaluate_task
-from tasks.promote import CHAMPION_ALIAS, PASS_AT_1_TAG, checkpoint_step
+from tasks.evaluate import evaluate_task, tag_evaluation_task
+from tasks.promote import (
+    CHAMPION_ALIAS,
+    checkpoint_step,
+    download_registry_version_task,
+    read_registry_version_task,
+)
 from tasks.tracking import (
-    MLFLOW_RETRIES,
-    Tracker,
-    VerdictError,
     end_tracking,
     log_metrics_task,
-    mlflow_client,
     start_tracking,
     task_set_hash,
-    tracking_uri,
 )
 
 EVALUATED_TAG = "turnstile.evaluated"
@@ -88,62 +84,6 @@ class EvaluateSettings(RunSettings):
     def typed_values(self) -> dict[str, Any]:
         extra = {} if self.max_tasks is None else {"evaluation.max_tasks": self.max_tasks}
         return {**extra, **super().typed_values()}
-
-
-@dataclass(frozen=True)
-class RegistryVersion:
-    """One version of the registered model: where its checkpoint folder lives and its recorded pass@1."""
-
-    name: str
-    version: str
-    source: str
-    pass_at_1: float | None
-    is_champion: bool
-
-
-@task(name="read-registry-version", cache_policy=NONE, **MLFLOW_RETRIES)
-def read_registry_version_task(cfg: RunConfig, version: int | str | None) -> RegistryVersion:
-    """Version `version` of `tracking.registered_model`, or the champion when None (VerdictError when missing)."""
-    client, name = mlflow_client(cfg), cfg.tracking.registered_model
-    try:
-        found = (
-            client.get_model_version(name, str(version))
-            if version is not None
-            else client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-        )
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        wanted = (
-            f"version {version}"
-            if version is not None
-            else f"version holding the alias {CHAMPION_ALIAS!r} (nothing promoted yet)"
-        )
-        raise VerdictError(f"registered model {name!r} in {tracking_uri(cfg)} has no {wanted}") from exc
-    recorded = found.tags.get(PASS_AT_1_TAG)
-    return RegistryVersion(
-        name=name,
-        version=str(found.version),
-        source=found.source,
-        pass_at_1=None if recorded is None else float(recorded),
-        is_champion=CHAMPION_ALIAS in (found.aliases or []),
-    )
-
-
-@task(name="download-registry-version", cache_policy=NONE, **MLFLOW_RETRIES)
-def download_registry_version_task(cfg: RunConfig, registered: RegistryVersion, destination: str | Path) -> Path:
-    """Copy a registry version's checkpoint folder under `destination`; returns the local folder."""
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=registered.source, dst_path=str(destination), tracking_uri=tracking_uri(cfg)
-    )
-    return Path(local)
-
-
-@task(name="tag-evaluation", cache_policy=NONE, **MLFLOW_RETRIES)
-def tag_evaluation_task(tracker: Tracker, tags: dict[str, str]) -> None:
-    """Record on the MLflow run what was evaluated."""
-    for key, value in tags.items():
-        tracker.client.set_tag(tracker.mlflow_run_id, key, value)
 
 
 def _policy_config(cfg: RunConfig, policy_path: str, run_id: str) -> RunConfig:

@@ -32,11 +32,19 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
-from flows.evaluate import EvaluateSettings, RegistryVersion, evaluate_flow, read_registry_version_task
+from flows.evaluate import EvaluateSettings, evaluate_flow
 from flows.parameters import RunSettings
 from rl_core.config import RunConfig
 from tasks.gate import GateDecision, gate_candidate
-from tasks.promote import champion_task, champion_version_task, promote_task, rollback_task, settle_promotion
+from tasks.promote import (
+    RegistryVersion,
+    champion_task,
+    champion_version_task,
+    promote_task,
+    read_registry_version_task,
+    rollback_task,
+    settle_promotion,
+)
 
 
 class RegistrySettings(RunSettings):

@@ -2,7 +2,7 @@
 
 `replay_flow(ReplaySettings)` selects batches (a run, an iteration range, or manifest paths,
 e.g. into quarantine), checks all its input before any work starts (`check_settings`), then
-runs the parts asked for, each as a Prefect task:
+runs the parts asked for, each as a Prefect task (tasks/replay.py):
 - re-validation: the current GX suite on every batch, against its stored verdict (one task per batch);
 - re-scoring: a scorer (`environment`, `strict` or `package.module:function`), counting success flips;
 - re-training: the stored batches replayed into a new run (never into the original);
@@ -15,37 +15,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rl_core.config import ValidationConfig, load_config
+from rl_core.config import load_config
 from rl_core.replay import (
     SCORERS,
     EpisodeRef,
     ReplayError,
-    RescoreReport,
-    RetrainReport,
     StoredBatch,
     ValidationThresholds,
     VerdictComparison,
     batch_of_iteration,
-    compare_verdicts,
     load_scorer,
-    pick_episode,
-    read_episodes,
-    render_transcript,
-    rescore,
-    retrain,
     retrain_config,
     run_config,
     select_batches,
-    stored_verdict,
 )
-from rl_core.store import CorruptTrajectoryError, TrajectoryStore
+from tasks.replay import rescore_task, retrain_task, revalidate_task, transcript_task, verdict_word
 from tasks.validate import artifact_slug
-from tasks.validation_suite import unreadable_report, validate_batch
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
@@ -149,64 +138,6 @@ def check_settings(settings: ReplaySettings) -> list[StoredBatch]:
     return batches
 
 
-# -- tasks -------------------------------------------------------------------------------
-
-
-@task(name="revalidate-batch", cache_policy=NONE)
-def revalidate_task(batch: StoredBatch, cfg: ValidationConfig) -> VerdictComparison:
-    """The current suite's verdict on one stored batch, beside the stored one (an unreadable batch fails)."""
-    try:
-        report = validate_batch(TrajectoryStore.read_manifest_path(batch.manifest_path), cfg)
-    except CorruptTrajectoryError as err:
-        report = unreadable_report(err)
-    comparison = compare_verdicts(batch, stored_verdict(batch), report.to_dict())
-    get_run_logger().info(
-        "%s: stored %s, now %s (%s). %s",
-        batch.label,
-        _verdict(comparison.stored_passed),
-        _verdict(comparison.new_passed),
-        comparison.status,
-        comparison.new_reason,
-    )
-    return comparison
-
-
-@task(name="rescore-episodes", cache_policy=NONE)
-def rescore_task(batches: list[StoredBatch], scorer: str, threshold: float | None) -> RescoreReport:
-    report = rescore(batches, scorer, threshold)
-    total = report.total
-    get_run_logger().info(
-        "scorer %s: %d episodes re-scored, %d success->failure, %d failure->success, %d rewards changed, %d errors",
-        scorer,
-        total.rescored,
-        total.success_to_failure,
-        total.failure_to_success,
-        total.reward_changed,
-        total.errors,
-    )
-    return report
-
-
-@task(name="retrain-from-batches", cache_policy=NONE)
-def retrain_task(batches: list[StoredBatch], overrides: list[str], run_id: str | None, compare: bool) -> RetrainReport:
-    logger = get_run_logger()
-    report = retrain(batches, new_run_id=run_id, overrides=overrides, compare=compare, log=logger.info)
-    for note in report.notes:
-        logger.warning("retrain: %s", note)
-    return report
-
-
-@task(name="render-transcript", cache_policy=NONE)
-def transcript_task(batch: StoredBatch, ref: EpisodeRef, key_prefix: str) -> dict[str, Any]:
-    index, episode = pick_episode(read_episodes(batch), ref, batch.label)
-    create_markdown_artifact(
-        markdown=render_transcript(episode, markdown=True),
-        key=f"{key_prefix}-transcript-iteration-{batch.iteration}-episode-{index}",
-        description=f"Transcript: {batch.label} episode {index}",
-    )
-    return {"episode": ref.describe(), "batch": batch.label, "index": index, "text": render_transcript(episode)}
-
-
 # -- the flow ----------------------------------------------------------------------------
 
 
@@ -245,17 +176,13 @@ def replay_flow(settings: ReplaySettings = ReplaySettings()) -> dict[str, Any]:
 # -- artifacts ---------------------------------------------------------------------------
 
 
-def _verdict(passed: bool | None) -> str:
-    return "none" if passed is None else "passed" if passed else "FAILED"
-
-
 def _publish_revalidation(comparisons: list[VerdictComparison], key: str) -> None:
     rows = [
         {
             "batch": f"{c.run_id} iteration {c.iteration}",
             "location": "trajectories" if c.committed else "quarantine",
-            "stored": _verdict(c.stored_passed),
-            "now": _verdict(c.new_passed),
+            "stored": verdict_word(c.stored_passed),
+            "now": verdict_word(c.new_passed),
             "status": c.status,
             "checks changed": ", ".join(c.checks_changed) or "none",
             "reason now": c.new_reason,

@@ -1,6 +1,7 @@
 """Evaluate stage: held-out pass@1 (greedy), pass@k / pass^k (sampled), as a retryable Prefect task.
 
 Publishes a markdown artifact with the summary, where a person looks for it.
+`tag_evaluation_task` records on the evaluate flow's MLflow run what was evaluated.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from prefect.cache_policies import NONE
 from rl_core.evaluation import EvalReport
 from rl_core.policy import load_policy
 from rl_core.run import TrainingRun
+from tasks.tracking import MLFLOW_RETRIES, Tracker
 from tasks.validate import artifact_slug
 
 
@@ -45,3 +47,10 @@ def evaluate_checkpoint_task(run: TrainingRun, checkpoint: str) -> EvalReport:
     report = run.evaluate(samples=False, policy=policy)
     get_run_logger().info("checkpoint %s: held-out pass@1 %.3f", checkpoint, report.pass_at_1)
     return report
+
+
+@task(name="tag-evaluation", cache_policy=NONE, **MLFLOW_RETRIES)
+def tag_evaluation_task(tracker: Tracker, tags: dict[str, str]) -> None:
+    """Record on the MLflow run what was evaluated."""
+    for key, value in tags.items():
+        tracker.client.set_tag(tracker.mlflow_run_id, key, value)

@@ -497,15 +497,64 @@ def champion_source(client: MlflowClient, name: str) -> str | None:
     return None if version is None else client.get_model_version(name, version).source
 
 
-@task(name="download-champion", cache_policy=NONE, **MLFLOW_RETRIES)
-def download_champion_task(cfg: RunConfig, destination: str | Path) -> Path | None:
-    """Copy the champion's checkpoint folder to `destination` (for re-evaluating it); None without a champion."""
-    source = champion_source(mlflow_client(cfg), cfg.tracking.registered_model)
-    if source is None:
-        return None
+def download_checkpoint(cfg: RunConfig, source: str, destination: str | Path) -> Path:
+    """Copy the registered checkpoint folder at artifact URI `source` under `destination`; the local folder."""
     Path(destination).mkdir(parents=True, exist_ok=True)
     return Path(
         mlflow.artifacts.download_artifacts(
             artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri(cfg)
         )
     )
+
+
+@task(name="download-champion", cache_policy=NONE, **MLFLOW_RETRIES)
+def download_champion_task(cfg: RunConfig, destination: str | Path) -> Path | None:
+    """Copy the champion's checkpoint folder to `destination` (for re-evaluating it); None without a champion."""
+    source = champion_source(mlflow_client(cfg), cfg.tracking.registered_model)
+    return None if source is None else download_checkpoint(cfg, source, destination)
+
+
+@dataclass(frozen=True)
+class RegistryVersion:
+    """One version of the registered model: where its checkpoint folder lives and its recorded pass@1."""
+
+    name: str
+    version: str
+    source: str
+    pass_at_1: float | None
+    is_champion: bool
+
+
+@task(name="read-registry-version", cache_policy=NONE, **MLFLOW_RETRIES)
+def read_registry_version_task(cfg: RunConfig, version: int | str | None) -> RegistryVersion:
+    """Version `version` of `tracking.registered_model`, or the champion when None (VerdictError when missing)."""
+    client, name = mlflow_client(cfg), cfg.tracking.registered_model
+    try:
+        found = (
+            client.get_model_version(name, str(version))
+            if version is not None
+            else client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+        )
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        wanted = (
+            f"version {version}"
+            if version is not None
+            else f"version holding the alias {CHAMPION_ALIAS!r} (nothing promoted yet)"
+        )
+        raise VerdictError(f"registered model {name!r} in {tracking_uri(cfg)} has no {wanted}") from exc
+    recorded = found.tags.get(PASS_AT_1_TAG)
+    return RegistryVersion(
+        name=name,
+        version=str(found.version),
+        source=found.source,
+        pass_at_1=None if recorded is None else float(recorded),
+        is_champion=CHAMPION_ALIAS in (found.aliases or []),
+    )
+
+
+@task(name="download-registry-version", cache_policy=NONE, **MLFLOW_RETRIES)
+def download_registry_version_task(cfg: RunConfig, registered: RegistryVersion, destination: str | Path) -> Path:
+    """Copy a registry version's checkpoint folder under `destination`; returns the local folder."""
+    return download_checkpoint(cfg, registered.source, destination)
