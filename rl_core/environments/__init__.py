@@ -51,6 +51,13 @@ def load_environment(name: str, /, domains_dir: Path | None = None, **kwargs: An
     """
     if ":" in name:
         return _load_class(name)(**kwargs)
+    return SOPEnvironment(_domain_folder(name, domains_dir))
+
+
+def _domain_folder(name: str, domains_dir: str | Path | None) -> Path:
+    """The folder of built-in domain `name` under `domains_dir` (default: the shipped domains).
+
+    Raises ValueError listing the available domains when there is none of that name."""
     root = Path(domains_dir) if domains_dir is not None else DOMAINS_DIR
     available = available_domains(root)
     if name not in available:
@@ -58,7 +65,7 @@ def load_environment(name: str, /, domains_dir: Path | None = None, **kwargs: An
             f"unknown environment {name!r}: available domains in {root} are {available}; a class of your "
             "own is given as 'package.module:ClassName'"
         )
-    return SOPEnvironment(root / name)
+    return root / name
 
 
 def check_environment(name: str, kwargs: Mapping[str, Any] | None = None, domains_dir: Path | None = None) -> None:
@@ -74,13 +81,7 @@ def check_environment(name: str, kwargs: Mapping[str, Any] | None = None, domain
     """
     kwargs = dict(kwargs or {})
     if ":" not in name:
-        root = Path(domains_dir) if domains_dir is not None else DOMAINS_DIR
-        available = available_domains(root)
-        if name not in available:
-            raise ValueError(
-                f"unknown environment {name!r}: available domains in {root} are {available}; a class of your "
-                "own is given as 'package.module:ClassName'"
-            )
+        _domain_folder(name, domains_dir)
         if kwargs:
             raise ValueError(f"built-in domain {name!r} takes no keyword arguments, got {sorted(kwargs)}")
         return
