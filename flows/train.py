@@ -16,7 +16,7 @@ An iteration whose batch passed validation but leaves nothing to train on (every
 dropped, every episode stale or env_error) or whose step is not finite takes no optimizer
 step: it is recorded as skipped with the trainer's reason ("skipped_by": "trainer"), writes no
 checkpoint, and the run goes on; the closing summary is derived from these records. Its
-counters (`SKIPPED_STEP_METRICS`: `train/nonfinite_step`, `train/truncated_masked`, ...) are
+counters (`StepMetrics.recorded()`: `train/nonfinite_step`, `train/truncated_masked`, ...) are
 logged, and one whose optimizer steps were not finite is examined by the doctor too
 (`nonfinite_step`), without a collapse action (it moved no weights).
 
@@ -253,19 +253,6 @@ class _Batches:
             get_run_logger().info("iteration %d: the batch collected ahead is dropped (not committed)", iteration)
 
 
-# the metrics of a step the trainer skipped that mean something (its loss, clip fraction... are not a step's)
-SKIPPED_STEP_METRICS = (
-    "train/step_skipped",
-    "rollout/stale_dropped",
-    "train/episodes",
-    "train/loss_tokens",
-    "train/nonfinite_step",
-    "train/nonfinite_reward_dropped",
-    "train/truncated_masked",
-    "train/no_loss_token_episodes",
-)
-
-
 def _train_iteration(
     run: TrainingRun, tracker: Tracker, progress: _Progress, batches: _Batches, iteration: int
 ) -> dict[str, Any]:
@@ -294,7 +281,7 @@ def _train_iteration(
     episodes = run.store.read(run.run_id, iteration)
     metrics, _ = train_step_task(run, iteration, episodes)
     if metrics.skipped:  # nothing to train on, or not finite: recorded, no checkpoint, the run goes on
-        step_metrics = {k: v for k, v in metrics.as_dict().items() if k in SKIPPED_STEP_METRICS}
+        step_metrics = metrics.recorded()
         log_metrics_task(tracker, step_metrics, step=iteration)
         return {
             **record,

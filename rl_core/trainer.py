@@ -50,6 +50,19 @@ from rl_core.trajectory import Episode
 log = logging.getLogger(__name__)
 
 
+# What a skipped step still reports (`StepMetrics.recorded`): why nothing trained, and how much was left out.
+SKIPPED_STEP_METRICS = (
+    "train/step_skipped",
+    "rollout/stale_dropped",
+    "train/episodes",
+    "train/loss_tokens",
+    "train/nonfinite_step",
+    "train/nonfinite_reward_dropped",
+    "train/truncated_masked",
+    "train/no_loss_token_episodes",
+)
+
+
 @dataclass
 class StepMetrics:
     """What one training step (one iteration's optimizer steps) did; names follow the tracking conventions.
@@ -106,6 +119,12 @@ class StepMetrics:
             "train/truncated_masked": float(self.truncated_masked),
             "train/no_loss_token_episodes": float(self.no_loss_token_episodes),
         }
+
+    def recorded(self) -> dict[str, float]:
+        """The metrics that mean something for this step: all of `as_dict()` for an applied step; for a
+        skipped one only the counts (`SKIPPED_STEP_METRICS`), since its loss, clip fraction... are no step's."""
+        values = self.as_dict()
+        return values if self.skipped is None else {k: v for k, v in values.items() if k in SKIPPED_STEP_METRICS}
 
 
 def informative(episodes: list[Episode], algorithm: AlgorithmConfig | None = None) -> list[Episode]:
@@ -385,11 +404,6 @@ class Trainer:
         self.temperature = temperature
         self.backend = make_backend(trainer_cfg, policy.model, make_optimizer(policy, optimizer), optimizer)
         self.optimizer = self.backend.optimizer
-
-    def fresh(self, episodes: list[Episode]) -> list[Episode]:
-        """Episodes no more than `max_steps_off_policy` versions behind the policy."""
-        limit = self.algorithm.max_steps_off_policy
-        return [e for e in episodes if self.policy.version - e.policy_version <= limit]
 
     def advantages(self, episodes: list[Episode]) -> list[torch.Tensor]:
         """Per episode, one advantage per policy turn (episode-level methods give one for all turns).

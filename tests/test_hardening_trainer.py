@@ -697,3 +697,35 @@ def test_the_train_flow_logs_and_names_an_iteration_whose_only_step_was_not_fini
     logged = client.get_metric_history(summary["mlflow_run_id"], "train/nonfinite_step")
     assert [(m.step, m.value) for m in logged] == [(1, 1.0), (2, 0.0)]
     assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "doctor/nonfinite_step")] == [1]
+
+
+def test_a_skipped_step_records_only_its_counts():
+    """A skipped step's loss, clip fraction... are no step's: only the counts are recorded and logged."""
+    from rl_core.trainer import SKIPPED_STEP_METRICS, StepMetrics
+
+    applied = StepMetrics(
+        step=1,
+        loss=0.5,
+        clip_fraction=0.1,
+        approx_kl=0.0,
+        entropy=1.0,
+        grad_norm=0.3,
+        loss_tokens=7,
+        episodes=2,
+        stale_dropped=0,
+    )
+    assert applied.recorded() == applied.as_dict()
+    skipped = StepMetrics(
+        step=0,
+        loss=0.0,
+        clip_fraction=0.0,
+        approx_kl=0.0,
+        entropy=0.0,
+        grad_norm=0.0,
+        loss_tokens=0,
+        episodes=0,
+        stale_dropped=4,
+        skipped="nothing to train on: all 4 episodes were stale",
+    )
+    assert set(skipped.recorded()) == set(SKIPPED_STEP_METRICS)
+    assert skipped.recorded()["train/step_skipped"] == 1.0 and skipped.recorded()["rollout/stale_dropped"] == 4.0
