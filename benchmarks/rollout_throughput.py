@@ -21,7 +21,7 @@ import torch
 from rl_core.config import load_config
 from rl_core.rollout import collect_rollouts
 from rl_core.run import load_environments, load_start_policy, rollout_settings
-from rl_core.task_sampler import TaskSampler
+from rl_core.runs.task_sampler import TaskSampler
 
 
 def generated_tokens(episodes) -> int:

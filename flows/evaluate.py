@@ -29,9 +29,9 @@ from prefect import flow
 from pydantic import Field, model_validator
 
 from flows.parameters import RunSettings
-from rl_core.checkpoint import STATE_FILE
 from rl_core.config import RunConfig
 from rl_core.run import TrainingRun
+from rl_core.runs.checkpoint import STATE_FILE
 from tasks.evaluate import evaluate_task, tag_evaluation_task
 from tasks.promote import (
     CHAMPION_ALIAS,

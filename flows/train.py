@@ -34,7 +34,7 @@ which can be one step fresher than in the uninterrupted run; from there the run 
 
 Crash-safe and idempotent per (run, iteration): every stage leaves a record in the run folder
 (Parquet batch + manifest, validation report, checkpoint, iteration record, evaluation record,
-gate decision; see rl_core/run_records.py), written atomically after its work. Re-running the
+gate decision; see rl_core/runs/records.py), written atomically after its work. Re-running the
 flow with the same `run_id` skips what is recorded, reuses a batch already written instead
 of collecting again, and continues from the latest checkpoint (and past the iterations
 recorded after it without a step).
@@ -55,12 +55,12 @@ from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 
 from flows.parameters import TrainSettings
-from rl_core import run_records
-from rl_core.checkpoint import checkpoint_dir, read_checkpoint_state
 from rl_core.config import RunConfig
 from rl_core.evaluation import EvalReport
 from rl_core.metrics import rollout_metrics
 from rl_core.run import TrainingRun, evaluation_due
+from rl_core.runs import records as run_records
+from rl_core.runs.checkpoint import checkpoint_dir, read_checkpoint_state
 from rl_core.store import Manifest
 from rl_core.trajectory import Episode
 from tasks.collect import collect_rollouts_task

@@ -317,7 +317,7 @@ class OptimizerConfig(_Section):
 class TrainerConfig(_Section):
     backend: Literal["torch", "deepspeed"] = Field(
         "torch",
-        description="Training backend (rl_core/backends.py): plain torch, or a DeepSpeed engine on one process "
+        description="Training backend (rl_core/model/backends.py): plain torch, or a DeepSpeed engine on one process "
         "(gloo on CPU) taking the same update.",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(

@@ -14,7 +14,7 @@ import torch
 
 from rl_core.environments.base import Environment, Task
 from rl_core.metrics import pass_at_k, pass_hat_k
-from rl_core.policy import Policy
+from rl_core.model.policy import Policy
 from rl_core.rollout import RolloutSettings, collect_rollouts
 from rl_core.trajectory import Episode
 

@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 import torch
 
 from rl_core.environments.base import Environment, EnvSession, StepResult, Task
-from rl_core.generation import BatchDecoder, Generation
-from rl_core.policy import Policy
-from rl_core.tokenizer import repair_unicode
+from rl_core.model.generation import BatchDecoder, Generation
+from rl_core.model.policy import Policy
+from rl_core.model.tokenizer import repair_unicode
 from rl_core.trajectory import FINISH_REASONS, Episode, Sampling, Turn
 
 # A sampler continues keyed token contexts: (episode keys, contexts, per-context token limits,

@@ -10,7 +10,7 @@ or env_error, or a non-finite loss: `StepMetrics.skipped`) takes no optimizer st
 `save_checkpoint` then writes no checkpoint (the weights are those of the last one) but
 records the iteration as done without a step: the iteration record `history/iteration-N.json`
 ("trained": false, "skipped_by": "trainer", "reason") and where sampling stands
-(`sampling/iteration-N.pt`), see rl_core/run_records.py. `TrainingRun.open` and `resume` go
+(`sampling/iteration-N.pt`), see rl_core/runs/records.py. `TrainingRun.open` and `resume` go
 past such recorded iterations, so a resumed run neither repeats them nor trips over a
 checkpoint name that exists.
 
@@ -31,9 +31,16 @@ from typing import Any
 
 import torch
 
-from rl_core import run_records
 from rl_core.atomic import sweep_temp_files, write_text_atomically
-from rl_core.checkpoint import (
+from rl_core.config import RunConfig, config_differences, dump_config, load_config
+from rl_core.environments import load_environment
+from rl_core.environments.base import Environment, Task
+from rl_core.evaluation import EvalReport, evaluate
+from rl_core.metrics import rollout_metrics
+from rl_core.model.policy import Policy, load_policy
+from rl_core.rollout import RolloutSettings, collect_rollouts
+from rl_core.runs import records as run_records
+from rl_core.runs.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
@@ -42,15 +49,8 @@ from rl_core.checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
-from rl_core.config import RunConfig, config_differences, dump_config, load_config
-from rl_core.environments import load_environment
-from rl_core.environments.base import Environment, Task
-from rl_core.evaluation import EvalReport, evaluate
-from rl_core.metrics import rollout_metrics
-from rl_core.policy import Policy, load_policy
-from rl_core.rollout import RolloutSettings, collect_rollouts
+from rl_core.runs.task_sampler import TaskSampler
 from rl_core.store import Manifest, TrajectoryStore
-from rl_core.task_sampler import TaskSampler
 from rl_core.trainer import StepMetrics, Trainer, informative
 from rl_core.trajectory import Episode
 

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 import torch
 
 from rl_core.advantages import compute_advantages
-from rl_core.backends import make_backend
 from rl_core.config import AlgorithmConfig, OptimizerConfig, TrainerConfig
 from rl_core.losses import LossStats, logprob_mismatch, policy_loss, truncated_is_weights
-from rl_core.policy import Policy
+from rl_core.model.backends import make_backend
+from rl_core.model.policy import Policy
 from rl_core.trajectory import Episode
 
 log = logging.getLogger(__name__)

@@ -25,11 +25,11 @@ import torch
 from rl_core.environments import load_environment
 from rl_core.environments.expert import solve
 from rl_core.evaluation import evaluate
+from rl_core.model.policy import Policy, build_tiny_model, save_policy
+from rl_core.model.sft import fine_tune, render_transcript
+from rl_core.model.tokenizer import build_tokenizer, chat_format
 from rl_core.paths import DATA_DIR
-from rl_core.policy import Policy, build_tiny_model, save_policy
 from rl_core.rollout import RolloutSettings
-from rl_core.sft import fine_tune, render_transcript
-from rl_core.tokenizer import build_tokenizer, chat_format
 
 DOMAINS = ["refunds", "inventory", "access"]
 

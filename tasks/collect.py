@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from rl_core.metrics import rollout_metrics
-from rl_core.policy import Policy
+from rl_core.model.policy import Policy
 from rl_core.run import TrainingRun
 from rl_core.trajectory import Episode
 

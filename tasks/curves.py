@@ -1,6 +1,6 @@
 """Pictures of a run: reward, held-out pass@1 and truncation curves as PNG files.
 
-`draw_curves(run_dir)` reads the run's records (rl_core/run_records.py) and writes
+`draw_curves(run_dir)` reads the run's records (rl_core/runs/records.py) and writes
 `<run_dir>/curves/{reward,pass_at_1,truncation}.png`; `publish_curves_task` draws them at
 the end of a flow run and puts them in MLflow (artifacts under `curves/`) and in Prefect
 (image artifacts, the PNG inlined as a data URL so the UI shows it without a file server).
@@ -21,9 +21,9 @@ from prefect import get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_image_artifact  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
-from rl_core import run_records  # noqa: E402
 from rl_core.atomic import write_bytes_atomically  # noqa: E402
 from rl_core.run import TrainingRun  # noqa: E402
+from rl_core.runs import records as run_records  # noqa: E402
 from tasks.tracking import Tracker  # noqa: E402
 from tasks.validate import artifact_slug  # noqa: E402
 

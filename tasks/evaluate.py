@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from rl_core.evaluation import EvalReport
-from rl_core.policy import load_policy
+from rl_core.model.policy import load_policy
 from rl_core.run import TrainingRun
 from tasks.tracking import MLFLOW_RETRIES, Tracker
 from tasks.validate import artifact_slug

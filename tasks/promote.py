@@ -83,8 +83,8 @@ from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from rl_core.checkpoint import STATE_FILE
 from rl_core.config import RunConfig
+from rl_core.runs.checkpoint import STATE_FILE
 from tasks.gate import GateDecision
 from tasks.tracking import MLFLOW_RETRIES, Tracker, VerdictError, config_hash, mlflow_client, tracking_uri, truncate
 

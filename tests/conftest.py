@@ -28,7 +28,7 @@ def prefect_harness():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from rl_core.tokenizer import build_tokenizer
+    from rl_core.model.tokenizer import build_tokenizer
 
     return build_tokenizer(CORPUS, vocab_size=300)
 
@@ -36,8 +36,8 @@ def tiny_tokenizer():
 @pytest.fixture()
 def tiny_policy(tiny_tokenizer):
     """A fresh, randomly initialised 2-layer policy (same weights every time)."""
-    from rl_core.policy import Policy, build_tiny_model
-    from rl_core.tokenizer import chat_format
+    from rl_core.model.policy import Policy, build_tiny_model
+    from rl_core.model.tokenizer import chat_format
 
     model = build_tiny_model(
         tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=512, seed=0

@@ -2,7 +2,7 @@
 
 import torch
 
-from rl_core.generation import generate_batch
+from rl_core.model.generation import generate_batch
 from rl_core.trainer import token_logprobs
 
 
@@ -55,7 +55,7 @@ def test_sampling_is_reproducible_from_a_seed(tiny_policy):
 
 def test_cache_kept_across_turns_gives_the_same_tokens_as_re_encoding(tiny_policy):
     """Turn 2 continued from the cache (with gaps where rows waited) equals a fresh pre-fill of the whole context."""
-    from rl_core.generation import BatchDecoder
+    from rl_core.model.generation import BatchDecoder
 
     chat, tok = tiny_policy.chat, tiny_policy.tokenizer
     prompts = _prompts(tiny_policy)

@@ -8,9 +8,9 @@ import json
 import torch
 from mlflow import MlflowClient
 
-from rl_core import run_records
 from rl_core.config import load_config
 from rl_core.run import TrainingRun, evaluation_due
+from rl_core.runs import records as run_records
 from rl_core.store import TrajectoryStore
 from tests.test_train_flow import TINY, run_flow
 

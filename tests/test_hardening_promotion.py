@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
-from rl_core import run_records
 from rl_core.config import GateConfig, RunConfig
 from rl_core.evaluation import EvalReport
+from rl_core.runs import records as run_records
 from tasks.gate import GateDecision, decide
 from tasks.promote import (
     AGAINST_TAG,

@@ -30,11 +30,11 @@ from rl_core.config import EnvironmentEntry, RunConfig, dump_config, load_config
 from rl_core.environments import load_environment
 from rl_core.environments.base import Environment, EnvSession, StepResult, Task
 from rl_core.evaluation import evaluate
-from rl_core.generation import Generation
-from rl_core.policy import load_policy
+from rl_core.model.generation import Generation
+from rl_core.model.policy import load_policy
+from rl_core.model.tokenizer import repair_unicode
 from rl_core.rollout import RolloutSettings, collect_rollouts
 from rl_core.run import load_environments, rollout_settings
-from rl_core.tokenizer import repair_unicode
 from rl_core.trajectory import episodes_to_table
 from tests.fault_envs import CollapsingDomain, FailingDomain, HalfEmojiDomain, NonFiniteRewardDomain
 

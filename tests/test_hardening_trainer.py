@@ -16,7 +16,7 @@ import torch
 
 from rl_core.config import AlgorithmConfig, OptimizerConfig, RunConfig
 from rl_core.doctor import diagnose
-from rl_core.generation import generate_batch
+from rl_core.model.generation import generate_batch
 from rl_core.store import TrajectoryStore
 from rl_core.trainer import (
     Trainer,
@@ -672,8 +672,8 @@ def test_the_train_flow_logs_and_names_an_iteration_whose_only_step_was_not_fini
     it is still logged as train/nonfinite_step and the doctor names it (run history and summary)."""
     from mlflow import MlflowClient
 
-    from rl_core import run_records
-    from rl_core.backends import TorchBackend
+    from rl_core.model.backends import TorchBackend
+    from rl_core.runs import records as run_records
     from tests.test_train_flow import run_flow
 
     clean_step, calls = TorchBackend.step, []

@@ -8,11 +8,11 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from rl_core.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from rl_core.config import AlgorithmConfig, LoraConfig, OptimizerConfig, RunConfig
-from rl_core.generation import generate_batch
-from rl_core.lora import apply_lora, is_lora, merge_to_full
-from rl_core.policy import load_policy, save_policy
+from rl_core.model.generation import generate_batch
+from rl_core.model.lora import apply_lora, is_lora, merge_to_full
+from rl_core.model.policy import load_policy, save_policy
+from rl_core.runs.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from rl_core.trainer import Trainer, make_optimizer
 from tests.test_trainer import make_episodes
 

@@ -14,7 +14,6 @@ import json
 import pytest
 import torch
 
-from rl_core.checkpoint import load_checkpoint
 from rl_core.config import load_config
 from rl_core.replay import (
     EpisodeRef,
@@ -28,6 +27,7 @@ from rl_core.replay import (
     select_batches,
 )
 from rl_core.run import TrainingRun
+from rl_core.runs.checkpoint import load_checkpoint
 from rl_core.store import TrajectoryStore
 
 TINY = [

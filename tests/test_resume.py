@@ -2,9 +2,9 @@
 
 import torch
 
-from rl_core.checkpoint import latest_checkpoint
 from rl_core.config import load_config
 from rl_core.run import TrainingRun
+from rl_core.runs.checkpoint import latest_checkpoint
 
 SMALL = ["rollout.group_size=4", "rollout.global_batch_size=8", "optimizer.micro_batch_size=4", "optimizer.lr=3e-4"]
 

@@ -3,7 +3,7 @@
 import torch
 
 from rl_core.environments.base import Environment, EnvSession, StepResult, Task
-from rl_core.generation import Generation
+from rl_core.model.generation import Generation
 from rl_core.rollout import RolloutSettings, collect_rollouts
 from rl_core.trajectory import Sampling
 

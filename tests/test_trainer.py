@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rl_core.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from rl_core.config import AlgorithmConfig, OptimizerConfig
+from rl_core.runs.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from rl_core.trainer import Trainer
 from rl_core.trajectory import Episode, Turn
 
@@ -122,7 +122,7 @@ def test_checkpoint_round_trip(tiny_policy, tmp_path):
 
 
 def test_prune_keeps_the_newest_checkpoints(tiny_policy, tmp_path):
-    from rl_core.checkpoint import prune_checkpoints
+    from rl_core.runs.checkpoint import prune_checkpoints
 
     policy = copy.deepcopy(tiny_policy)
     for step in range(1, 5):

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from rl_core.atomic import write_text_atomically
-from rl_core.checkpoint import read_checkpoint_state
 from rl_core.config import RunConfig, apply_overrides, config_differences, config_error_line
 from rl_core.replay.selection import ReplayError, StoredBatch, read_episodes, run_config
 from rl_core.replay.verdicts import stored_verdict
 from rl_core.run import TrainingRun
+from rl_core.runs.checkpoint import read_checkpoint_state
 from rl_core.store import TrajectoryStore
 
 REPLAY_RECORD = "replay.json"

@@ -4,7 +4,7 @@
 (no download), for tests and the shipped reference checkpoint. `load_policy(path, ...)` is
 the ordinary loading of any Hugging Face causal LM directory (or hub id, where a hub can
 be reached); a PEFT adapter folder loads as base plus trainable adapter, and `lora=` adds
-fresh LoRA adapters to a plain model (see rl_core/lora.py). `save_policy` writes safetensors
+fresh LoRA adapters to a plain model (see rl_core/model/lora.py). `save_policy` writes safetensors
 weights (or, for a LoRA policy, the adapter in PEFT layout) and the tokenizer.
 `Policy.version` counts optimizer steps applied since the run started from `path`.
 """
@@ -25,8 +25,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rl_core.lora import apply_lora, is_adapter_dir, is_lora, load_adapter_model, save_adapter, tokenizer_dir
-from rl_core.tokenizer import ChatFormat, chat_format
+from rl_core.model.lora import apply_lora, is_adapter_dir, is_lora, load_adapter_model, save_adapter, tokenizer_dir
+from rl_core.model.tokenizer import ChatFormat, chat_format
 
 if TYPE_CHECKING:
     from rl_core.config import LoraConfig

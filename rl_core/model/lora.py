@@ -38,7 +38,7 @@ _NAME = "default"  # peft's name for the single adapter
 
 
 class _HasModel(Protocol):
-    """What `apply_lora` needs of a policy (rl_core.policy.Policy; not imported: policy imports this module)."""
+    """What `apply_lora` needs of a policy (rl_core.model.policy.Policy; not imported: policy imports this module)."""
 
     model: PreTrainedModel
 

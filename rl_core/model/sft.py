@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from rl_core.policy import Policy
+from rl_core.model.policy import Policy
 
 
 def render_transcript(

@@ -9,7 +9,7 @@ loads with `load_policy` like any Hugging Face model directory.
 
 For a LoRA policy the model files are the adapter in PEFT layout (`adapter_config.json`,
 `adapter_model.safetensors`, plus `base/` when the base model has no path on disk; see
-rl_core/lora.py), and `optimizer.pt` covers only the adapter parameters (the trainable ones).
+rl_core/model/lora.py), and `optimizer.pt` covers only the adapter parameters (the trainable ones).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rl_core.policy import Policy, load_policy, save_policy
+from rl_core.model.policy import Policy, load_policy, save_policy
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
