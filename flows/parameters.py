@@ -2,7 +2,7 @@
 
 Each settings model names the config fields people change most often as typed fields with
 descriptions (left empty = the config file's value), plus free `section.field=value`
-overrides for everything else (see rl_core/config.py for every field). `load()` builds the
+overrides for everything else (see rl_core/config/ for every field). `load()` builds the
 config: the free overrides are read as text by their field's type (`apply_overrides`), and
 the typed fields (`typed_values()`) are handed over as the values they already are, never
 written out as text and parsed again (run_id "2024" stays the string "2024"), last so that

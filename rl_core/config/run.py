@@ -1,0 +1,93 @@
+"""`RunConfig`, the whole run configuration: its sections and the checks that span sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from rl_core.config.operations import (
+    DoctorConfig,
+    EnvironmentConfig,
+    EvaluationConfig,
+    GateConfig,
+    StorageConfig,
+    TrackingConfig,
+    ValidationConfig,
+)
+from rl_core.config.section import Section
+from rl_core.config.training import AlgorithmConfig, OptimizerConfig, PolicyConfig, RolloutConfig, TrainerConfig
+from rl_core.paths import DATA_DIR, REPO_ROOT
+
+DEFAULT_CONFIG_PATH = DATA_DIR / "configs" / "quickstart.yaml"
+
+
+class RunConfig(Section):
+    """Everything one training run needs."""
+
+    seed: int = Field(0, description="Seed for sampling, data order and initialisation.")
+    iterations: int = Field(10, ge=1, description="Training iterations (collect -> write -> train) to run.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    doctor: DoctorConfig = Field(default_factory=DoctorConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "RunConfig":
+        r, e, p = self.rollout, self.environment, self.policy
+        if self.algorithm.advantage_method == "grpo_passk" and r.group_size < self.algorithm.pass_k:
+            raise ValueError(
+                f"algorithm.pass_k ({self.algorithm.pass_k}) must be <= rollout.group_size ({r.group_size}) "
+                "for grpo_passk"
+            )
+        if self.trainer.backend == "deepspeed" and p.dtype != "float32":
+            raise ValueError(f"trainer.backend deepspeed trains in float32 only; policy.dtype is {p.dtype!r}")
+        if r.overlap_collection and self.trainer.zero_stage == 3:
+            raise ValueError(
+                "rollout.overlap_collection copies the model for sampling, which trainer.zero_stage 3 does not allow"
+            )
+        if r.overlap_collection and self.algorithm.max_steps_off_policy < 1:
+            raise ValueError(
+                "rollout.overlap_collection samples one step off-policy: it needs algorithm.max_steps_off_policy "
+                ">= 1 (0 = synchronous)"
+            )
+        steps = self.optimizer.mini_batches_per_step * self.optimizer.epochs_per_batch
+        if r.overlap_collection and self.algorithm.max_steps_off_policy < steps:
+            raise ValueError(
+                "rollout.overlap_collection samples one iteration off-policy, which is optimizer.mini_batches_per_step "
+                "x "
+                f"optimizer.epochs_per_batch = {steps} optimizer steps: it needs algorithm.max_steps_off_policy "
+                f">= {steps} "
+                f"(got {self.algorithm.max_steps_off_policy}), or every overlapped batch is dropped as stale"
+            )
+        if r.global_batch_size % r.group_size:
+            raise ValueError(
+                f"rollout.global_batch_size ({r.global_batch_size}) must be a multiple of rollout.group_size "
+                f"({r.group_size})"
+            )
+        budget = r.max_turns * (r.max_tokens_per_turn + e.expected_tool_output) + e.prompt_tokens
+        if budget > p.context_window:
+            raise ValueError(
+                "context budget exceeded: rollout.max_turns * (rollout.max_tokens_per_turn + "
+                "environment.expected_tool_output) + environment.prompt_tokens = "
+                f"{r.max_turns} * ({r.max_tokens_per_turn} + {e.expected_tool_output}) + {e.prompt_tokens} = {budget} "
+                f"> policy.context_window ({p.context_window})"
+            )
+        return self
+
+    @property
+    def tasks_per_batch(self) -> int:
+        return self.rollout.global_batch_size // self.rollout.group_size
+
+    def resolved_policy_path(self) -> str:
+        """The policy path, resolved against the repository root when it is a relative local path."""
+        candidate = REPO_ROOT / self.policy.path
+        return str(candidate) if not Path(self.policy.path).is_absolute() and candidate.exists() else self.policy.path

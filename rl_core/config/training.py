@@ -1,0 +1,221 @@
+"""The training sections of the run config: policy (with LoRA), rollout, algorithm, optimizer, trainer.
+
+What is trained and how: the model and its precision, how episodes are sampled, how rewards
+become advantages and a loss, and how the optimizer and the training backend take the step.
+Each field has a one-line description; a bad value raises pydantic's ValidationError naming
+the dotted field (e.g. `rollout.max_turns`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rl_core.advantages import AdvantageMethod
+from rl_core.config.section import Section
+from rl_core.losses import LossAggregation, LossFn
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="Train low-rank adapters (peft LoRA) instead of all weights; checkpoints then hold only the "
+        "adapter.",
+    )
+    rank: int = Field(
+        32, gt=0, description="LoRA rank r of each adapter (32 for large models; small models do with 4-16)."
+    )
+    alpha: int = Field(64, gt=0, description="LoRA alpha; the adapter update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the linear layers that get adapters (Llama-style attention and MLP projections "
+        "by default).",
+    )
+
+
+class PolicyConfig(Section):
+    path: str = Field(
+        "data/checkpoints/reference",
+        description="Hugging Face causal LM directory (or hub id when online) to start from; relative paths are "
+        "resolved against the repository root.",
+    )
+    context_window: int = Field(
+        768,
+        gt=0,
+        description="Longest episode in tokens (prompt + all turns); must not exceed the model's maximum positions.",
+    )
+    chat_format: Literal["turnstile", "chatml"] = Field(
+        "turnstile",
+        description="Role markers around turns: Turnstile's own special tokens, or ChatML (<|im_start|>role ... "
+        "<|im_end|>) for models trained on it.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype for training and generation."
+    )
+    device: str = Field("cpu", description="Torch device for the policy: cpu, cuda, cuda:1 ...")
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="Low-rank adaptation (LoRA) of the policy; off by default."
+    )
+
+
+class RolloutConfig(Section):
+    group_size: int = Field(8, ge=1, le=64, description="Episodes sampled per task (one group); 2-32 in practice.")
+    global_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Episodes per iteration (tasks per batch x group_size); 128 in production, 32 for debugging.",
+    )
+    max_turns: int = Field(6, ge=1, description="Policy turns before an unanswered episode ends as max_turns.")
+    max_tokens_per_turn: int = Field(
+        40, ge=1, description="Token cap for one policy turn; hitting it ends the episode as token_cap."
+    )
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for training rollouts (0 = greedy).")
+    timeout_s: float = Field(
+        600.0, gt=0, description="Wall-clock limit for one episode; past it the episode ends as timeout."
+    )
+    max_retries: int = Field(
+        3, ge=0, description="Retries of an environment step that raised before the episode ends as env_error."
+    )
+    generation_batch_size: int = Field(256, ge=1, description="Most sequences generated in one batched forward pass.")
+    overlap_collection: bool = Field(
+        False,
+        description="Collect iteration k+1 (from a snapshot of the policy) while step k trains; its rollouts "
+        "are then one step off-policy, so it needs algorithm.max_steps_off_policy >= 1.",
+    )
+
+
+class AlgorithmConfig(Section):
+    advantage_method: AdvantageMethod = Field(
+        "group_based",
+        description="How advantages come from rewards (see rl_core/advantages.py): group_based = GRPO (reward "
+        "minus group mean, over group std).",
+    )
+    normalize_advantage_std: bool = Field(
+        True, description="group_based / group_based_per_turn: divide by the group's reward standard deviation."
+    )
+    pass_k: int = Field(
+        4, ge=1, description="grpo_passk: the k whose pass@k the advantages optimise (needs group_size >= k)."
+    )
+    loss_fn: LossFn = Field(
+        "ppo",
+        description="Policy loss (see rl_core/losses.py): ratio-weighted policy gradient, PPO clipped surrogate, "
+        "or CISPO (clipped stop-gradient weight times log-prob).",
+    )
+    loss_aggregation: LossAggregation = Field(
+        "token_mean",
+        description="How per-token losses add up: over all loss tokens of the batch, or per sequence then over "
+        "sequences.",
+    )
+    clip_low_threshold: float = Field(
+        0.8, ge=0.0, le=1.0, description="Lower bound on the ratio pi_new/pi_old (PPO 0.8; CISPO usually 1.0)."
+    )
+    clip_high_threshold: float = Field(
+        1.2, ge=1.0, description="Upper bound on the ratio pi_new/pi_old (PPO 1.2; CISPO usually 6.0)."
+    )
+    clip_ratio_dual: float | None = Field(
+        3.0,
+        gt=1.0,
+        description="Dual-clip bound c of ppo (Ye et al. 2020): on tokens with a negative advantage the loss "
+        "is capped at -c * A however large the ratio grows; must be > 1 (None = off).",
+    )
+    kl_coef: float = Field(
+        0.0, ge=0.0, description="Weight of a KL(pi || pi_ref) penalty against the starting policy (0 = off)."
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=0.0,
+        description="Truncated importance sampling against the inference/trainer mismatch: pi_old becomes the "
+        "trainer's own log-probs and each token is weighted by min(pi_trainer / pi_sampler, cap). "
+        "None = off.",
+    )
+    max_steps_off_policy: int = Field(
+        3,
+        ge=0,
+        description="Rollouts sampled by a policy more than this many "
+        "optimizer steps old are dropped (0 = synchronous).",
+    )
+    zero_variance_groups: Literal["keep", "drop", "resample"] = Field(
+        "keep",
+        description="Groups whose rewards are all equal carry no signal: keep them (their advantages are 0 but "
+        "their tokens count in the loss denominator), drop them from the loss, or resample (dynamic "
+        "sampling: drop them and collect more tasks until the batch is full).",
+    )
+    max_resample_rounds: int = Field(
+        3, ge=1, description="With zero_variance_groups=resample: most extra collection rounds per iteration."
+    )
+    mask_truncated: list[Literal["token_cap", "context_overflow", "max_turns", "timeout"]] = Field(
+        default_factory=list,
+        description=(
+            "Finish reasons that count as truncated (cut off, not judged): such episodes get no loss "
+            "tokens and are left out of "
+            "their group's baseline statistics, whose advantages come from the group's other members, "
+            "because a cut-off "
+            "attempt's reward is not a verdict on the attempt and counting its penalty would lift wrong "
+            "answers above the "
+            "baseline ([] = train on them as on any episode)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _mask_truncated_unique(self) -> "AlgorithmConfig":
+        if len(set(self.mask_truncated)) != len(self.mask_truncated):
+            raise ValueError(f"algorithm.mask_truncated lists a finish reason twice: {self.mask_truncated}")
+        return self
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    micro_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Episodes per forward/backward pass; gradients accumulate over the micro-batches of one mini-batch "
+        "into one optimizer step.",
+    )
+    mini_batches_per_step: int = Field(
+        1,
+        ge=1,
+        description="Mini-batches each iteration's batch is split into (whole groups, in batch order; single "
+        "episodes when there are fewer groups, and at most one mini-batch per episode), each taking "
+        "one optimizer step; 1 = one step per batch.",
+    )
+    epochs_per_batch: int = Field(
+        1,
+        ge=1,
+        description="Passes over the batch's mini-batches per iteration (PPO epochs); optimizer steps per iteration "
+        "= mini-batches x epochs_per_batch, at most mini_batches_per_step x epochs_per_batch.",
+    )
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimizerConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optimizer.betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class TrainerConfig(Section):
+    backend: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="Training backend (rl_core/model/backends.py): plain torch, or a DeepSpeed engine on one process "
+        "(gloo on CPU) taking the same update.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0,
+        description="DeepSpeed ZeRO stage (backend deepspeed only); 0-3 all run on CPU and take the torch update; "
+        "on one process none saves memory, and 3 (weights kept whole for rollouts and checkpoints) "
+        "cannot deep-copy the policy, as rollout.overlap_collection does.",
+    )
+
+    @model_validator(mode="after")
+    def _zero_needs_deepspeed(self) -> "TrainerConfig":
+        if self.zero_stage and self.backend != "deepspeed":
+            raise ValueError(
+                f"trainer.zero_stage {self.zero_stage} needs trainer.backend 'deepspeed' (got {self.backend!r})"
+            )
+        return self
