@@ -9,7 +9,7 @@ and returns a list of per-episode tensors for every method alike.
 
 Notation: r_i is episode i's reward, g its group, n_g the group's size, mean_g and std_g the
 group's mean and sample standard deviation (divisor n - 1), mean_B and std_B the same over the
-whole batch of N episodes. A group whose rewards are all equal (a group of one included)
+whole batch of N episodes. A zero-variance group (one whose rewards are all equal, a group of one included)
 carries no signal: every method with a group baseline gives its episodes exactly A = 0.0, and
 `reinforce_pp`, whose baseline is the batch, gives exactly 0.0 to a batch whose rewards are all
 equal. "Exactly": the equality is detected on the rewards themselves (max == min of the group)
@@ -109,21 +109,21 @@ def _group_range(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tenso
     return high, low
 
 
-def _all_equal_groups(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _zero_variance_mask(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Per-episode bool [N]: True where every reward of the episode's group is the same."""
     high, low = _group_range(values, index)
     return (high == low)[index]
 
 
-def _zero_where_all_equal(advantages: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _zero_where_zero_variance(advantages: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`advantages` [N] with exactly 0.0 for episodes whose group (under `index` [N]) has all-equal `values`."""
-    return torch.where(_all_equal_groups(values, index), torch.zeros_like(advantages), advantages)
+    return torch.where(_zero_variance_mask(values, index), torch.zeros_like(advantages), advantages)
 
 
 def _group_centered(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """r_i - mean_g, exactly 0 in groups whose rewards are all equal (no rounding residue)."""
     _, mean, _ = _group_stats(values, index)
-    return _zero_where_all_equal(values - mean[index], values, index)
+    return _zero_where_zero_variance(values - mean[index], values, index)
 
 
 def _standardise(
@@ -141,7 +141,7 @@ def _batch_whiten(values: torch.Tensor, eps: float) -> torch.Tensor:
     everything = torch.zeros(len(values), dtype=torch.long)
     _, mean, std = _group_stats(values, everything)
     whitened = _standardise(values, mean[everything], std[everything], True, eps)
-    return _zero_where_all_equal(whitened, values, everything)
+    return _zero_where_zero_variance(whitened, values, everything)
 
 
 def monte_carlo(rewards: torch.Tensor, group_ids: Sequence[str]) -> torch.Tensor:
@@ -156,7 +156,7 @@ def group_based(
     values = _reward_vector(rewards, group_ids)
     index = group_index(group_ids)
     _, mean, std = _group_stats(values, index)
-    return _zero_where_all_equal(
+    return _zero_where_zero_variance(
         _standardise(values, mean[index], std[index], normalize_std, eps), values, index
     ).float()
 
@@ -168,7 +168,7 @@ def rloo(rewards: torch.Tensor, group_ids: Sequence[str]) -> torch.Tensor:
     others = (_group_sum(values, index)[index] - values) / (
         _group_sum(torch.ones_like(values), index)[index] - 1
     ).clamp(min=1)
-    return _zero_where_all_equal(values - others, values, index).float()
+    return _zero_where_zero_variance(values - others, values, index).float()
 
 
 def reinforce_pp(rewards: torch.Tensor, group_ids: Sequence[str], eps: float = 1e-6) -> torch.Tensor:
@@ -185,7 +185,7 @@ def reinforce_pp_baseline(rewards: torch.Tensor, group_ids: Sequence[str], eps: 
     """
     values = _reward_vector(rewards, group_ids)
     index = group_index(group_ids)
-    return _zero_where_all_equal(_batch_whiten(_group_centered(values, index), eps), values, index).float()
+    return _zero_where_zero_variance(_batch_whiten(_group_centered(values, index), eps), values, index).float()
 
 
 def opo(rewards: torch.Tensor, group_ids: Sequence[str], token_counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -207,7 +207,7 @@ def opo(rewards: torch.Tensor, group_ids: Sequence[str], token_counts: torch.Ten
     if bool((total_length <= 0).any()):
         raise ValueError("token_counts: every group needs at least one generated token")
     baseline = _group_sum(lengths * values, index) / total_length
-    return _zero_where_all_equal(values - baseline[index], values, index).float()
+    return _zero_where_zero_variance(values - baseline[index], values, index).float()
 
 
 def grpo_passk(
@@ -259,7 +259,7 @@ def gpg(rewards: torch.Tensor, group_ids: Sequence[str], eps: float = 1e-6) -> t
     """
     values = _reward_vector(rewards, group_ids)
     index = group_index(group_ids)
-    valid_episodes = int((~_all_equal_groups(values, index)).sum())
+    valid_episodes = int((~_zero_variance_mask(values, index)).sum())
     alpha = len(values) / valid_episodes if valid_episodes else 0.0
     return (alpha * _group_centered(values, index)).float()
 

@@ -30,8 +30,8 @@ def pass_hat_k(n: int, c: int, k: int) -> float:
     return comb(c, k) / comb(n, k)
 
 
-def degenerate_groups(episodes: list[Episode]) -> tuple[int, int]:
-    """Groups whose rewards are all equal, split into (all successes, all failures)."""
+def count_zero_variance_groups(episodes: list[Episode]) -> tuple[int, int]:
+    """The zero-variance groups (groups whose rewards are all equal), counted as (all successes, all failures)."""
     by_group: dict[str, list[Episode]] = {}
     for e in episodes:
         by_group.setdefault(e.group_id, []).append(e)
@@ -52,7 +52,7 @@ def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
     rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
     response = [e.response_tokens for e in episodes]
     groups = len({e.group_id for e in episodes})
-    all_correct, all_wrong = degenerate_groups(episodes)
+    all_correct, all_wrong = count_zero_variance_groups(episodes)
     reasons = Counter(e.finish_reason for e in episodes)
     out = {
         "rollout/episodes": float(len(episodes)),
@@ -64,9 +64,9 @@ def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
         "rollout/tokens/response_mean": sum(response) / len(episodes),
         "rollout/tokens/response_max": float(max(response)),
         "rollout/tokens/total_mean": sum(len(e.tokens) for e in episodes) / len(episodes),
-        "analysis/zero_adv_groups": (all_correct + all_wrong) / groups if groups else 0.0,
-        "analysis/zero_adv_groups/all_correct": all_correct / groups if groups else 0.0,
-        "analysis/zero_adv_groups/all_wrong": all_wrong / groups if groups else 0.0,
+        "analysis/zero_variance_groups": (all_correct + all_wrong) / groups if groups else 0.0,
+        "analysis/zero_variance_groups/all_correct": all_correct / groups if groups else 0.0,
+        "analysis/zero_variance_groups/all_wrong": all_wrong / groups if groups else 0.0,
     }
     for reason in FINISH_REASONS:
         out[f"rollout/finish/{reason}"] = reasons.get(reason, 0) / len(episodes)

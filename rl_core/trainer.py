@@ -6,7 +6,7 @@
    layer did), stale ones
    (sampled more than `max_steps_off_policy` policy versions before this iteration started),
    truncated ones listed in `algorithm.mask_truncated`, and, when configured, groups whose
-   rewards are all equal (and groups too small for grpo_passk);
+   rewards are all equal (zero-variance groups; and groups too small for grpo_passk);
 2. computes advantages over what is left (`algorithm.advantage_method`, see advantages.py):
    one per policy turn, applied to that turn's generated tokens (prompt and environment
    tokens are masked);
@@ -127,8 +127,9 @@ class StepMetrics:
         return values if self.skipped is None else {k: v for k, v in values.items() if k in SKIPPED_STEP_METRICS}
 
 
-def informative(episodes: list[Episode], algorithm: AlgorithmConfig | None = None) -> list[Episode]:
-    """The episodes of groups whose rewards are not all equal (the rest carry no learning signal).
+def drop_zero_variance_groups(episodes: list[Episode], algorithm: AlgorithmConfig | None = None) -> list[Episode]:
+    """The episodes of groups that are not zero-variance groups (groups whose rewards are all equal carry no
+    learning signal: their group-relative advantages are 0).
 
     With `algorithm`, a group is judged by the members `select_episodes` judges it by (not
     env_error, a finite reward, not truncated and masked by `algorithm.mask_truncated`), so a group
@@ -309,7 +310,7 @@ def select_episodes(episodes: list[Episode], algorithm: AlgorithmConfig, version
     out.stale = len(finite) - len(fresh)
     judged = [e for e in fresh if e.finish_reason not in algorithm.mask_truncated]
     out.truncated_masked = len(fresh) - len(judged)
-    kept = informative(judged) if algorithm.zero_variance_groups != "keep" else judged
+    kept = drop_zero_variance_groups(judged) if algorithm.zero_variance_groups != "keep" else judged
     out.zero_variance = len(judged) - len(kept)
     if algorithm.advantage_method == "grpo_passk":  # pass@k of a group needs k samples
         out.train = groups_of_at_least(kept, algorithm.pass_k)

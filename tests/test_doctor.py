@@ -30,9 +30,9 @@ def entry(step: int, reward: float, **metrics: float) -> dict[str, float]:
         "rollout/success/mean": reward,
         "rollout/finish/token_cap": 0.02,
         "rollout/finish/answered": 0.95,
-        "analysis/zero_adv_groups": 0.25,
-        "analysis/zero_adv_groups/all_correct": 0.1,
-        "analysis/zero_adv_groups/all_wrong": 0.15,
+        "analysis/zero_variance_groups": 0.25,
+        "analysis/zero_variance_groups/all_correct": 0.1,
+        "analysis/zero_variance_groups/all_wrong": 0.15,
         "train/grad_norm": 0.4,
         "train/entropy": 0.07,
         "train/loss": 0.01,
@@ -118,9 +118,9 @@ def test_reward_that_is_zero_everywhere_is_flat_and_points_at_zero_variance_grou
             step,
             0.0,
             rollout__reward__std=0.0,
-            analysis__zero_adv_groups=1.0,
-            analysis__zero_adv_groups__all_correct=0.0,
-            analysis__zero_adv_groups__all_wrong=1.0,
+            analysis__zero_variance_groups=1.0,
+            analysis__zero_variance_groups__all_correct=0.0,
+            analysis__zero_variance_groups__all_wrong=1.0,
         )
         for step in range(1, 21)
     ]
@@ -134,14 +134,14 @@ def test_zero_adv_groups_mostly_all_wrong():
         entry(
             step,
             0.05,
-            analysis__zero_adv_groups=0.9,
-            analysis__zero_adv_groups__all_correct=0.05,
-            analysis__zero_adv_groups__all_wrong=0.85,
+            analysis__zero_variance_groups=0.9,
+            analysis__zero_variance_groups__all_correct=0.05,
+            analysis__zero_variance_groups__all_wrong=0.85,
         )
         for step in range(1, 6)
     ]
     finding = only(diagnose(history, config()), "zero_adv_groups")
-    assert finding.metric == "analysis/zero_adv_groups"
+    assert finding.metric == "analysis/zero_variance_groups"
     assert finding.value == pytest.approx(0.9)
     assert finding.threshold == 0.8
     assert "85% all wrong" in finding.message
@@ -155,9 +155,9 @@ def test_zero_adv_groups_mostly_all_correct_asks_for_harder_tasks():
         entry(
             step,
             0.95,
-            analysis__zero_adv_groups=0.9,
-            analysis__zero_adv_groups__all_correct=0.85,
-            analysis__zero_adv_groups__all_wrong=0.05,
+            analysis__zero_variance_groups=0.9,
+            analysis__zero_variance_groups__all_correct=0.85,
+            analysis__zero_variance_groups__all_wrong=0.05,
         )
         for step in range(1, 6)
     ]
@@ -166,7 +166,7 @@ def test_zero_adv_groups_mostly_all_correct_asks_for_harder_tasks():
 
 
 def test_zero_adv_groups_waits_for_a_full_window():
-    history = [entry(step, 0.05, analysis__zero_adv_groups=1.0) for step in range(1, 5)]
+    history = [entry(step, 0.05, analysis__zero_variance_groups=1.0) for step in range(1, 5)]
     assert "zero_adv_groups" not in symptoms(diagnose(history, config()))
 
 

@@ -42,7 +42,7 @@ def test_stopped_after_step_2_and_resumed_matches_an_uninterrupted_run(tmp_path)
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
-    from rl_core.trainer import informative
+    from rl_core.trainer import drop_zero_variance_groups
 
     cfg = load_config(
         None,
@@ -57,7 +57,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
     run = TrainingRun(cfg)
     episodes = run.collect(1)
     groups = {e.group_id for e in episodes}
-    assert len(groups) == cfg.tasks_per_batch and informative(episodes) == episodes
+    assert len(groups) == cfg.tasks_per_batch and drop_zero_variance_groups(episodes) == episodes
     assert (1, 1) in run._work  # degenerate groups were replaced by further tasks
     assert len(episodes) == 32
 

@@ -179,7 +179,7 @@ def test_long_param_values_are_cut_to_mlflow_limit(cfg):
 
 
 def test_metrics_are_retrievable_by_name_and_step(tracker, client):
-    tracker.log_metrics({"rollout/reward/mean": 0.25, "analysis/zero_adv_groups": 0.5, "train/loss": 1.5}, step=1)
+    tracker.log_metrics({"rollout/reward/mean": 0.25, "analysis/zero_variance_groups": 0.5, "train/loss": 1.5}, step=1)
     tracker.log_metrics(
         {"rollout/reward/mean": 0.75, "val/pass_at_1": 0.4, "val/pass_at_k/4": 0.9, "val/pass@1": 0.4}, step=2
     )
@@ -190,7 +190,7 @@ def test_metrics_are_retrievable_by_name_and_step(tracker, client):
         (2, 0.9)
     ]
     assert [
-        (m.step, m.value) for m in client.get_metric_history(tracker.mlflow_run_id, "analysis/zero_adv_groups")
+        (m.step, m.value) for m in client.get_metric_history(tracker.mlflow_run_id, "analysis/zero_variance_groups")
     ] == [(1, 0.5)]
     latest = client.get_run(tracker.mlflow_run_id).data.metrics
     assert latest["val/pass_at_1"] == 0.4 and "val/pass@1" not in latest

@@ -142,8 +142,10 @@ def test_zero_variance_groups_split_into_all_correct_and_all_wrong(tiny_policy):
     for ep in episodes[2:4]:  # g1: both fail
         ep.reward, ep.success = 0.0, False
     m = rollout_metrics(episodes)
-    assert m["analysis/zero_adv_groups"] == 0.5
-    assert m["analysis/zero_adv_groups/all_correct"] == 0.25 and m["analysis/zero_adv_groups/all_wrong"] == 0.25
+    assert m["analysis/zero_variance_groups"] == 0.5
+    assert (
+        m["analysis/zero_variance_groups/all_correct"] == 0.25 and m["analysis/zero_variance_groups/all_wrong"] == 0.25
+    )
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
