@@ -215,12 +215,12 @@ class DoctorConfig(Section):
     flat_reward_steps: int = Field(
         20, ge=2, description="Steps after which a training reward that has not moved from step 0 is reported as flat."
     )
-    zero_adv_groups_max: float = Field(
+    zero_variance_groups_max: float = Field(
         0.8,
         ge=0,
         le=1,
-        description="Fraction of groups with all-equal rewards (analysis/zero_adv_groups) above which the batch "
-        "carries little signal.",
+        description="Fraction of zero-variance groups (all rewards equal; analysis/zero_variance_groups) above "
+        "which the batch carries little signal.",
     )
     collapse_frac: float = Field(
         0.5,
