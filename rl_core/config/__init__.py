@@ -9,6 +9,9 @@ are set as they are and checked against their field's type, never parsed again.
 
 The package, by concern (import everything from `rl_core.config`):
 
+- `choices`: the allowed values of enumerated fields, one `Literal` alias per list
+  (`ChatFormatName`, `DType`, `TrainerBackendName`, `ZeroStage`, `ZeroVarianceGroups`,
+  `TruncatedFinishReason`, `OnCollapse`).
 - `section`: `Section`, the base of every section (unknown keys refused).
 - `training`: what is trained and how: `PolicyConfig` (with `LoraConfig`), `RolloutConfig`,
   `AlgorithmConfig`, `OptimizerConfig`, `TrainerConfig`.
@@ -21,6 +24,15 @@ The package, by concern (import everything from `rl_core.config`):
   `field_annotation`, `config_differences`, `config_error_line`.
 """
 
+from rl_core.config.choices import (
+    ChatFormatName,
+    DType,
+    OnCollapse,
+    TrainerBackendName,
+    TruncatedFinishReason,
+    ZeroStage,
+    ZeroVarianceGroups,
+)
 from rl_core.config.loading import (
     apply_overrides,
     apply_values,
@@ -37,7 +49,6 @@ from rl_core.config.operations import (
     EnvironmentEntry,
     EvaluationConfig,
     GateConfig,
-    OnCollapse,
     StorageConfig,
     TrackingConfig,
     ValidationConfig,
@@ -54,8 +65,10 @@ from rl_core.config.training import (
 )
 
 __all__ = [
-    "DEFAULT_CONFIG_PATH",
     "AlgorithmConfig",
+    "ChatFormatName",
+    "DEFAULT_CONFIG_PATH",
+    "DType",
     "DoctorConfig",
     "EnvironmentConfig",
     "EnvironmentEntry",
@@ -70,8 +83,12 @@ __all__ = [
     "Section",
     "StorageConfig",
     "TrackingConfig",
+    "TrainerBackendName",
     "TrainerConfig",
+    "TruncatedFinishReason",
     "ValidationConfig",
+    "ZeroStage",
+    "ZeroVarianceGroups",
     "apply_overrides",
     "apply_values",
     "config_differences",

@@ -9,10 +9,11 @@ naming the dotted field (e.g. `environment.domains[1]`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from rl_core.config.choices import OnCollapse
 from rl_core.config.section import Section
 
 
@@ -194,9 +195,6 @@ class GateConfig(Section):
     require_improvement: bool = Field(
         True, description="Promote only if the candidate beats the current champion's pass@1 on the same tasks."
     )
-
-
-OnCollapse = Literal["warn", "stop", "rollback"]  # doctor.on_collapse (acted on in tasks/doctor.py)
 
 
 class DoctorConfig(Section):

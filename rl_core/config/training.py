@@ -8,11 +8,17 @@ the dotted field (e.g. `rollout.max_turns`).
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from rl_core.advantages import AdvantageMethod
+from rl_core.config.choices import (
+    ChatFormatName,
+    DType,
+    TrainerBackendName,
+    TruncatedFinishReason,
+    ZeroStage,
+    ZeroVarianceGroups,
+)
 from rl_core.config.section import Section
 from rl_core.losses import LossAggregation, LossFn
 
@@ -47,14 +53,12 @@ class PolicyConfig(Section):
         gt=0,
         description="Longest episode in tokens (prompt + all turns); must not exceed the model's maximum positions.",
     )
-    chat_format: Literal["turnstile", "chatml"] = Field(
+    chat_format: ChatFormatName = Field(
         "turnstile",
         description="Role markers around turns: Turnstile's own special tokens, or ChatML (<|im_start|>role ... "
         "<|im_end|>) for models trained on it.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter dtype for training and generation."
-    )
+    dtype: DType = Field("float32", description="Parameter dtype for training and generation.")
     device: str = Field("cpu", description="Torch device for the policy: cpu, cuda, cuda:1 ...")
     lora: LoraConfig = Field(
         default_factory=LoraConfig, description="Low-rank adaptation (LoRA) of the policy; off by default."
@@ -137,7 +141,7 @@ class AlgorithmConfig(Section):
         description="Rollouts sampled by a policy more than this many "
         "optimizer steps old are dropped (0 = synchronous).",
     )
-    zero_variance_groups: Literal["keep", "drop", "resample"] = Field(
+    zero_variance_groups: ZeroVarianceGroups = Field(
         "keep",
         description="Groups whose rewards are all equal carry no signal: keep them (their advantages are 0 but "
         "their tokens count in the loss denominator), drop them from the loss, or resample (dynamic "
@@ -146,7 +150,7 @@ class AlgorithmConfig(Section):
     max_resample_rounds: int = Field(
         3, ge=1, description="With zero_variance_groups=resample: most extra collection rounds per iteration."
     )
-    mask_truncated: list[Literal["token_cap", "context_overflow", "max_turns", "timeout"]] = Field(
+    mask_truncated: list[TruncatedFinishReason] = Field(
         default_factory=list,
         description=(
             "Finish reasons that count as truncated (cut off, not judged): such episodes get no loss "
@@ -200,12 +204,12 @@ class OptimizerConfig(Section):
 
 
 class TrainerConfig(Section):
-    backend: Literal["torch", "deepspeed"] = Field(
+    backend: TrainerBackendName = Field(
         "torch",
         description="Training backend (rl_core/model/backends.py): plain torch, or a DeepSpeed engine on one process "
         "(gloo on CPU) taking the same update.",
     )
-    zero_stage: Literal[0, 1, 2, 3] = Field(
+    zero_stage: ZeroStage = Field(
         0,
         description="DeepSpeed ZeRO stage (backend deepspeed only); 0-3 all run on CPU and take the torch update; "
         "on one process none saves memory, and 3 (weights kept whole for rollouts and checkpoints) "

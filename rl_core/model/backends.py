@@ -33,9 +33,11 @@ from __future__ import annotations
 import math
 import os
 import socket
-from typing import Any
+from typing import Any, get_args
 
 import torch
+
+from rl_core.config.choices import TrainerBackendName, ZeroStage
 
 # DeepSpeed's name for its shared-memory all-reduce kernel for several ranks on one CPU host.
 _SHM_COMM_OP = "deepspeed_shm_comm"
@@ -113,7 +115,7 @@ def _import_deepspeed() -> Any:
     return deepspeed
 
 
-def deepspeed_config(optimizer_cfg: Any, zero_stage: int) -> dict[str, Any]:
+def deepspeed_config(optimizer_cfg: Any, zero_stage: ZeroStage) -> dict[str, Any]:
     """DeepSpeed's config for the trainer's update: fp32, one accumulation boundary per step()."""
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
@@ -138,7 +140,9 @@ def deepspeed_config(optimizer_cfg: Any, zero_stage: int) -> dict[str, Any]:
 class DeepSpeedBackend:
     """The model wrapped by a DeepSpeed engine (ZeRO `zero_stage`), stepping the given torch AdamW."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_cfg: Any, zero_stage: int):
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_cfg: Any, zero_stage: ZeroStage
+    ):
         bad = {p.dtype for p in model.parameters() if p.requires_grad} - {torch.float32}
         if bad:
             raise ValueError(
@@ -309,9 +313,10 @@ class ZeroAdamWState:
 def make_backend(
     trainer_cfg: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_cfg: Any
 ) -> TorchBackend | DeepSpeedBackend:
-    """The backend `trainer_cfg.backend` names (None: torch)."""
+    """The backend `trainer_cfg.backend` names (None: torch); ValueError for a name not in `TrainerBackendName`."""
     if trainer_cfg is None or trainer_cfg.backend == "torch":
         return TorchBackend(model, optimizer, optimizer_cfg.grad_clip)
     if trainer_cfg.backend == "deepspeed":
         return DeepSpeedBackend(model, optimizer, optimizer_cfg, trainer_cfg.zero_stage)
-    raise ValueError(f"trainer.backend must be 'torch' or 'deepspeed', got {trainer_cfg.backend!r}")
+    expected = " or ".join(repr(name) for name in get_args(TrainerBackendName))
+    raise ValueError(f"trainer.backend must be {expected}, got {trainer_cfg.backend!r}")

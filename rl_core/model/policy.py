@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import torch
 from transformers import (
@@ -25,13 +25,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rl_core.config.choices import ChatFormatName, DType
 from rl_core.model.lora import apply_lora, is_adapter_dir, is_lora, load_adapter_model, save_adapter, tokenizer_dir
 from rl_core.model.tokenizer import ChatFormat, chat_format
 
 if TYPE_CHECKING:
     from rl_core.config import LoraConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[DType, torch.dtype] = {name: getattr(torch, name) for name in get_args(DType)}  # policy.dtype -> torch
 
 
 @dataclass
@@ -83,8 +84,8 @@ def build_tiny_model(
 def load_policy(
     path: str | Path,
     *,
-    chat: str = "turnstile",
-    dtype: str = "float32",
+    chat: ChatFormatName = "turnstile",
+    dtype: DType = "float32",
     device: str = "cpu",
     lora: LoraConfig | None = None,
 ) -> Policy:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import get_args
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from rl_core.config.choices import ChatFormatName
 
 ROLES = ("system", "user", "assistant", "tool")
 TURNSTILE_SPECIAL_TOKENS = ["<|pad|>", "<|end|>"] + [f"<|{role}|>" for role in ROLES]
@@ -106,8 +109,11 @@ class ChatFormat:
         return self.message(tokenizer, "tool", text) + self.prefix["assistant"]
 
 
-def chat_format(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
-    """The ChatFormat called `name` (`turnstile` or `chatml`) with this tokenizer's ids."""
+def chat_format(name: ChatFormatName, tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
+    """The ChatFormat called `name` (one of `ChatFormatName`: `turnstile` or `chatml`) with this tokenizer's ids.
+
+    Raises ValueError for an unknown name, or when the tokenizer lacks one of the format's special tokens.
+    """
 
     def single(token: str) -> int:
         token_id = tokenizer.convert_tokens_to_ids(token)
@@ -122,4 +128,5 @@ def chat_format(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
         start = single("<|im_start|>")
         prefixes = {role: [start] + list(tokenizer.encode(f"{role}\n", add_special_tokens=False)) for role in ROLES}
         return ChatFormat(prefixes, [single("<|im_end|>")], int(pad))
-    raise ValueError(f"unknown chat format {name!r}; expected 'turnstile' or 'chatml'")
+    expected = " or ".join(repr(known) for known in get_args(ChatFormatName))
+    raise ValueError(f"unknown chat format {name!r}; expected {expected}")
