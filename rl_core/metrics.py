@@ -9,10 +9,12 @@ al. 2024, tau-bench) is the chance that all k are correct: C(c, k) / C(n, k).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from math import comb
 
 import torch
 
+from rl_core.groups import Group, group_episodes
 from rl_core.trajectory import FINISH_REASONS, Episode
 
 
@@ -30,19 +32,14 @@ def pass_hat_k(n: int, c: int, k: int) -> float:
     return comb(c, k) / comb(n, k)
 
 
-def count_zero_variance_groups(episodes: list[Episode]) -> tuple[int, int]:
-    """The zero-variance groups (groups whose rewards are all equal), counted as (all successes, all failures)."""
-    by_group: dict[str, list[Episode]] = {}
-    for e in episodes:
-        by_group.setdefault(e.group_id, []).append(e)
-    all_correct = all_wrong = 0
-    for members in by_group.values():
-        if len({e.reward for e in members}) == 1:
-            if all(e.success for e in members):
-                all_correct += 1
-            else:
-                all_wrong += 1
-    return all_correct, all_wrong
+def count_zero_variance_groups(groups: Iterable[Group]) -> tuple[int, int]:
+    """The zero-variance groups among `groups` (rewards all equal), counted as (all successes, the rest).
+
+    "The rest" are the zero-variance groups not every member of which succeeded (all wrong when
+    success follows the reward)."""
+    zero_variance = [g for g in groups if g.zero_variance]
+    all_correct = sum(1 for g in zero_variance if g.all_correct)
+    return all_correct, len(zero_variance) - all_correct
 
 
 def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
@@ -51,8 +48,9 @@ def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
         return {"rollout/episodes": 0.0}
     rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
     response = [e.response_tokens for e in episodes]
-    groups = len({e.group_id for e in episodes})
-    all_correct, all_wrong = count_zero_variance_groups(episodes)
+    grouped = group_episodes(episodes)
+    groups = len(grouped)
+    all_correct, all_wrong = count_zero_variance_groups(grouped)
     reasons = Counter(e.finish_reason for e in episodes)
     out = {
         "rollout/episodes": float(len(episodes)),

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rl_core.environments.base import Environment, EnvSession, StepResult, Task
+from rl_core.groups import make_group_id
 from rl_core.model.generation import BatchDecoder, Generation
 from rl_core.model.policy import Policy
 from rl_core.model.tokenizer import repair_unicode
@@ -345,7 +346,7 @@ def collect_rollouts(
     )
     episodes: list[_LiveEpisode] = []
     for index, (env, task) in enumerate(work):
-        group_id = f"{run_id}/{iteration}/{first_group + index}/{task.task_id}"
+        group_id = make_group_id(run_id, iteration, first_group + index, task.task_id)
         for sample in range(group_size):
             episodes.append(_open_episode(policy, env, task, group_id, sample, settings))
 

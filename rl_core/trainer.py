@@ -42,6 +42,7 @@ import torch
 
 from rl_core.advantages import compute_advantages
 from rl_core.config import AlgorithmConfig, OptimizerConfig, TrainerConfig
+from rl_core.groups import group_episodes
 from rl_core.losses import LossStats, logprob_mismatch, policy_loss, truncated_is_weights
 from rl_core.model.backends import make_backend
 from rl_core.model.policy import Policy
@@ -144,18 +145,14 @@ def drop_zero_variance_groups(episodes: list[Episode], algorithm: AlgorithmConfi
             if e.finish_reason != "env_error" and finite_reward(e) and e.finish_reason not in algorithm.mask_truncated
         ]
     )
-    rewards: dict[str, set[float]] = {}
-    for e in judged:
-        rewards.setdefault(e.group_id, set()).add(e.reward)
-    return [e for e in episodes if len(rewards.get(e.group_id, ())) > 1]
+    signal = {g.group_id for g in group_episodes(judged) if not g.zero_variance}
+    return [e for e in episodes if e.group_id in signal]
 
 
 def groups_of_at_least(episodes: list[Episode], size: int) -> list[Episode]:
-    """The episodes of groups with at least `size` members."""
-    counts: dict[str, int] = {}
-    for e in episodes:
-        counts[e.group_id] = counts.get(e.group_id, 0) + 1
-    return [e for e in episodes if counts[e.group_id] >= size]
+    """The episodes of groups with at least `size` members, in the order given."""
+    kept = sorted(p for g in group_episodes(episodes) if g.size >= size for p in g.positions)
+    return [episodes[p] for p in kept]
 
 
 def make_optimizer(policy: Policy, cfg: OptimizerConfig) -> torch.optim.AdamW:
@@ -327,10 +324,8 @@ def split_mini_batches(episodes: list[Episode], count: int) -> list[list[int]]:
     most one; with fewer groups than `count`, whole episodes in batch order instead (and fewer
     mini-batches than `count` only when there are fewer episodes).
     """
-    members: dict[str, list[int]] = {}
-    for index, e in enumerate(episodes):
-        members.setdefault(e.group_id, []).append(index)
-    units = list(members.values()) if len(members) >= count else [[i] for i in range(len(episodes))]
+    groups = group_episodes(episodes)
+    units = [list(g.positions) for g in groups] if len(groups) >= count else [[i] for i in range(len(episodes))]
     parts = min(count, len(units))
     bounds = [round(k * len(units) / parts) for k in range(parts + 1)] if parts else [0]
     return [[i for unit in units[bounds[k] : bounds[k + 1]] for i in unit] for k in range(parts)]
@@ -414,13 +409,10 @@ class Trainer:
         loss token to apply one to) and the other groups' advantages are unchanged.
         """
         if self.algorithm.advantage_method == "opo":
-            tokens: dict[str, int] = {}
-            for e in episodes:
-                tokens[e.group_id] = tokens.get(e.group_id, 0) + e.response_tokens
-            silent = {g for g, n in tokens.items() if n == 0}
+            silent = {p for g in group_episodes(episodes) if g.response_tokens == 0 for p in g.positions}
             if silent:
-                kept = iter(self._advantages([e for e in episodes if e.group_id not in silent]))
-                return [torch.zeros(1) if e.group_id in silent else next(kept) for e in episodes]
+                kept = iter(self._advantages([e for p, e in enumerate(episodes) if p not in silent]))
+                return [torch.zeros(1) if p in silent else next(kept) for p in range(len(episodes))]
         return self._advantages(episodes)
 
     def _advantages(self, episodes: list[Episode]) -> list[torch.Tensor]:
