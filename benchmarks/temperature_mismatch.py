@@ -1,4 +1,4 @@
-"""Sampler/trainer log-prob mismatch on the first, fully on-policy step, per sampling temperature.
+"""Token-sampler/trainer log-prob mismatch on the first, fully on-policy step, per sampling temperature.
 
 Issue 9 item 1: the quickstart config with 4 tasks x group 4, one collection, then the first
 training step. With the trainer reading log-probs at each episode's sampling temperature,

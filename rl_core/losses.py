@@ -15,7 +15,7 @@ RATIO (PPO 0.8 / 1.2), not epsilons. Per-token losses, selected by `loss_fn`:
   in MOBA Games with Deep Reinforcement Learning", arXiv:1912.09729) on tokens with A_t < 0:
       l_t = -max(min(r_t * A_t, clamp(r_t, low, high) * A_t), c * A_t)
   For A_t < 0 the plain surrogate is -A_t * max(r_t, clamp(r_t)), unbounded as r_t grows (a
-  token the policy now likes far more than the sampler did); the dual clip caps it at -c * A_t
+  token the policy now likes far more than the token sampler did); the dual clip caps it at -c * A_t
   and gives such a token no gradient. c > 1 (None = off); tokens with A_t >= 0 are unchanged.
 - `cispo`: clipped IS-weight policy optimisation (MiniMax-M1, arXiv:2506.13585)
       l_t = -sg(clamp(r_t, low, high)) * A_t * logp_t
@@ -47,7 +47,7 @@ below 1 are treated as 1.
 Optional terms:
 
 - `is_weights`: detached per-token multipliers on the policy term (truncated importance sampling
-  for the sampler/trainer mismatch, see `truncated_is_weights`); the KL term is not reweighted.
+  for the token-sampler/trainer mismatch, see `truncated_is_weights`); the KL term is not reweighted.
 - KL penalty against a reference policy: kl_coef * k3_t aggregated like the policy term, with
   Schulman's k3 estimator of KL(pi || pi_ref) (http://joschu.net/blog/kl-approx.html)
       k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (>= 0)
@@ -197,7 +197,7 @@ def truncated_is_weights(
 ) -> torch.Tensor:
     """Detached per-token weights min(exp(trainer_logp - behavior_logp), cap); 1 where mask is 0.
 
-    Truncated importance sampling for the sampler/trainer mismatch (Yao et al. 2025, "Your
+    Truncated importance sampling for the token-sampler/trainer mismatch (Yao et al. 2025, "Your
     efficient RL framework secretly brings you off-policy RL training"): pass the trainer's
     log-probs under the policy that sampled (the old log-probs), not the ones being optimised.
     """

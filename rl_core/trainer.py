@@ -26,9 +26,9 @@ torch, or DeepSpeed (ZeRO) taking the same update.
 
 Log-probs and entropies are those of the distribution each episode was sampled from,
 softmax(logits / T), with T the episode's recorded `sampling.temperature` (see
-`training_temperature`). pi_old in the ratio is the sampler's `behavior_logprobs`, or, with
-`tis_cap`, the trainer's own log-probs under the iteration's starting weights, with the sampler
-gap as a capped per-token weight. The mismatch between the sampler's and the trainer's log-probs
+`training_temperature`). pi_old in the ratio is the token sampler's `behavior_logprobs`, or, with
+`tis_cap`, the trainer's own log-probs under the iteration's starting weights, with the token
+sampler's gap as a capped per-token weight. The mismatch between the token sampler's and the trainer's log-probs
 is measured on forward passes made with the iteration's starting weights.
 """
 
@@ -167,7 +167,7 @@ def training_temperature(episode: Episode, default: float) -> float:
     The episode's recorded `sampling.temperature`, or `default` when none was recorded (schema
     version 1 batches, hand-built episodes). T = 0 (greedy) is trained as T = 1: greedy decoding
     samples from no distribution (its limit is a point mass, whose log-prob is 0 with no
-    gradient), and the sampler records greedy log-probs as log_softmax(logits), i.e. at T = 1
+    gradient), and the token sampler records greedy log-probs as log_softmax(logits), i.e. at T = 1
     (generation.py), so T = 1 keeps the trainer's log-probs equal to the recorded ones.
     """
     temperature = episode.sampling.temperature if episode.sampling is not None else default
@@ -548,7 +548,9 @@ class Trainer:
         if measure_mismatch:
             _measure_mismatch(logprobs.detach(), behavior, mask, measures)
         old, is_weights = behavior, None
-        if a.tis_cap is not None:  # pi_old = the trainer's own log-probs; the sampler's gap becomes a capped weight
+        if (
+            a.tis_cap is not None
+        ):  # pi_old = the trainer's own log-probs; the token sampler's gap becomes a capped weight
             old = batch.get("start_logprobs", logprobs.detach())
             is_weights = truncated_is_weights(old, behavior, mask, a.tis_cap)
         reference = None
@@ -578,7 +580,7 @@ class Trainer:
 
     def _start_logprobs(self, episodes: list[Episode], measured: Measures) -> list[torch.Tensor]:
         """Every episode's log-probs [len(tokens)] under the iteration's starting weights (no gradient), for
-        tis_cap's pi_old across several optimizer steps; measures the sampler mismatch on the way."""
+        tis_cap's pi_old across several optimizer steps; measures the token-sampler mismatch on the way."""
         out: list[torch.Tensor | None] = [None] * len(episodes)
         zeros = [torch.zeros(1)] * len(episodes)
         for chunk in length_sorted_micro_batches([len(e.tokens) for e in episodes], self.optim_cfg.micro_batch_size):
@@ -623,7 +625,7 @@ class Trainer:
 
 
 def _measure_mismatch(logprobs: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor, measures: Measures) -> None:
-    """Add |trainer - sampler| log-prob gaps on mask tokens ([batch, length] tensors) to `measures`."""
+    """Add |trainer - token sampler| log-prob gaps on mask tokens ([batch, length] tensors) to `measures`."""
     mean_abs, max_abs = logprob_mismatch(logprobs, behavior, mask)
     tokens = float(mask.sum())
     measures.mismatch_sum += mean_abs * tokens

@@ -8,8 +8,8 @@ Contract: `table_to_episodes(episodes_to_table(eps)) == eps` for every episode t
 `check_episode`, including None values, maps and the UTC `created_at`. `behavior_logprobs`
 are stored as float32, so values that are not float32-exact come back rounded to float32.
 
-Schema versions: 2 added the nullable `sampling` struct (what the sampler was asked:
-temperature, top_p, max tokens per turn, sampler backend, policy version). Version-1 tables
+Schema versions: 2 added the nullable `sampling` struct (what the token sampler was asked:
+temperature, top_p, max tokens per turn, token-sampler backend, policy version). Version-1 tables
 (`TRAJECTORY_SCHEMA_V1`, no `sampling` column) are read through `upgrade_table`, which adds the
 column as null; the trainer then falls back to its configured temperature for those rows.
 """
@@ -56,14 +56,14 @@ class Turn:
 
 @dataclass
 class Sampling:
-    """What the sampler was asked for one episode (the trajectory's `sampling` column).
+    """What the token sampler was asked for one episode (the trajectory's `sampling` column).
 
     temperature: softmax temperature T of every policy turn; the sampled distribution is
         softmax(logits / T), and 0 means greedy (argmax, log-probs recorded at T = 1).
     top_p: nucleus-sampling mass (1.0 = the full distribution).
-    max_tokens_per_turn: the per-turn token cap the sampler was given.
-    backend: which sampler produced the tokens (e.g. "torch").
-    policy_version: the policy version (optimizer steps taken) the sampler's weights had.
+    max_tokens_per_turn: the per-turn token cap the token sampler was given.
+    backend: which token sampler produced the tokens (e.g. "torch").
+    policy_version: the policy version (optimizer steps taken) the token sampler's weights had.
     """
 
     temperature: float
@@ -77,7 +77,7 @@ class Sampling:
 class Episode:
     """One multi-turn episode with lineage, tokens, masks, log-probs and reward.
 
-    `sampling` is what the sampler was asked (`Sampling`); None when it was not recorded (batches
+    `sampling` is what the token sampler was asked (`Sampling`); None when it was not recorded (batches
     of schema version 1, hand-built episodes): the trainer then assumes its own temperature.
     """
 
@@ -191,7 +191,7 @@ SCHEMAS_BY_VERSION = {1: TRAJECTORY_SCHEMA_V1, SCHEMA_VERSION: TRAJECTORY_SCHEMA
 def upgrade_table(table: pa.Table, version: int) -> pa.Table:
     """A table written with schema `version` as a `TRAJECTORY_SCHEMA` table.
 
-    Version 1 gets a null `sampling` column (the sampler's settings were not recorded); the
+    Version 1 gets a null `sampling` column (the token sampler's settings were not recorded); the
     current version is returned as is. Raises ValueError for a version with no upgrade path.
     """
     if version == SCHEMA_VERSION:
@@ -229,7 +229,7 @@ def check_episode(ep: Episode) -> None:
 
 
 def _check_sampling(where: str, sampling: Sampling) -> None:
-    """Raise ValueError, naming the field, for sampler settings no sampler can have used."""
+    """Raise ValueError, naming the field, for token-sampler settings no token sampler can have used."""
     if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
         raise ValueError(f"{where}: sampling.temperature must be finite and >= 0, got {sampling.temperature!r}")
     if not 0 < sampling.top_p <= 1:

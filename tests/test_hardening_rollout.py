@@ -129,7 +129,7 @@ def _collect(policy, work, settings=None, group_size=1, sampler=None):
         group_size=group_size,
         run_id="r",
         iteration=1,
-        sampler=sampler or _sampler(policy),
+        token_sampler=sampler or _sampler(policy),
     )
 
 

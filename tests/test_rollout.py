@@ -70,7 +70,7 @@ def test_record_is_token_in_token_out_with_exact_masks(tiny_policy):
     env = ScriptedEnv(answer_after=3)
     sampler = scripted_sampler(tiny_policy)
     [ep] = collect_rollouts(
-        tiny_policy, [(env, TASK)], settings(), group_size=1, run_id="r", iteration=1, sampler=sampler
+        tiny_policy, [(env, TASK)], settings(), group_size=1, run_id="r", iteration=1, token_sampler=sampler
     )
     tok, chat = tiny_policy.tokenizer, tiny_policy.chat
     action = tok.encode('CALL lookup {"id": "1"}', add_special_tokens=False) + [chat.stop_id]
@@ -99,7 +99,7 @@ def test_record_is_token_in_token_out_with_exact_masks(tiny_policy):
 def test_generation_is_batched_across_all_live_episodes(tiny_policy):
     sampler = scripted_sampler(tiny_policy)
     work = [(ScriptedEnv(answer_after=2), TASK), (ScriptedEnv(answer_after=3), TASK)]
-    eps = collect_rollouts(tiny_policy, work, settings(), group_size=4, run_id="r", iteration=1, sampler=sampler)
+    eps = collect_rollouts(tiny_policy, work, settings(), group_size=4, run_id="r", iteration=1, token_sampler=sampler)
     assert len(eps) == 8
     assert sampler.calls == [8, 8, 4]  # one call per round, holding every live episode
     assert len({e.group_id for e in eps}) == 2 and [e.sample_index for e in eps[:4]] == [0, 1, 2, 3]
@@ -113,7 +113,7 @@ def test_max_turns(tiny_policy):
         group_size=1,
         run_id="r",
         iteration=1,
-        sampler=scripted_sampler(tiny_policy),
+        token_sampler=scripted_sampler(tiny_policy),
     )
     assert ep.finish_reason == "max_turns" and ep.num_turns == 2 and ep.reward == -0.1 and not ep.success
 
@@ -126,7 +126,7 @@ def test_token_cap(tiny_policy):
         group_size=1,
         run_id="r",
         iteration=1,
-        sampler=scripted_sampler(tiny_policy),
+        token_sampler=scripted_sampler(tiny_policy),
     )
     assert ep.finish_reason == "token_cap" and ep.response_tokens == 4 and ep.reward == -0.1
 
@@ -140,7 +140,7 @@ def test_context_overflow(tiny_policy):
         group_size=1,
         run_id="r",
         iteration=1,
-        sampler=scripted_sampler(tiny_policy),
+        token_sampler=scripted_sampler(tiny_policy),
     )
     assert ep.finish_reason == "context_overflow" and len(ep.tokens) <= prompt_len + 30
 
@@ -154,7 +154,7 @@ def test_transient_environment_fault_is_retried(tiny_policy):
         group_size=1,
         run_id="r",
         iteration=1,
-        sampler=scripted_sampler(tiny_policy),
+        token_sampler=scripted_sampler(tiny_policy),
     )
     assert ep.finish_reason == "answered" and ep.attempts == 2
 
@@ -168,7 +168,7 @@ def test_permanent_environment_fault_is_recorded_not_raised(tiny_policy):
         group_size=2,
         run_id="r",
         iteration=1,
-        sampler=scripted_sampler(tiny_policy),
+        token_sampler=scripted_sampler(tiny_policy),
     )
     assert [e.finish_reason for e in eps] == ["env_error", "env_error"]
     assert all(e.attempts == 3 and "tool backend unreachable" in e.env_error and not e.success for e in eps)
@@ -202,7 +202,7 @@ def test_episodes_record_what_the_sampler_was_asked(tiny_policy):
         group_size=1,
         run_id="r",
         iteration=1,
-        sampler=scripted_sampler(tiny_policy),
+        token_sampler=scripted_sampler(tiny_policy),
         backend="vllm",
     )
     assert scripted.sampling == Sampling(
@@ -215,7 +215,7 @@ def test_episodes_record_what_the_sampler_was_asked(tiny_policy):
         group_size=1,
         run_id="r",
         iteration=1,
-        sampler=scripted_sampler(tiny_policy),
+        token_sampler=scripted_sampler(tiny_policy),
     )
     assert unnamed.sampling.backend == "custom"
     [own] = collect_rollouts(

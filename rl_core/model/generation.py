@@ -1,4 +1,4 @@
-"""Batched token generation with a KV cache kept across turns, returning the sampler's log-probs.
+"""Batched token generation with a KV cache kept across turns, returning the token sampler's log-probs.
 
 `BatchDecoder` continues many sequences at once, turn after turn. The first call for a
 sequence pre-fills its whole context; later calls feed only what was appended since (the
