@@ -3,7 +3,7 @@
 `replay_flow(ReplaySettings)` selects batches (a run, an iteration range, or manifest paths,
 e.g. into quarantine), checks all its input before any work starts (`check_settings`), then
 runs the parts asked for, each as a Prefect task (tasks/replay.py):
-- re-validation: the current GX suite on every batch, against its stored verdict (one task per batch);
+- re-validation: the current GX suite on every batch, against its stored validation report (one task per batch);
 - re-scoring: a scorer (`environment`, `strict` or `package.module:function`), counting success flips;
 - re-training: the stored batches replayed into a new run (never into the original);
 - transcripts: the named episodes as markdown artifacts.
@@ -24,16 +24,16 @@ from rl_core.replay import (
     SCORERS,
     EpisodeRef,
     ReplayError,
+    ReportComparison,
     StoredBatch,
     ValidationThresholds,
-    VerdictComparison,
     batch_of_iteration,
     load_scorer,
     retrain_config,
     run_config,
     select_batches,
 )
-from tasks.replay import rescore_task, retrain_task, revalidate_task, transcript_task, verdict_word
+from tasks.replay import report_word, rescore_task, retrain_task, revalidate_task, transcript_task
 from tasks.validate import artifact_slug
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -61,7 +61,8 @@ class ReplaySettings(BaseModel):
         "anywhere (e.g. <run>/quarantine/iteration-000003/iteration-000003.manifest.json).",
     )
     revalidate: bool = Field(
-        True, description="Run the current validation suite on every batch and compare with its stored verdict."
+        True,
+        description="Run the current validation suite on every batch and compare with its stored validation report.",
     )
     validation: ValidationThresholds = Field(
         "original",
@@ -176,13 +177,13 @@ def replay_flow(settings: ReplaySettings = ReplaySettings()) -> dict[str, Any]:
 # -- artifacts ---------------------------------------------------------------------------
 
 
-def _publish_revalidation(comparisons: list[VerdictComparison], key: str) -> None:
+def _publish_revalidation(comparisons: list[ReportComparison], key: str) -> None:
     rows = [
         {
             "batch": f"{c.run_id} iteration {c.iteration}",
             "location": "trajectories" if c.committed else "quarantine",
-            "stored": verdict_word(c.stored_passed),
-            "now": verdict_word(c.new_passed),
+            "stored": report_word(c.stored_passed),
+            "now": report_word(c.new_passed),
             "status": c.status,
             "checks changed": ", ".join(c.checks_changed) or "none",
             "reason now": c.new_reason,
@@ -191,7 +192,9 @@ def _publish_revalidation(comparisons: list[VerdictComparison], key: str) -> Non
     ]
     changed = sum(c.status == "changed" for c in comparisons)
     create_table_artifact(
-        table=rows, key=f"{key}-revalidation", description=f"Re-validation: {changed} of {len(rows)} verdicts changed"
+        table=rows,
+        key=f"{key}-revalidation",
+        description=f"Re-validation: {changed} of {len(rows)} validation reports changed",
     )
 
 
@@ -217,7 +220,7 @@ def _publish_rescoring(summary: dict[str, Any], key: str) -> None:
     create_markdown_artifact(
         markdown="\n".join(lines) + "\n",
         key=f"{key}-rescoring-changes",
-        description="Episodes whose success verdict flipped",
+        description="Episodes whose success flipped",
     )
 
 

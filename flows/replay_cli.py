@@ -178,7 +178,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"Replayed {len(summary['batches'])} batches: {', '.join(summary['batches'])}"]
     if summary["revalidation"] is not None:
         changed = [c for c in summary["revalidation"] if c["status"] == "changed"]
-        lines += ["", f"Re-validation: {len(changed)} of {len(summary['revalidation'])} verdicts changed"]
+        lines += ["", f"Re-validation: {len(changed)} of {len(summary['revalidation'])} validation reports changed"]
         for c in summary["revalidation"]:
             stored = "none" if c["stored_passed"] is None else "passed" if c["stored_passed"] else "FAILED"
             now = "passed" if c["new_passed"] else "FAILED"

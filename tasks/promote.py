@@ -84,7 +84,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from rl_core.config import RunConfig
-from rl_core.runs.checkpoint import STATE_FILE
+from rl_core.runs.checkpoint import STATE_FILE, read_checkpoint_state
 from tasks.gate import GateDecision
 from tasks.tracking import MLFLOW_RETRIES, Tracker, VerdictError, config_hash, mlflow_client, tracking_uri, truncate
 
@@ -175,10 +175,12 @@ def _tag_value(value: Any) -> str:
 
 def checkpoint_step(checkpoint_dir: Path) -> int:
     """The optimizer step a checkpoint folder holds (from its trainer_state.json)."""
-    state_file = checkpoint_dir / STATE_FILE
-    if not state_file.is_file():
-        raise PromotionError(f"{checkpoint_dir} is not a Turnstile checkpoint (no {STATE_FILE}); pass lineage['step']")
-    return int(json.loads(state_file.read_text())["step"])
+    try:
+        return int(read_checkpoint_state(checkpoint_dir)["step"])
+    except FileNotFoundError:
+        raise PromotionError(
+            f"{checkpoint_dir} is not a Turnstile checkpoint (no {STATE_FILE}); pass lineage['step']"
+        ) from None
 
 
 def lineage_tags(cfg: RunConfig, lineage: Mapping[str, Any]) -> dict[str, str]:

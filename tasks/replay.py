@@ -15,40 +15,40 @@ from prefect.cache_policies import NONE
 from rl_core.config import ValidationConfig
 from rl_core.replay import (
     EpisodeRef,
+    ReportComparison,
     RescoreReport,
     RetrainReport,
     StoredBatch,
-    VerdictComparison,
-    compare_verdicts,
+    compare_reports,
     pick_episode,
     read_episodes,
     render_transcript,
     rescore,
     retrain,
-    stored_verdict,
+    stored_report,
 )
 from rl_core.store import CorruptTrajectoryError, TrajectoryStore
 from tasks.validation_suite import unreadable_report, validate_batch
 
 
-def verdict_word(passed: bool | None) -> str:
-    """A stored or fresh verdict as one word: none (never validated), passed or FAILED."""
+def report_word(passed: bool | None) -> str:
+    """A stored or fresh validation report's outcome as one word: none (never validated), passed or FAILED."""
     return "none" if passed is None else "passed" if passed else "FAILED"
 
 
 @task(name="revalidate-batch", cache_policy=NONE)
-def revalidate_task(batch: StoredBatch, cfg: ValidationConfig) -> VerdictComparison:
-    """The current suite's verdict on one stored batch, beside the stored one (an unreadable batch fails)."""
+def revalidate_task(batch: StoredBatch, cfg: ValidationConfig) -> ReportComparison:
+    """The current suite's validation report on one stored batch, beside the stored one (an unreadable batch fails)."""
     try:
         report = validate_batch(TrajectoryStore.read_manifest_path(batch.manifest_path), cfg)
     except CorruptTrajectoryError as err:
         report = unreadable_report(err)
-    comparison = compare_verdicts(batch, stored_verdict(batch), report.to_dict())
+    comparison = compare_reports(batch, stored_report(batch), report)
     get_run_logger().info(
         "%s: stored %s, now %s (%s). %s",
         batch.label,
-        verdict_word(comparison.stored_passed),
-        verdict_word(comparison.new_passed),
+        report_word(comparison.stored_passed),
+        report_word(comparison.new_passed),
         comparison.status,
         comparison.new_reason,
     )

@@ -2,23 +2,22 @@
 
 Contract of `validate_trajectories(store_root, run_id, iteration, cfg)`:
 - reads the committed batch with `TrajectoryStore` and runs `validate_batch` (the GX suite in
-  `tasks/validation_suite.py`); a batch the store cannot read (corrupt) is a failed verdict
-  whose reason is the store's error, not a crash. A missing batch (`TrajectoryNotFoundError`)
-  is a fault and raises.
-- always writes the report atomically next to the batch, before moving anything:
-  `<store_root>/<run_id>/trajectories/iteration-NNNNNN.validation.json`; a re-run that finds
-  it keeps that verdict (so re-running a flow never validates one batch twice);
-- on a failed verdict moves the batch to `<store_root>/<run_id>/quarantine/iteration-NNNNNN[-N]/`
-  (`TrajectoryStore.quarantine`) and puts a copy of the report there too, so the batch is no
-  longer listed by `store.iterations` and training skips it;
+  `tasks/validation_suite.py`); a batch the store cannot read (corrupt) gets a failed
+  validation report whose reason is the store's error, not a crash. A missing batch
+  (`TrajectoryNotFoundError`) is a fault and raises.
+- always saves the validation report atomically beside the batch, before moving anything
+  (`TrajectoryStore.write_report`, path `TrajectoryStore.report_path`); a re-run that finds it
+  keeps that report (so re-running a flow never validates one batch twice);
+- on a failed report moves the batch into quarantine (`TrajectoryStore.quarantine`) and saves a
+  copy of the report beside the quarantined manifest, so the batch is no longer listed by
+  `store.iterations` and training skips it;
 - publishes a Prefect table artifact (one row per check) and a markdown artifact with the
-  one-sentence reason, and logs the verdict through Prefect's run logger;
-- has no retries: a failed validation is a verdict, not a fault. Returns the `ValidationReport`.
+  one-sentence reason, and logs whether the batch passed through Prefect's run logger;
+- has no retries: a failed validation is a result, not a fault. Returns the `ValidationReport`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import replace
@@ -29,10 +28,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 
-from rl_core.atomic import write_text_atomically
 from rl_core.config import ValidationConfig
 from rl_core.store import CorruptTrajectoryError, TrajectoryNotFoundError, TrajectoryStore
-from tasks.validation_report import CHECK_ORDER, Check, ValidationReport
+from rl_core.validation_report import Check, ValidationReport
+from tasks.validation_checks import CHECK_ORDER
 from tasks.validation_suite import unreadable_report, validate_batch
 
 __all__ = [
@@ -41,17 +40,20 @@ __all__ = [
     "ValidationReport",
     "artifact_key",
     "report_path",
+    "stored_report",
     "validate_batch",
     "validate_trajectories",
 ]
 
-REPORT_SUFFIX = ".validation.json"
-
 
 def report_path(store: TrajectoryStore, run_id: str, iteration: int) -> Path:
-    """Where the batch's validation report lives: beside its Parquet file."""
-    data_path = store.path(run_id, iteration)
-    return data_path.with_name(data_path.name.removesuffix(".parquet") + REPORT_SUFFIX)
+    """Where the batch's validation report lives (kept for callers: use `store.report_path`)."""
+    return store.report_path(run_id, iteration)
+
+
+def stored_report(store: TrajectoryStore, run_id: str, iteration: int) -> ValidationReport | None:
+    """The validation report saved on the iteration's batch, or None (kept for callers: use `store.read_report`)."""
+    return store.read_report(run_id, iteration)
 
 
 def artifact_key(run_id: str, iteration: int, kind: str = "validation") -> str:
@@ -66,28 +68,29 @@ def artifact_slug(text: str) -> str:
 
 @task(name="validate-trajectories", retries=0, cache_policy=NONE)
 def validate_trajectories(store_root: str, run_id: str, iteration: int, cfg: ValidationConfig) -> ValidationReport:
-    """Gate one iteration's batch; quarantine it when the verdict is a failure.
+    """Validate one iteration's batch; quarantine it when the validation report says it failed.
 
-    Idempotent: the report, written before anything moves, is the verdict's commit point. A
-    re-run finds it, reaches no new verdict and finishes a quarantine a crash cut short."""
+    Idempotent: the saved report, written before anything moves, is the validation's commit
+    point. A re-run finds it, validates nothing again and finishes a quarantine a crash cut short."""
     logger = _logger()
     store = TrajectoryStore(store_root)
-    path = report_path(store, run_id, iteration)
-    report = stored_report(store, run_id, iteration)
+    report = store.read_report(run_id, iteration)
     if report is not None and report.quarantined_to is not None and store.exists(run_id, iteration):
-        report = None  # that verdict's batch is in quarantine; this is a new batch of the iteration
+        report = None  # that report's batch is in quarantine; this is a new batch of the iteration
     if report is None:
         try:
             report = validate_batch(store.read_table(run_id, iteration), cfg)
         except CorruptTrajectoryError as err:
             report = unreadable_report(err)
-        report = replace(report, run_id=run_id, iteration=iteration, report_path=str(path))
-        write_text_atomically(path, report.to_json())
+        report = replace(
+            report, run_id=run_id, iteration=iteration, report_path=str(store.report_path(run_id, iteration))
+        )
+        store.write_report(run_id, iteration, report)
     if not report.passed and report.quarantined_to is None:
         quarantined = _quarantine(store, run_id, iteration, report.reason)
-        report = replace(report, quarantined_to=str(quarantined))
-        write_text_atomically(quarantined / path.name, report.to_json())
-        write_text_atomically(path, report.to_json())
+        report = replace(report, quarantined_to=str(quarantined.parent))
+        store.write_report_beside(quarantined, report)
+        store.write_report(run_id, iteration, report)
     _publish(report, run_id, iteration)
     if report.passed:
         logger.info("Validation passed for %s iteration %d: %s", run_id, iteration, report.reason)
@@ -104,34 +107,28 @@ def validate_trajectories(store_root: str, run_id: str, iteration: int, cfg: Val
 
 
 def _quarantine(store: TrajectoryStore, run_id: str, iteration: int, reason: str) -> Path:
-    """Quarantine the batch (finishing an interrupted quarantine); when a crash came after the
-    batch was fully moved but before the report said so, the folder it went to."""
+    """Quarantine the batch (finishing an interrupted quarantine); returns the quarantined manifest. When
+    a crash came after the batch was fully moved but before the report said so, the manifest it moved."""
     if store.exists(run_id, iteration) or store.path(run_id, iteration).exists():
-        return store.quarantine(run_id, iteration, reason).parent
+        return store.quarantine(run_id, iteration, reason)
     moved = store.quarantined(run_id, iteration)
     if not moved:
         raise TrajectoryNotFoundError(
             f"run {run_id!r} iteration {iteration}: the batch failed validation but is neither in trajectories/ "
             "nor in quarantine/"
         )
-    return moved[-1].parent
-
-
-def stored_report(store: TrajectoryStore, run_id: str, iteration: int) -> ValidationReport | None:
-    """The verdict already reached on the iteration's batch, or None if it was never validated."""
-    path = report_path(store, run_id, iteration)
-    return ValidationReport.from_dict(json.loads(path.read_text())) if path.is_file() else None
+    return moved[-1]
 
 
 def _publish(report: ValidationReport, run_id: str, iteration: int) -> None:
-    verdict = "passed" if report.passed else "FAILED"
+    outcome = "passed" if report.passed else "FAILED"
     create_table_artifact(
         table=report.as_rows(),
         key=artifact_key(run_id, iteration),
-        description=f"Trajectory validation {verdict}: {run_id} iteration {iteration}",
+        description=f"Trajectory validation {outcome}: {run_id} iteration {iteration}",
     )
     lines = [
-        f"## Trajectory validation {verdict}: `{run_id}` iteration {iteration}",
+        f"## Trajectory validation {outcome}: `{run_id}` iteration {iteration}",
         "",
         report.reason,
         "",
@@ -140,7 +137,7 @@ def _publish(report: ValidationReport, run_id: str, iteration: int) -> None:
         f"- report: `{report.report_path}`",
     ]
     if report.zero_variance_group_frac is not None:
-        lines.append(f"- groups with all-equal rewards: {report.zero_variance_group_frac:.1%}")
+        lines.append(f"- zero-variance groups (all rewards equal): {report.zero_variance_group_frac:.1%}")
     if report.quarantined_to:
         lines.append(f"- quarantined to: `{report.quarantined_to}` (training skips this batch)")
     create_markdown_artifact(

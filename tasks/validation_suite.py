@@ -1,9 +1,9 @@
 """The validation gate's Great Expectations suite over one iteration's trajectory batch.
 
 Contract: `validate_batch(table, cfg)` turns bad data into failed checks rather than raising,
-and returns a `ValidationReport` whose `checks` hold one verdict per name in `CHECK_ORDER` and
+and returns a `ValidationReport` whose `checks` hold one outcome per name in `CHECK_ORDER` and
 whose `reason` is one plain sentence naming the first failed check (or an all-clear). The
-share of groups whose rewards are all equal is reported, not gated. Thresholds come from
+share of zero-variance groups (groups whose rewards are all equal) is reported, not gated. Thresholds come from
 `ValidationConfig`: the shares of episodes ending at the token cap, in a context overflow, at
 max_turns and in a permanent environment failure. `trainable_tokens` fails a batch without a
 single token to train on (loss_mask == 1 outside env_error episodes), e.g. one in which every
@@ -13,7 +13,7 @@ How it works. GX expects flat columns, so `derive_frame` turns the Arrow table i
 frame in which every list, map or struct column appears under its own name as its length
 (null stays null) and a few flag and count columns are added (`DERIVED_COLUMNS`). `build_suite`
 writes the expectations over that frame, each tagged with its check name in `meta`, and
-`run_suite` runs them in a throwaway ephemeral GX context; `validation_report.summarize` then
+`run_suite` runs them in a throwaway ephemeral GX context; `validation_checks.summarize` then
 folds the GX results of each check into one `Check` with an observed value and a one-line message.
 `column_types` is the one check done in Arrow directly (the frame no longer holds the types).
 """
@@ -34,23 +34,15 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from rl_core.config import ValidationConfig
 from rl_core.trajectory import FINISH_REASONS, TRAJECTORY_SCHEMA
-from tasks.validation_report import (
-    LENGTH_COLUMNS,
-    RATE_COLUMNS,
-    REQUIRED_COLUMNS,
-    Check,
-    ValidationReport,
-    rate_limits,
-    reason_sentence,
-    summarize,
-    zero_variance_groups,
-)
+from rl_core.validation_report import Check, ValidationReport
+from tasks.validation_checks import LENGTH_COLUMNS, RATE_COLUMNS, REQUIRED_COLUMNS, rate_limits, summarize
+from tasks.validation_reason import reason_sentence, zero_variance_groups
 
 # -- the public entry point ------------------------------------------------------------
 
 
 def validate_batch(table: pa.Table, cfg: ValidationConfig) -> ValidationReport:
-    """Run the gate's checks over one batch.
+    """Run the gate's checks over one batch (N rows); returns its validation report (run_id etc. unset).
 
     Takes any Arrow table: missing columns, wrong types, nulls and bad values become failed
     checks. (List columns must still be lists of numbers for the derived counts.)
@@ -71,7 +63,7 @@ def validate_batch(table: pa.Table, cfg: ValidationConfig) -> ValidationReport:
 
 
 def unreadable_report(error: Exception | str) -> ValidationReport:
-    """The failed verdict for a batch the store could not read (e.g. a corrupt file)."""
+    """The failed validation report for a batch the store could not read (e.g. a corrupt file)."""
     text = str(error)
     first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     check = Check(

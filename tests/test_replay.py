@@ -108,13 +108,12 @@ def test_selection_by_run_range_and_manifest(runs, quarantined_manifest):
     assert (by_path.run_id, by_path.iteration, by_path.run_folder) == ("faulty", 1, runs / "faulty")
 
 
-def test_stored_verdict_is_the_one_the_validate_task_wrote(runs):
-    from rl_core.replay import stored_verdict
-    from tasks.validate import report_path
+def test_stored_report_is_the_one_the_validate_task_wrote(runs):
+    from rl_core.replay import stored_report
 
     batch = select_batches(runs, "orig")[0]
-    assert batch.verdict_path == report_path(TrajectoryStore(runs), "orig", 1)
-    assert stored_verdict(batch)["passed"] is True
+    assert batch.report_path == TrajectoryStore(runs).report_path("orig", 1)
+    assert stored_report(batch).passed is True
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,6 @@ from tasks.validate import (  # noqa: E402
     CHECK_ORDER,
     ValidationReport,
     artifact_key,
-    report_path,
     validate_batch,
     validate_trajectories,
 )
@@ -540,7 +539,7 @@ def test_task_quarantines_a_failing_batch_and_keeps_a_passing_one(tmp_path, pref
 
     assert passed.passed and passed.quarantined_to is None
     assert store.iterations(RUN) == [1]  # the failing batch is no longer training data
-    saved = json.loads(report_path(store, RUN, 1).read_text())
+    saved = json.loads(store.report_path(RUN, 1).read_text())
     assert saved["passed"] is True and saved["run_id"] == RUN and saved["iteration"] == 1
 
     assert not failed.passed and failed.failed_checks == ["env_error_rate"]
@@ -583,7 +582,7 @@ def test_task_turns_a_corrupt_batch_into_a_failed_verdict(tmp_path, prefect_harn
 
 def test_schema_has_the_columns_the_suite_expects():
     # guards the suite against schema drift: every nested column is summarised by length
-    from tasks.validation_report import NESTED_COLUMNS, REQUIRED_COLUMNS
+    from tasks.validation_checks import NESTED_COLUMNS, REQUIRED_COLUMNS
 
     assert set(NESTED_COLUMNS) == {"tokens", "loss_mask", "behavior_logprobs", "turns", "reward_components", "sampling"}
     assert "env_error" not in REQUIRED_COLUMNS and "sampling" not in REQUIRED_COLUMNS
@@ -595,7 +594,7 @@ def test_task_keeps_a_verdict_already_reached_and_finishes_its_quarantine(tmp_pa
     store.write(RUN, 4, env_failure_batch(iteration=4))
     # a first attempt reached the verdict and wrote the report, then died before quarantining
     first = validate_batch(store.read_table(RUN, 4), ValidationConfig())
-    path = report_path(store, RUN, 4)
+    path = store.report_path(RUN, 4)
     path.write_text(first.to_json())
     written = path.stat().st_mtime_ns
 
@@ -616,11 +615,11 @@ def test_task_adopts_a_quarantine_that_finished_before_the_report_said_so(tmp_pa
     store = TrajectoryStore(tmp_path)
     store.write(RUN, 5, env_failure_batch(iteration=5))
     first = validate_batch(store.read_table(RUN, 5), ValidationConfig())
-    report_path(store, RUN, 5).write_text(first.to_json())
+    store.report_path(RUN, 5).write_text(first.to_json())
     moved = store.quarantine(RUN, 5, first.reason)  # the crash: batch moved, report not yet updated
 
     report = gate(str(tmp_path), 5)
 
     assert report.quarantined_to == str(moved.parent)
-    assert json.loads(report_path(store, RUN, 5).read_text())["quarantined_to"] == str(moved.parent)
+    assert json.loads(store.report_path(RUN, 5).read_text())["quarantined_to"] == str(moved.parent)
     assert len(store.quarantined(RUN, 5)) == 1

@@ -1,10 +1,10 @@
 """Replay: look again at stored trajectory batches without collecting a single new rollout.
 
 Four things work on batches selected from the store (selection.py: `select_batches`):
-- verdicts.py: `stored_verdict` / `compare_verdicts` put a batch's stored validation verdict
+- revalidation.py: `stored_report` / `compare_reports` put a batch's stored validation report
   beside a fresh one (the GX suite itself lives in tasks/, so the caller runs it);
 - scoring.py: `rescore` gives every episode a new reward from a scorer and counts how many
-  success verdicts flip, per environment. Scorers (`SCORERS`, or `package.module:function`
+  successes flip, per environment. Scorers (`SCORERS`, or `package.module:function`
   taking `(episode, task) -> float`) are described in `load_scorer`;
 - retraining.py: `retrain` replays the stored batches through a fresh trainer into a NEW run;
 - transcripts.py: `render_transcript` shows one episode as text or markdown.
@@ -12,8 +12,8 @@ Four things work on batches selected from the store (selection.py: `select_batch
 Contracts:
 - nothing here writes into an existing run folder: `retrain` refuses a folder that exists;
 - bad input raises `ReplayError` (a ValueError) naming the run, iteration, path or scorer;
-- a batch's stored verdict is the `iteration-NNNNNN.validation.json` beside its manifest
-  (in `trajectories/`, or the copy in `quarantine/iteration-NNNNNN[-N]/`);
+- a batch's stored validation report is the one the store keeps beside its manifest
+  (`TrajectoryStore.read_report_beside`: in `trajectories/`, or the copy in quarantine);
 - this package re-exports the public names of its modules: import from `rl_core.replay`.
 """
 
@@ -27,6 +27,7 @@ from rl_core.replay.retraining import (
     retrain_config,
     weights_difference,
 )
+from rl_core.replay.revalidation import ReportComparison, ValidationThresholds, compare_reports, stored_report
 from rl_core.replay.scoring import (
     SCORERS,
     ActionReplay,
@@ -40,8 +41,6 @@ from rl_core.replay.scoring import (
     rescore,
 )
 from rl_core.replay.selection import (
-    MANIFEST_SUFFIX,
-    VERDICT_SUFFIX,
     ReplayError,
     StoredBatch,
     batch_at,
@@ -52,17 +51,15 @@ from rl_core.replay.selection import (
     select_batches,
 )
 from rl_core.replay.transcripts import EpisodeRef, pick_episode, render_transcript
-from rl_core.replay.verdicts import ValidationThresholds, VerdictComparison, compare_verdicts, stored_verdict
 
 __all__ = [
-    "MANIFEST_SUFFIX",
     "REPLAY_RECORD",
     "SCORERS",
-    "VERDICT_SUFFIX",
     "ActionReplay",
     "EnvironmentTally",
     "EpisodeRef",
     "ReplayError",
+    "ReportComparison",
     "RescoreReport",
     "RetrainReport",
     "RetrainStep",
@@ -71,10 +68,9 @@ __all__ = [
     "StoredBatch",
     "TaskCatalog",
     "ValidationThresholds",
-    "VerdictComparison",
     "batch_at",
     "batch_of_iteration",
-    "compare_verdicts",
+    "compare_reports",
     "find_batch",
     "load_scorer",
     "pick_episode",
@@ -86,6 +82,6 @@ __all__ = [
     "retrain_config",
     "run_config",
     "select_batches",
-    "stored_verdict",
+    "stored_report",
     "weights_difference",
 ]

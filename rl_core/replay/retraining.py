@@ -3,7 +3,7 @@
 Contracts:
 - never writes into an existing run folder: `retrain` refuses one that exists, and writes
   its checkpoints and a `replay.json` lineage record (`REPLAY_RECORD`) into the new one;
-- trains only on committed batches whose stored verdict (if any) passed; the rest are
+- trains only on committed batches whose stored validation report (if any) passed; the rest are
   listed in the report's `skipped`;
 - bad input (batches of several runs, nothing usable, a bad override) raises `ReplayError`.
 """
@@ -20,10 +20,10 @@ from typing import Any
 
 from rl_core.atomic import write_text_atomically
 from rl_core.config import RunConfig, apply_overrides, config_differences, config_error_line
+from rl_core.replay.revalidation import stored_report
 from rl_core.replay.selection import ReplayError, StoredBatch, read_episodes, run_config
-from rl_core.replay.verdicts import stored_verdict
 from rl_core.run import TrainingRun
-from rl_core.runs.checkpoint import read_checkpoint_state
+from rl_core.runs.checkpoint import checkpoint_dir, checkpoints_dir, read_checkpoint_state
 from rl_core.store import TrajectoryStore
 
 REPLAY_RECORD = "replay.json"
@@ -82,7 +82,7 @@ def retrain(
     `behavior_logprobs` as pi_old (what `Trainer.step` does), with log-probs taken at each
     episode's stored sampling temperature (its `sampling` record; batches of schema version 1
     have none and are trained at the config's `rollout.temperature`, which the notes say). Only committed batches whose
-    stored verdict (if any) passed are trained on; the rest are listed in `skipped`. Writes
+    stored validation report (if any) passed are trained on; the rest are listed in `skipped`. Writes
     checkpoints into `<run_dir>/<new_run_id>/` (a folder that must not exist yet) beside a
     `replay.json` lineage record. With `compare`, each step's weights are compared with the
     original checkpoint of the same step, when it was kept and written after the same iteration:
@@ -123,7 +123,7 @@ def retrain(
             metrics.as_dict(),
             skipped=metrics.skipped,
         )
-        original = source.run_folder / "checkpoints" / f"step-{step.step:06d}"
+        original = checkpoint_dir(checkpoints_dir(source.run_folder), step.step)
         if (
             compare
             and checkpoint is not None
@@ -180,11 +180,13 @@ def weights_difference(a: str | Path, b: str | Path) -> float:
 def _training_batches(batches: list[StoredBatch]) -> tuple[list[StoredBatch], list[dict[str, Any]]]:
     usable, skipped = [], []
     for batch in sorted(batches, key=lambda b: b.iteration):
-        verdict = stored_verdict(batch)
+        report = stored_report(batch)
         if not batch.committed:
             skipped.append({"iteration": batch.iteration, "reason": f"quarantined ({batch.manifest_path.parent})"})
-        elif verdict is not None and not verdict["passed"]:
-            skipped.append({"iteration": batch.iteration, "reason": f"stored verdict failed: {verdict['reason']}"})
+        elif report is not None and not report.passed:
+            skipped.append(
+                {"iteration": batch.iteration, "reason": f"stored validation report failed: {report.reason}"}
+            )
         else:
             usable.append(batch)
     if not usable:

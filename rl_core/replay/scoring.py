@@ -163,7 +163,7 @@ def _import_function(spec: str) -> Scorer:
 
 @dataclass
 class ScoreChange:
-    """An episode whose success verdict flipped."""
+    """An episode whose success flipped (success: reward at or above the threshold)."""
 
     run_id: str
     iteration: int
@@ -200,7 +200,7 @@ class EnvironmentTally:
 
 @dataclass
 class RescoreReport:
-    """Success verdicts before (stored reward) and after (new reward), at the same threshold per run."""
+    """Successes before (stored reward) and after (new reward), at the same threshold per run."""
 
     scorer: str
     thresholds: dict[str, float]
@@ -236,7 +236,7 @@ def rescore(
 
     success = reward >= threshold (default: each run's evaluation.success_threshold), applied
     to the stored reward (before) and the new one (after). env_error episodes are not
-    re-scored (their reward is no verdict on the policy). A scorer that raises or returns no
+    re-scored (their reward says nothing about the policy). A scorer that raises or returns no
     finite number on an episode is counted in `errors`; a task or environment the run no
     longer has raises ReplayError.
     """

@@ -5,9 +5,9 @@ Contracts:
 - bad input (an unknown run, an empty selection, a missing or unreadable manifest, a run
   folder without its config) raises `ReplayError`, the replay package's one error type (a
   ValueError), naming the run, iteration or path;
-- a `StoredBatch` is found by its manifest: committed when it lies in `trajectories/`, and
-  its stored verdict is the `iteration-NNNNNN.validation.json` beside it (in `trajectories/`,
-  or the copy in `quarantine/iteration-NNNNNN[-N]/`);
+- a `StoredBatch` is found by its manifest: committed when the store says it is in use
+  (`TrajectoryStore.in_use`), and its stored validation report is the one the store keeps
+  beside it (`TrajectoryStore.report_path_beside`: in `trajectories/`, or the copy in quarantine);
 - `read_episodes` verifies the episodes against the manifest (raises CorruptTrajectoryError).
 """
 
@@ -21,9 +21,6 @@ from rl_core.config import RunConfig
 from rl_core.run import RUN_CONFIG_FILE, load_run_config
 from rl_core.store import StoreError, TrajectoryStore
 from rl_core.trajectory import Episode, table_to_episodes
-
-VERDICT_SUFFIX = ".validation.json"  # as tasks/validate.py writes it
-MANIFEST_SUFFIX = ".manifest.json"
 
 
 class ReplayError(ValueError):
@@ -42,11 +39,12 @@ class StoredBatch:
     @property
     def committed(self) -> bool:
         """In use as training data (in `trajectories/`), not quarantined."""
-        return self.manifest_path.parent.name == "trajectories"
+        return TrajectoryStore.in_use(self.manifest_path)
 
     @property
-    def verdict_path(self) -> Path:
-        return self.manifest_path.with_name(self.manifest_path.name.removesuffix(MANIFEST_SUFFIX) + VERDICT_SUFFIX)
+    def report_path(self) -> Path:
+        """Where the batch's validation report lies (beside its manifest), whether or not it exists."""
+        return TrajectoryStore.report_path_beside(self.manifest_path)
 
     @property
     def label(self) -> str:
@@ -81,17 +79,12 @@ def select_batches(
     wanted = lambda i: (first is None or i >= first) and (last is None or i <= last)  # noqa: E731
     paths = [store.manifest_path(run_id, i) for i in store.iterations(run_id) if wanted(i)]
     if include_quarantined:
-        paths += [
-            m
-            for i in _quarantined_iterations(Path(run_dir) / run_id)
-            if wanted(i)
-            for m in store.quarantined(run_id, i)
-        ]
+        paths += [m for i in store.quarantined_iterations(run_id) if wanted(i) for m in store.quarantined(run_id, i)]
     if not paths:
         span = f"{'start' if first is None else first}..{'end' if last is None else last}"
         raise ReplayError(
             f"run {run_id!r} has no {'stored' if include_quarantined else 'committed'} iteration in {span} "
-            f"(committed: {store.iterations(run_id)}, quarantined: {_quarantined_iterations(Path(run_dir) / run_id)})"
+            f"(committed: {store.iterations(run_id)}, quarantined: {store.quarantined_iterations(run_id)})"
         )
     return sorted((batch_at(p) for p in paths), key=lambda b: (b.iteration, not b.committed))
 
@@ -122,7 +115,7 @@ def find_batch(run_dir: str | Path, run_id: str, iteration: int) -> StoredBatch:
         return batch_at(quarantined[-1])
     raise ReplayError(
         f"run {run_id!r} has no batch for iteration {iteration} "
-        f"(committed: {store.iterations(run_id)}, quarantined: {_quarantined_iterations(Path(run_dir) / run_id)})"
+        f"(committed: {store.iterations(run_id)}, quarantined: {store.quarantined_iterations(run_id)})"
     )
 
 
@@ -151,9 +144,3 @@ def _check_run_exists(run_dir: Path, run_id: str) -> None:
     if not (run_dir / run_id).is_dir():
         known = sorted(p.name for p in run_dir.iterdir() if (p / RUN_CONFIG_FILE).is_file()) if run_dir.is_dir() else []
         raise ReplayError(f"unknown run {run_id!r}: no folder {run_dir / run_id} (runs in {run_dir}: {known})")
-
-
-def _quarantined_iterations(run_folder: Path) -> list[int]:
-    folder = run_folder / "quarantine"
-    found = {int(p.name.split("-")[1]) for p in folder.glob("iteration-*") if p.is_dir()} if folder.is_dir() else set()
-    return sorted(found)

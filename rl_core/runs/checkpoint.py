@@ -1,10 +1,12 @@
 """Checkpoints: model weights (safetensors) + tokenizer + optimizer state + step, written atomically.
 
-Layout: `<checkpoints_dir>/step-000003/` holding the Hugging Face model files
+Layout: `<run_dir>/checkpoints/step-000003/` holding the Hugging Face model files
 (`model.safetensors`, `config.json`), the tokenizer files, `optimizer.pt`, `rng.pt` (random
 number generator states, for exact resume) and `trainer_state.json` ({"step": 3, ...}). A
-checkpoint is written into a temporary sibling folder and renamed into place, so a folder named
-`step-*` is always complete. The folder
+checkpoint is written into a temporary sibling folder (`step-000003.tmp`) and renamed into place,
+so a folder named `step-*` without a suffix is always complete. This module owns these names:
+everything else asks `checkpoints_dir`, `checkpoint_dir`, `latest_checkpoint` and
+`remove_unfinished_checkpoints`. The folder
 loads with `load_policy` like any Hugging Face model directory.
 
 For a LoRA policy the model files are the adapter in PEFT layout (`adapter_config.json`,
@@ -27,10 +29,28 @@ from rl_core.model.policy import Policy, load_policy, save_policy
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
+CHECKPOINTS_DIR = "checkpoints"
+_UNFINISHED_SUFFIX = ".tmp"
+_COMPLETE_GLOB = "step-[0-9]*[0-9]"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    """The folder holding a run's checkpoints: `<run_dir>/checkpoints`."""
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def checkpoint_dir(checkpoints_dir: str | Path, step: int) -> Path:
+    """The folder of the checkpoint after optimizer step `step` (whether or not it exists)."""
     return Path(checkpoints_dir) / f"step-{step:06d}"
+
+
+def remove_unfinished_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders a killed `save_checkpoint` or `prune_checkpoints` left; returns them.
+    Call only when no writer is active there (e.g. when a run starts or resumes)."""
+    unfinished = sorted(Path(checkpoints_dir).glob(f"step-*{_UNFINISHED_SUFFIX}"))
+    for folder in unfinished:
+        shutil.rmtree(folder, ignore_errors=True)
+    return unfinished
 
 
 def save_checkpoint(
@@ -44,7 +64,7 @@ def save_checkpoint(
     final = checkpoint_dir(checkpoints_dir, policy.version)
     if final.exists():
         raise FileExistsError(f"checkpoint {final} already exists")
-    temp = final.with_name(final.name + ".tmp")
+    temp = final.with_name(final.name + _UNFINISHED_SUFFIX)
     shutil.rmtree(temp, ignore_errors=True)
     try:
         save_policy(policy, temp)
@@ -94,17 +114,22 @@ def prune_checkpoints(
     checkpoints_dir: str | Path, keep: int, protect: set[Path] | frozenset[Path] = frozenset()
 ) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints and those in `protect`; returns the deleted folders."""
-    folders = sorted(Path(checkpoints_dir).glob("step-[0-9]*[0-9]"))
+    folders = sorted(Path(checkpoints_dir).glob(_COMPLETE_GLOB))
     doomed = [f for f in (folders[:-keep] if keep > 0 else []) if f not in protect]
     for folder in doomed:  # renamed out of the `step-*` names first: a crash mid-delete leaves no half checkpoint
-        going = folder.with_name(folder.name + ".tmp")
+        going = folder.with_name(folder.name + _UNFINISHED_SUFFIX)
         shutil.rmtree(going, ignore_errors=True)
         os.replace(folder, going)
         shutil.rmtree(going)
     return doomed
 
 
+def checkpoint_steps(checkpoints_dir: str | Path) -> list[int]:
+    """The steps (policy versions) of the complete checkpoints in `checkpoints_dir`, ascending."""
+    return sorted(int(f.name.removeprefix("step-")) for f in Path(checkpoints_dir).glob(_COMPLETE_GLOB))
+
+
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     """The highest-step complete checkpoint folder, or None."""
-    folders = sorted(Path(checkpoints_dir).glob("step-[0-9]*[0-9]"))
+    folders = sorted(Path(checkpoints_dir).glob(_COMPLETE_GLOB))
     return folders[-1] if folders else None

@@ -1,25 +1,24 @@
-"""The validation gate's verdict: checks, the report, and the one-sentence reason.
+"""The validation gate's checks: their names and order, and what each one's GX results mean.
 
-`summarize` folds the Great Expectations results of each check (run by
-`validation_suite.py` over the flat frame) into one `Check` with an observed value and a
-one-line message; `reason_sentence` names the first failed check in plain words (in
-`CHECK_ORDER`) and the other failed checks by name; `zero_variance_groups` is reported, not
-gated. The all-clear counts the checks actually run (`len(CHECK_ORDER)` on a readable batch). `ValidationReport` is what
-the validate task saves beside the batch and publishes.
+`CHECK_ORDER` lists the checks in the order a reader should hear about them (the reason names
+the first failure). `summarize` folds the Great Expectations results of each check (run by
+`validation_suite.py` over the flat frame, tagged with the check's name) into one `Check` with
+an observed value, what passes, and a one-line message; a check that could not run fails
+("Not evaluated: ..."). `column_types` is checked in Arrow directly. Thresholds of the rate
+checks come from `ValidationConfig` (`rate_limits`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
 from rl_core.config import ValidationConfig
 from rl_core.trajectory import FINISH_REASONS, TRAJECTORY_SCHEMA
+from rl_core.validation_report import Check
+from tasks.validation_reason import episodes_text, finish_reason_counts
 
 # Checks in the order a reader should hear about them: the reason names the first failure.
 CHECK_ORDER = (
@@ -65,80 +64,17 @@ RATE_COLUMNS = {
 }
 
 
-@dataclass
-class Check:
-    """One check's verdict: `observed` is JSON-ready, `expected` says what passes."""
-
-    name: str
-    passed: bool
-    observed: Any
-    expected: str
-    message: str
-
-
-@dataclass
-class ValidationReport:
-    """The verdict on one batch. `reason` is one sentence: why it failed, or an all-clear."""
-
-    passed: bool
-    reason: str
-    checks: list[Check]
-    rows: int
-    zero_variance_group_frac: float | None
-    groups: int = 0
-    run_id: str | None = None
-    iteration: int | None = None
-    report_path: str | None = None
-    quarantined_to: str | None = None
-
-    @property
-    def failed_checks(self) -> list[str]:
-        return [c.name for c in self.checks if not c.passed]
-
-    def check(self, name: str) -> Check:
-        return next(c for c in self.checks if c.name == name)
-
-    def as_rows(self) -> list[dict[str, str]]:
-        """One row per check (plus the zero-variance report), for a Prefect table artifact."""
-        rows = [
-            {
-                "check": c.name,
-                "status": "passed" if c.passed else "FAILED",
-                "observed": _display(c.observed),
-                "expected": c.expected,
-                "message": c.message,
-            }
-            for c in self.checks
-        ]
-        frac = self.zero_variance_group_frac
-        rows.append(
-            {
-                "check": "zero_variance_groups",
-                "status": "info",
-                "observed": "n/a" if frac is None else f"{frac:.1%}",
-                "expected": "reported, not gated",
-                "message": (
-                    "No groups to inspect."
-                    if frac is None
-                    else f"{frac:.1%} of {self.groups} groups have all-equal rewards "
-                    "(zero advantage: no learning signal)."
-                ),
-            }
-        )
-        return rows
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ValidationReport:
-        return cls(**{**data, "checks": [Check(**c) for c in data["checks"]]})
+def rate_limits(cfg: ValidationConfig) -> dict[str, float]:
+    """Rate check name -> its largest allowed share of episodes, from the config."""
+    return {
+        "token_cap_rate": cfg.max_token_cap_frac,
+        "context_overflow_rate": cfg.max_context_overflow_frac,
+        "max_turns_rate": cfg.max_turns_unanswered_frac,
+        "env_error_rate": cfg.max_env_error_frac,
+    }
 
 
-# -- 3. GX results -> checks -----------------------------------------------------------
+# -- GX results -> checks -----------------------------------------------------------
 
 
 def summarize(results: list, frame: pd.DataFrame, table: pa.Table, cfg: ValidationConfig) -> list[Check]:
@@ -212,10 +148,6 @@ def _unexpected_rows(results: list) -> list[int]:
     return sorted(rows)
 
 
-def _episodes(n: int) -> str:
-    return f"{n} episode" if n == 1 else f"{n} episodes"
-
-
 def _batch_not_empty(results, frame, cfg) -> Check:
     rows = int(results[0].result.get("observed_value") or 0)
     ok = results[0].success
@@ -283,7 +215,7 @@ def _lengths_equal(results, frame, cfg) -> Check:
         "0 episodes with unequal lengths",
         "tokens, loss_mask and behavior_logprobs have equal lengths."
         if ok
-        else f"Unequal lengths of tokens, loss_mask and behavior_logprobs in {_episodes(len(rows))} "
+        else f"Unequal lengths of tokens, loss_mask and behavior_logprobs in {episodes_text(len(rows))} "
         f"({_where(frame, rows)}).",
     )
 
@@ -300,7 +232,7 @@ def _count_check(name: str, what: str) -> Callable:
             ok,
             total,
             f"0 {what}",
-            f"No {what}." if ok else f"{total} {what} in {_episodes(len(rows))} ({_where(frame, rows)}).",
+            f"No {what}." if ok else f"{total} {what} in {episodes_text(len(rows))} ({_where(frame, rows)}).",
         )
 
     return summarize_one
@@ -318,7 +250,7 @@ def _reward_in_range(results, frame, cfg) -> Check:
         f"[{cfg.reward_min}, {cfg.reward_max}]",
         "All rewards are within range."
         if ok
-        else f"{_episodes(len(rows)).capitalize()} with reward outside [{cfg.reward_min}, "
+        else f"{episodes_text(len(rows)).capitalize()} with reward outside [{cfg.reward_min}, "
         f"{cfg.reward_max}] (e.g. {', '.join(f'{v:g}' for v in bad[:3])}).",
     )
 
@@ -335,7 +267,7 @@ def _finish_reason_known(results, frame, cfg) -> Check:
         f"one of {', '.join(FINISH_REASONS)}",
         "All finish reasons are known."
         if ok
-        else f"Unknown finish_reason {', '.join(repr(v) for v in unknown)} in {_episodes(count)}.",
+        else f"Unknown finish_reason {', '.join(repr(v) for v in unknown)} in {episodes_text(count)}.",
     )
 
 
@@ -368,16 +300,8 @@ def _trainable_tokens(results, frame, cfg) -> Check:
         f"{total} trainable tokens (loss_mask == 1, env_error episodes left out)."
         if ok
         else f"No trainable tokens: no episode outside env_error holds a generated token (loss_mask == 1); "
-        f"{_finish_reason_counts(frame)}.",
+        f"{finish_reason_counts(frame)}.",
     )
-
-
-def _finish_reason_counts(frame: pd.DataFrame) -> str:
-    """'finish reasons: 8 context_overflow, 2 env_error' over the batch (most common first)."""
-    if "finish_reason" not in frame.columns or frame.empty:
-        return "no finish reasons recorded"
-    counts = frame["finish_reason"].fillna("null").value_counts()
-    return "finish reasons: " + ", ".join(f"{int(n)} {reason}" for reason, n in counts.items())
 
 
 _SUMMARIZERS: dict[str, Callable] = {
@@ -396,99 +320,3 @@ _SUMMARIZERS: dict[str, Callable] = {
     "env_error_rate": _rate_check("env_error_rate"),
     "trainable_tokens": _trainable_tokens,
 }
-
-
-# -- 4. the one-sentence verdict -------------------------------------------------------
-
-
-def reason_sentence(checks: list[Check], frame: pd.DataFrame) -> str:
-    """Why the batch failed in one sentence (first failed check, others listed), or all-clear."""
-    failed = [c for c in checks if not c.passed]
-    if not failed:
-        return f"All {len(checks)} checks passed on {_episodes(len(frame))}."
-    first, others = failed[0], failed[1:]
-    sentence = _failure_sentence(first, frame)
-    if others:
-        sentence = f"{sentence[:-1]}; also failed: {', '.join(c.name for c in others)}."
-    return sentence
-
-
-def _failure_sentence(check: Check, frame: pd.DataFrame) -> str:
-    rates = {
-        "token_cap_rate": (
-            "Episodes cut off at the per-turn token cap",
-            "responses run too long for rollout.max_tokens_per_turn",
-        ),
-        "context_overflow_rate": (
-            "Episodes that overflowed the context window (finish_reason 'context_overflow')",
-            "prompts or tool outputs do not fit policy.context_window (check the system prompt's "
-            "length, environment.prompt_tokens and environment.expected_tool_output)",
-        ),
-        "max_turns_rate": (
-            "Episodes that hit max_turns without an answer",
-            "the policy is not finishing within rollout.max_turns",
-        ),
-    }
-    if check.name == "trainable_tokens" and check.observed is not None:
-        return (
-            "The batch holds no trainable tokens: no episode outside env_error generated a token "
-            "(loss_mask == 1), so a training step would have nothing to learn from "
-            f"({_episodes(len(frame))}; {_finish_reason_counts(frame)})."
-        )
-    if check.name == "env_error_rate":
-        return (
-            f"Permanent environment failures in {check.observed:.1%} of episodes exceed the "
-            f"{check.expected.removeprefix('<= ')} limit: this is an environment bug, not a retry "
-            f"problem ({_most_common_env_error(frame)})."
-        )
-    if check.name in rates:
-        what, meaning = rates[check.name]
-        return (
-            f"{what} make up {check.observed:.1%} of the batch, above the "
-            f"{check.expected.removeprefix('<= ')} limit: {meaning}."
-        )
-    return f"Validation check {check.name} failed: {check.message[:1].lower()}{check.message[1:]}"
-
-
-def _most_common_env_error(frame: pd.DataFrame) -> str:
-    if "env_error" not in frame.columns or "is_env_error" not in frame.columns:
-        return "no error text recorded"
-    errors = frame.loc[frame["is_env_error"] == 1.0, "env_error"].dropna()
-    if errors.empty:
-        return "no error text recorded"
-    counts = errors.value_counts()
-    text, count = str(counts.index[0]), int(counts.iloc[0])
-    return f"most common error: {text!r}, {_episodes(count)}"
-
-
-# -- 5. degenerate groups (reported, not gated) ----------------------------------------
-
-
-def zero_variance_groups(frame: pd.DataFrame) -> tuple[float | None, int]:
-    """(share of groups whose rewards are all equal, number of groups); None if not computable."""
-    if not {"group_id", "reward"} <= set(frame.columns) or frame.empty:
-        return None, 0
-    distinct = frame.groupby("group_id", dropna=False)["reward"].nunique(dropna=False)
-    return float((distinct <= 1).mean()), int(len(distinct))
-
-
-def _display(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value) or "none"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
-    return str(value)
-
-
-def rate_limits(cfg: ValidationConfig) -> dict[str, float]:
-    """Rate check name -> its largest allowed share of episodes, from the config."""
-    return {
-        "token_cap_rate": cfg.max_token_cap_frac,
-        "context_overflow_rate": cfg.max_context_overflow_frac,
-        "max_turns_rate": cfg.max_turns_unanswered_frac,
-        "env_error_rate": cfg.max_env_error_frac,
-    }

@@ -1,108 +1,65 @@
-"""Trajectory store: one Parquet file per (run, iteration), committed by a manifest.
+"""`TrajectoryStore`: committed batches, their manifests, validation reports and quarantine folders.
 
-Layout under `root`:
+Layout under `root` (the store is the only code that builds these names):
     <run_id>/trajectories/iteration-000001.parquet
-    <run_id>/trajectories/iteration-000001.manifest.json   (the commit marker)
-    <run_id>/quarantine/iteration-000001[-N]/               (batches taken out of use)
-
-Contract:
-- `write` is atomic: the Parquet file and then the manifest are each written to a temp file
-  in the same folder, fsynced and renamed into place, then the folder is fsynced. A batch
-  exists only once its manifest does; a Parquet file without one is never read.
-- A committed batch is never overwritten (`TrajectoryExistsError`); a failed write leaves no
-  temp files behind. At most one writer per (run_id, iteration) at a time.
-- Every read verifies size, sha256, schema version, Arrow schema and row count against the
-  manifest; any mismatch raises `CorruptTrajectoryError` naming the file and the problem.
-  Batches of an older known schema version (KNOWN_SCHEMA_VERSIONS) are checked against that
-  version's schema and returned upgraded to `TRAJECTORY_SCHEMA` (`trajectory.upgrade_table`).
+    <run_id>/trajectories/iteration-000001.manifest.json     (the commit marker)
+    <run_id>/trajectories/iteration-000001.validation.json   (the validation report, once validated)
+    <run_id>/quarantine/iteration-000001[-N]/                 (batches taken out of use, with reason.txt
+                                                               and a copy of the validation report)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from rl_core.atomic import temp_path, write_bytes_atomically
-from rl_core.trajectory import (
-    SCHEMA_VERSION,
-    SCHEMAS_BY_VERSION,
-    Episode,
-    episodes_to_table,
-    table_to_episodes,
-    upgrade_table,
+from rl_core.atomic import temp_path, write_bytes_atomically, write_text_atomically
+from rl_core.store.manifest import (
+    MANIFEST_SUFFIX,
+    PARQUET_SUFFIX,
+    CorruptTrajectoryError,
+    Manifest,
+    StoreError,
+    TrajectoryExistsError,
+    TrajectoryNotFoundError,
+    load_manifest,
+    parquet_bytes,
+    read_verified,
+    sha256_hex,
 )
+from rl_core.trajectory import SCHEMA_VERSION, Episode, episodes_to_table, table_to_episodes
+from rl_core.validation_report import ValidationReport
 
-# Schema versions this code can read: each has its Arrow schema in SCHEMAS_BY_VERSION and an
-# upgrade to the current TRAJECTORY_SCHEMA in `upgrade_table` (1: no `sampling` column).
-KNOWN_SCHEMA_VERSIONS = frozenset(SCHEMAS_BY_VERSION)
-
-_MANIFEST_SUFFIX = ".manifest.json"
+REPORT_SUFFIX = ".validation.json"
+TRAJECTORIES_DIR = "trajectories"
+QUARANTINE_DIR = "quarantine"
+QUARANTINE_NOTE = "reason.txt"
 _MANIFEST_NAME = re.compile(r"^iteration-(\d+)\.manifest\.json$")
-
-
-class StoreError(Exception):
-    """Base class for trajectory store failures."""
-
-
-class TrajectoryNotFoundError(StoreError):
-    """No committed batch (no manifest) for the requested run and iteration."""
-
-
-class TrajectoryExistsError(StoreError):
-    """A committed batch already exists; the store never overwrites one."""
-
-
-class CorruptTrajectoryError(StoreError):
-    """A committed batch does not match its manifest or the trajectory schema."""
+_QUARANTINE_NAME = re.compile(r"^iteration-(\d+)(?:-\d+)?$")
 
 
 @dataclass(frozen=True)
-class Manifest:
-    """What a committed batch must look like; `file` is a name in the manifest's folder."""
+class CommittedBatch:
+    """What `TrajectoryStore.commit` wrote, without reading it back.
 
-    run_id: str
-    iteration: int
-    file: str
-    rows: int
-    sha256: str
-    bytes: int
-    schema_version: int
-    created_at: datetime
+    `manifest`: the commit record. `table`: the exact Arrow table written (N rows in
+    `TRAJECTORY_SCHEMA`, the one whose Parquet bytes `manifest.sha256` hashes). `episodes`: the
+    N episodes decoded from `table` by the function `TrajectoryStore.read` uses, so they equal
+    what a read from disk returns (decoded on first use)."""
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "created_at": self.created_at.isoformat()}
+    manifest: Manifest
+    table: pa.Table
 
-    @classmethod
-    def from_dict(cls, data: dict) -> Manifest:
-        """Parse a manifest dict; raises ValueError on missing fields or bad values."""
-        missing = sorted(set(cls.__dataclass_fields__) - set(data))
-        if missing:
-            raise ValueError(f"manifest is missing fields {missing}")
-        file = str(data["file"])
-        if Path(file).name != file:
-            raise ValueError(f"manifest file {file!r} must be a bare file name")
-        created_at = datetime.fromisoformat(data["created_at"])
-        if created_at.tzinfo is None:
-            raise ValueError(f"manifest created_at {data['created_at']!r} has no timezone")
-        return cls(
-            run_id=str(data["run_id"]),
-            iteration=int(data["iteration"]),
-            file=file,
-            rows=int(data["rows"]),
-            sha256=str(data["sha256"]),
-            bytes=int(data["bytes"]),
-            schema_version=int(data["schema_version"]),
-            created_at=created_at,
-        )
+    @cached_property
+    def episodes(self) -> list[Episode]:
+        return table_to_episodes(self.table)
 
 
 class TrajectoryStore:
@@ -115,13 +72,33 @@ class TrajectoryStore:
 
     def path(self, run_id: str, iteration: int) -> Path:
         """Where the batch's Parquet file lives (whether or not it is committed)."""
-        return self._folder(run_id) / f"{_stem(iteration)}.parquet"
+        return self._folder(run_id) / f"{_stem(iteration)}{PARQUET_SUFFIX}"
 
     def manifest_path(self, run_id: str, iteration: int) -> Path:
-        return self._folder(run_id) / f"{_stem(iteration)}{_MANIFEST_SUFFIX}"
+        """Where the batch's manifest (its commit marker) lives once committed."""
+        return self._folder(run_id) / f"{_stem(iteration)}{MANIFEST_SUFFIX}"
+
+    def report_path(self, run_id: str, iteration: int) -> Path:
+        """Where the batch's validation report lives: beside its Parquet file (whether or not it exists)."""
+        return self._folder(run_id) / f"{_stem(iteration)}{REPORT_SUFFIX}"
+
+    @staticmethod
+    def report_path_beside(manifest_path: Path | str) -> Path:
+        """The validation report's path beside a manifest, wherever it lies (in trajectories/ or quarantine/)."""
+        path = Path(manifest_path)
+        return path.with_name(path.name.removesuffix(MANIFEST_SUFFIX) + REPORT_SUFFIX)
+
+    @staticmethod
+    def in_use(manifest_path: Path | str) -> bool:
+        """True when the manifest lies in a run's trajectories/ folder (a committed batch, training
+        data), False when it lies in quarantine/ or anywhere else."""
+        return Path(manifest_path).parent.name == TRAJECTORIES_DIR
 
     def _folder(self, run_id: str) -> Path:
-        return self.root / _checked_run_id(run_id) / "trajectories"
+        return self.root / _checked_run_id(run_id) / TRAJECTORIES_DIR
+
+    def _quarantine_folder(self, run_id: str) -> Path:
+        return self.root / _checked_run_id(run_id) / QUARANTINE_DIR
 
     # -- queries -----------------------------------------------------------------------
 
@@ -138,17 +115,44 @@ class TrajectoryStore:
         return sorted(int(m.group(1)) for m in matches if m)
 
     def manifest(self, run_id: str, iteration: int) -> Manifest:
-        return _load_manifest(self._committed_manifest_path(run_id, iteration))
+        """The committed batch's manifest; TrajectoryNotFoundError / CorruptTrajectoryError like `read`."""
+        return load_manifest(self._committed_manifest_path(run_id, iteration))
+
+    # -- validation reports ------------------------------------------------------------
+
+    def read_report(self, run_id: str, iteration: int) -> ValidationReport | None:
+        """The validation report saved for the iteration's batch, or None if it was never validated.
+        Raises ValueError / TypeError / KeyError on a report file that does not parse."""
+        return self.read_report_beside(self.manifest_path(run_id, iteration))
+
+    @staticmethod
+    def read_report_beside(manifest_path: Path | str) -> ValidationReport | None:
+        """The validation report beside a manifest, wherever it lies (e.g. in quarantine), or None."""
+        path = TrajectoryStore.report_path_beside(manifest_path)
+        return ValidationReport.from_json(path.read_text()) if path.is_file() else None
+
+    def write_report(self, run_id: str, iteration: int, report: ValidationReport) -> Path:
+        """Save the batch's validation report atomically beside its Parquet file; returns its path."""
+        return write_text_atomically(self.report_path(run_id, iteration), report.to_json())
+
+    @staticmethod
+    def write_report_beside(manifest_path: Path | str, report: ValidationReport) -> Path:
+        """Save a validation report atomically beside a manifest (e.g. the copy in quarantine); returns its path."""
+        return write_text_atomically(TrajectoryStore.report_path_beside(manifest_path), report.to_json())
 
     # -- reads -------------------------------------------------------------------------
 
     def read(self, run_id: str, iteration: int) -> list[Episode]:
+        """The verified batch's episodes (raises like `read_table`)."""
         return table_to_episodes(self.read_table(run_id, iteration))
 
     def read_table(self, run_id: str, iteration: int) -> pa.Table:
-        """The verified batch as an Arrow table with exactly `TRAJECTORY_SCHEMA`."""
+        """The verified batch as an Arrow table with exactly `TRAJECTORY_SCHEMA`.
+
+        Raises TrajectoryNotFoundError when the batch is not committed, CorruptTrajectoryError
+        when the file does not match its manifest or the schema."""
         manifest_path = self._committed_manifest_path(run_id, iteration)
-        manifest, table = _read_verified(manifest_path)
+        manifest, table = read_verified(manifest_path)
         if (manifest.run_id, manifest.iteration) != (run_id, iteration):
             raise CorruptTrajectoryError(
                 f"{manifest_path}: manifest names run {manifest.run_id!r} iteration "
@@ -159,12 +163,12 @@ class TrajectoryStore:
     @staticmethod
     def manifest_at(path: Path | str) -> Manifest:
         """The manifest at `path`, wherever it lies (e.g. in quarantine); raises like `manifest`."""
-        return _load_manifest(Path(path))
+        return load_manifest(Path(path))
 
     @staticmethod
     def read_manifest_path(path: Path | str) -> pa.Table:
         """The verified batch a manifest commits, wherever it lies (e.g. in quarantine)."""
-        return _read_verified(Path(path))[1]
+        return read_verified(Path(path))[1]
 
     def _committed_manifest_path(self, run_id: str, iteration: int) -> Path:
         manifest_path = self.manifest_path(run_id, iteration)
@@ -182,7 +186,15 @@ class TrajectoryStore:
     # -- writes ------------------------------------------------------------------------
 
     def write(self, run_id: str, iteration: int, episodes: Iterable[Episode]) -> Manifest:
-        """Atomically commit a new batch; refuses to replace a committed one."""
+        """Atomically commit a new batch; returns its manifest (see `commit`, which raises the same)."""
+        return self.commit(run_id, iteration, episodes).manifest
+
+    def commit(self, run_id: str, iteration: int, episodes: Iterable[Episode]) -> CommittedBatch:
+        """Atomically commit a new batch and return what was written, so the caller need not read it back.
+
+        The Parquet bytes are encoded and hashed once, in memory, then written. Raises ValueError
+        for an empty batch or episodes of another run or iteration, TrajectoryExistsError when
+        the batch is already committed (the store never overwrites one)."""
         episodes = list(episodes)
         _check_lineage(run_id, iteration, episodes)
         table = episodes_to_table(episodes)
@@ -192,20 +204,21 @@ class TrajectoryStore:
             raise TrajectoryExistsError(f"{manifest_path} already exists; committed trajectories are never overwritten")
         folder = data_path.parent
         folder.mkdir(parents=True, exist_ok=True)
+        data = parquet_bytes(table)
+        manifest = Manifest(
+            run_id=run_id,
+            iteration=iteration,
+            file=data_path.name,
+            rows=table.num_rows,
+            sha256=sha256_hex(data),
+            bytes=len(data),
+            schema_version=SCHEMA_VERSION,
+            created_at=datetime.now(timezone.utc),
+        )
         data_tmp, manifest_tmp = temp_path(data_path), temp_path(manifest_path)
         try:
-            _write_parquet_durably(table, data_tmp)
-            manifest = Manifest(
-                run_id=run_id,
-                iteration=iteration,
-                file=data_path.name,
-                rows=table.num_rows,
-                sha256=_sha256_of(data_tmp),
-                bytes=data_tmp.stat().st_size,
-                schema_version=SCHEMA_VERSION,
-                created_at=datetime.now(timezone.utc),
-            )
-            _write_bytes_durably(manifest_tmp, _manifest_bytes(manifest))
+            _write_bytes_durably(data_tmp, data)
+            _write_bytes_durably(manifest_tmp, manifest.to_bytes())
             os.replace(data_tmp, data_path)  # replaces only an uncommitted leftover
             _fsync_dir(folder)
             _link_no_clobber(manifest_tmp, manifest_path)  # the commit
@@ -213,7 +226,9 @@ class TrajectoryStore:
         finally:
             data_tmp.unlink(missing_ok=True)
             manifest_tmp.unlink(missing_ok=True)
-        return manifest
+        return CommittedBatch(manifest, table)
+
+    # -- quarantine --------------------------------------------------------------------
 
     def quarantine(self, run_id: str, iteration: int, reason: str) -> Path:
         """Move a committed batch out of use; returns the quarantined manifest's path.
@@ -234,12 +249,12 @@ class TrajectoryStore:
                 os.replace(data_path, unfinished.parent / data_path.name)
                 _fsync_dir(unfinished.parent)
             return unfinished
-        target = _new_quarantine_dir(self.root / run_id / "quarantine", _stem(iteration))
+        target = _new_quarantine_dir(self._quarantine_folder(run_id), _stem(iteration))
         note = (
             f"run_id: {run_id}\niteration: {iteration}\n"
             f"quarantined_at: {datetime.now(timezone.utc).isoformat()}\nreason: {reason}\n"
         )
-        write_bytes_atomically(target / "reason.txt", note.encode())
+        write_bytes_atomically(target / QUARANTINE_NOTE, note.encode())
         os.replace(manifest_path, target / manifest_path.name)
         if data_path.exists():
             os.replace(data_path, target / data_path.name)
@@ -249,15 +264,23 @@ class TrajectoryStore:
 
     def quarantined(self, run_id: str, iteration: int) -> list[Path]:
         """Manifests of the iteration's quarantined batches (oldest first)."""
-        folder = self.root / _checked_run_id(run_id) / "quarantine"
+        folder = self._quarantine_folder(run_id)
         stem = _stem(iteration)
-        name = f"{stem}{_MANIFEST_SUFFIX}"
+        name = f"{stem}{MANIFEST_SUFFIX}"
         found = (
             [d / name for d in folder.glob(f"{stem}*") if d.is_dir() and (d / name).is_file()]
             if folder.is_dir()
             else []
         )
         return sorted(found, key=lambda p: _quarantine_copy_number(p.parent.name, stem))
+
+    def quarantined_iterations(self, run_id: str) -> list[int]:
+        """Iterations of `run_id` with at least one quarantine folder, ascending."""
+        folder = self._quarantine_folder(run_id)
+        if not folder.is_dir():
+            return []
+        matches = (_QUARANTINE_NAME.match(p.name) for p in folder.iterdir() if p.is_dir())
+        return sorted({int(m.group(1)) for m in matches if m})
 
     def _unfinished_quarantine(self, run_id: str, iteration: int) -> Path | None:
         """The newest quarantined manifest of the iteration whose data file has not followed it yet."""
@@ -292,13 +315,6 @@ def _check_lineage(run_id: str, iteration: int, episodes: list[Episode]) -> None
             raise ValueError(f"episodes[{i}].iteration is {ep.iteration}, expected {iteration}")
 
 
-def _write_parquet_durably(table: pa.Table, path: Path) -> None:
-    with open(path, "xb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_bytes_durably(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
         f.write(data)
@@ -324,18 +340,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _manifest_bytes(manifest: Manifest) -> bytes:
-    return (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-
-
 def _quarantine_copy_number(name: str, stem: str) -> int:
     suffix = name.removeprefix(stem).removeprefix("-")
     return int(suffix) if suffix.isdigit() else 1
@@ -350,52 +354,6 @@ def _new_quarantine_dir(parent: Path, stem: str) -> Path:
             candidate.mkdir()
             return candidate
         except FileExistsError:
-            if not any(p.name.endswith(_MANIFEST_SUFFIX) for p in candidate.iterdir()):
+            if not any(p.name.endswith(MANIFEST_SUFFIX) for p in candidate.iterdir()):
                 return candidate  # a quarantine that crashed before moving anything in
     raise StoreError(f"too many quarantined copies of {stem} in {parent}")
-
-
-def _load_manifest(path: Path) -> Manifest:
-    if not path.is_file():
-        raise TrajectoryNotFoundError(f"{path} is missing: no committed trajectories there")
-    try:
-        return Manifest.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
-        raise CorruptTrajectoryError(f"{path}: unreadable manifest: {err}") from err
-
-
-def _read_verified(manifest_path: Path) -> tuple[Manifest, pa.Table]:
-    """Load a batch and check it against its manifest and `TRAJECTORY_SCHEMA`."""
-    manifest = _load_manifest(manifest_path)
-    data_path = manifest_path.parent / manifest.file
-
-    def corrupt(problem: str) -> CorruptTrajectoryError:
-        return CorruptTrajectoryError(f"{data_path}: {problem}")
-
-    if manifest.schema_version not in KNOWN_SCHEMA_VERSIONS:
-        raise corrupt(
-            f"unknown schema_version {manifest.schema_version} (this code reads {sorted(KNOWN_SCHEMA_VERSIONS)})"
-        )
-    if not data_path.is_file():
-        raise corrupt(f"data file is missing but {manifest_path.name} commits it")
-    data = data_path.read_bytes()  # hash and parse the very same bytes
-    if len(data) != manifest.bytes:
-        raise corrupt(
-            f"size mismatch: {len(data)} bytes on disk, manifest says {manifest.bytes} "
-            "(file was truncated or modified after writing)"
-        )
-    if hashlib.sha256(data).hexdigest() != manifest.sha256:
-        raise corrupt("sha256 mismatch: file was modified or truncated after writing")
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as err:
-        raise corrupt(f"not readable as Parquet: {err}") from err
-    expected = SCHEMAS_BY_VERSION[manifest.schema_version]
-    if not table.schema.equals(expected):
-        raise corrupt(
-            f"schema mismatch:\n{table.schema}\nexpected the trajectory schema of version "
-            f"{manifest.schema_version}:\n{expected}"
-        )
-    if table.num_rows != manifest.rows:
-        raise corrupt(f"row count mismatch: {table.num_rows} rows, manifest says {manifest.rows}")
-    return manifest, upgrade_table(table, manifest.schema_version)
