@@ -1,5 +1,8 @@
 """RunConfig: defaults honour the design's numbers; bad values and combinations name the field."""
 
+from pathlib import Path
+from typing import get_args
+
 import pytest
 from pydantic import ValidationError
 
@@ -73,3 +76,184 @@ def test_overrides_parse_yaml_values():
     }
     with pytest.raises(ValueError, match="section.field=value"):
         apply_overrides({}, ["no_equals_sign"])
+
+
+# Every field of RunConfig by dotted name, in declaration order: the config's public schema. The only
+# change the layout refactor (issue 10) made is doctor.zero_adv_groups_max -> doctor.zero_variance_groups_max.
+EXPECTED_FIELDS = [
+    "seed",
+    "iterations",
+    "policy.path",
+    "policy.context_window",
+    "policy.chat_format",
+    "policy.dtype",
+    "policy.device",
+    "policy.lora.enabled",
+    "policy.lora.rank",
+    "policy.lora.alpha",
+    "policy.lora.dropout",
+    "policy.lora.target_modules",
+    "environment.domains",
+    "environment.domains_dir",
+    "environment.env_kwargs",
+    "environment.prompt_tokens",
+    "environment.expected_tool_output",
+    "environment.train_split",
+    "rollout.group_size",
+    "rollout.global_batch_size",
+    "rollout.max_turns",
+    "rollout.max_tokens_per_turn",
+    "rollout.temperature",
+    "rollout.timeout_s",
+    "rollout.max_retries",
+    "rollout.generation_batch_size",
+    "rollout.overlap_collection",
+    "algorithm.advantage_method",
+    "algorithm.normalize_advantage_std",
+    "algorithm.pass_k",
+    "algorithm.loss_fn",
+    "algorithm.loss_aggregation",
+    "algorithm.clip_low_threshold",
+    "algorithm.clip_high_threshold",
+    "algorithm.clip_ratio_dual",
+    "algorithm.kl_coef",
+    "algorithm.tis_cap",
+    "algorithm.max_steps_off_policy",
+    "algorithm.zero_variance_groups",
+    "algorithm.max_resample_rounds",
+    "algorithm.mask_truncated",
+    "optimizer.lr",
+    "optimizer.betas",
+    "optimizer.eps",
+    "optimizer.weight_decay",
+    "optimizer.grad_clip",
+    "optimizer.micro_batch_size",
+    "optimizer.mini_batches_per_step",
+    "optimizer.epochs_per_batch",
+    "trainer.backend",
+    "trainer.zero_stage",
+    "evaluation.split",
+    "evaluation.max_tasks",
+    "evaluation.val_every",
+    "evaluation.pass_k",
+    "evaluation.num_samples",
+    "evaluation.sample_temperature",
+    "evaluation.success_threshold",
+    "validation.reward_min",
+    "validation.reward_max",
+    "validation.max_token_cap_frac",
+    "validation.max_turns_unanswered_frac",
+    "validation.max_env_error_frac",
+    "validation.max_context_overflow_frac",
+    "tracking.mlflow_uri",
+    "tracking.experiment",
+    "tracking.registered_model",
+    "gate.min_pass_at_1",
+    "gate.require_improvement",
+    "doctor.enabled",
+    "doctor.on_collapse",
+    "doctor.max_rollbacks",
+    "doctor.window",
+    "doctor.flat_reward_steps",
+    "doctor.zero_variance_groups_max",
+    "doctor.collapse_frac",
+    "doctor.token_cap_frac_max",
+    "doctor.grad_clip_pinned_frac",
+    "doctor.hacking_min_gain",
+    "storage.run_dir",
+    "storage.run_id",
+    "storage.keep_checkpoints",
+]
+
+
+def _schema_fields(schema: dict, node: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the leaf fields of a pydantic JSON schema node, following $refs into sections."""
+    names = []
+    for name, prop in node["properties"].items():
+        ref = prop.get("$ref")
+        if ref:
+            names += _schema_fields(schema, schema["$defs"][ref.rsplit("/", 1)[1]], f"{prefix}{name}.")
+        else:
+            names.append(f"{prefix}{name}")
+    return names
+
+
+def test_the_json_schema_names_every_field_once_as_before():
+    schema = RunConfig.model_json_schema()
+    assert _schema_fields(schema, schema) == EXPECTED_FIELDS
+    zero_variance = schema["$defs"]["DoctorConfig"]["properties"]["zero_variance_groups_max"]
+    assert zero_variance["default"] == 0.8 and "analysis/zero_variance_groups" in zero_variance["description"]
+    with pytest.raises(ValidationError, match="doctor.zero_adv_groups_max"):
+        RunConfig.model_validate({"doctor": {"zero_adv_groups_max": 0.5}})
+
+
+def test_every_config_field_has_a_description():
+    schema = RunConfig.model_json_schema()
+    sections = {ref.rsplit("/", 1)[1] for ref in _refs(schema)}
+    for section in sections:
+        for name, prop in schema["$defs"][section]["properties"].items():
+            assert prop.get("description") or "$ref" in prop, f"{section}.{name} has no description"
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def test_each_list_of_allowed_values_is_one_alias_used_everywhere():
+    from flows.parameters import TrainSettings
+    from rl_core.advantages import AdvantageMethod
+    from rl_core.config import (
+        AlgorithmConfig,
+        ChatFormatName,
+        DoctorConfig,
+        DType,
+        OnCollapse,
+        PolicyConfig,
+        TrainerBackendName,
+        TrainerConfig,
+        TruncatedFinishReason,
+        ZeroStage,
+        ZeroVarianceGroups,
+    )
+    from rl_core.losses import LossAggregation, LossFn
+    from rl_core.model.policy import DTYPES
+    from rl_core.trajectory import FINISH_REASONS
+
+    def annotation(model, name):
+        return model.model_fields[name].annotation
+
+    assert annotation(PolicyConfig, "chat_format") is ChatFormatName
+    assert annotation(PolicyConfig, "dtype") is DType
+    assert annotation(TrainerConfig, "backend") is TrainerBackendName
+    assert annotation(TrainerConfig, "zero_stage") is ZeroStage
+    assert annotation(AlgorithmConfig, "zero_variance_groups") is ZeroVarianceGroups
+    assert annotation(AlgorithmConfig, "mask_truncated") == list[TruncatedFinishReason]
+    assert annotation(AlgorithmConfig, "advantage_method") is AdvantageMethod
+    assert annotation(AlgorithmConfig, "loss_fn") is LossFn
+    assert annotation(AlgorithmConfig, "loss_aggregation") is LossAggregation
+    assert annotation(DoctorConfig, "on_collapse") is OnCollapse
+    # The Prefect form takes the same lists (optional: empty = the config file's value).
+    assert annotation(TrainSettings, "loss_fn") == LossFn | None
+    assert annotation(TrainSettings, "advantage_method") == AdvantageMethod | None
+    assert annotation(TrainSettings, "on_collapse") == OnCollapse | None
+    # The functions' own tables cover exactly the allowed values.
+    assert tuple(DTYPES) == get_args(DType)
+    assert set(get_args(TruncatedFinishReason)) <= set(FINISH_REASONS)
+
+
+def test_every_name_imported_from_rl_core_config_is_exported_and_modules_stay_small():
+    import rl_core.config as config
+
+    for name in config.__all__:
+        assert getattr(config, name) is not None
+    folder = Path(config.__file__).parent
+    for module in folder.glob("*.py"):
+        assert len(module.read_text().splitlines()) <= 400, module.name
