@@ -4,7 +4,7 @@ The config's fields, the Prefect parameters (flows/parameters.py) and the functi
 such a value all use these aliases; `typing.get_args(alias)` gives the values as a tuple (for
 argparse choices and error messages). Lists owned by the module that implements them stay
 there: `AdvantageMethod` (rl_core/advantages.py), `LossFn` and `LossAggregation`
-(rl_core/losses.py), `ValidationThresholds` (rl_core/replay/verdicts.py).
+(rl_core/losses.py), `ValidationThresholds` (rl_core/replay/revalidation.py).
 """
 
 from __future__ import annotations
