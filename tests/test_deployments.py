@@ -1,7 +1,8 @@
-"""`turnstile serve` and the deployments of deployments/prefect.yaml, on a real Prefect server and worker.
+"""`turnstile serve --work-pool`: the deployments of deployments/prefect.yaml on a work pool and a worker.
 
-The module runs the serve command itself (`python -m flows.serve`, what `turnstile serve`
-runs) on a free port of 127.0.0.1 with its own PREFECT_HOME, waits until it has registered the
+The module runs the serve command itself in its work-pool mode (`python -m flows.serve
+--work-pool`, what `turnstile serve --work-pool` runs: the many-machines path on one machine) on
+a free port of 127.0.0.1 with its own PREFECT_HOME, waits until it has registered the
 deployments and started its worker, and at the end stops it with SIGTERM: it must exit 0 and
 leave no server, worker or flow-run process behind. A train run is started through the API the
 way the UI starts a custom run, with non-default settings, and the worker runs it to completion.
@@ -25,16 +26,8 @@ import psutil
 import pytest
 from prefect.states import AwaitingRetry
 
-from flows.serve import (
-    PREFECT_FILE,
-    api_url_for,
-    child_environment,
-    deploy_all,
-    ensure_work_pool,
-    load_prefect_file,
-    wait_healthy,
-    work_pool_name,
-)
+from flows.deployments import PREFECT_FILE, deploy_all, ensure_work_pool, load_prefect_file, work_pool_name
+from flows.serving import api_url_for, child_environment, wait_healthy
 from rl_core.paths import REPO_ROOT
 from tests.test_train_flow import TINY
 
@@ -115,7 +108,10 @@ def served(tmp_path_factory) -> Served:
     output = root / "serve.log"
     with open(output, "wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.serve", "--host", HOST, "--port", str(port), "--run-dir", str(root / "runs")],
+            [
+                *(sys.executable, "-m", "flows.serve", "--work-pool", "--host", HOST, "--port", str(port)),
+                *("--run-dir", str(root / "runs")),
+            ],
             cwd=REPO_ROOT,
             env=env,
             stdout=sink,
