@@ -1,10 +1,12 @@
 """Validate stage: the Great Expectations gate between writing a batch and training on it.
 
-Contract of `validate_trajectories(store_root, run_id, iteration, cfg)`:
-- reads the committed batch with `TrajectoryStore` and runs `validate_batch` (the GX suite in
-  `tasks/validation_suite.py`); a batch the store cannot read (corrupt) gets a failed
-  validation report whose reason is the store's error, not a crash. A missing batch
-  (`TrajectoryNotFoundError`) is a fault and raises.
+Contract of `validate_trajectories(store_root, run_id, iteration, cfg, table=None)`:
+- runs `validate_batch` (the GX suite in `tasks/validation_suite.py`) on the committed batch:
+  on `table` when the caller passes the Arrow table it just committed
+  (`TrajectoryStore.commit(...).table`, the table whose bytes the manifest hashes), else on the
+  batch read from disk with `TrajectoryStore` (a re-run, another process). A batch the store
+  cannot read (corrupt) gets a failed validation report whose reason is the store's error, not
+  a crash. A missing batch (`TrajectoryNotFoundError`) is a fault and raises.
 - always saves the validation report atomically beside the batch, before moving anything
   (`TrajectoryStore.write_report`, path `TrajectoryStore.report_path`); a re-run that finds it
   keeps that report (so re-running a flow never validates one batch twice);
@@ -23,6 +25,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -67,8 +70,15 @@ def artifact_slug(text: str) -> str:
 
 
 @task(name="validate-trajectories", retries=0, cache_policy=NONE)
-def validate_trajectories(store_root: str, run_id: str, iteration: int, cfg: ValidationConfig) -> ValidationReport:
+def validate_trajectories(
+    store_root: str, run_id: str, iteration: int, cfg: ValidationConfig, table: pa.Table | None = None
+) -> ValidationReport:
     """Validate one iteration's batch; quarantine it when the validation report says it failed.
+
+    `table`: the batch's Arrow table as just committed (`CommittedBatch.table`, N rows in
+    `TRAJECTORY_SCHEMA`), validated instead of reading the file again; None reads the committed
+    batch from disk (verified against its manifest). Raises TrajectoryNotFoundError when the
+    batch is not committed (nor left in quarantine by an earlier attempt of this validation).
 
     Idempotent: the saved report, written before anything moves, is the validation's commit
     point. A re-run finds it, validates nothing again and finishes a quarantine a crash cut short."""
@@ -79,7 +89,7 @@ def validate_trajectories(store_root: str, run_id: str, iteration: int, cfg: Val
         report = None  # that report's batch is in quarantine; this is a new batch of the iteration
     if report is None:
         try:
-            report = validate_batch(store.read_table(run_id, iteration), cfg)
+            report = validate_batch(_committed_table(store, run_id, iteration, table), cfg)
         except CorruptTrajectoryError as err:
             report = unreadable_report(err)
         report = replace(
@@ -104,6 +114,15 @@ def validate_trajectories(store_root: str, run_id: str, iteration: int, cfg: Val
             report.reason,
         )
     return report
+
+
+def _committed_table(store: TrajectoryStore, run_id: str, iteration: int, table: pa.Table | None) -> pa.Table:
+    """The table the caller committed, or the committed batch read (and verified) from disk."""
+    if table is None:
+        return store.read_table(run_id, iteration)
+    if not store.exists(run_id, iteration):
+        store.manifest(run_id, iteration)  # raises TrajectoryNotFoundError, naming what is missing
+    return table
 
 
 def _quarantine(store: TrajectoryStore, run_id: str, iteration: int, reason: str) -> Path:

@@ -447,3 +447,73 @@ def test_a_quarantine_folder_left_empty_by_a_crash_is_reused(store: TrajectorySt
     moved = store.quarantine(RUN, 1, "bad batch")
     assert moved.parent.name == "iteration-000001"
     assert sorted(p.name for p in (store.root / RUN / "quarantine").iterdir()) == ["iteration-000001"]
+
+
+# -- commit: what was written, without reading it back -------------------------------------
+
+
+def test_commit_returns_exactly_what_a_read_returns(store: TrajectoryStore) -> None:
+    committed = store.commit(RUN, 1, make_batch())
+
+    assert committed.manifest == store.manifest(RUN, 1)
+    assert committed.table.equals(store.read_table(RUN, 1))
+    assert committed.table.schema.equals(TRAJECTORY_SCHEMA)
+    assert committed.episodes == store.read(RUN, 1)
+    data = store.path(RUN, 1).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == committed.manifest.sha256 and len(data) == committed.manifest.bytes
+
+
+def test_commit_hashes_in_memory_and_never_reads_the_batch_back(store: TrajectoryStore, monkeypatch) -> None:
+    import rl_core.store.trajectory_store as trajectory_store
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("commit read the batch back")
+
+    monkeypatch.setattr(trajectory_store, "read_verified", no_read)
+    monkeypatch.setattr(Path, "read_bytes", no_read)
+    committed = store.commit(RUN, 2, make_batch(iteration=2))
+    assert committed.episodes == table_to_episodes(committed.table)
+    assert store.write(RUN, 3, make_batch(iteration=3)).iteration == 3  # write: the same commit, manifest only
+    monkeypatch.undo()
+    assert store.read(RUN, 2) == committed.episodes
+
+
+# -- validation reports and quarantine names -------------------------------------------------
+
+
+def _report(passed: bool = True):
+    from rl_core.validation_report import Check, ValidationReport
+
+    check = Check("batch_not_empty", passed, 4, ">= 1 row", "4 episodes in the batch.")
+    return ValidationReport(passed, "All 1 checks passed on 4 episodes.", [check], 4, 0.25, groups=4)
+
+
+def test_validation_report_lies_beside_the_batch_and_reads_back_typed(store: TrajectoryStore) -> None:
+    store.write(RUN, 1, make_batch())
+    assert store.read_report(RUN, 1) is None
+    assert store.report_path(RUN, 1).name == "iteration-000001.validation.json"
+    assert store.report_path(RUN, 1).parent == store.manifest_path(RUN, 1).parent
+    assert TrajectoryStore.report_path_beside(store.manifest_path(RUN, 1)) == store.report_path(RUN, 1)
+
+    report = _report()
+    assert store.write_report(RUN, 1, report) == store.report_path(RUN, 1)
+    assert store.read_report(RUN, 1) == report
+    assert store.read_report(RUN, 1).check("batch_not_empty").observed == 4
+
+
+def test_quarantined_batch_keeps_its_report_and_is_not_in_use(store: TrajectoryStore) -> None:
+    store.write(RUN, 2, make_batch(iteration=2))
+    assert TrajectoryStore.in_use(store.manifest_path(RUN, 2))
+    assert store.quarantined_iterations(RUN) == []
+    moved = store.quarantine(RUN, 2, "test")
+    store.write(RUN, 2, make_batch(iteration=2))
+    again = store.quarantine(RUN, 2, "test again")
+
+    assert not TrajectoryStore.in_use(moved) and not TrajectoryStore.in_use(again)
+    assert store.quarantined_iterations(RUN) == [2]
+    assert store.quarantined(RUN, 2) == [moved, again]
+    report = _report(passed=False)
+    path = TrajectoryStore.write_report_beside(moved, report)
+    assert path == moved.parent / "iteration-000002.validation.json"
+    assert TrajectoryStore.read_report_beside(moved) == report
+    assert TrajectoryStore.read_report_beside(again) is None

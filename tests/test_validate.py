@@ -509,13 +509,13 @@ def env_failure_batch(iteration: int) -> list[Episode]:
     return bad
 
 
-def gate(store_root: str, iteration: int) -> ValidationReport:
+def gate(store_root: str, iteration: int, table: pa.Table | None = None) -> ValidationReport:
     """Run the task inside a flow, as the train flow does."""
     from prefect import flow
 
     @flow(name="validate-test")
     def validate_flow() -> ValidationReport:
-        return validate_trajectories(store_root, RUN, iteration, CFG)
+        return validate_trajectories(store_root, RUN, iteration, CFG, table=table)
 
     return validate_flow()
 
@@ -566,7 +566,7 @@ def test_task_quarantines_a_failing_batch_and_keeps_a_passing_one(tmp_path, pref
     assert summary is not None and failed.reason in summary.data
 
 
-def test_task_turns_a_corrupt_batch_into_a_failed_verdict(tmp_path, prefect_harness):
+def test_task_turns_a_corrupt_batch_into_a_failed_report(tmp_path, prefect_harness):
     store = TrajectoryStore(tmp_path)
     store.write(RUN, 3, good_episodes(iteration=3))
     path = store.path(RUN, 3)
@@ -589,10 +589,10 @@ def test_schema_has_the_columns_the_suite_expects():
     assert len(REQUIRED_COLUMNS) == len(TRAJECTORY_SCHEMA) - 2
 
 
-def test_task_keeps_a_verdict_already_reached_and_finishes_its_quarantine(tmp_path, prefect_harness):
+def test_task_keeps_a_report_already_saved_and_finishes_its_quarantine(tmp_path, prefect_harness):
     store = TrajectoryStore(tmp_path)
     store.write(RUN, 4, env_failure_batch(iteration=4))
-    # a first attempt reached the verdict and wrote the report, then died before quarantining
+    # a first attempt validated the batch and wrote the report, then died before quarantining
     first = validate_batch(store.read_table(RUN, 4), ValidationConfig())
     path = store.report_path(RUN, 4)
     path.write_text(first.to_json())
@@ -623,3 +623,23 @@ def test_task_adopts_a_quarantine_that_finished_before_the_report_said_so(tmp_pa
     assert report.quarantined_to == str(moved.parent)
     assert json.loads(store.report_path(RUN, 5).read_text())["quarantined_to"] == str(moved.parent)
     assert len(store.quarantined(RUN, 5)) == 1
+
+
+def test_task_validates_the_table_it_was_given_instead_of_reading_the_file(tmp_path, prefect_harness):
+    store = TrajectoryStore(tmp_path)
+    committed = store.commit(RUN, 6, good_episodes(iteration=6))
+    path = store.path(RUN, 6)
+    path.write_bytes(path.read_bytes()[:-10])  # a read from disk would now fail the batch
+
+    report = gate(str(tmp_path), 6, table=committed.table)
+
+    assert report.passed and report.rows == committed.manifest.rows
+    assert store.read_report(RUN, 6) == report and store.iterations(RUN) == [6]
+
+
+def test_task_given_a_table_still_needs_a_committed_batch(tmp_path, prefect_harness):
+    from rl_core.store import TrajectoryNotFoundError
+
+    table = episodes_to_table(good_episodes(iteration=7))
+    with pytest.raises(TrajectoryNotFoundError):
+        gate(str(tmp_path), 7, table=table)
