@@ -127,7 +127,7 @@ def test_trainer_config():
 def test_zero3_keeps_the_policy_weights_whole(tiny_policy):
     """Rollouts and checkpoints read `policy.model` directly: with ZeRO-3 on one process its weights
     stay whole (not partitioned away) from the start, and a plain forward pass sees the trained ones."""
-    from rl_core.trainer import pad_batch, token_logprobs
+    from rl_core.token_batch import pad_batch, token_logprobs
 
     policy = copy.deepcopy(tiny_policy)
     shapes = {k: v.shape for k, v in policy.model.state_dict().items()}

@@ -3,7 +3,7 @@
 import torch
 
 from rl_core.model.generation import generate_batch
-from rl_core.trainer import token_logprobs
+from rl_core.token_batch import token_logprobs
 
 
 def _prompts(policy):

@@ -4,7 +4,7 @@ import pytest
 
 from rl_core.groups import Group, episodes_of, group_episodes, make_group_id
 from rl_core.metrics import count_zero_variance_groups, rollout_metrics
-from rl_core.trainer import drop_zero_variance_groups
+from rl_core.selection import drop_zero_variance_groups
 from rl_core.trajectory import Episode, Turn
 
 

@@ -17,14 +17,10 @@ import torch
 from rl_core.config import AlgorithmConfig, OptimizerConfig, RunConfig
 from rl_core.doctor import diagnose
 from rl_core.model.generation import generate_batch
+from rl_core.selection import select_episodes, split_mini_batches
 from rl_core.store import TrajectoryStore
-from rl_core.trainer import (
-    Trainer,
-    pad_batch,
-    select_episodes,
-    split_mini_batches,
-    token_logprobs,
-)
+from rl_core.token_batch import pad_batch, token_logprobs
+from rl_core.trainer import Trainer
 from rl_core.trajectory import Episode, Sampling, Turn, episodes_to_table, table_to_episodes
 from tests.test_trainer import make_episodes
 

@@ -42,7 +42,7 @@ def test_stopped_after_step_2_and_resumed_matches_an_uninterrupted_run(tmp_path)
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
-    from rl_core.trainer import drop_zero_variance_groups
+    from rl_core.selection import drop_zero_variance_groups
 
     cfg = load_config(
         None,

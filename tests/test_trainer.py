@@ -165,7 +165,7 @@ def test_every_loss_and_aggregation_is_accumulation_invariant_in_the_trainer(tin
 
 
 def test_per_turn_advantages_land_on_their_turns_tokens(tiny_policy):
-    from rl_core.trainer import token_advantages
+    from rl_core.token_batch import token_advantages
 
     ep = make_episodes(tiny_policy, n=1)[0]
     first, second = [t for t in ep.turns if t.role == "assistant"]
@@ -178,7 +178,7 @@ def test_per_turn_advantages_land_on_their_turns_tokens(tiny_policy):
 
 
 def test_mismatch_is_measured_and_tis_weights_are_capped(tiny_policy):
-    from rl_core.trainer import pad_batch, token_logprobs
+    from rl_core.token_batch import pad_batch, token_logprobs
 
     policy = copy.deepcopy(tiny_policy)
     episodes = make_episodes(policy)
