@@ -35,9 +35,9 @@ from pydantic.json_schema import SkipJsonSchema
 from flows.evaluate import EvaluateSettings, evaluate_flow
 from flows.parameters import RunSettings
 from rl_core.config import RunConfig
-from tasks.gate import GateDecision, gate_candidate
+from rl_core.gate import GateDecision
+from tasks.gate import gate_candidate
 from tasks.promote import (
-    RegistryVersion,
     champion_task,
     champion_version_task,
     promote_task,
@@ -45,6 +45,7 @@ from tasks.promote import (
     rollback_task,
     settle_promotion,
 )
+from tasks.registry import RegistryVersion
 
 
 class RegistrySettings(RunSettings):
@@ -157,12 +158,12 @@ def promote_flow(settings: PromoteSettings) -> dict[str, Any]:
         get_run_logger().info(
             "%s version %s is already the champion; nothing to do", registered.name, registered.version
         )
-        return {**outcome, "verdict": "unchanged", "reasons": ["it is already the champion"]}
+        return {**outcome, "outcome": "unchanged", "reasons": ["it is already the champion"]}
     decide_now = (_gated_decider if settings.gate else _manual_decider)(settings, cfg, registered)
     decision, result = settle_promotion(
         lambda d: promote_task(cfg, registered.version, d, d.champion_version), decide_now, decide_now()
     )
-    return {**outcome, "verdict": decision.verdict, "reasons": decision.reasons, "champion": result.champion}
+    return {**outcome, "outcome": decision.outcome, "reasons": decision.reasons, "champion": result.champion}
 
 
 @flow(name="turnstile-rollback")

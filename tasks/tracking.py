@@ -13,7 +13,7 @@ Contract:
   talks to MLflow through `MlflowClient` with an explicit run id (never the fluent API, whose
   active run is per thread and breaks under Prefect's thread pool).
 - Tasks that talk to MLflow retry transient failures 3 times (1, 2, 4 s); a rejected request
-  (bad value, missing entity) or a Turnstile verdict fails at once (`retry_if_transient`).
+  (bad value, missing entity) or a Turnstile refusal (`PermanentError`) fails at once (`retry_if_transient`).
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ _INVALID_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 RunEndStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 
-class VerdictError(Exception):
-    """A deterministic refusal (bad registry state, bad input): retrying cannot help."""
+class PermanentError(Exception):
+    """A deterministic refusal (bad registry state, bad input): retrying cannot help, so the
+    MLflow tasks fail at once instead of retrying (`is_transient` is False for it)."""
 
 
 # --------------------------------------------------------------------------- hashes and names
@@ -253,7 +254,7 @@ def is_transient(exc: BaseException) -> bool:
     """Whether retrying the call that raised `exc` can help (locked database, lost connection, 5xx)."""
     if isinstance(exc, MlflowException):
         return exc.error_code not in _DETERMINISTIC_MLFLOW_ERRORS
-    return not isinstance(exc, (VerdictError, ValueError, TypeError, KeyError, FileNotFoundError))
+    return not isinstance(exc, (PermanentError, ValueError, TypeError, KeyError, FileNotFoundError))
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -22,22 +22,17 @@ from mlflow import MlflowClient
 from rl_core.config import GateConfig, RunConfig
 from rl_core.evaluation import EvalReport
 from rl_core.runs import records as run_records
-from tasks.gate import GateDecision, decide
-from tasks.promote import (
+from rl_core.gate import GateDecision, decide
+from tasks.promote import PromotionResult, promote, rollback, settle_promotion
+from tasks.promotion_lock import PromotionLockTimeout, promotion_lock, promotion_lock_path
+from tasks.registry import (
     AGAINST_TAG,
     CHAMPION_ALIAS,
     DECISION_TAG,
     PREVIOUS_ALIAS,
     REASONS_TAG,
-    PromotionLockTimeout,
-    PromotionResult,
     champion,
-    promote,
-    promotion_lock,
-    promotion_lock_path,
     register_checkpoint,
-    rollback,
-    settle_promotion,
 )
 from tasks.tracking import Tracker, task_set_hash, tracking_uri
 
@@ -261,8 +256,8 @@ def test_the_lock_lives_next_to_a_sqlite_store_and_is_per_machine_for_a_server(t
 
 
 def train_run(cfg, tmp_path) -> tuple[SimpleNamespace, SimpleNamespace]:
-    """The parts of a TrainingRun and of the flow's progress that `_gate` reads: A's candidate is v2, pass@1 0.40."""
-    from flows.train import Candidate
+    """The parts of a TrainingRun and of the loop's result that `gate_run` reads: A's candidate is v2, pass@1 0.40."""
+    from rl_core.gate import Candidate
 
     run_dir = tmp_path / "runs" / "run-a"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,14 +267,25 @@ def train_run(cfg, tmp_path) -> tuple[SimpleNamespace, SimpleNamespace]:
     )
 
 
+def _gate(run, progress):
+    """The train flow's gate (`tasks.gate.gate_run`) on a run folder whose ledger is read afresh."""
+    import tasks.gate as gate
+    from rl_core.runs.ledger import RunLedger
+
+    def no_evaluation(champion):
+        raise AssertionError("the champion was measured on the same tasks: no re-evaluation")
+
+    return gate.gate_run(run.cfg, RunLedger(run.run_dir, lambda iteration: False), progress.candidates, no_evaluation)
+
+
 def test_train_gate_decides_again_when_another_run_promotes_between_its_decision_and_its_promotion(
     prefect_harness, cfg, client, registry, tmp_path, monkeypatch
 ):
     from prefect import flow
 
-    import flows.train as train
+    import tasks.gate as gate
 
-    real_gate_candidate = train.gate_candidate
+    real_gate_candidate = gate.gate_candidate
     calls = []
 
     def gate_then_race(*args, **kwargs):
@@ -289,12 +295,12 @@ def test_train_gate_decides_again_when_another_run_promotes_between_its_decision
             assert promote(client, MODEL, "3", decide(0.50, 0.30, GATE, champion_version="1"), "1").applied
         return decision
 
-    monkeypatch.setattr(train, "gate_candidate", gate_then_race)
+    monkeypatch.setattr(gate, "gate_candidate", gate_then_race)
     run, progress = train_run(cfg, tmp_path)
 
     @flow
     def gate_a():
-        return train._gate(run, progress)
+        return _gate(run, progress)
 
     best, decision = gate_a()
     assert [d.champion_version for d in calls] == ["1", "3"] and calls[0].promote  # decided against v1, then against v3
@@ -302,7 +308,7 @@ def test_train_gate_decides_again_when_another_run_promotes_between_its_decision
     assert decision.reasons[0] == CHANGED_1_TO_3
     assert aliases(client) == {CHAMPION_ALIAS: "3", PREVIOUS_ALIAS: "1"}
     gate_record = run_records.load_gate(run.run_dir)
-    assert gate_record["decision"]["champion_version"] == "3" and gate_record["decision"]["verdict"] == "rejected"
+    assert gate_record["decision"]["champion_version"] == "3" and gate_record["decision"]["outcome"] == "rejected"
 
 
 def test_a_resumed_run_reapplying_its_recorded_decision_goes_through_compare_and_set(
@@ -311,8 +317,6 @@ def test_a_resumed_run_reapplying_its_recorded_decision_goes_through_compare_and
     """Run A decided against v1 and recorded it, then crashed before promoting; B promoted v3; A resumes."""
     from prefect import flow
 
-    import flows.train as train
-
     run, progress = train_run(cfg, tmp_path)
     decided = decide(0.40, 0.30, GATE, champion_version="1")
     run_records.save_gate(run.run_dir, {"version": "2", "step": 2, "decision": decided.as_dict()})
@@ -320,7 +324,7 @@ def test_a_resumed_run_reapplying_its_recorded_decision_goes_through_compare_and
 
     @flow
     def resume_gate():
-        return train._gate(run, progress)
+        return _gate(run, progress)
 
     _, decision = resume_gate()
     assert not decision.promote and decision.champion_version == "3"
@@ -365,7 +369,7 @@ def test_gated_promote_flow_decides_again_when_the_champion_changes_under_it(
     monkeypatch.setattr(promote_module, "gate_candidate", gate_then_race)
     outcome = promote_module.promote_flow(promote_settings(cfg, 2, gate=True))
     assert [d.champion_version for d in calls] == ["1", "3"]
-    assert outcome["verdict"] == "rejected" and outcome["champion"] == "3"
+    assert outcome["outcome"] == "rejected" and outcome["champion"] == "3"
     assert outcome["reasons"][0] == CHANGED_1_TO_3
     assert aliases(client) == {CHAMPION_ALIAS: "3", PREVIOUS_ALIAS: "1"}
 
@@ -376,7 +380,7 @@ def test_promote_by_hand_replaces_the_champion_it_finds_and_keeps_previous_for_r
     from flows.promote import RollbackSettings, promote_flow, rollback_flow
 
     outcome = promote_flow(promote_settings(cfg, 2, gate=False))
-    assert outcome["verdict"] == "promoted" and outcome["champion"] == "2"
+    assert outcome["outcome"] == "promoted" and outcome["champion"] == "2"
     assert aliases(client) == {CHAMPION_ALIAS: "2", PREVIOUS_ALIAS: "1"}
     assert recorded(client, "2")[2] == "1"
     restored = rollback_flow(

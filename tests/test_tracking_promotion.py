@@ -18,8 +18,9 @@ from mlflow.exceptions import MlflowException
 
 from rl_core.config import GateConfig, RunConfig, apply_overrides
 from rl_core.store import Manifest
-from tasks.gate import GateDecision, decide
-from tasks.promote import (
+from rl_core.gate import GateDecision, decide
+from tasks.promote import promote, rollback
+from tasks.registry import (
     CHAMPION_ALIAS,
     PREVIOUS_ALIAS,
     Champion,
@@ -28,9 +29,7 @@ from tasks.promote import (
     champion_eval_tasks_hash,
     json_list_within,
     lineage_tags,
-    promote,
     register_checkpoint,
-    rollback,
 )
 from tasks.tracking import (
     Tracker,
@@ -260,8 +259,8 @@ def test_gate_rules(candidate, champion_score, gate, same_tasks, promoted, says)
     assert decision.promote is promoted
     assert any(says in reason for reason in decision.reasons), decision.reasons
     assert decision.champion_pass_at_1 == champion_score and decision.floor == gate.min_pass_at_1
-    assert decision.verdict == ("promoted" if promoted else "rejected")
-    assert decision.verdict in decision.to_markdown()
+    assert decision.outcome == ("promoted" if promoted else "rejected")
+    assert decision.outcome in decision.to_markdown()
 
 
 # --------------------------------------------------------------------------- registry
@@ -429,6 +428,6 @@ def test_prefect_tasks_retry_transient_failures_and_publish_the_gate(prefect_har
     assert run.data.tags["prefect.flow_run_id"]  # the MLflow run points back at its flow run
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/pass_at_1")] == [(0, 0.5)]
     assert decision.promote and champion(client, MODEL) == Champion(version, 0.5)
-    assert isinstance(refused, PromotionError)  # a verdict: failed at once, not after 7 s of retries
+    assert isinstance(refused, PromotionError)  # a permanent refusal: failed at once, not after 7 s of retries
     artifact = Artifact.get("gate-decision")
     assert artifact is not None and "candidate promoted" in artifact.data
