@@ -113,7 +113,10 @@ def served_deployments(api_url: str, prefect_file: Path = PREFECT_FILE) -> list[
     out = []
     with SyncPrefectClient(api_url) as client:
         for entry in present_deployments(load_prefect_file(prefect_file)):
-            flow = load_flow_from_entrypoint(entry["entrypoint"])
+            try:  # no placeholder flow: a flow file that fails to import is an error, shown as it is
+                flow = load_flow_from_entrypoint(entry["entrypoint"], use_placeholder_flow=False)
+            except Exception as exc:
+                raise ServeError(f"cannot load the flow {entry['entrypoint']}: {exc!r}") from exc
             enabled = _enabled_by_slug(client, f"{flow.name}/{entry['name']}")
             schedules = [_schedule(s, enabled.get(s.get("slug"))) for s in entry.get("schedules") or []]
             options = {k: entry[k] for k in ("version", "enforce_parameter_schema") if k in entry}
