@@ -86,7 +86,7 @@ def print_step(entry: dict[str, float]) -> None:
     shown = {
         "reward": "rollout/reward/mean",
         "success": "rollout/success/mean",
-        "zero_adv": "analysis/zero_variance_groups",
+        "zero_variance": "analysis/zero_variance_groups",
         "token_cap": "rollout/finish/token_cap",
         "grad_norm": "train/grad_norm",
         "val/pass_at_1": "val/pass_at_1",

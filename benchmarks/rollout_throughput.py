@@ -20,7 +20,8 @@ import torch
 
 from rl_core.config import load_config
 from rl_core.rollout import collect_rollouts
-from rl_core.run import load_environments, load_start_policy, rollout_settings
+from rl_core.collector import load_environments, rollout_settings
+from rl_core.learner import load_start_policy
 from rl_core.runs.task_sampler import TaskSampler
 
 

@@ -3,7 +3,7 @@
     turnstile train [--config PATH] [--set section.field=value ...]   # the Prefect train flow
     turnstile demo  [--set ...]                                       # train on the shipped quickstart config
     turnstile eval  [--config PATH] [--set ...]                       # held-out evaluation of the starting policy
-    turnstile serve [--port 4200]                                   # Prefect server, deployments, worker here
+    turnstile serve [--port 4200] [--work-pool]                      # Prefect server + the deployments, served here
     turnstile replay RUN_ID ... / turnstile transcript RUN_ID ...   # stored trajectories (flows/replay_cli.py)
     turnstile resume RUN_ID [--run-dir runs] [--set iterations=N]     # continue a run on the config it started with
 
@@ -72,7 +72,7 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
     if args.command == "demo":
         return TrainSettings(overrides=args.overrides)
     if args.command == "resume":
-        from rl_core.run import RUN_CONFIG_FILE
+        from rl_core.runs.folder import RUN_CONFIG_FILE
 
         return TrainSettings(
             config_path=str(Path(args.run_dir) / args.run_id / RUN_CONFIG_FILE),
@@ -108,7 +108,7 @@ def _gate_sentence(summary: dict[str, Any]) -> str:
     if gate is None:
         return f"no candidate: {summary.get('no_candidate') or 'no checkpoint after step 0 was evaluated'}"
     return (
-        f"version {summary['candidate_version']} (step {summary['candidate_step']}) {gate['verdict']}: "
+        f"version {summary['candidate_version']} (step {summary['candidate_step']}) {gate['outcome']}: "
         f"{'; '.join(gate['reasons'])}"
     )
 
@@ -165,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     prepare_environment(cfg)
     started = time.time()
     if args.command == "eval":
-        from rl_core.run import TrainingRun
+        from rl_core.evaluation import Evaluator
+        from rl_core.learner import load_start_policy
 
-        report = TrainingRun(cfg).evaluate()
+        report = Evaluator.from_config(cfg).evaluate(load_start_policy(cfg))
         for key, value in sorted(report.metrics.items()):
             print(f"{key:40s} {value:.4f}")
         return 0

@@ -30,7 +30,8 @@ from pydantic import Field, model_validator
 
 from flows.parameters import RunSettings
 from rl_core.config import RunConfig
-from rl_core.run import TrainingRun
+from rl_core.evaluation import Evaluator
+from rl_core.learner import load_start_policy
 from rl_core.runs.checkpoint import STATE_FILE
 from tasks.evaluate import evaluate_task, tag_evaluation_task
 from tasks.promote import (
@@ -117,13 +118,14 @@ def _default_run_id(what: str) -> str:
 def _evaluate_folder(cfg: RunConfig, folder: Path, run_id: str, tags: dict[str, str], samples: bool) -> dict[str, Any]:
     """Evaluate the policy in `folder` as run `run_id`, logging to MLflow; returns the summary."""
     run_cfg = _policy_config(cfg, str(folder), run_id)
-    run = TrainingRun(run_cfg)
-    run.policy.version = _step_of(folder)
+    policy = load_start_policy(run_cfg)
+    policy.version = _step_of(folder)
+    evaluator = Evaluator.from_config(run_cfg)
     tracker = start_tracking(run_cfg, run_id)
     try:
         tag_evaluation_task(tracker, tags)
-        report = evaluate_task(run, samples=samples)
-        log_metrics_task(tracker, report.metrics, step=run.policy.version)
+        report = evaluate_task(evaluator, policy, run_id, samples=samples)
+        log_metrics_task(tracker, report.metrics, step=policy.version)
     except BaseException:
         end_tracking(tracker, "FAILED")
         raise
@@ -132,7 +134,7 @@ def _evaluate_folder(cfg: RunConfig, folder: Path, run_id: str, tags: dict[str, 
         "run_id": run_id,
         "evaluated": tags[EVALUATED_TAG],
         "version": tags.get(EVALUATED_VERSION_TAG),
-        "step": run.policy.version,
+        "step": policy.version,
         "pass_at_1": report.pass_at_1,
         "eval_tasks_hash": task_set_hash(report.task_success),
         "metrics": dict(report.metrics),

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from rl_core.collector import load_environments, rollout_settings
+from rl_core.config import RunConfig
 from rl_core.environments.base import Environment, Task
 from rl_core.metrics import pass_at_k, pass_hat_k
 from rl_core.model.policy import Policy
@@ -101,3 +103,34 @@ def evaluate(
         per_env={name: sum(o) / len(o) for name, o in per_env.items()},
         task_success={f"{e.env_name}/{e.task_id}": e.success for e in greedy},
     )
+
+
+class Evaluator:
+    """Held-out evaluation as a run config describes it: needs only the environments and a policy.
+
+    `evaluate(policy)` plays `evaluation.split` (the first `evaluation.max_tasks` tasks per
+    environment) greedily for pass@1 and, with `samples`, `evaluation.num_samples` episodes per
+    task at `evaluation.sample_temperature` for pass@k / pass^k (`evaluation.pass_k`)."""
+
+    def __init__(self, envs: list[Environment], cfg: RunConfig):
+        self.envs, self.cfg = envs, cfg
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Evaluator:
+        """An evaluator over the config's environments (`load_environments`; raises its ValueError)."""
+        return cls(load_environments(cfg), cfg)
+
+    def evaluate(self, policy: Policy, *, samples: bool = True) -> EvalReport:
+        """The held-out `EvalReport` of `policy` (greedy only when `samples` is False)."""
+        e = self.cfg.evaluation
+        return evaluate(
+            policy,
+            self.envs,
+            rollout_settings(self.cfg),
+            split=e.split,
+            max_tasks=e.max_tasks,
+            pass_k=e.pass_k,
+            num_samples=e.num_samples if samples else 0,
+            sample_temperature=e.sample_temperature,
+            seed=self.cfg.seed,
+        )

@@ -10,9 +10,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from rl_core.evaluation import EvalReport
-from rl_core.model.policy import load_policy
-from rl_core.run import TrainingRun
+from rl_core.evaluation import EvalReport, Evaluator
+from rl_core.model.policy import Policy, load_policy
 from tasks.tracking import MLFLOW_RETRIES, Tracker
 from tasks.validate import artifact_slug
 
@@ -24,27 +23,28 @@ def summary_markdown(run_id: str, step: int, report: EvalReport) -> str:
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=[2, 8], cache_policy=NONE)
-def evaluate_task(run: TrainingRun, samples: bool = True) -> EvalReport:
-    """Evaluate the run's current policy on the held-out split."""
-    report = run.evaluate(samples=samples)
-    step = run.policy.version
+def evaluate_task(evaluator: Evaluator, policy: Policy, run_id: str, samples: bool = True) -> EvalReport:
+    """Evaluate `policy` on the held-out split (`Evaluator.evaluate`); publishes the summary artifact
+    `eval-<run_id>-step-<version>`."""
+    report = evaluator.evaluate(policy, samples=samples)
+    step = policy.version
     get_run_logger().info(
         "step %d: held-out pass@1 %.3f %s", step, report.pass_at_1, {k: round(v, 3) for k, v in report.per_env.items()}
     )
     create_markdown_artifact(
-        markdown=summary_markdown(run.run_id, step, report),
-        key=f"eval-{artifact_slug(run.run_id)}-step-{step}",
+        markdown=summary_markdown(run_id, step, report),
+        key=f"eval-{artifact_slug(run_id)}-step-{step}",
         description="held-out evaluation",
     )
     return report
 
 
 @task(name="evaluate-checkpoint", retries=2, retry_delay_seconds=[2, 8], cache_policy=NONE)
-def evaluate_checkpoint_task(run: TrainingRun, checkpoint: str) -> EvalReport:
-    """Evaluate another checkpoint (e.g. the registry champion) on the run's held-out tasks, greedy only."""
-    cfg = run.cfg.policy
+def evaluate_checkpoint_task(evaluator: Evaluator, checkpoint: str) -> EvalReport:
+    """Evaluate another checkpoint folder (e.g. the registry champion) on the held-out tasks, greedy only."""
+    cfg = evaluator.cfg.policy
     policy = load_policy(checkpoint, chat=cfg.chat_format, dtype=cfg.dtype, device=cfg.device)
-    report = run.evaluate(samples=False, policy=policy)
+    report = evaluator.evaluate(policy, samples=False)
     get_run_logger().info("checkpoint %s: held-out pass@1 %.3f", checkpoint, report.pass_at_1)
     return report
 

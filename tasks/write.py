@@ -10,14 +10,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from rl_core.run import TrainingRun
-from rl_core.store import Manifest
+from rl_core.store import CommittedBatch
 from rl_core.trajectory import Episode
 
 
 @task(name="write-trajectories", cache_policy=NONE)
-def write_trajectories_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -> Manifest:
-    """Store the batch; returns its manifest (rows, sha256)."""
-    manifest = run.write(iteration, episodes)
+def write_trajectories_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -> CommittedBatch:
+    """Store the batch; returns what was written (its manifest, with rows and sha256, and the Arrow
+    table), so that nothing downstream reads it back."""
+    batch = run.commit(iteration, episodes)
+    manifest = batch.manifest
     get_run_logger().info(
         "iteration %d: wrote %d rows to %s (sha256 %s)",
         iteration,
@@ -25,4 +27,4 @@ def write_trajectories_task(run: TrainingRun, iteration: int, episodes: list[Epi
         run.store.path(run.run_id, iteration),
         manifest.sha256[:12],
     )
-    return manifest
+    return batch

@@ -192,7 +192,7 @@ def test_the_server_rejects_settings_outside_the_schema(served):
 
 
 def test_a_custom_train_run_started_through_the_api_runs_on_the_worker_with_its_settings(served, tmp_path):
-    from rl_core.run import load_run_config
+    from rl_core.runs.folder import load_run_config
     from rl_core.store import TrajectoryStore
 
     typed = ("iterations=", "rollout.group_size=", "rollout.global_batch_size=")

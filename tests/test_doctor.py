@@ -129,7 +129,7 @@ def test_reward_that_is_zero_everywhere_is_flat_and_points_at_zero_variance_grou
     assert "algorithm.zero_variance_groups=resample" in finding.first_change
 
 
-def test_zero_adv_groups_mostly_all_wrong():
+def test_zero_variance_groups_mostly_all_wrong():
     history = [
         entry(
             step,
@@ -140,7 +140,7 @@ def test_zero_adv_groups_mostly_all_wrong():
         )
         for step in range(1, 6)
     ]
-    finding = only(diagnose(history, config()), "zero_adv_groups")
+    finding = only(diagnose(history, config()), "zero_variance_groups")
     assert finding.metric == "analysis/zero_variance_groups"
     assert finding.value == pytest.approx(0.9)
     assert finding.threshold == 0.8
@@ -150,7 +150,7 @@ def test_zero_adv_groups_mostly_all_wrong():
     assert "rollout.group_size" in finding.first_change
 
 
-def test_zero_adv_groups_mostly_all_correct_asks_for_harder_tasks():
+def test_zero_variance_groups_mostly_all_correct_asks_for_harder_tasks():
     history = [
         entry(
             step,
@@ -161,13 +161,13 @@ def test_zero_adv_groups_mostly_all_correct_asks_for_harder_tasks():
         )
         for step in range(1, 6)
     ]
-    finding = only(diagnose(history, config()), "zero_adv_groups")
+    finding = only(diagnose(history, config()), "zero_variance_groups")
     assert "harder tasks" in finding.first_change
 
 
-def test_zero_adv_groups_waits_for_a_full_window():
+def test_zero_variance_groups_waits_for_a_full_window():
     history = [entry(step, 0.05, analysis__zero_variance_groups=1.0) for step in range(1, 5)]
-    assert "zero_adv_groups" not in symptoms(diagnose(history, config()))
+    assert "zero_variance_groups" not in symptoms(diagnose(history, config()))
 
 
 def test_reward_hacking_when_training_reward_rises_and_held_out_falls():

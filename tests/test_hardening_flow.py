@@ -9,7 +9,8 @@ import torch
 from mlflow import MlflowClient
 
 from rl_core.config import load_config
-from rl_core.run import TrainingRun, evaluation_due
+from rl_core.run import TrainingRun
+from rl_core.loop import evaluation_due
 from rl_core.runs import records as run_records
 from rl_core.store import TrajectoryStore
 from tests.test_train_flow import TINY, run_flow
@@ -64,13 +65,13 @@ def test_a_step_with_nothing_to_train_on_is_recorded_and_a_resumed_run_goes_past
     assert metrics.skipped.startswith(NOTHING_TO_TRAIN_ON) and checkpoint is None
     assert run.policy.version == 1 and run.last_iteration == 2 and run.checkpoint_iteration == 1
     assert sorted(p.name for p in (tmp_path / "skips" / "checkpoints").iterdir()) == ["step-000001"]
-    record = run_records.load_iteration(run.run_dir, 2)
+    record = run_records.load_iteration(run.run_dir, 2).to_dict()
     assert record == {"iteration": 2, "step": 1, "trained": False, "skipped_by": "trainer", "reason": metrics.skipped}
 
     resumed = TrainingRun.open(cfg)  # the run goes on after iteration 2, where sampling stood after it
     assert (resumed.policy.version, resumed.checkpoint_iteration, resumed.last_iteration) == (1, 1, 2)
-    assert resumed.tasks.state_dict() == run.tasks.state_dict()
-    assert torch.equal(resumed.generator.get_state(), run.generator.get_state())
+    assert resumed.collector.tasks.state_dict() == run.collector.tasks.state_dict()
+    assert torch.equal(resumed.collector.generator.get_state(), run.collector.generator.get_state())
     a, b = run.collect(3), resumed.collect(3)
     assert [e.tokens for e in a] == [e.tokens for e in b]
 
@@ -83,7 +84,7 @@ def test_every_iteration_skipped_leaves_no_checkpoint_and_the_run_continues(tmp_
     assert not (tmp_path / "none" / "checkpoints").exists()
     resumed = TrainingRun.open(cfg)
     assert (resumed.policy.version, resumed.last_iteration) == (0, 2)
-    assert resumed.tasks.state_dict() == run.tasks.state_dict()
+    assert resumed.collector.tasks.state_dict() == run.collector.tasks.state_dict()
 
 
 def test_replay_retraining_reports_a_batch_with_nothing_to_train_on_as_no_step(tmp_path):
@@ -163,7 +164,7 @@ def test_the_closing_summary_names_each_kind_of_skipped_iteration():
             ],
             candidate_version="1",
             candidate_step=1,
-            gate={"verdict": "promoted", "reasons": ["no champion yet"]},
+            gate={"outcome": "promoted", "reasons": ["no champion yet"]},
         ),
         60,
     ).splitlines()
@@ -193,7 +194,7 @@ def test_a_flow_whose_batches_leave_nothing_to_train_on_finishes_says_so_and_res
         (2, "trainer", True),
     ]
     assert all(s["reason"].startswith(NOTHING_TO_TRAIN_ON) for s in summary["skipped"])
-    history = run_records.read_history(tmp_path / "flat")
+    history = [r.to_dict() for r in run_records.read_history(tmp_path / "flat")]
     assert [(r["iteration"], r["step"], r["trained"], r["skipped_by"]) for r in history] == [
         (1, 0, False, "trainer"),
         (2, 0, False, "trainer"),
@@ -223,7 +224,7 @@ def test_a_flow_whose_batches_leave_nothing_to_train_on_finishes_says_so_and_res
     out = capsys.readouterr().out
     assert "3 of 3 (0 trained, 3 skipped: 3 took no optimizer step)" in out
     assert TrajectoryStore(tmp_path).iterations("flat") == [1, 2, 3]
-    assert [r["iteration"] for r in run_records.read_history(tmp_path / "flat")] == [1, 2, 3]
+    assert [r["iteration"] for r in [r.to_dict() for r in run_records.read_history(tmp_path / "flat")]] == [1, 2, 3]
 
 
 # -- item 9: overlapped collection in the flow ---------------------------------------------------
@@ -237,7 +238,7 @@ def test_the_flow_collects_the_next_batch_while_a_step_trains(prefect_harness, t
     store = TrajectoryStore(tmp_path)
     # batch 2 was sampled while step 1 trained, by the policy of before step 1 (synchronous: version 1)
     assert [{e.policy_version for e in store.read("overlap", i)} for i in (1, 2)] == [{0}, {0}]
-    history = run_records.read_history(tmp_path / "overlap")
+    history = [r.to_dict() for r in run_records.read_history(tmp_path / "overlap")]
     assert [(r["iteration"], r["step"], r["trained"], r["rollout/stale_dropped"]) for r in history] == [
         (1, 1, True, 0.0),
         (2, 2, True, 0.0),
@@ -251,5 +252,5 @@ def test_the_flow_collects_the_next_batch_while_a_step_trains(prefect_harness, t
     assert resumed["trained_steps"] == 3 and {e.policy_version for e in store.read("overlap", 3)} == {2}
     # ... on the tasks the uninterrupted run draws for it (sampling went on from where batch 2 left it)
     fresh = TrainingRun(load_config(None, [*TINY, *extra, f"storage.run_dir={tmp_path / 'fresh'}"]))
-    drawn = [sorted(task.task_id for _, task in fresh.work_for(i)) for i in (1, 2, 3)]
+    drawn = [sorted(task.task_id for _, task in fresh.collector.work_for(i)) for i in (1, 2, 3)]
     assert [sorted({e.task_id for e in store.read("overlap", i)}) for i in (1, 2, 3)] == drawn

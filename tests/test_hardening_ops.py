@@ -14,7 +14,7 @@ from flows.cli import _parser, _settings
 from flows.evaluate import EvaluateSettings
 from flows.parameters import RunSettings, TrainSettings
 from rl_core.config import apply_overrides, dump_config, load_config, override_value
-from rl_core.run import RUN_CONFIG_FILE
+from rl_core.runs.folder import RUN_CONFIG_FILE
 
 # Each is a valid run name (the form's pattern) that YAML reads as something else:
 # 2024, 0x1F, 1_000, -1 -> int; on, yes, Off -> bool; null, NULL -> None; 1.0e3, .inf -> float.

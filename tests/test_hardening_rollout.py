@@ -34,7 +34,7 @@ from rl_core.model.generation import Generation
 from rl_core.model.policy import load_policy
 from rl_core.model.tokenizer import repair_unicode
 from rl_core.rollout import RolloutSettings, collect_rollouts
-from rl_core.run import load_environments, rollout_settings
+from rl_core.collector import load_environments, rollout_settings
 from rl_core.trajectory import episodes_to_table
 from tests.fault_envs import CollapsingDomain, FailingDomain, HalfEmojiDomain, NonFiniteRewardDomain
 
@@ -773,7 +773,7 @@ def test_typed_yaml_arguments_survive_the_run_config_so_the_run_can_continue(tmp
     """A date argument was written to config.yaml as its ISO text: the same config then no longer
     matched the run's (`turnstile train` refused to continue it) and a resumed run built the
     environment with a str."""
-    from rl_core.run import load_run_config, record_run_config
+    from rl_core.runs.folder import load_run_config, record_run_config
 
     path = tmp_path / "config.yaml"
     path.write_text(

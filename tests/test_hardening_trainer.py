@@ -683,7 +683,7 @@ def test_the_train_flow_logs_and_names_an_iteration_whose_only_step_was_not_fini
 
     monkeypatch.setattr(TorchBackend, "step", first_step_not_finite)
     summary = run_flow(tmp_path, "nan", ["evaluation.val_every=10"])
-    first, second = run_records.read_history(tmp_path / "nan")
+    first, second = [r.to_dict() for r in run_records.read_history(tmp_path / "nan")]
     assert (first["trained"], first["skipped_by"], first["step"]) == (False, "trainer", 0)
     assert "non-finite gradient norm" in first["reason"] and first["train/nonfinite_step"] == 1.0
     assert [f["symptom"] for f in first["findings"]] == ["nonfinite_step"]

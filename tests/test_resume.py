@@ -58,7 +58,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
     episodes = run.collect(1)
     groups = {e.group_id for e in episodes}
     assert len(groups) == cfg.tasks_per_batch and drop_zero_variance_groups(episodes) == episodes
-    assert (1, 1) in run._work  # degenerate groups were replaced by further tasks
+    assert (1, 1) in run.collector._work  # degenerate groups were replaced by further tasks
     assert len(episodes) == 32
 
 

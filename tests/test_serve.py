@@ -145,7 +145,7 @@ def test_serving_again_keeps_an_enabled_schedule_enabled(served, monkeypatch):
 
 
 def test_a_custom_train_run_started_through_the_api_completes_on_the_runner(served, tmp_path):
-    from rl_core.run import load_run_config
+    from rl_core.runs.folder import load_run_config
     from rl_core.store import TrajectoryStore
 
     typed = ("iterations=", "rollout.group_size=", "rollout.global_batch_size=")

@@ -63,7 +63,7 @@ def test_two_iterations_end_to_end(prefect_harness, tmp_path):
     trained_on = json.loads(candidate.tags["manifests"])
     assert [m["iteration"] for m in trained_on] == list(range(1, summary["candidate_step"] + 1))
     assert all(len(m["sha256"]) == 64 for m in trained_on)
-    assert summary["gate"]["verdict"] == "promoted"  # first run: no champion, floor 0
+    assert summary["gate"]["outcome"] == "promoted"  # first run: no champion, floor 0
 
     pictures = sorted(a.path for a in client.list_artifacts(run.info.run_id, "curves"))
     assert pictures == ["curves/pass_at_1.png", "curves/reward.png", "curves/truncation.png"]

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rl_core.collector import load_environments
 from rl_core.config import RunConfig
 from rl_core.environments.base import Environment, Task
 from rl_core.imports import import_from_path
 from rl_core.model.tokenizer import repair_unicode
 from rl_core.replay.selection import ReplayError, StoredBatch, read_episodes, run_config
-from rl_core.run import load_environments
 from rl_core.trajectory import Episode
 
 Scorer = Callable[[Episode, Task], float]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl_core.config import RunConfig
-from rl_core.run import RUN_CONFIG_FILE, load_run_config
+from rl_core.runs.folder import RUN_CONFIG_FILE, load_run_config
 from rl_core.store import StoreError, TrajectoryStore
 from rl_core.trajectory import Episode, table_to_episodes
 

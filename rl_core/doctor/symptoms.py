@@ -25,15 +25,24 @@ to), or the collapsed stretch keeps the collapse in the window.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from rl_core.config import RunConfig
+from rl_core.doctor.history import (
+    best_window,
+    fitted_change,
+    is_number,
+    latest_step,
+    mean_of,
+    metric_series,
+    series_values,
+    window_mean,
+)
 
 SYMPTOMS = (
     "reward_flat",
-    "zero_adv_groups",
+    "zero_variance_groups",
     "reward_hacking",
     "reward_collapse",
     "token_cap",
@@ -42,9 +51,9 @@ SYMPTOMS = (
 )
 
 REWARD = "rollout/reward/mean"
-ZERO_ADV = "analysis/zero_adv_groups"
-ZERO_ADV_ALL_CORRECT = "analysis/zero_adv_groups/all_correct"
-ZERO_ADV_ALL_WRONG = "analysis/zero_adv_groups/all_wrong"
+ZERO_VARIANCE = "analysis/zero_variance_groups"
+ZERO_VARIANCE_ALL_CORRECT = "analysis/zero_variance_groups/all_correct"
+ZERO_VARIANCE_ALL_WRONG = "analysis/zero_variance_groups/all_wrong"
 TOKEN_CAP = "rollout/finish/token_cap"
 GRAD_NORM = "train/grad_norm"
 VAL_PASS_AT_1 = "val/pass_at_1"
@@ -88,10 +97,10 @@ def diagnose(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> list[Fin
     """Every symptom the history shows at its latest step, in SYMPTOMS order."""
     if not cfg.doctor.enabled or not history:
         return []
-    step = _latest_step(history)
+    step = latest_step(history)
     checks = (
         _reward_flat,
-        _zero_adv_groups,
+        _zero_variance_groups,
         _reward_hacking,
         _reward_collapse,
         _token_cap,
@@ -111,7 +120,7 @@ def last_good_step(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> in
     """The step to roll back to after a collapse: the policy version that sampled the last batch of
     the window with the best mean training reward (entry step - 1; 0 is the starting policy).
     None without any training reward."""
-    best = _best_window(_series(history, REWARD), cfg.doctor.window)
+    best = best_window(metric_series(history, REWARD), cfg.doctor.window)
     return None if best is None else best[0] - 1
 
 
@@ -121,15 +130,15 @@ def last_good_step(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> in
 def _reward_flat(history, cfg: RunConfig, step: int) -> Finding | None:
     """Training reward whose fitted change since the first step is within its noise."""
     d = cfg.doctor
-    rewards = _series(history, REWARD)
+    rewards = metric_series(history, REWARD)
     if len(rewards) < max(d.flat_reward_steps, 3):
         return None
-    change, standard_error = _fitted_change(rewards)
+    change, standard_error = fitted_change(rewards)
     tolerance = FLAT_STANDARD_ERRORS * standard_error
     if abs(change) > tolerance:
         return None
-    zero_adv = _window_mean(history, ZERO_ADV, d.window)
-    degenerate = f"; {zero_adv:.0%} of groups have all-equal rewards" if zero_adv is not None else ""
+    zero_variance = window_mean(history, ZERO_VARIANCE, d.window)
+    share_text = f"; {zero_variance:.0%} of groups have all-equal rewards" if zero_variance is not None else ""
     return Finding(
         symptom="reward_flat",
         step=step,
@@ -139,15 +148,15 @@ def _reward_flat(history, cfg: RunConfig, step: int) -> Finding | None:
         message=(
             f"Training reward has not moved in {len(rewards)} steps: the fitted change since step {rewards[0][0]} is "
             f"{change:+.3f}, within {FLAT_STANDARD_ERRORS:g} standard errors ({tolerance:.3f}); "
-            f"latest {d.window}-step mean {_mean(_values(rewards[-d.window :])):.3f}{degenerate}."
+            f"latest {d.window}-step mean {mean_of(series_values(rewards[-d.window :])):.3f}{share_text}."
         ),
-        first_change=_flat_advice(cfg, zero_adv),
+        first_change=_flat_advice(cfg, zero_variance),
     )
 
 
-def _flat_advice(cfg: RunConfig, zero_adv: float | None) -> str:
+def _flat_advice(cfg: RunConfig, zero_variance: float | None) -> str:
     """No signal in the groups: resample them; otherwise a larger or less noisy step."""
-    if zero_adv is not None and zero_adv > 0.5:
+    if zero_variance is not None and zero_variance > 0.5:
         return (
             "most groups have all-equal rewards, so there is no signal: check the reward varies (rollout/reward/std) "
             "and set algorithm.zero_variance_groups=resample"
@@ -158,29 +167,29 @@ def _flat_advice(cfg: RunConfig, zero_adv: float | None) -> str:
     )
 
 
-def _zero_adv_groups(history, cfg: RunConfig, step: int) -> Finding | None:
+def _zero_variance_groups(history, cfg: RunConfig, step: int) -> Finding | None:
     """Most groups with all-equal rewards (no advantage, no learning signal)."""
     d = cfg.doctor
-    share = _window_mean(history, ZERO_ADV, d.window)
-    if share is None or share <= d.zero_adv_groups_max:
+    share = window_mean(history, ZERO_VARIANCE, d.window)
+    if share is None or share <= d.zero_variance_groups_max:
         return None
-    correct = _window_mean(history, ZERO_ADV_ALL_CORRECT, d.window)
-    wrong = _window_mean(history, ZERO_ADV_ALL_WRONG, d.window)
+    correct = window_mean(history, ZERO_VARIANCE_ALL_CORRECT, d.window)
+    wrong = window_mean(history, ZERO_VARIANCE_ALL_WRONG, d.window)
     split = f" ({correct:.0%} all correct, {wrong:.0%} all wrong)" if correct is not None and wrong is not None else ""
     return Finding(
-        symptom="zero_adv_groups",
+        symptom="zero_variance_groups",
         step=step,
-        metric=ZERO_ADV,
+        metric=ZERO_VARIANCE,
         value=share,
-        threshold=d.zero_adv_groups_max,
+        threshold=d.zero_variance_groups_max,
         message=f"{share:.0%} of groups over the last {d.window} steps have all-equal rewards{split}, above "
-        f"{d.zero_adv_groups_max:.0%}.",
-        first_change=_zero_adv_advice(cfg, correct, wrong),
+        f"{d.zero_variance_groups_max:.0%}.",
+        first_change=_zero_variance_advice(cfg, correct, wrong),
     )
 
 
-def _zero_adv_advice(cfg: RunConfig, correct: float | None, wrong: float | None) -> str:
-    """Which change fits the kind of degenerate group that dominates."""
+def _zero_variance_advice(cfg: RunConfig, correct: float | None, wrong: float | None) -> str:
+    """Which change fits the kind of zero-variance group that dominates."""
     sampling = (
         "raise algorithm.max_resample_rounds"
         if cfg.algorithm.zero_variance_groups == "resample"
@@ -204,15 +213,15 @@ def _zero_adv_advice(cfg: RunConfig, correct: float | None, wrong: float | None)
 def _reward_hacking(history, cfg: RunConfig, step: int) -> Finding | None:
     """Training reward rising over the evaluated span while held-out pass@1 stays flat or falls."""
     d = cfg.doctor
-    evals = _series(history, VAL_PASS_AT_1)
+    evals = metric_series(history, VAL_PASS_AT_1)
     if len(evals) < 2:
         return None
     (first_step, first_val), (last_step, last_val) = evals[0], evals[-1]
     # the batches sampled by policies first_step .. last_step - 1
-    span = [(s, value) for s, value in _series(history, REWARD) if first_step < s <= last_step]
+    span = [(s, value) for s, value in metric_series(history, REWARD) if first_step < s <= last_step]
     if len(span) < 3:
         return None
-    gain, standard_error = _fitted_change(span)
+    gain, standard_error = fitted_change(span)
     val_gain = last_val - first_val
     rising = gain >= d.hacking_min_gain and gain > FLAT_STANDARD_ERRORS * standard_error
     if not rising or val_gain >= HACKING_VAL_GAIN_FRACTION * gain:
@@ -240,12 +249,12 @@ def _reward_hacking(history, cfg: RunConfig, step: int) -> Finding | None:
 def _reward_collapse(history, cfg: RunConfig, step: int) -> Finding | None:
     """Windowed training reward fallen below collapse_frac x its best windowed value."""
     d = cfg.doctor
-    rewards = _series(history, REWARD)
-    best = _best_window(rewards, d.window)
+    rewards = metric_series(history, REWARD)
+    best = best_window(rewards, d.window)
     if len(rewards) < d.window or best is None or best[1] <= COLLAPSE_MIN_BEST:
         return None
     best_step, best_mean = best
-    current = _mean(_values(rewards[-d.window :]))
+    current = mean_of(series_values(rewards[-d.window :]))
     threshold = d.collapse_frac * best_mean
     if current >= threshold:
         return None
@@ -299,10 +308,10 @@ def _collapse_advice(cfg: RunConfig) -> str:
 def _token_cap(history, cfg: RunConfig, step: int) -> Finding | None:
     """Responses clustering at the per-turn token cap."""
     d = cfg.doctor
-    share = _window_mean(history, TOKEN_CAP, d.window)
+    share = window_mean(history, TOKEN_CAP, d.window)
     if share is None or share <= d.token_cap_frac_max:
         return None
-    first_step, first_share = _series(history, TOKEN_CAP)[0]
+    first_step, first_share = metric_series(history, TOKEN_CAP)[0]
     return Finding(
         symptom="token_cap",
         step=step,
@@ -344,7 +353,7 @@ def _largest_turn_cap(cfg: RunConfig) -> int:
 def _grad_norm_pinned(history, cfg: RunConfig, step: int) -> Finding | None:
     """The pre-clip gradient norm at or above optimizer.grad_clip on most recent steps."""
     d, clip = cfg.doctor, cfg.optimizer.grad_clip
-    norms = _values(_series(history, GRAD_NORM)[-d.window :])
+    norms = series_values(metric_series(history, GRAD_NORM)[-d.window :])
     if len(norms) < d.window:
         return None
     pinned = sum(norm >= clip * (1 - CLIP_TOLERANCE) for norm in norms) / len(norms)
@@ -358,7 +367,7 @@ def _grad_norm_pinned(history, cfg: RunConfig, step: int) -> Finding | None:
         threshold=d.grad_clip_pinned_frac,
         message=(
             f"{GRAD_NORM} reached optimizer.grad_clip ({clip:g}) on {pinned:.0%} of the last {d.window} steps "
-            f"(mean norm {_mean(norms):.3g}): every update is clipped, so the step size is set by the "
+            f"(mean norm {mean_of(norms):.3g}): every update is clipped, so the step size is set by the "
             "clip, not the gradient."
         ),
         first_change=f"lower optimizer.lr (now {cfg.optimizer.lr:.2g}, e.g. to {cfg.optimizer.lr / 3:.2g})",
@@ -368,9 +377,9 @@ def _grad_norm_pinned(history, cfg: RunConfig, step: int) -> Finding | None:
 def _nonfinite_step(history, cfg: RunConfig, step: int) -> Finding | None:
     """The latest step skipped optimizer steps whose loss or gradient norm was NaN or infinite."""
     skipped = history[-1].get(NONFINITE_STEP)
-    if not _is_number(skipped) or skipped <= 0:
+    if not is_number(skipped) or skipped <= 0:
         return None
-    earlier = sum(1 for _, value in _series(history[:-1], NONFINITE_STEP) if value > 0)
+    earlier = sum(1 for _, value in metric_series(history[:-1], NONFINITE_STEP) if value > 0)
     return Finding(
         symptom="nonfinite_step",
         step=step,
@@ -395,67 +404,3 @@ def _nonfinite_advice(cfg: RunConfig) -> str:
         f"(now {o.lr:.2g}, e.g. to {o.lr / 3:.2g}) and keep optimizer.grad_clip (now {o.grad_clip:g}) "
         f"at 1 or below{precision}"
     )
-
-
-# --- reading the history ----------------------------------------------------------------------
-
-
-def _latest_step(history: Sequence[Mapping[str, float]]) -> int:
-    step = history[-1].get("step")
-    return int(step) if _is_number(step) else len(history)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _series(history: Sequence[Mapping[str, float]], key: str) -> list[tuple[int, float]]:
-    """(step, value) of every entry holding a finite `key` (entries without a step count by position)."""
-    out = []
-    for position, entry in enumerate(history):
-        value, step = entry.get(key), entry.get("step")
-        if _is_number(value):
-            out.append((int(step) if _is_number(step) else position, float(value)))
-    return out
-
-
-def _values(series: list[tuple[int, float]]) -> list[float]:
-    return [value for _, value in series]
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _window_mean(history, key: str, window: int) -> float | None:
-    """Mean of the last `window` values of `key`; None with fewer."""
-    values = _values(_series(history, key)[-window:])
-    return _mean(values) if len(values) == window else None
-
-
-def _best_window(series: list[tuple[int, float]], window: int) -> tuple[int, float] | None:
-    """(last step, mean) of the trailing window with the highest mean (the earliest on ties); None
-    for an empty series. The first windows are partial (fewer than `window` entries), so a
-    collapse within the first window still has a best to compare with."""
-    best = None
-    for end in range(1, len(series) + 1):
-        mean = _mean(_values(series[max(0, end - window) : end]))
-        if best is None or mean > best[1]:
-            best = (series[end - 1][0], mean)
-    return best
-
-
-def _fitted_change(series: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares line through (step, value): its change from the first to the last step, and
-    that change's standard error (from the residual spread, so batch-to-batch noise of any
-    origin counts). Needs at least three points."""
-    steps, values = [float(s) for s, _ in series], _values(series)
-    step_mean, value_mean = _mean(steps), _mean(values)
-    spread = sum((x - step_mean) ** 2 for x in steps)
-    if spread == 0:
-        return 0.0, 0.0
-    slope = sum((x - step_mean) * (y - value_mean) for x, y in zip(steps, values)) / spread
-    residuals = [y - value_mean - slope * (x - step_mean) for x, y in zip(steps, values)]
-    residual_std = math.sqrt(sum(r * r for r in residuals) / (len(values) - 2))
-    span = steps[-1] - steps[0]
-    return slope * span, residual_std / math.sqrt(spread) * span
