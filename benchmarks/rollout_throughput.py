@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from rl_core.config import load_config
-from rl_core.rollout import collect_rollouts
 from rl_core.collector import load_environments, rollout_settings
+from rl_core.config import load_config
 from rl_core.learner import load_start_policy
+from rl_core.rollout import collect_rollouts
 from rl_core.runs.task_sampler import TaskSampler
 
 

@@ -9,8 +9,8 @@ import torch
 from mlflow import MlflowClient
 
 from rl_core.config import load_config
-from rl_core.run import TrainingRun
 from rl_core.loop import evaluation_due
+from rl_core.run import TrainingRun
 from rl_core.runs import records as run_records
 from rl_core.store import TrajectoryStore
 from tests.test_train_flow import TINY, run_flow

@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 
 from rl_core.config import GateConfig, RunConfig
 from rl_core.evaluation import EvalReport
-from rl_core.runs import records as run_records
 from rl_core.gate import GateDecision, decide
+from rl_core.runs import records as run_records
 from tasks.promote import PromotionResult, promote, rollback, settle_promotion
 from tasks.promotion_lock import PromotionLockTimeout, promotion_lock, promotion_lock_path
 from tasks.registry import (

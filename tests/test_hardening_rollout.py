@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from rl_core.collector import load_environments, rollout_settings
 from rl_core.config import EnvironmentEntry, RunConfig, dump_config, load_config
 from rl_core.environments import load_environment
 from rl_core.environments.base import Environment, EnvSession, StepResult, Task
@@ -34,7 +35,6 @@ from rl_core.model.generation import Generation
 from rl_core.model.policy import load_policy
 from rl_core.model.tokenizer import repair_unicode
 from rl_core.rollout import RolloutSettings, collect_rollouts
-from rl_core.collector import load_environments, rollout_settings
 from rl_core.trajectory import episodes_to_table
 from tests.fault_envs import CollapsingDomain, FailingDomain, HalfEmojiDomain, NonFiniteRewardDomain
 

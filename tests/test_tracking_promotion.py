@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from rl_core.config import GateConfig, RunConfig, apply_overrides
-from rl_core.store import Manifest
 from rl_core.gate import GateDecision, decide
+from rl_core.store import Manifest
 from tasks.promote import promote, rollback
 from tasks.registry import (
     CHAMPION_ALIAS,

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rl_core.config import RunConfig
-from rl_core.doctor.symptoms import NONFINITE_STEP, VAL_PASS_AT_1, diagnose, last_good_step
+from rl_core.doctor.history import best_window, metric_series
+from rl_core.doctor.symptoms import NONFINITE_STEP, REWARD, VAL_PASS_AT_1, Finding, diagnose
 from rl_core.runs.records import IterationRecord
 
 COLLAPSE = "reward_collapse"
@@ -48,6 +49,20 @@ class DoctorDecision:
     def stopped(self) -> str | None:
         """Why the run stops after this step, or None."""
         return self.reason if self.action == "stop" else None
+
+
+def newly_reported(previous: Sequence[Finding], current: Sequence[Finding]) -> list[Finding]:
+    """The findings of `current` whose symptom was not reported in `previous` (for quiet logs)."""
+    seen = {f.symptom for f in previous}
+    return [f for f in current if f.symptom not in seen]
+
+
+def last_good_step(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> int | None:
+    """The step to roll back to after a collapse: the policy version that sampled the last batch of
+    the window with the best mean training reward (entry step - 1; 0 is the starting policy).
+    None without any training reward."""
+    best = best_window(metric_series(history, REWARD), cfg.doctor.window)
+    return None if best is None else best[0] - 1
 
 
 def doctor_history(records: Sequence[IterationRecord], pass_at_1: Mapping[int, float]) -> list[dict[str, float]]:

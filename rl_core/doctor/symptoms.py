@@ -110,20 +110,6 @@ def diagnose(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> list[Fin
     return [finding for check in checks if (finding := check(history, cfg, step)) is not None]
 
 
-def newly_reported(previous: Sequence[Finding], current: Sequence[Finding]) -> list[Finding]:
-    """The findings of `current` whose symptom was not reported in `previous` (for quiet logs)."""
-    seen = {f.symptom for f in previous}
-    return [f for f in current if f.symptom not in seen]
-
-
-def last_good_step(history: Sequence[Mapping[str, float]], cfg: RunConfig) -> int | None:
-    """The step to roll back to after a collapse: the policy version that sampled the last batch of
-    the window with the best mean training reward (entry step - 1; 0 is the starting policy).
-    None without any training reward."""
-    best = best_window(metric_series(history, REWARD), cfg.doctor.window)
-    return None if best is None else best[0] - 1
-
-
 # --- the checks -------------------------------------------------------------------------------
 
 
