@@ -257,3 +257,18 @@ def test_every_name_imported_from_rl_core_config_is_exported_and_modules_stay_sm
     folder = Path(config.__file__).parent
     for module in folder.glob("*.py"):
         assert len(module.read_text().splitlines()) <= 400, module.name
+
+
+def test_a_config_file_written_before_the_rename_still_loads(tmp_path):
+    """A run's config.yaml from before issue 10 names doctor.zero_adv_groups_max: it loads under the new name."""
+    from rl_core.config import dump_config, load_config
+
+    old = dump_config(load_config(None, ["doctor.zero_variance_groups_max=0.7"])).replace(
+        "zero_variance_groups_max", "zero_adv_groups_max"
+    )
+    (tmp_path / "config.yaml").write_text(old)
+    assert load_config(tmp_path / "config.yaml").doctor.zero_variance_groups_max == 0.7
+    both = old.replace("zero_adv_groups_max: 0.7", "zero_adv_groups_max: 0.7\n  zero_variance_groups_max: 0.6")
+    (tmp_path / "both.yaml").write_text(both)
+    with pytest.raises(ValueError, match="doctor.zero_adv_groups_max was renamed doctor.zero_variance_groups_max"):
+        load_config(tmp_path / "both.yaml")

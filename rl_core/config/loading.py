@@ -121,6 +121,23 @@ def apply_values(data: dict[str, Any], values: Mapping[str, Any]) -> dict[str, A
     return data
 
 
+# Fields renamed since configs were written: (section, old name) -> new name. A config file (e.g. the
+# config.yaml of a run started before the rename) is read with the new name, so that the run goes on.
+RENAMED_FIELDS = {("doctor", "zero_adv_groups_max"): "zero_variance_groups_max"}
+
+
+def upgrade_renamed_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (a config file's mapping) with RENAMED_FIELDS under their new names. Raises ValueError
+    when a section holds both the old and the new name."""
+    for (section, old), new in RENAMED_FIELDS.items():
+        fields = data.get(section)
+        if isinstance(fields, dict) and old in fields:
+            if new in fields:
+                raise ValueError(f"{section}.{old} was renamed {section}.{new}; the config sets both")
+            data = {**data, section: {(new if k == old else k): v for k, v in fields.items()}}
+    return data
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, values: Mapping[str, Any] | None = None
 ) -> RunConfig:
@@ -137,6 +154,7 @@ def load_config(
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
+    data = upgrade_renamed_fields(data)
     return RunConfig.model_validate(apply_values(apply_overrides(data, overrides or []), values or {}))
 
 
