@@ -36,9 +36,8 @@ from flows.evaluate import EvaluateSettings, evaluate_flow
 from flows.parameters import RunSettings
 from rl_core.config import RunConfig
 from rl_core.gate import GateDecision
-from tasks.gate import gate_candidate
+from tasks.gate import champion_pass_at_1, gate_candidate
 from tasks.promote import (
-    champion_task,
     champion_version_task,
     promote_task,
     read_registry_version_task,
@@ -87,20 +86,6 @@ class RollbackSettings(RegistrySettings):
     reason: str | None = Field(None, description="Why: logged and published with the rollback.")
 
 
-def _champion_pass_at_1(
-    settings: PromoteSettings, cfg: RunConfig, candidate: dict[str, Any]
-) -> tuple[str | None, float | None]:
-    """The champion's registry version and its pass@1 on the candidate's evaluated tasks.
-
-    (None, None) without a champion."""
-    champion, champion_tasks = champion_task(cfg)
-    if champion is None:
-        return None, None
-    if champion_tasks == candidate["eval_tasks_hash"]:
-        return champion.version, champion.pass_at_1
-    return champion.version, evaluate_flow(settings.evaluation(int(champion.version)))["pass_at_1"]
-
-
 def _gated_decider(
     settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion
 ) -> Callable[[], GateDecision]:
@@ -108,7 +93,12 @@ def _gated_decider(
     candidate = evaluate_flow(settings.evaluation(settings.version))
 
     def decide_now() -> GateDecision:
-        champion_version, champion = _champion_pass_at_1(settings, cfg, candidate)
+        champion_version, champion = champion_pass_at_1(
+            cfg,
+            candidate["version"],
+            candidate["eval_tasks_hash"],
+            lambda held: evaluate_flow(settings.evaluation(int(held.version)))["pass_at_1"],
+        )
         decision = gate_candidate(
             candidate["pass_at_1"],
             champion,

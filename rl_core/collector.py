@@ -19,6 +19,7 @@ import torch
 from rl_core.config import RunConfig
 from rl_core.environments import load_environment
 from rl_core.environments.base import Environment, Task
+from rl_core.groups import group_episodes
 from rl_core.model.policy import Policy
 from rl_core.rollout import RolloutSettings, collect_rollouts
 from rl_core.runs.task_sampler import TaskSampler
@@ -110,7 +111,7 @@ class Collector:
         groups_played = len(work)
         for round_ in range(1, self.cfg.algorithm.max_resample_rounds + 1):
             kept = drop_zero_variance_groups(episodes, self.cfg.algorithm)  # judged as the trainer will judge them
-            missing = self.cfg.tasks_per_batch - len({e.group_id for e in kept})
+            missing = self.cfg.tasks_per_batch - len(group_episodes(kept))
             if missing <= 0:
                 return kept
             extra_work = self.work_for(iteration, round_, missing)

@@ -15,6 +15,7 @@ import torch
 from rl_core.collector import load_environments, rollout_settings
 from rl_core.config import RunConfig
 from rl_core.environments.base import Environment, Task
+from rl_core.groups import group_episodes
 from rl_core.metrics import pass_at_k, pass_hat_k
 from rl_core.model.policy import Policy
 from rl_core.rollout import RolloutSettings, collect_rollouts
@@ -85,9 +86,7 @@ def evaluate(
         sampled = collect_rollouts(
             policy, work, sample_settings, group_size=num_samples, run_id="eval", iteration=0, generator=generator
         )
-        successes: dict[str, int] = defaultdict(int)
-        for e in sampled:
-            successes[e.group_id] += int(e.success)
+        successes = {group.group_id: sum(int(e.success) for e in group.episodes) for group in group_episodes(sampled)}
         for k in pass_k or [1]:
             if k > num_samples:
                 raise ValueError(f"pass@{k} needs at least {k} samples per task, got num_samples={num_samples}")

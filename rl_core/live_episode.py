@@ -1,7 +1,7 @@
 """An episode being played by the rollout engine, and the checks on what its environment hands over.
 
 `LiveEpisode` holds the growing token record of one episode (tokens, loss mask, the token
-sampler's log-probs, turns) and ends it: `end` accepts the environment's reward and components
+token sampler's log-probs, turns) and ends it: `end` accepts the environment's reward and components
 only as finite real numbers, `text` accepts environment text only as a `str` (repairing invalid
 Unicode, the repair noted). An answer the engine cannot use raises `EnvFault`, which ends the
 episode as env_error without a retry. The rules are those of rollout.py's module docstring.

@@ -198,7 +198,7 @@ class TrainingRun:
     def record_skipped_iteration(self, iteration: int, reason: str) -> Path:
         """Record `iteration` as finished without an optimizer step, for `reason` (plain words): where
         sampling stood after collecting it (kept when the loop saved it before committing the batch: a
-        batch collected ahead may be drawing from the sampler by now; else the state now), then (the
+        batch collected ahead may be drawing from the task and token samplers by now; else the state now), then (the
         commit) its iteration record. Returns the record's path."""
         self.record_config()
         if not sampling_path(self.run_dir, iteration).is_file():

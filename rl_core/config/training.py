@@ -157,7 +157,7 @@ class AlgorithmConfig(Section):
             "tokens and are left out of "
             "their group's baseline statistics, whose advantages come from the group's other members, "
             "because a cut-off "
-            "attempt's reward is not a verdict on the attempt and counting its penalty would lift wrong "
+            "attempt's reward does not judge the attempt and counting its penalty would lift wrong "
             "answers above the "
             "baseline ([] = train on them as on any episode)."
         ),

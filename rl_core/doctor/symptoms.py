@@ -386,7 +386,7 @@ def _nonfinite_advice(cfg: RunConfig) -> str:
     precision = f"; train in policy.dtype=float32 or bfloat16 instead of {p.dtype}" if p.dtype == "float16" else ""
     return (
         "read this iteration's validation report and stored trajectories for non-finite behavior_logprobs or rewards "
-        "(a sampler or environment fault); if the batch is clean the update overflowed: lower optimizer.lr "
+        "(a token sampler or environment fault); if the batch is clean the update overflowed: lower optimizer.lr "
         f"(now {o.lr:.2g}, e.g. to {o.lr / 3:.2g}) and keep optimizer.grad_clip (now {o.grad_clip:g}) "
         f"at 1 or below{precision}"
     )

@@ -215,7 +215,7 @@ def _retrain_notes(cfg: RunConfig, usable: list[StoredBatch], overrides: list[st
     unrecorded = [b.iteration for b in usable if TrajectoryStore.manifest_at(b.manifest_path).schema_version < 2]
     if unrecorded:
         notes.append(
-            f"iterations {unrecorded} were stored without the sampler's settings (trajectory schema version 1): "
+            f"iterations {unrecorded} were stored without the token sampler's settings (trajectory schema version 1): "
             f"they are trained at rollout.temperature={temperature}, the others at their stored temperature"
         )
     return notes
