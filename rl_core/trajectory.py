@@ -2,7 +2,7 @@
 
 Column names follow `docs/architecture.md`. `Episode` is the in-memory form; the explicit
 Arrow schema `TRAJECTORY_SCHEMA` and the converters `episodes_to_table` /
-`table_to_episodes` are the on-disk form (see `store.py`).
+`table_to_episodes` are the on-disk form (see `rl_core/store/`).
 
 Contract: `table_to_episodes(episodes_to_table(eps)) == eps` for every episode that passes
 `check_episode`, including None values, maps and the UTC `created_at`. `behavior_logprobs`
@@ -62,7 +62,7 @@ class Sampling:
         softmax(logits / T), and 0 means greedy (argmax, log-probs recorded at T = 1).
     top_p: nucleus-sampling mass (1.0 = the full distribution).
     max_tokens_per_turn: the per-turn token cap the token sampler was given.
-    backend: which token sampler produced the tokens (e.g. "torch").
+    backend: which token sampler produced the tokens (e.g. "hf", the in-process one).
     policy_version: the policy version (optimizer steps taken) the token sampler's weights had.
     """
 

@@ -198,7 +198,7 @@ class GateConfig(Section):
 
 
 class DoctorConfig(Section):
-    """The training doctor (rl_core/doctor.py): checks run after every step on the metric history."""
+    """The training doctor (rl_core/doctor/): checks run after every step on the metric history."""
 
     enabled: bool = Field(True, description="Run the training doctor after every step and report what it finds.")
     on_collapse: OnCollapse = Field(

@@ -12,7 +12,7 @@ Layout under `<storage.run_dir>/<run_id>/` (one writer: the run's process):
   checkpoint: its record and sampling state are what a resume reads;
 - `evaluations/step-000010.json`: one `EvaluationRecord` per evaluated step, with the registry
   version once the step's checkpoint is registered;
-- `gate.json`: the `GateRecord` of the run's candidate ("version", "step", "decision"), with the
+- `gate.json`: the gate record of the run's candidate ("version", "step", "decision"), with the
   champion version the decision was made against (`decision.champion_version`), so that a
   re-run re-applying it promotes only by compare-and-set on that champion (tasks/promote.py);
 - `sampling/iteration-000003.pt`: where sampling stood (random generators, task sampler) right
