@@ -95,7 +95,7 @@ def _gated_decider(
     def decide_now() -> GateDecision:
         champion_version, champion = champion_pass_at_1(
             cfg,
-            candidate["version"],
+            registered.version,
             candidate["eval_tasks_hash"],
             lambda held: evaluate_flow(settings.evaluation(int(held.version)))["pass_at_1"],
         )
