@@ -25,6 +25,7 @@ from flows.parameters import TrainSettings
 from flows.replay_cli import add_replay_commands, run_replay_command
 from flows.serve import add_serve_command, run_serve_command
 from rl_core.config import config_error_line
+from rl_core.gate import SKIP_WORDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,16 +84,13 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(config_path=args.config, overrides=args.overrides)
 
 
-SKIP_LABELS = {"validation": "failed validation", "trainer": "took no optimizer step"}
-
-
 def _iterations_sentence(summary: dict[str, Any]) -> str:
     """How many iterations ran, trained and were skipped (and why), from the run's iteration records."""
     done = summary.get("iterations_run", summary["iterations"])
     kinds = Counter(s.get("by", "validation") for s in summary["skipped"])
     text = f"{done} of {summary['iterations']} ({summary['trained_steps']} trained"
     if kinds:
-        text += f", {len(summary['skipped'])} skipped: " + ", ".join(f"{n} {SKIP_LABELS[k]}" for k, n in kinds.items())
+        text += f", {len(summary['skipped'])} skipped: " + ", ".join(f"{n} {SKIP_WORDS[k]}" for k, n in kinds.items())
     return text + ")"
 
 
@@ -124,7 +122,7 @@ def closing_summary(summary: dict[str, Any], seconds: float) -> str:
         f"Run {summary['run_id']} finished in {seconds / 60:.1f} min",
         f"  iterations run:         {_iterations_sentence(summary)}",
         *(
-            f"    iteration {s['iteration']} {SKIP_LABELS[s.get('by', 'validation')]}: {s['reason']}"
+            f"    iteration {s['iteration']} {SKIP_WORDS[s.get('by', 'validation')]}: {s['reason']}"
             for s in summary["skipped"]
         ),
         f"  held-out pass@1:        {_pass_at_1_sentence(summary)}",

@@ -21,6 +21,7 @@ from prefect.context import FlowRunContext
 
 from flows.parameters import TrainSettings
 from rl_core.config import RunConfig
+from rl_core.doctor import DoctorDecision
 from rl_core.evaluation import EvalReport
 from rl_core.gate import no_candidate_reason
 from rl_core.loop import TrainingLoop
@@ -86,8 +87,8 @@ class PrefectStages:
     def train(self, iteration: int, episodes: list[Episode]):
         return train_step_task(self.run, iteration, episodes)[0]
 
-    def examine(self, records, pass_at_1, reported, checkpoints):
-        return examine_step_task(records, pass_at_1, reported, checkpoints, self.run.cfg)
+    def examine(self, records, pass_at_1, reported, rollback_targets) -> DoctorDecision:
+        return examine_step_task(records, pass_at_1, reported, rollback_targets, self.run.cfg)
 
     def evaluate(self, policy: Policy) -> EvalReport:
         return evaluate_task(self.run.evaluator, policy, self.run.run_id)
@@ -148,15 +149,8 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "iterations": cfg.iterations,
-        "iterations_run": len(result.records),
-        "trained_steps": len(result.manifests),
+        **result.summary(),
         "optimizer_steps": run.policy.version,
-        "skipped": result.skipped,
-        "no_candidate": None if best else no_candidate_reason(result.records),
-        "stopped": result.stopped,
-        "findings": result.findings,
-        "pass_at_1_before": result.before.pass_at_1,
-        "pass_at_1_after": result.after.pass_at_1,
         "candidate_version": best.version if best else None,
         "candidate_step": best.step if best else None,
         "gate": decision.as_dict() if decision else None,

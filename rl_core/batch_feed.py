@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from rl_core.metrics import rollout_metrics
 from rl_core.runs.records import load_sampling_state, save_sampling_state
-from rl_core.stages import Pending, Stages
+from rl_core.stages import Pending, Stages, describe_batch
 from rl_core.store import CommittedBatch
 from rl_core.trajectory import Episode
 
@@ -32,12 +33,14 @@ class BatchFeed:
             if state is not None:
                 run.collector.restore_sampling_state(state)
 
-    def commit(self, iteration: int) -> CommittedBatch | None:
-        """Make sure the iteration's batch is committed; returns what was written now, or None when an
-        earlier attempt committed it (sampling is then put back where collecting it left it, so the run
-        goes on as if uninterrupted)."""
+    def commit(self, iteration: int, reuse: bool) -> tuple[CommittedBatch, dict[str, float]] | None:
+        """Make sure the iteration's batch is committed. `reuse` (the ledger's "train": an earlier attempt
+        committed it): put sampling back where collecting it left it, so the run goes on as if
+        uninterrupted, and return None. Else collect it (or take the collection running ahead), log its
+        rollout metrics (computed once here, `rollout_metrics`), save where sampling stands, write it,
+        and return what was written with those metrics."""
         run = self.run
-        if run.ledger.batch_committed(iteration):
+        if reuse:
             state = load_sampling_state(run.run_dir, iteration)
             if state is None:  # written by something else than this loop: keep the task order at least
                 run.collector.work_for(iteration)
@@ -47,8 +50,11 @@ class BatchFeed:
             self.stages.log(f"iteration {iteration}: reusing the batch already written ({batch_name})")
             return None
         episodes = self._take(iteration)
+        rollout = rollout_metrics(episodes)
+        self.stages.log_metrics(rollout, iteration)
+        self.stages.log(describe_batch(iteration, rollout, len(episodes)))
         save_sampling_state(run.run_dir, iteration, run.collector.sampling_state())  # before the batch commits
-        return self.stages.write(iteration, episodes)
+        return self.stages.write(iteration, episodes), rollout
 
     def _take(self, iteration: int) -> list[Episode]:
         """The iteration's episodes: the collection running ahead for it, else collected now."""

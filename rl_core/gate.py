@@ -159,12 +159,32 @@ def best_candidate(candidates: Sequence[Candidate]) -> Candidate:
     return max(candidates, key=lambda c: (c.report.pass_at_1, c.step))
 
 
-def recorded_decision(gate_record: Mapping[str, Any] | None, candidate: Candidate) -> GateDecision | None:
-    """The decision recorded in gate.json ({"version", "step", "decision"}) when it was made on this
-    candidate's registry version (a re-run re-applies it), else None (decide now)."""
-    if gate_record is None or gate_record.get("version") != candidate.version:
+@dataclass(frozen=True)
+class GateRecord:
+    """The gate decision on a run's candidate, as recorded in the run folder's gate.json: the
+    candidate's registry `version` and `step`, and the `decision` (with the champion version it was
+    made against)."""
+
+    version: str
+    step: int
+    decision: GateDecision
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of gate.json."""
+        return {"version": self.version, "step": self.step, "decision": self.decision.as_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GateRecord:
+        """What `to_dict` wrote. Raises KeyError without "version", "step" or "decision"."""
+        return cls(str(data["version"]), int(data["step"]), GateDecision.from_dict(data["decision"]))
+
+
+def recorded_decision(gate_record: GateRecord | None, candidate: Candidate) -> GateDecision | None:
+    """The recorded gate decision when it was made on this candidate's registry version (a re-run
+    re-applies it), else None (decide now)."""
+    if gate_record is None or gate_record.version != candidate.version:
         return None
-    return GateDecision.from_dict(gate_record["decision"])
+    return gate_record.decision
 
 
 SKIP_WORDS = {"validation": "failed validation", "trainer": "took no optimizer step"}

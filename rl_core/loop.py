@@ -32,12 +32,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rl_core.batch_feed import BatchFeed
+from rl_core.doctor import Finding
 from rl_core.evaluation import EvalReport
-from rl_core.gate import Candidate
+from rl_core.gate import Candidate, no_candidate_reason
 from rl_core.metrics import rollout_metrics
 from rl_core.run import TrainingRun
 from rl_core.runs.records import IterationRecord, evaluation_path
-from rl_core.stages import Stages, describe_batch
+from rl_core.stages import Stages
 from rl_core.store import Manifest
 
 
@@ -50,21 +51,50 @@ def evaluation_due(step_before: int, step_after: int, val_every: int) -> bool:
 
 @dataclass
 class LoopResult:
-    """What the loop did. records: every iteration's record, in order. manifests / validation: the
-    lineage of the trained batches. skipped: {"iteration", "passed", "reason", "by"} of iterations
-    without a step. candidates: evaluated steps > 0 with their registry versions. pass_at_1: held-out
-    pass@1 by evaluated step. findings: the doctor's findings. stopped: why the doctor stopped the run."""
+    """What the loop did. records: every iteration's record, in order. manifests: those of the trained
+    batches, in order (their lineage). candidates: evaluated steps > 0 with their registry versions.
+    pass_at_1: held-out pass@1 by evaluated step. findings: the doctor's findings. stopped: why the
+    doctor stopped the run. before / after: the held-out evaluations of the start and of the end."""
 
     records: list[IterationRecord] = field(default_factory=list)
     manifests: list[Manifest] = field(default_factory=list)
-    validation: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     pass_at_1: dict[int, float] = field(default_factory=dict)
-    findings: list[dict[str, Any]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     stopped: str | None = None
     before: EvalReport | None = None
     after: EvalReport | None = None
+
+    @property
+    def skipped(self) -> list[IterationRecord]:
+        """The iterations that took no optimizer step, in order."""
+        return [record for record in self.records if not record.trained]
+
+    def validation_lineage(self) -> list[dict[str, Any]]:
+        """The validation reports of the trained batches, as registered with a checkpoint:
+        {"iteration", "passed", "reason"}, in the order of `manifests`."""
+        return [{"iteration": r.iteration, "passed": True, "reason": r.reason} for r in self.records if r.trained]
+
+    def summary(self) -> dict[str, Any]:
+        """The run's outcome as JSON-ready data: iterations run, trained steps, the skipped iterations
+        ({"iteration", "passed", "reason", "by"}), why there is no candidate (None when there is one),
+        why the doctor stopped, its findings, held-out pass@1 before and after. Raises ValueError before
+        the loop has run."""
+        if self.before is None or self.after is None:
+            raise ValueError("the loop has not run: there is nothing to summarise")
+        return {
+            "iterations_run": len(self.records),
+            "trained_steps": len(self.manifests),
+            "skipped": [
+                {"iteration": r.iteration, "passed": r.skip_kind != "validation", "reason": r.reason, "by": r.skip_kind}
+                for r in self.skipped
+            ],
+            "no_candidate": None if self.candidates else no_candidate_reason(self.records),
+            "stopped": self.stopped,
+            "findings": [finding.as_dict() for finding in self.findings],
+            "pass_at_1_before": self.before.pass_at_1,
+            "pass_at_1_after": self.after.pass_at_1,
+        }
 
 
 class TrainingLoop:
@@ -124,7 +154,7 @@ class TrainingLoop:
         if work == "record":
             record, manifest = self._record_after_crash(iteration)
         else:
-            record, manifest = self._train(iteration)
+            record, manifest = self._train(iteration, reuse=work == "train")
         self._remember(record, manifest)
         if run.cfg.doctor.enabled and (record.trained or record.examined_untrained):
             record = self._examine(record)
@@ -132,15 +162,11 @@ class TrainingLoop:
         run.ledger.record_iteration(record)
         return record
 
-    def _train(self, iteration: int) -> tuple[IterationRecord, Manifest | None]:
-        """Commit (or reuse) the batch, validate it and train on it; the record is not saved yet."""
+    def _train(self, iteration: int, reuse: bool) -> tuple[IterationRecord, Manifest | None]:
+        """Commit (or `reuse`) the batch, validate it and train on it; the record is not saved yet."""
         run, stages = self.run, self.stages
-        batch = self.feed.commit(iteration)
-        rollout = None
-        if batch is not None:  # collected now: its metrics, once
-            rollout = rollout_metrics(batch.episodes)
-            stages.log_metrics(rollout, iteration)
-            stages.log(describe_batch(iteration, rollout, batch.manifest.rows))
+        committed = self.feed.commit(iteration, reuse)
+        batch, rollout = committed if committed is not None else (None, None)
         self.feed.collect_ahead(iteration + 1)  # with overlap_collection: while this batch is validated and trained
         checked = stages.validate(iteration, batch)
         stages.log_metrics({"validation/passed": float(checked.passed)}, iteration)
@@ -176,25 +202,20 @@ class TrainingLoop:
         return record, batch.manifest
 
     def _remember(self, record: IterationRecord, manifest: Manifest | None) -> None:
-        """Add the iteration to the lineage (trained batches) or to the skipped ones."""
-        kind = record.skip_kind
-        entry = {"iteration": record.iteration, "passed": kind != "validation", "reason": record.reason}
-        if kind is not None:
-            self.result.skipped.append({**entry, "by": kind})
-            return
-        self.result.validation.append(entry)
-        self.result.manifests.append(manifest or self.run.store.manifest(self.run.run_id, record.iteration))
+        """Add a trained iteration's batch to the lineage (its manifest: held, or read for a recorded one)."""
+        if record.trained:
+            self.result.manifests.append(manifest or self.run.store.manifest(self.run.run_id, record.iteration))
 
     def _examine(self, record: IterationRecord) -> IterationRecord:
         """Run the training doctor on the history including `record`; apply its decision."""
         run, result = self.run, self.result
-        reported = {f["symptom"] for f in result.findings}
+        reported = {f.symptom for f in result.findings}
         decision = self.stages.examine(
             [*result.records, record], result.pass_at_1, reported, run.learner.rollback_targets()
         )
         result.findings += decision.new_findings
         if decision.new_findings:
-            symptoms = {f"doctor/{f['symptom']}": 1.0 for f in decision.new_findings}
+            symptoms = {f"doctor/{f.symptom}": 1.0 for f in decision.new_findings}
             self.stages.log_metrics(symptoms, record.iteration)
         if record.trained:
             run.learner.protected_steps = set(decision.protected_steps)
@@ -235,7 +256,7 @@ class TrainingLoop:
             run.ledger.record_evaluation(step, report)
         result.pass_at_1[step] = report.pass_at_1
         if step > 0:
-            version = self.stages.register(step, report, list(result.manifests), list(result.validation))
+            version = self.stages.register(step, report, list(result.manifests), result.validation_lineage())
             run.ledger.record_evaluation(step, report, version)
             result.candidates.append(Candidate(report, version, step))
         return report

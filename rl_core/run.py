@@ -168,18 +168,22 @@ class TrainingRun:
         """One training step on `episodes` (`Learner.train`)."""
         return self.learner.train(episodes)
 
-    def save_checkpoint(self, iteration: int | None = None, metrics: dict[str, float] | None = None) -> Path | None:
+    def save_checkpoint(
+        self, iteration: int | None = None, metrics: dict[str, float] | None = None, record_skipped: bool = True
+    ) -> Path | None:
         """Finish `iteration`: checkpoint everything a resume needs (weights, optimizer, RNG states, step,
         data position, and the step's metrics), pruning beyond `storage.keep_checkpoints`; returns the
         checkpoint folder.
 
         When no optimizer step was taken since the last checkpoint (`StepMetrics.skipped`), there is
         nothing new to checkpoint and a folder of that step may exist already: no checkpoint is
-        written and None is returned. With an `iteration`, it is recorded as finished without a step
-        instead (`record_skipped_iteration`), so that a resumed run goes past it."""
+        written and None is returned. With an `iteration` (and `record_skipped`), it is recorded as
+        finished without a step instead (`record_skipped_iteration`), so that a resumed run goes past it;
+        the training loop passes `record_skipped=False`: its own iteration record, with the step's
+        metrics, is then the one commit point of the iteration."""
         self.record_config()
         if not self.learner.moved:
-            if iteration is not None:
+            if iteration is not None and record_skipped:
                 last = self.learner.last_step
                 self.record_skipped_iteration(
                     iteration, last.skipped if last is not None and last.skipped else "no optimizer step was taken"
@@ -226,14 +230,15 @@ class TrainingRun:
         finally:
             stages.close()
 
-    def run(self, log: Callable[[str], None] = print, validator=None) -> LoopResult:
+    def run(self, log: Callable[[str], None] = print, validator=None, samples: bool = False) -> LoopResult:
         """Run the training loop (rl_core/loop.py) from `last_iteration + 1` to `cfg.iterations` with
-        plain-Python stages (`LocalStages`: no Prefect, no MLflow, no registry; `validator` as there).
+        plain-Python stages (`LocalStages`: no Prefect, no MLflow, no registry; `validator` and
+        `samples` as there).
         Returns the `LoopResult` (records, findings, held-out evaluations before and after)."""
         from rl_core.loop import TrainingLoop
         from rl_core.stages import LocalStages
 
-        stages = LocalStages(self, log, validator)
+        stages = LocalStages(self, log, validator, samples)
         try:
             result = TrainingLoop(self, stages).run_iterations()
         finally:

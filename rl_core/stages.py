@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
@@ -20,18 +19,13 @@ from rl_core.evaluation import EvalReport
 from rl_core.model.policy import Policy
 from rl_core.runs.records import IterationRecord
 from rl_core.store import CommittedBatch, Manifest
+from rl_core.store.validation import settle_validation
 from rl_core.trainer import StepMetrics
 from rl_core.trajectory import Episode
+from rl_core.validation_report import ValidationReport
 
 if TYPE_CHECKING:
     from rl_core.run import TrainingRun
-
-
-class Checked(Protocol):
-    """A batch's validation outcome: `passed`, and `reason` (one sentence)."""
-
-    passed: bool
-    reason: str
 
 
 class Pending(Protocol):
@@ -53,8 +47,8 @@ class Stages(Protocol):
     def write(self, iteration: int, episodes: list[Episode]) -> CommittedBatch:
         """Commit the batch (Parquet + manifest); returns what was written."""
 
-    def validate(self, iteration: int, batch: CommittedBatch | None) -> Checked:
-        """Validate the committed batch (a failed one is quarantined)."""
+    def validate(self, iteration: int, batch: CommittedBatch | None) -> ValidationReport:
+        """The committed batch's validation report (`settle_validation`: a failed batch is quarantined)."""
 
     def train(self, iteration: int, episodes: list[Episode]) -> StepMetrics:
         """One training step, then the iteration's checkpoint (none when the step was skipped)."""
@@ -64,7 +58,7 @@ class Stages(Protocol):
         records: Sequence[IterationRecord],
         pass_at_1: Mapping[int, float],
         reported: Collection[str],
-        checkpoints: Collection[int],
+        rollback_targets: Collection[int],
     ) -> DoctorDecision:
         """The training doctor's decision after `records[-1]` (`decide_after_step`)."""
 
@@ -81,28 +75,28 @@ class Stages(Protocol):
         """Tell the user what happened, in one line."""
 
 
-@dataclass(frozen=True)
-class NotValidated:
-    """The outcome when the Python API runs without a validator: the batch is trained on as written."""
-
-    passed: bool = True
-    reason: str = "not validated (no validator was given to LocalStages)"
+NOT_VALIDATED = "not validated (no validator was given to LocalStages)"
 
 
 class LocalStages:
     """The stages as plain calls into the run: no orchestrator, no tracking server, no registry.
 
-    validator: optional `(table) -> Checked` for the committed Arrow table (e.g.
-    `tasks.validation_suite.validate_batch` with the run's `cfg.validation`); without one every
-    batch is trained on. Metrics are kept in `metrics` ([(step, {name: value})]) and messages go to `log`."""
+    validator: optional `(table) -> ValidationReport` for a committed Arrow table (e.g.
+    `lambda table: tasks.validation_suite.validate_batch(table, cfg.validation)`): the batch's report is
+    then reached and saved, and a failed batch quarantined, as in the flow (`settle_validation`);
+    without one every batch is trained on (its report, not saved, says it was not validated).
+    samples: whether evaluations also sample pass@k (`evaluation.num_samples` episodes per task; off
+    by default: greedy pass@1 only, a quick check from Python). Metrics are kept in `metrics`
+    ([(iteration, {name: value})]) and messages go to `log`."""
 
     def __init__(
         self,
         run: TrainingRun,
         log: Callable[[str], None] = print,
-        validator: Callable[[pa.Table], Checked] | None = None,
+        validator: Callable[[pa.Table], ValidationReport] | None = None,
+        samples: bool = False,
     ):
-        self.run, self._log, self.validator = run, log, validator
+        self.run, self._log, self.validator, self.samples = run, log, validator, samples
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self._pool: ThreadPoolExecutor | None = None
 
@@ -117,25 +111,36 @@ class LocalStages:
     def write(self, iteration: int, episodes: list[Episode]) -> CommittedBatch:
         return self.run.commit(iteration, episodes)
 
-    def validate(self, iteration: int, batch: CommittedBatch | None) -> Checked:
+    def validate(self, iteration: int, batch: CommittedBatch | None) -> ValidationReport:
+        run = self.run
         if self.validator is None:
-            return NotValidated()
-        table = batch.table if batch is not None else self.run.store.read_table(self.run.run_id, iteration)
-        return self.validator(table)
+            rows = batch.manifest.rows if batch is not None else run.store.manifest(run.run_id, iteration).rows
+            return ValidationReport(True, NOT_VALIDATED, [], rows, None, run_id=run.run_id, iteration=iteration)
+        table = None if batch is None else batch.table
+        return settle_validation(run.store, run.run_id, iteration, self.validator, table)
 
     def train(self, iteration: int, episodes: list[Episode]) -> StepMetrics:
         metrics = self.run.train(episodes)
-        self.run.save_checkpoint(iteration, metrics.as_dict())
+        self.run.save_checkpoint(iteration, metrics.as_dict(), record_skipped=False)
+        if metrics.skipped:
+            self.log(f"iteration {iteration}: no optimizer step ({metrics.skipped})", warning=True)
+        else:
+            self.log(
+                f"iteration {iteration}: loss {metrics.loss:.4f}, grad norm {metrics.grad_norm:.3f} "
+                f"-> step {metrics.step}"
+            )
         return metrics
 
-    def examine(self, records, pass_at_1, reported, checkpoints) -> DoctorDecision:
-        decision = decide_after_step(records, pass_at_1, reported, checkpoints, self.run.cfg)
+    def examine(self, records, pass_at_1, reported, rollback_targets) -> DoctorDecision:
+        decision = decide_after_step(records, pass_at_1, reported, rollback_targets, self.run.cfg)
         for finding in decision.new_findings:
-            self.log(f"doctor, step {finding['step']}: {finding['message']}", warning=True)
+            self.log(f"doctor: {finding.describe()}", warning=True)
         return decision
 
     def evaluate(self, policy: Policy) -> EvalReport:
-        return self.run.evaluator.evaluate(policy)
+        report = self.run.evaluator.evaluate(policy, samples=self.samples)
+        self.log(f"step {policy.version}: held-out pass@1 {report.pass_at_1:.3f}")
+        return report
 
     def register(self, step: int, report: EvalReport, manifests: list[Manifest], validation: list[dict]) -> None:
         return None

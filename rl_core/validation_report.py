@@ -125,3 +125,23 @@ def _display(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
     return str(value)
+
+
+def unreadable_report(error: Exception | str) -> ValidationReport:
+    """The failed validation report for a batch the store could not read (e.g. a corrupt file)."""
+    text = str(error)
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    check = Check(
+        name="batch_readable",
+        passed=False,
+        observed=text,
+        expected="a batch that matches its manifest and the trajectory schema",
+        message=first_line,
+    )
+    return ValidationReport(
+        passed=False,
+        reason=f"The batch could not be read, so it was not validated: {first_line.rstrip('.')}.",
+        checks=[check],
+        rows=0,
+        zero_variance_group_frac=None,
+    )

@@ -10,14 +10,13 @@ was seen as a Prefect markdown artifact at the end of the run.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from rl_core.config import RunConfig
-from rl_core.doctor import DoctorDecision, decide_after_step
+from rl_core.doctor import DoctorDecision, Finding, decide_after_step
 from rl_core.runs.records import IterationRecord
 from tasks.validate import artifact_slug
 
@@ -27,29 +26,29 @@ def examine_step_task(
     records: Sequence[IterationRecord],
     pass_at_1: Mapping[int, float],
     reported: Collection[str],
-    checkpoints: Collection[int],
+    rollback_targets: Collection[int],
     cfg: RunConfig,
 ) -> DoctorDecision:
     """The doctor's decision after the step of `records[-1]` (see `decide_after_step` for the
     arguments), with each new finding and the action logged as a warning."""
     logger = get_run_logger()
-    decision = decide_after_step(records, pass_at_1, reported, checkpoints, cfg)
+    decision = decide_after_step(records, pass_at_1, reported, rollback_targets, cfg)
     for finding in decision.new_findings:
         logger.warning(
             "doctor, step %d: %s (%s = %.4g, threshold %.4g). First change to try: %s",
-            finding["step"],
-            finding["message"],
-            finding["metric"],
-            finding["value"],
-            finding["threshold"],
-            finding["first_change"],
+            finding.step,
+            finding.message,
+            finding.metric,
+            finding.value,
+            finding.threshold,
+            finding.first_change,
         )
     if decision.action is not None:
         logger.warning("doctor: %s", decision.reason)
     return decision
 
 
-def findings_markdown(run_id: str, findings: list[dict[str, Any]], stopped: str | None) -> str:
+def findings_markdown(run_id: str, findings: list[Finding], stopped: str | None) -> str:
     """The doctor's findings of a run as a markdown table (and why it stopped, if it did)."""
     lines = [f"# Training doctor: `{run_id}`", ""]
     if not findings:
@@ -60,8 +59,7 @@ def findings_markdown(run_id: str, findings: list[dict[str, Any]], stopped: str 
             "| --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {f['step']} | {f['symptom']} | `{f['metric']}` | {f['value']:.4g} | {f['threshold']:.4g} "
-            f"| {f['first_change']} |"
+            f"| {f.step} | {f.symptom} | `{f.metric}` | {f.value:.4g} | {f.threshold:.4g} | {f.first_change} |"
             for f in findings
         ]
     if stopped:
@@ -70,7 +68,7 @@ def findings_markdown(run_id: str, findings: list[dict[str, Any]], stopped: str 
 
 
 @task(name="publish-doctor-findings", cache_policy=NONE)
-def publish_findings_task(run_id: str, findings: list[dict[str, Any]], stopped: str | None) -> None:
+def publish_findings_task(run_id: str, findings: list[Finding], stopped: str | None) -> None:
     """Publish the run's doctor findings as the `doctor-<run>` markdown artifact."""
     create_markdown_artifact(
         markdown=findings_markdown(run_id, findings, stopped),

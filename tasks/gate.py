@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from rl_core.config import GateConfig, RunConfig
-from rl_core.gate import Candidate, GateDecision, best_candidate, decide, recorded_decision
+from rl_core.gate import Candidate, GateDecision, GateRecord, best_candidate, decide, recorded_decision
 from rl_core.runs.ledger import RunLedger
 from tasks.promote import Champion, PromotionResult, champion_task, promote_task, settle_promotion
 from tasks.tracking import task_set_hash
@@ -83,7 +83,7 @@ def gate_run(
         )
 
     def record_and_promote(decision: GateDecision) -> PromotionResult:
-        ledger.record_gate({"version": best.version, "step": best.step, "decision": decision.as_dict()})
+        ledger.record_gate(GateRecord(best.version, best.step, decision))
         return promote_task(cfg, best.version, decision, decision.champion_version)
 
     decision = recorded_decision(ledger.gate, best) or decide_now()

@@ -28,7 +28,8 @@ from rl_core.replay import (
     stored_report,
 )
 from rl_core.store import CorruptTrajectoryError, TrajectoryStore
-from tasks.validation_suite import unreadable_report, validate_batch
+from rl_core.validation_report import unreadable_report
+from tasks.validation_suite import validate_batch
 
 
 def report_word(passed: bool | None) -> str:

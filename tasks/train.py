@@ -2,7 +2,8 @@
 
 A step that the trainer skips (its batch leaves nothing to train on, or its loss or gradient
 norm is not finite: `StepMetrics.skipped`) moves no weights, so no checkpoint is written; the
-run records the iteration as finished without a step instead (`TrainingRun.save_checkpoint`).
+training loop records the iteration as finished without a step instead (its iteration record is the
+iteration's one commit point: `TrainingRun.save_checkpoint(..., record_skipped=False)`).
 
 No retries: a step that raised may have touched the optimizer state; re-running it blindly
 would not give the same update.
@@ -28,7 +29,7 @@ def train_step_task(run: TrainingRun, iteration: int, episodes: list[Episode]) -
     start = run.policy.version
     logger.info("iteration %d: training step %d on %d episodes", iteration, start + 1, len(episodes))
     metrics = run.train(episodes)
-    checkpoint = run.save_checkpoint(iteration, metrics.as_dict())
+    checkpoint = run.save_checkpoint(iteration, metrics.as_dict(), record_skipped=False)
     if metrics.skipped or checkpoint is None:
         logger.warning(
             "iteration %d: no optimizer step taken (%s); the policy stays at step %d and no checkpoint is written",

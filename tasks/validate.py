@@ -7,7 +7,8 @@ Contract of `validate_trajectories(store_root, run_id, iteration, cfg, table=Non
   batch read from disk with `TrajectoryStore` (a re-run, another process). A batch the store
   cannot read (corrupt) gets a failed validation report whose reason is the store's error, not
   a crash. A missing batch (`TrajectoryNotFoundError`) is a fault and raises.
-- always saves the validation report atomically beside the batch, before moving anything
+- (the commit point and quarantine are `rl_core.store.validation.settle_validation`) always saves
+  the validation report atomically beside the batch, before moving anything
   (`TrajectoryStore.write_report`, path `TrajectoryStore.report_path`); a re-run that finds it
   keeps that report (so re-running a flow never validates one batch twice);
 - on a failed report moves the batch into quarantine (`TrajectoryStore.quarantine`) and saves a
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,10 +32,11 @@ from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 
 from rl_core.config import ValidationConfig
-from rl_core.store import CorruptTrajectoryError, TrajectoryNotFoundError, TrajectoryStore
+from rl_core.store import TrajectoryStore
+from rl_core.store.validation import settle_validation
 from rl_core.validation_report import Check, ValidationReport
 from tasks.validation_checks import CHECK_ORDER
-from tasks.validation_suite import unreadable_report, validate_batch
+from tasks.validation_suite import validate_batch
 
 __all__ = [
     "CHECK_ORDER",
@@ -83,24 +84,9 @@ def validate_trajectories(
     Idempotent: the saved report, written before anything moves, is the validation's commit
     point. A re-run finds it, validates nothing again and finishes a quarantine a crash cut short."""
     logger = _logger()
-    store = TrajectoryStore(store_root)
-    report = store.read_report(run_id, iteration)
-    if report is not None and report.quarantined_to is not None and store.exists(run_id, iteration):
-        report = None  # that report's batch is in quarantine; this is a new batch of the iteration
-    if report is None:
-        try:
-            report = validate_batch(_committed_table(store, run_id, iteration, table), cfg)
-        except CorruptTrajectoryError as err:
-            report = unreadable_report(err)
-        report = replace(
-            report, run_id=run_id, iteration=iteration, report_path=str(store.report_path(run_id, iteration))
-        )
-        store.write_report(run_id, iteration, report)
-    if not report.passed and report.quarantined_to is None:
-        quarantined = _quarantine(store, run_id, iteration, report.reason)
-        report = replace(report, quarantined_to=str(quarantined.parent))
-        store.write_report_beside(quarantined, report)
-        store.write_report(run_id, iteration, report)
+    report = settle_validation(
+        TrajectoryStore(store_root), run_id, iteration, lambda batch: validate_batch(batch, cfg), table
+    )
     _publish(report, run_id, iteration)
     if report.passed:
         logger.info("Validation passed for %s iteration %d: %s", run_id, iteration, report.reason)
@@ -114,29 +100,6 @@ def validate_trajectories(
             report.reason,
         )
     return report
-
-
-def _committed_table(store: TrajectoryStore, run_id: str, iteration: int, table: pa.Table | None) -> pa.Table:
-    """The table the caller committed, or the committed batch read (and verified) from disk."""
-    if table is None:
-        return store.read_table(run_id, iteration)
-    if not store.exists(run_id, iteration):
-        store.manifest(run_id, iteration)  # raises TrajectoryNotFoundError, naming what is missing
-    return table
-
-
-def _quarantine(store: TrajectoryStore, run_id: str, iteration: int, reason: str) -> Path:
-    """Quarantine the batch (finishing an interrupted quarantine); returns the quarantined manifest. When
-    a crash came after the batch was fully moved but before the report said so, the manifest it moved."""
-    if store.exists(run_id, iteration) or store.path(run_id, iteration).exists():
-        return store.quarantine(run_id, iteration, reason)
-    moved = store.quarantined(run_id, iteration)
-    if not moved:
-        raise TrajectoryNotFoundError(
-            f"run {run_id!r} iteration {iteration}: the batch failed validation but is neither in trajectories/ "
-            "nor in quarantine/"
-        )
-    return moved[-1]
 
 
 def _publish(report: ValidationReport, run_id: str, iteration: int) -> None:

@@ -34,7 +34,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from rl_core.config import ValidationConfig
 from rl_core.trajectory import FINISH_REASONS, TRAJECTORY_SCHEMA
-from rl_core.validation_report import Check, ValidationReport
+from rl_core.validation_report import ValidationReport
 from tasks.validation_checks import LENGTH_COLUMNS, RATE_COLUMNS, REQUIRED_COLUMNS, rate_limits, summarize
 from tasks.validation_reason import reason_sentence, zero_variance_groups
 
@@ -59,26 +59,6 @@ def validate_batch(table: pa.Table, cfg: ValidationConfig) -> ValidationReport:
         rows=table.num_rows,
         zero_variance_group_frac=zero_frac,
         groups=groups,
-    )
-
-
-def unreadable_report(error: Exception | str) -> ValidationReport:
-    """The failed validation report for a batch the store could not read (e.g. a corrupt file)."""
-    text = str(error)
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    check = Check(
-        name="batch_readable",
-        passed=False,
-        observed=text,
-        expected="a batch that matches its manifest and the trajectory schema",
-        message=first_line,
-    )
-    return ValidationReport(
-        passed=False,
-        reason=f"The batch could not be read, so it was not validated: {first_line.rstrip('.')}.",
-        checks=[check],
-        rows=0,
-        zero_variance_group_frac=None,
     )
 
 

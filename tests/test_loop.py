@@ -5,17 +5,25 @@ choices (rl_core/gate.py), and `TrainingRun.run` end to end on a tiny run (a few
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 
 from rl_core.config import GateConfig, RunConfig, load_config
-from rl_core.doctor import decide_after_step, doctor_history
+from rl_core.doctor import Finding, decide_after_step, doctor_history
 from rl_core.evaluation import EvalReport
-from rl_core.gate import Candidate, GateDecision, best_candidate, decide, no_candidate_reason, recorded_decision
+from rl_core.gate import (
+    Candidate,
+    GateDecision,
+    GateRecord,
+    best_candidate,
+    decide,
+    no_candidate_reason,
+    recorded_decision,
+)
 from rl_core.runs import ledger as ledger_module
 from rl_core.runs.ledger import RunLedger
 from rl_core.runs.records import EvaluationRecord, IterationRecord
+from rl_core.validation_report import ValidationReport
 
 REWARD = "rollout/reward/mean"
 NONFINITE = "train/nonfinite_step"
@@ -43,9 +51,9 @@ def collapsing() -> list[IterationRecord]:
 
 def test_a_collapse_only_warns_with_on_collapse_warn():
     decision = decide_after_step(collapsing(), {}, set(), {0, 3, 4, 5, 6}, doctor_cfg(on_collapse="warn"))
-    assert [f["symptom"] for f in decision.new_findings] == ["reward_collapse"]
+    assert [f.symptom for f in decision.new_findings] == ["reward_collapse"]
     finding = decision.new_findings[0]
-    assert (finding["step"], finding["value"], finding["threshold"]) == (6, 0.125, 0.375)
+    assert (finding.step, finding.value, finding.threshold) == (6, 0.125, 0.375)
     assert decision.protected_steps == [3, 6]
     assert (decision.action, decision.rollback_to, decision.reason, decision.stopped) == (None, None, "", None)
     # the step before the collapse is quiet: nothing new, nothing done
@@ -65,7 +73,7 @@ def test_a_collapse_rolls_back_to_the_last_good_checkpoint():
     assert (decision.action, decision.rollback_to, decision.reason) == ("rollback", 3, COLLAPSE_REASON)
     assert decision.stopped is None
     assert decision.protected_steps == [3, 6]
-    assert [f["symptom"] for f in decision.new_findings] == ["reward_collapse"]
+    assert [f.symptom for f in decision.new_findings] == ["reward_collapse"]
 
 
 def test_a_rollback_to_a_checkpoint_not_on_disk_becomes_a_stop():
@@ -110,14 +118,14 @@ def test_a_nonfinite_untrained_step_is_named_and_nothing_is_done():
     records = [*collapsing(), nonfinite]
     cfg = doctor_cfg(on_collapse="rollback")
     decision = decide_after_step(records, {}, {"reward_collapse"}, {0, 3, 6}, cfg)
-    assert [f["symptom"] for f in decision.new_findings] == ["nonfinite_step"]
+    assert [f.symptom for f in decision.new_findings] == ["nonfinite_step"]
     finding = decision.new_findings[0]
-    assert (finding["step"], finding["metric"], finding["value"], finding["threshold"]) == (6, NONFINITE, 1.0, 0.0)
-    assert "0 earlier step(s)" in finding["message"]
+    assert (finding.step, finding.metric, finding.value, finding.threshold) == (6, NONFINITE, 1.0, 0.0)
+    assert "0 earlier step(s)" in finding.message
     assert (decision.action, decision.rollback_to, decision.protected_steps, decision.reason) == (None, None, [], "")
     # unreported, the collapse the history still shows is new too, yet an untrained step acts on nothing
     fresh = decide_after_step(records, {}, set(), {0, 3, 6}, cfg)
-    assert [f["symptom"] for f in fresh.new_findings] == ["reward_collapse", "nonfinite_step"]
+    assert [f.symptom for f in fresh.new_findings] == ["reward_collapse", "nonfinite_step"]
     assert (fresh.action, fresh.protected_steps) == (None, [])
 
 
@@ -126,7 +134,7 @@ def test_already_reported_symptoms_are_not_new():
     assert decision.new_findings == []
     assert decision.protected_steps == [3, 6]
     other = decide_after_step(collapsing(), {}, {"reward_flat"}, {0, 3, 6}, doctor_cfg(on_collapse="warn"))
-    assert [f["symptom"] for f in other.new_findings] == ["reward_collapse"]
+    assert [f.symptom for f in other.new_findings] == ["reward_collapse"]
 
 
 def test_protected_steps_are_the_good_step_and_this_step_that_have_checkpoints():
@@ -169,7 +177,7 @@ def test_doctor_history_drops_undone_steps_and_merges_pass_at_1():
 
 
 def test_iteration_record_round_trip():
-    finding = {"symptom": "reward_collapse", "step": 4}
+    finding = Finding("reward_collapse", 4, REWARD, 0.1, 0.4, "collapsed", "lower optimizer.lr")
     record = IterationRecord(
         3, 4, True, "passed", metrics={REWARD: 0.5, "train/loss": -1.0}, findings=[finding], protected_steps=[2, 4]
     )
@@ -182,7 +190,7 @@ def test_iteration_record_round_trip():
         "reason": "passed",
         REWARD: 0.5,
         "train/loss": -1.0,
-        "findings": [finding],
+        "findings": [finding.as_dict()],
         "protected_steps": [2, 4],
         "rollback_to": 2,
         "stopped": "stopped: collapse",
@@ -214,9 +222,10 @@ def test_an_old_record_without_skipped_by_was_skipped_by_validation():
 
 def test_examined_adds_what_the_doctor_did_and_keeps_the_rest():
     record = trained(4, 4, 0.5, reason="ok")
-    examined = record.examined([{"symptom": "token_cap"}], [4], None, None)
+    token_cap = Finding("token_cap", 4, "rollout/finish/token_cap", 0.5, 0.2, "cut off", "raise the cap")
+    examined = record.examined([token_cap], [4], None, None)
     assert examined == IterationRecord(
-        4, 4, True, "ok", metrics={REWARD: 0.5}, findings=[{"symptom": "token_cap"}], protected_steps=[4]
+        4, 4, True, "ok", metrics={REWARD: 0.5}, findings=[token_cap], protected_steps=[4]
     )
     assert record.findings is None  # frozen: a new record
     assert "rollback_to" not in examined.to_dict() and "stopped" not in examined.to_dict()
@@ -235,6 +244,8 @@ def test_work_left_answers_and_recorded_after(tmp_path):
     assert ledger.work_left(3, checkpoint_iteration=2) == "train"
     assert ledger.work_left(4, checkpoint_iteration=2) == "collect"
     assert ledger.work_left(2, checkpoint_iteration=1) == "collect"
+    with pytest.raises(ValueError, match="iteration 2 of run .* has no record .* trained outside the training loop"):
+        ledger.work_left(2, checkpoint_iteration=3)  # before the newest checkpoint, never recorded
 
     skipped = [IterationRecord(i, 1, False, "bad", "validation") for i in (2, 3)]
     for record in [*skipped, trained(4, 2, 0.5), IterationRecord(5, 2, False, "empty", "trainer")]:
@@ -279,18 +290,18 @@ def test_record_gate_writes_only_a_different_decision(tmp_path, monkeypatch):
         ledger_module, "save_gate", lambda run_dir, data: writes.append(data) or save_gate(run_dir, data)
     )
     ledger = RunLedger(tmp_path, batch_committed=lambda k: False)
-    first = {"version": "3", "step": 2, "decision": {"promote": True}}
+    first = GateRecord("3", 2, decide(0.7, None, GateConfig()))
     ledger.record_gate(first)
-    ledger.record_gate(dict(first))
-    assert writes == [first]
-    assert json.loads((tmp_path / "gate.json").read_text()) == first
+    ledger.record_gate(GateRecord("3", 2, decide(0.7, None, GateConfig())))
+    assert writes == [first.to_dict()]
+    assert json.loads((tmp_path / "gate.json").read_text()) == first.to_dict()
     fresh = RunLedger(tmp_path, batch_committed=lambda k: False)
     assert fresh.gate == first
     fresh.record_gate(first)  # the recorded one: not written again
-    second = {**first, "version": "4"}
+    second = GateRecord("4", 2, first.decision)
     fresh.record_gate(second)
-    assert writes == [first, second]
-    assert json.loads((tmp_path / "gate.json").read_text()) == second
+    assert writes == [first.to_dict(), second.to_dict()]
+    assert json.loads((tmp_path / "gate.json").read_text()) == second.to_dict()
 
 
 # -- the gate -------------------------------------------------------------------------------------
@@ -311,14 +322,14 @@ def test_best_candidate_is_the_highest_pass_at_1_and_the_latest_step_on_ties():
 
 def test_recorded_decision_is_reapplied_only_for_the_same_version():
     decision = decide(0.7, 0.5, GateConfig(), champion_version="2")
-    record = {"version": "3", "step": 4, "decision": decision.as_dict()}
+    record = GateRecord("3", 4, decision)
     assert recorded_decision(record, candidate(0.7, 4, "3")) == decision
     assert recorded_decision(record, candidate(0.7, 4, "4")) is None
     assert recorded_decision(record, candidate(0.7, 4, None)) is None
     assert recorded_decision(None, candidate(0.7, 4, "3")) is None
     old = {k: v for k, v in decision.as_dict().items() if k != "outcome"}
     old["verdict"] = "promoted"
-    assert recorded_decision({"version": "3", "step": 4, "decision": old}, candidate(0.7, 4, "3")) == decision
+    assert GateRecord.from_dict({"version": "3", "step": 4, "decision": old}) == record  # gate.json before the rename
 
 
 def test_gate_decision_round_trip():
@@ -387,7 +398,7 @@ def test_training_run_runs_the_loop_and_a_rerun_does_nothing_new(tmp_path):
         (2, 2, True, None),
     ]
     assert run.policy.version == 2 and result.stopped is None and result.skipped == []
-    assert [v["iteration"] for v in result.validation] == [1, 2] and len(result.manifests) == 2
+    assert [v["iteration"] for v in result.validation_lineage()] == [1, 2] and len(result.manifests) == 2
     assert result.before is not None and result.after is not None
     assert sorted(result.pass_at_1) == [0, 1, 2]
     assert result.pass_at_1[0] == result.before.pass_at_1 and result.pass_at_1[2] == result.after.pass_at_1
@@ -433,12 +444,6 @@ def test_training_run_runs_the_loop_and_a_rerun_does_nothing_new(tmp_path):
     assert set(after) == set(files)
 
 
-@dataclass
-class Failed:
-    passed: bool = False
-    reason: str = "x"
-
-
 def test_a_validator_that_fails_every_batch_trains_nothing(tmp_path):
     from rl_core.run import TrainingRun
 
@@ -446,7 +451,7 @@ def test_a_validator_that_fails_every_batch_trains_nothing(tmp_path):
 
     def validator(table):
         seen.append(table.num_rows)
-        return Failed()
+        return ValidationReport(False, "x", [], table.num_rows, None)
 
     lines: list[str] = []
     run = TrainingRun(tiny_config(tmp_path, "refused"))
@@ -457,11 +462,12 @@ def test_a_validator_that_fails_every_batch_trains_nothing(tmp_path):
         (2, 0, False, "validation", "validation", "x"),
     ]
     assert run.policy.version == 0
-    assert result.skipped == [
+    assert result.summary()["skipped"] == [
         {"iteration": 1, "passed": False, "reason": "x", "by": "validation"},
         {"iteration": 2, "passed": False, "reason": "x", "by": "validation"},
     ]
-    assert (result.validation, result.manifests, result.candidates, result.findings) == ([], [], [], [])
+    assert [r.iteration for r in result.skipped] == [1, 2]
+    assert (result.validation_lineage(), result.manifests, result.candidates, result.findings) == ([], [], [], [])
     assert result.after is result.before and list(result.pass_at_1) == [0]
     assert "[refused] warning: Iteration 1: training skipped. x" in lines
     folder = tmp_path / "refused"
@@ -470,3 +476,14 @@ def test_a_validator_that_fails_every_batch_trains_nothing(tmp_path):
     checkpoints = folder / "checkpoints"
     assert not checkpoints.exists() or list(checkpoints.iterdir()) == []
     assert no_candidate_reason(result.records) == "no optimizer step was taken (2 iterations failed validation)"
+    # as in the flow: each report is saved and each failed batch quarantined (training and replay skip it)
+    store = run.store
+    assert store.iterations("refused") == [] and store.quarantined_iterations("refused") == [1, 2]
+    assert store.read_report("refused", 1).quarantined_to == str(folder / "quarantine" / "iteration-000001")
+
+
+def test_a_record_written_before_the_zero_variance_rename_reads_under_the_new_metric_names():
+    old = {"iteration": 1, "step": 1, "trained": True, "analysis/zero_adv_groups": 0.5}
+    old["analysis/zero_adv_groups/all_wrong"] = 0.25
+    record = IterationRecord.from_dict(old)
+    assert record.metrics == {"analysis/zero_variance_groups": 0.5, "analysis/zero_variance_groups/all_wrong": 0.25}

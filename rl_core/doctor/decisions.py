@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from rl_core.config import RunConfig
 from rl_core.doctor.history import best_window, metric_series
@@ -33,13 +33,13 @@ DoctorAction = Literal["stop", "rollback"]
 class DoctorDecision:
     """The doctor's findings for one step and what the run does about them.
 
-    new_findings: `Finding.as_dict()` of symptoms not reported before this step, in SYMPTOMS
+    new_findings: the findings whose symptoms were not reported before this step, in SYMPTOMS
     order. protected_steps: checkpoints (policy versions) to keep whatever
     `storage.keep_checkpoints` says. action: None (go on), "stop" or "rollback" (to step
     `rollback_to`); reason: the action in one sentence ("" without one).
     """
 
-    new_findings: list[dict[str, Any]] = field(default_factory=list)
+    new_findings: list[Finding] = field(default_factory=list)
     protected_steps: list[int] = field(default_factory=list)
     action: DoctorAction | None = None
     rollback_to: int | None = None
@@ -90,13 +90,13 @@ def decide_after_step(
     records: Sequence[IterationRecord],
     pass_at_1: Mapping[int, float],
     reported: Collection[str],
-    checkpoints: Collection[int],
+    rollback_targets: Collection[int],
     cfg: RunConfig,
 ) -> DoctorDecision:
     """Diagnose the run after the step of `records[-1]` and decide what to do.
 
     records: every iteration so far, in order, the one just finished last. pass_at_1: held-out
-    pass@1 by evaluated step. reported: symptoms already reported in this run. checkpoints: the
+    pass@1 by evaluated step. reported: symptoms already reported in this run. rollback_targets: the
     steps the run can roll back to now (those with a checkpoint on disk, and 0: the starting
     policy). Raises ValueError for empty `records`."""
     if not records:
@@ -104,17 +104,17 @@ def decide_after_step(
     record = records[-1]
     history = doctor_history(records, pass_at_1)
     findings = diagnose(history, cfg)
-    new = [f.as_dict() for f in findings if f.symptom not in reported]
+    new = [f for f in findings if f.symptom not in reported]
     if not record.trained:  # not finite: named, nothing to act on
         return DoctorDecision(new_findings=new)
     good = last_good_step(history, cfg)
     # keep the rollback target, and this step's checkpoint: a window ending at the next step makes it the target
-    protected = sorted({s for s in (good, record.step) if s is not None and s in checkpoints})
+    protected = sorted({s for s in (good, record.step) if s is not None and s in rollback_targets})
     if not any(f.symptom == COLLAPSE for f in findings) or cfg.doctor.on_collapse == "warn":
         return DoctorDecision(new_findings=new, protected_steps=protected)
     d = cfg.doctor
     rollbacks = sum(r.rollback_to is not None for r in records)
-    can_roll_back = good is not None and good in checkpoints
+    can_roll_back = good is not None and good in rollback_targets
     if d.on_collapse == "rollback" and can_roll_back and rollbacks < d.max_rollbacks:
         reason = (
             f"training reward collapsed; rolled back to the checkpoint of step {good} (rollback {rollbacks + 1} "

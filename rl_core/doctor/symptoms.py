@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from rl_core.config import RunConfig
 from rl_core.doctor.history import (
@@ -83,7 +84,13 @@ class Finding:
     first_change: str
 
     def as_dict(self) -> dict:
+        """The finding as JSON-ready data (iteration records, the flow's summary)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Finding:
+        """The finding `as_dict` wrote. Raises TypeError for missing or unknown fields."""
+        return cls(**data)
 
     def describe(self) -> str:
         """One log line: step, symptom, metric=value (threshold), message, first change."""

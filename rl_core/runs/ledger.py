@@ -5,8 +5,10 @@ A run is crash-safe and idempotent per (run, iteration) because every stage leav
 the disk, what is done. `work_left(k, checkpoint_iteration)` answers for iteration k:
 
 - "nothing": its iteration record exists (re-apply what the doctor decided after it);
-- "record": its checkpoint was saved but its record was not (a crash in between): rebuild the
-  record from the stored batch, its validation report and the checkpoint, train nothing;
+- "record": it is the iteration of the newest checkpoint, whose record was not saved (a crash in
+  between): rebuild the record from the stored batch, its validation report and the checkpoint,
+  train nothing. An earlier iteration without a record cannot be told apart from one never
+  run (the run was trained outside the loop, e.g. through TrainingRun's stage methods): ValueError;
 - "train": its batch is committed (or was, and is quarantined with its report): reuse it
   (validate, which keeps a report already reached, then train);
 - "collect": nothing of it exists: collect, write, validate, train.
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rl_core.evaluation import EvalReport
+from rl_core.gate import GateRecord
 from rl_core.runs.records import (
     EvaluationRecord,
     IterationRecord,
@@ -45,14 +48,23 @@ class RunLedger:
         self.batch_committed = batch_committed
         self.iterations: dict[int, IterationRecord] = {r.iteration: r for r in read_history(self.run_dir)}
         self.evaluations: dict[int, EvaluationRecord] = read_evaluations(self.run_dir)
-        self.gate: dict[str, Any] | None = load_gate(self.run_dir)
+        recorded_gate = load_gate(self.run_dir)
+        self.gate: GateRecord | None = None if recorded_gate is None else GateRecord.from_dict(recorded_gate)
 
     def work_left(self, iteration: int, checkpoint_iteration: int) -> WorkLeft:
-        """What is left to do for `iteration`, given the iteration of the newest checkpoint."""
+        """What is left to do for `iteration`, given the iteration of the newest checkpoint. Raises
+        ValueError for an iteration before that checkpoint's without a record (see the module docstring)."""
         if iteration in self.iterations:
             return "nothing"
-        if iteration <= checkpoint_iteration:
+        if iteration == checkpoint_iteration:
             return "record"
+        if iteration < checkpoint_iteration:
+            raise ValueError(
+                f"iteration {iteration} of run {self.run_dir.name!r} has no record in {self.run_dir / 'history'} "
+                f"although the run's newest checkpoint is of iteration {checkpoint_iteration}: the run was trained "
+                "outside the training loop (e.g. TrainingRun's stage methods); continue it the same way, or start "
+                "a new run (another storage.run_id)"
+            )
         if self.batch_committed(iteration):
             return "train"
         return "collect"
@@ -86,8 +98,8 @@ class RunLedger:
         """Held-out pass@1 of every evaluated step."""
         return {step: record.report.pass_at_1 for step, record in sorted(self.evaluations.items())}
 
-    def record_gate(self, data: dict[str, Any]) -> None:
-        """Save the gate decision {"version", "step", "decision"} unless it is the one recorded."""
-        if self.gate != data:
-            save_gate(self.run_dir, data)
-            self.gate = data
+    def record_gate(self, record: GateRecord) -> None:
+        """Save the gate decision on the run's candidate (gate.json) unless it is the one recorded."""
+        if self.gate != record:
+            save_gate(self.run_dir, record.to_dict())
+            self.gate = record

@@ -31,12 +31,15 @@ import io
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from rl_core.atomic import write_bytes_atomically, write_text_atomically
 from rl_core.evaluation import EvalReport
+
+if TYPE_CHECKING:  # rl_core.doctor reads these records: imported where needed, not at import time
+    from rl_core.doctor import Finding
 
 HISTORY_DIR = "history"
 EVALUATIONS_DIR = "evaluations"
@@ -44,6 +47,12 @@ GATE_FILE = "gate.json"
 SAMPLING_DIR = "sampling"
 
 SkipKind = Literal["validation", "trainer"]
+# Metrics renamed since records were written (issue 10: zero-variance groups): read under the new names.
+RENAMED_METRICS = {
+    "analysis/zero_adv_groups": "analysis/zero_variance_groups",
+    "analysis/zero_adv_groups/all_correct": "analysis/zero_variance_groups/all_correct",
+    "analysis/zero_adv_groups/all_wrong": "analysis/zero_variance_groups/all_wrong",
+}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -70,7 +79,7 @@ class IterationRecord:
     `reason` why (for a trained iteration, `reason` is the validation report's sentence).
     metrics: rollout metrics (`rl_core.metrics.rollout_metrics`) and train metrics
     (`StepMetrics.as_dict` / `recorded()`), by metric name. findings: the training doctor's new
-    findings (`Finding.as_dict()`), None when the doctor did not examine it; protected_steps:
+    findings, None when the doctor did not examine it; protected_steps:
     checkpoints kept from pruning after it; rollback_to / stopped: what the doctor did after it.
     """
 
@@ -80,7 +89,7 @@ class IterationRecord:
     reason: str = ""
     skipped_by: SkipKind | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    findings: list[dict[str, Any]] | None = None
+    findings: list[Finding] | None = None
     protected_steps: list[int] | None = None
     rollback_to: int | None = None
     stopped: str | None = None
@@ -100,7 +109,7 @@ class IterationRecord:
         return not self.trained and self.metrics.get("train/nonfinite_step", 0) > 0
 
     def examined(
-        self, findings: list[dict[str, Any]], protected_steps: list[int], rollback_to: int | None, stopped: str | None
+        self, findings: list[Finding], protected_steps: list[int], rollback_to: int | None, stopped: str | None
     ) -> IterationRecord:
         """This record with what the training doctor found and did after it."""
         return replace(
@@ -119,7 +128,7 @@ class IterationRecord:
             data["skipped_by"] = self.skipped_by
         data.update(self.metrics)
         if self.findings is not None:
-            data["findings"] = self.findings
+            data["findings"] = [finding.as_dict() for finding in self.findings]
         if self.protected_steps is not None:
             data["protected_steps"] = self.protected_steps
         if self.rollback_to is not None:
@@ -132,16 +141,20 @@ class IterationRecord:
     def from_dict(cls, data: dict[str, Any]) -> IterationRecord:
         """Read what `to_dict` wrote (or an older record). Raises KeyError without "iteration",
         "step" or "trained"."""
+        from rl_core.doctor import Finding
+
         known = {"iteration", "step", "trained", "reason", "skipped_by", "findings", "protected_steps"}
         known |= {"rollback_to", "stopped"}
+        findings = data.get("findings")
+        metrics = {RENAMED_METRICS.get(k, k): v for k, v in data.items() if k not in known and _is_metric(v)}
         return cls(
             iteration=int(data["iteration"]),
             step=int(data["step"]),
             trained=bool(data["trained"]),
             reason=data.get("reason") or "",
             skipped_by=data.get("skipped_by"),
-            metrics={k: v for k, v in data.items() if k not in known and _is_metric(v)},
-            findings=data.get("findings"),
+            metrics=metrics,
+            findings=None if findings is None else [Finding.from_dict(f) for f in findings],
             protected_steps=data.get("protected_steps"),
             rollback_to=data.get("rollback_to"),
             stopped=data.get("stopped") or None,
