@@ -371,7 +371,7 @@ def test_dynamic_sampling_judges_groups_by_their_judged_members(tmp_path, monkey
             out.append(ep)
         return out
 
-    monkeypatch.setattr(run, "_collect_work", collected)
+    monkeypatch.setattr(run.collector, "_play", collected)
     episodes = run.collect(1)
     assert [(e.group_id, e.reward) for e in episodes] == [("b", 1.0), ("b", 0.0), ("d", 0.0), ("d", 1.0)]
     assert select_episodes(episodes, cfg.algorithm, 0).zero_variance == 0
