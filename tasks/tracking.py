@@ -288,11 +288,6 @@ def log_validation_report_task(tracker: Tracker, report: Mapping[str, Any] | str
     return tracker.log_validation_report(report, iteration)
 
 
-@task(name="log-artifact", cache_policy=NONE, **MLFLOW_RETRIES)
-def log_artifact_task(tracker: Tracker, path: str | Path, artifact_path: str | None = None) -> None:
-    tracker.log_file(path, artifact_path)
-
-
 @task(name="end-tracking", cache_policy=NONE, **MLFLOW_RETRIES)
 def end_tracking(tracker: Tracker, status: RunEndStatus = "FINISHED") -> None:
     tracker.end(status)
