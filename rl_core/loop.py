@@ -35,6 +35,7 @@ from rl_core.batch_feed import BatchFeed
 from rl_core.doctor import Finding
 from rl_core.evaluation import EvalReport
 from rl_core.gate import Candidate, no_candidate_reason
+from rl_core.learner import load_start_policy
 from rl_core.metrics import rollout_metrics
 from rl_core.run import TrainingRun
 from rl_core.runs.records import IterationRecord, evaluation_path
@@ -262,14 +263,23 @@ class TrainingLoop:
         return report
 
     def _starting_evaluation(self) -> EvalReport:
-        """The step-0 evaluation: made now for a new run, read from its record for a continued one."""
-        if self.run.policy.version == 0:
+        """The step-0 evaluation: made now for a new run, read from its record for a continued one. A
+        continued run whose step-0 record is gone evaluates its starting policy again (the same
+        weights and seeds give the same report) and records it."""
+        run = self.run
+        if run.policy.version == 0:
             return self._evaluate_once(iteration=0)
-        recorded = self.run.ledger.evaluation(0)
-        if recorded is None:
-            path = evaluation_path(self.run.run_dir, 0)
-            raise FileNotFoundError(f"{path} is missing: the run's step-0 evaluation was not recorded")
-        return recorded.report
+        recorded = run.ledger.evaluation(0)
+        if recorded is not None:
+            return recorded.report
+        self.stages.log(
+            f"{evaluation_path(run.run_dir, 0)} is missing: evaluating the starting policy again", warning=True
+        )
+        report = self.stages.evaluate(load_start_policy(run.cfg))
+        self.stages.log_metrics(report.metrics, 0)
+        run.ledger.record_evaluation(0, report)
+        self.result.pass_at_1[0] = report.pass_at_1
+        return report
 
     def _final_evaluation(self) -> EvalReport:
         """The evaluation of the run's last step (made now if it is missing). After a rollback with no step

@@ -35,7 +35,7 @@ from rl_core.config import RunConfig
 from rl_core.evaluation import EvalReport, Evaluator
 from rl_core.learner import Learner, load_run_checkpoint, load_start_policy
 from rl_core.model.policy import Policy
-from rl_core.runs.checkpoint import checkpoints_dir, latest_checkpoint, load_rng_states
+from rl_core.runs.checkpoint import checkpoints_dir, latest_checkpoint, load_rng_states, read_checkpoint_state
 from rl_core.runs.folder import new_run_id, record_run_config, sweep_leftovers
 from rl_core.runs.ledger import RunLedger
 from rl_core.runs.records import IterationRecord, load_sampling_state, sampling_path, save_sampling_state
@@ -80,7 +80,8 @@ class TrainingRun:
         """The run `storage.run_id` names, continued from its latest checkpoint when it has one, else
         a new run. Leftovers of a killed writer (temp files, unfinished checkpoint folders) are removed
         first: this process is now the run's only writer. Raises ValueError when the run exists with
-        another training setup (`record_run_config`)."""
+        another training setup (`record_run_config`), or when its newest checkpoint belongs to another
+        run (a copied or renamed run folder: continuing it would write into the run it came from)."""
         if cfg.storage.run_id is None:
             return cls(cfg)
         run_dir = Path(cfg.storage.run_dir) / cfg.storage.run_id
@@ -90,6 +91,13 @@ class TrainingRun:
             run = cls(cfg)
             run.skip_recorded_iterations()  # e.g. every iteration so far took no step: there is no checkpoint
         else:
+            owner = read_checkpoint_state(checkpoint).get("run_id")
+            if owner is not None and owner != cfg.storage.run_id:
+                raise ValueError(
+                    f"checkpoint {checkpoint} belongs to run {owner!r}, not to {cfg.storage.run_id!r}: the run folder "
+                    "was copied or renamed, and continuing it would write into run "
+                    f"{owner!r}; continue {owner!r} in its own folder, or start a new run"
+                )
             run = cls.resume(cfg, checkpoint)
         run.record_config()  # a continued run with another training setup is refused before any work
         return run
@@ -234,10 +242,18 @@ class TrainingRun:
         """Run the training loop (rl_core/loop.py) from `last_iteration + 1` to `cfg.iterations` with
         plain-Python stages (`LocalStages`: no Prefect, no MLflow, no registry; `validator` and
         `samples` as there).
-        Returns the `LoopResult` (records, findings, held-out evaluations before and after)."""
+        Returns the `LoopResult` (records, findings, held-out evaluations before and after). Raises
+        ValueError when the run folder has iterations this object does not know of (it was built with
+        `TrainingRun(cfg)` over an existing run: use `TrainingRun.open(cfg)`)."""
         from rl_core.loop import TrainingLoop
         from rl_core.stages import LocalStages
 
+        recorded = max(self.ledger.iterations, default=0)
+        if recorded > self.last_iteration:
+            raise ValueError(
+                f"run {self.run_id!r} has recorded iterations up to {recorded}, but this TrainingRun starts after "
+                f"iteration {self.last_iteration}: continue an existing run with TrainingRun.open(cfg).run()"
+            )
         stages = LocalStages(self, log, validator, samples)
         try:
             result = TrainingLoop(self, stages).run_iterations()

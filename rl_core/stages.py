@@ -116,8 +116,18 @@ class LocalStages:
         if self.validator is None:
             rows = batch.manifest.rows if batch is not None else run.store.manifest(run.run_id, iteration).rows
             return ValidationReport(True, NOT_VALIDATED, [], rows, None, run_id=run.run_id, iteration=iteration)
-        table = None if batch is None else batch.table
-        return settle_validation(run.store, run.run_id, iteration, self.validator, table)
+        validator = self.validator
+
+        def check(table: pa.Table) -> ValidationReport:
+            try:
+                return validator(table)
+            except Exception as err:
+                raise RuntimeError(
+                    f"iteration {iteration}: the validator raised {type(err).__name__}: {err}; the batch stays "
+                    "committed without a validation report and is validated again when the run is continued"
+                ) from err
+
+        return settle_validation(run.store, run.run_id, iteration, check, None if batch is None else batch.table)
 
     def train(self, iteration: int, episodes: list[Episode]) -> StepMetrics:
         metrics = self.run.train(episodes)

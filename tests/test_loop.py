@@ -487,3 +487,84 @@ def test_a_record_written_before_the_zero_variance_rename_reads_under_the_new_me
     old["analysis/zero_adv_groups/all_wrong"] = 0.25
     record = IterationRecord.from_dict(old)
     assert record.metrics == {"analysis/zero_variance_groups": 0.5, "analysis/zero_variance_groups/all_wrong": 0.25}
+
+
+# -- what a user may do to a run folder -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished two-iteration run (one step each) made by the Python API loop; tests copy it."""
+    from rl_core.run import TrainingRun
+
+    root = tmp_path_factory.mktemp("finished")
+    run = TrainingRun(tiny_config(root, "done"))
+    result = run.run(log=lambda line: None)
+    return root / "done", result
+
+
+def copy_of(finished_run, tmp_path, name: str):
+    import shutil
+
+    folder, result = finished_run
+    shutil.copytree(folder, tmp_path / name)
+    return tmp_path / name, result
+
+
+def test_a_copied_run_folder_is_refused_and_nothing_is_written_anywhere(finished_run, tmp_path):
+    from rl_core.run import TrainingRun
+
+    original, _ = finished_run
+    before = run_files(original)
+    copy, _ = copy_of(finished_run, tmp_path, "copied")
+    copied_files = run_files(copy)
+    with pytest.raises(ValueError, match="belongs to run 'done', not to 'copied': the run folder was copied"):
+        TrainingRun.open(load_config(None, [*TINY, f"storage.run_dir={tmp_path}", "storage.run_id=copied"]))
+    assert run_files(original) == before and run_files(copy) == copied_files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copied"]  # no folder of the old name appeared
+
+
+def test_a_new_training_run_over_an_existing_run_is_refused(finished_run, tmp_path):
+    from rl_core.run import TrainingRun
+
+    copy_of(finished_run, tmp_path, "done")
+    fresh = TrainingRun(tiny_config(tmp_path, "done"))  # not TrainingRun.open: it knows nothing of the run
+    with pytest.raises(ValueError, match=r"recorded iterations up to 2, .* TrainingRun\.open\(cfg\)\.run\(\)"):
+        fresh.run(log=lambda line: None)
+
+
+def test_a_deleted_step_0_evaluation_is_made_again_and_equals_the_first(finished_run, tmp_path):
+    from rl_core.run import TrainingRun
+
+    folder, result = copy_of(finished_run, tmp_path, "done")
+    (folder / "evaluations" / "step-000000.json").unlink()
+    lines: list[str] = []
+    again = TrainingRun.open(tiny_config(tmp_path, "done")).run(log=lines.append)
+    assert again.before.metrics == result.before.metrics and again.records == result.records
+    assert (folder / "evaluations" / "step-000000.json").is_file()
+    assert any("step-000000.json is missing: evaluating the starting policy again" in line for line in lines)
+
+
+def test_a_validator_that_raises_or_returns_no_report_names_the_iteration_and_keeps_the_batch(tmp_path):
+    from rl_core.run import TrainingRun
+
+    def broken(table):
+        raise KeyError("reward")
+
+    run = TrainingRun(tiny_config(tmp_path, "broken"))
+    with pytest.raises(RuntimeError, match="iteration 1: the validator raised KeyError: 'reward'; the batch stays"):
+        run.run(log=lambda line: None, validator=broken)
+    store = run.store
+    assert store.iterations("broken") == [1] and store.read_report("broken", 1) is None  # committed, unvalidated
+    assert not (tmp_path / "broken" / "history").exists()
+
+    again = TrainingRun.open(tiny_config(tmp_path, "broken"))
+    with pytest.raises(TypeError, match="the batch's check returned NoneType, not a ValidationReport"):
+        again.run(log=lambda line: None, validator=lambda table: None)
+    assert store.read_report("broken", 1) is None
+
+    passing = TrainingRun.open(tiny_config(tmp_path, "broken"))
+    lines: list[str] = []
+    result = passing.run(lines.append, validator=lambda table: ValidationReport(True, "ok", [], table.num_rows, None))
+    assert "[broken] iteration 1: reusing the batch already written (iteration-000001.parquet)" in lines
+    assert [r.trained for r in result.records] == [True, True] and store.read_report("broken", 1).passed

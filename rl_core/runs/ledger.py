@@ -61,9 +61,10 @@ class RunLedger:
         if iteration < checkpoint_iteration:
             raise ValueError(
                 f"iteration {iteration} of run {self.run_dir.name!r} has no record in {self.run_dir / 'history'} "
-                f"although the run's newest checkpoint is of iteration {checkpoint_iteration}: the run was trained "
-                "outside the training loop (e.g. TrainingRun's stage methods); continue it the same way, or start "
-                "a new run (another storage.run_id)"
+                f"although the run's newest checkpoint is of iteration {checkpoint_iteration}: the record was "
+                "deleted, or the run was trained outside the training loop (e.g. TrainingRun's stage methods); "
+                "the loop cannot tell what that iteration did, so continue the run the way it was trained, or "
+                "start a new run (another storage.run_id)"
             )
         if self.batch_committed(iteration):
             return "train"

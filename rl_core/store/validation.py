@@ -38,7 +38,7 @@ def settle_validation(
     check: validates a batch table ([rows] in `TRAJECTORY_SCHEMA`) into a report. table: the batch
     as just committed (`CommittedBatch.table`), or None to read it from disk. Raises
     TrajectoryNotFoundError when the batch is not committed (nor left in quarantine by an earlier
-    attempt of this validation)."""
+    attempt of this validation), TypeError when `check` returns something else than a ValidationReport."""
     report = store.read_report(run_id, iteration)
     if report is not None and report.quarantined_to is not None and store.exists(run_id, iteration):
         report = None  # that report's batch is in quarantine; this is a new batch of the iteration
@@ -47,6 +47,8 @@ def settle_validation(
             report = check(_committed_table(store, run_id, iteration, table))
         except CorruptTrajectoryError as err:
             report = unreadable_report(err)
+        if not isinstance(report, ValidationReport):
+            raise TypeError(f"the batch's check returned {type(report).__name__}, not a ValidationReport")
         report = replace(
             report, run_id=run_id, iteration=iteration, report_path=str(store.report_path(run_id, iteration))
         )
