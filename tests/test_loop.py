@@ -24,6 +24,7 @@ from rl_core.runs import ledger as ledger_module
 from rl_core.runs.ledger import RunLedger
 from rl_core.runs.records import EvaluationRecord, IterationRecord
 from rl_core.validation_report import ValidationReport
+from tests.test_train_flow import TINY
 
 REWARD = "rollout/reward/mean"
 NONFINITE = "train/nonfinite_step"
@@ -362,17 +363,6 @@ def test_no_candidate_reason():
 
 
 # -- the Python API loop --------------------------------------------------------------------------
-
-TINY = [
-    "iterations=2",
-    "rollout.group_size=4",
-    "rollout.global_batch_size=8",
-    "rollout.max_turns=4",
-    "evaluation.max_tasks=2",
-    "evaluation.num_samples=2",
-    "evaluation.pass_k=[1,2]",
-    "evaluation.val_every=1",
-]
 
 
 def tiny_config(run_dir, run_id):
