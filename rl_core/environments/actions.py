@@ -27,10 +27,14 @@ _TOOL_NAME = re.compile(r"([A-Za-z_]\w*)\s*")
 
 @dataclass(frozen=True)
 class ToolCall:
-    """`CALL tool {...}`: arguments as decoded, not yet checked against the tool's schema."""
+    """A tool call: `CALL tool {...}` in the text format, or one entry of a structured turn's
+    `tool_calls` (rl_core/environments/messages.py). `arguments` are as decoded, not yet checked
+    against the tool's schema; `call_id` is the id a native tool-call format gives the call (None
+    in the text format), which the tool result quotes."""
 
     tool: str
     arguments: dict[str, Any]
+    call_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,16 @@
 """The environment interface every Turnstile environment implements.
 
 An `Environment` owns a set of tasks and a system prompt; `start(task)` opens an
-`EnvSession` for one episode. The rollout engine hands the session the decoded text of
-each policy turn and gets back a `StepResult`: either an observation to show the policy
-(the episode goes on) or `done=True` with the final reward.
+`EnvSession` for one episode. The rollout engine hands the session each policy turn and gets
+back a `StepResult`: either an observation to show the policy (the episode goes on) or
+`done=True` with the final reward. A turn arrives in one of two forms:
+- as text (`EnvSession.step(action_text)`), in Turnstile's action format (`CALL tool {...}` /
+  `ANSWER {...}`, rl_core/environments/actions.py);
+- as a structured message (`EnvSession.respond(turn)`, an `AssistantTurn` with parsed tool calls,
+  rl_core/environments/messages.py), for chat models that call tools natively: the environment
+  describes its tools as JSON schemas (`Environment.tools()`) and answers each call with a
+  `ToolResult` (`StepResult.tool_results`). The default `respond` adapts a structured turn to
+  `step`, so a text-format environment needs nothing more.
 
 Contract for implementers (including user environments loaded by class path):
 - `step` must not raise for bad policy output; malformed actions become error
@@ -31,6 +38,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from rl_core.environments.messages import AssistantTurn, ToolResult, respond_through_text
+
 
 @dataclass(frozen=True)
 class Task:
@@ -53,6 +62,8 @@ class StepResult:
     finish_reason: when done, why (`answered` for a final answer, `parse_error` if the
         environment gives up on unparseable output).
     tool_name / tool_ok: the tool the turn called, and whether the call succeeded.
+    tool_results: for a structured turn (`EnvSession.respond`), one result per tool call, in
+        call order (empty for a text turn, or when the turn called no tool).
     """
 
     observation: str | None
@@ -62,6 +73,7 @@ class StepResult:
     finish_reason: str | None = None
     tool_name: str | None = None
     tool_ok: bool | None = None
+    tool_results: list[ToolResult] = field(default_factory=list)
 
 
 class EnvSession(ABC):
@@ -74,6 +86,12 @@ class EnvSession(ABC):
     @abstractmethod
     def finish(self) -> tuple[float, dict[str, float]]:
         """Reward and components for an episode cut off before a final answer."""
+
+    def respond(self, turn: AssistantTurn) -> StepResult:
+        """Apply one policy turn given as a structured message (text, reasoning, parsed tool calls) and
+        return the environment's answer, with one `ToolResult` per tool call. Must not raise for bad
+        policy output (same contract as `step`). Default: the text adapter `respond_through_text`."""
+        return respond_through_text(self, turn)
 
 
 class Environment(ABC):
@@ -92,6 +110,17 @@ class Environment(ABC):
     @abstractmethod
     def start(self, task: Task) -> EnvSession:
         """Open a fresh session for one episode of `task`."""
+
+    def tools(self) -> list[dict[str, Any]]:
+        """The tools a policy may call natively, as OpenAI function schemas
+        ([{"type": "function", "function": {"name", "description", "parameters"}}]); [] for an
+        environment that only speaks the text action format."""
+        return []
+
+    def tool_system_prompt(self) -> str:
+        """The system prompt for a policy that calls `tools()` natively (the chat template renders the
+        tools, so the text action syntax is left out). Default: `system_prompt()`."""
+        return self.system_prompt()
 
     def success_threshold(self) -> float:
         """Reward at or above which an episode counts as a success."""

@@ -20,6 +20,15 @@ answer field is worth 1/len(answer_fields) when it equals the expected value (st
 lowercase); an episode without a well-formed answer gets FORMAT_PENALTY subtracted.
 Components: "field/<name>" per field plus "format_penalty", summing to the reward.
 Everything is deterministic.
+
+Both turn forms are offered (rl_core/environments/base.py). As text: the CALL / ANSWER actions
+above, explained in `system_prompt()`. As native tool calls: `tools()` gives the domain's tools
+and `submit_answer` (its parameters are the answer fields, all strings) as OpenAI function
+schemas, `tool_system_prompt()` is the procedure without the action syntax, and
+`SOPSession.respond` runs each call of a turn in order (a `submit_answer` call is the final
+answer: it ends the episode, and calls after it in the turn are not run). A turn with no tool
+call, or whose tool-call syntax did not parse, gets an error result and the episode goes on.
+The same tool call gives the same observation and the same answer the same reward in both forms.
 """
 
 from __future__ import annotations
@@ -32,9 +41,11 @@ from typing import Any
 
 from rl_core.environments.actions import FinalAnswer, ParseFailure, ToolCall, check_arguments, parse_action
 from rl_core.environments.base import Environment, EnvSession, StepResult, Task
+from rl_core.environments.messages import AssistantTurn, ToolResult, ToolSchema, error_content
 
 SPLITS = ("train", "heldout")
 FORMAT_PENALTY = 0.1
+ANSWER_TOOL = "submit_answer"  # the native-tool-call form of ANSWER {...}
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ class ToolSpec:
         """Observation text and success flag for already-checked arguments."""
         row = self.rows.get(tuple(arguments[name] for name in self.key))
         if row is None:
-            return error_observation(self.not_found.format(**arguments)), False
+            return error_content(self.not_found.format(**arguments)), False
         shown = row if self.returns is None else {field: row[field] for field in self.returns}
         return json.dumps(shown), True
 
@@ -95,11 +106,6 @@ class SOPDomain:
         )
 
 
-def error_observation(reason: str) -> str:
-    """The observation for any failed action: {"error": reason}."""
-    return json.dumps({"error": reason})
-
-
 def score_answer(
     answer_fields: tuple[str, ...], expected: dict[str, Any], answer: dict[str, str] | None
 ) -> tuple[float, dict[str, float]]:
@@ -129,11 +135,50 @@ class SOPSession(EnvSession):
             raise RuntimeError(f"episode of task {self._task.task_id} already answered")
         action = parse_action(action_text)
         if isinstance(action, ParseFailure):
-            return StepResult(observation=error_observation(action.reason), tool_ok=False)
+            return StepResult(observation=error_content(action.reason), tool_ok=False)
         if isinstance(action, ToolCall):
             return self._call(action)
         assert isinstance(action, FinalAnswer)
         self._final = score_answer(self._domain.answer_fields, self._task.expected, action.fields)
+        reward, components = self._final
+        return StepResult(
+            observation=None, done=True, reward=reward, reward_components=dict(components), finish_reason="answered"
+        )
+
+    def respond(self, turn: AssistantTurn) -> StepResult:
+        """A structured turn: each tool call in order, `submit_answer` as the final answer."""
+        if self._final is not None:
+            raise RuntimeError(f"episode of task {self._task.task_id} already answered")
+        if turn.parse_error is not None:
+            return StepResult(observation=error_content(turn.parse_error), tool_ok=False)
+        if not turn.tool_calls:
+            reason = f"call one of the tools, or {ANSWER_TOOL} with the final answer"
+            return StepResult(observation=error_content(reason), tool_ok=False)
+        results: list[ToolResult] = []
+        for call in turn.tool_calls:
+            if call.tool == ANSWER_TOOL:
+                answered = self._answer(call)
+                if answered.done:
+                    return answered
+                results.append(ToolResult(call.call_id, ANSWER_TOOL, answered.observation, False))
+                continue
+            called = self._call(call)
+            results.append(
+                ToolResult(call.call_id, called.tool_name or call.tool, called.observation, bool(called.tool_ok))
+            )
+        last = results[-1]
+        return StepResult(
+            observation=last.content, tool_name=last.tool, tool_ok=all(r.ok for r in results), tool_results=results
+        )
+
+    def _answer(self, call: ToolCall) -> StepResult:
+        """`submit_answer(...)`: accepted exactly when `ANSWER {...}` with the same object would be
+        (every value a string; fields it does not know are ignored by the scoring)."""
+        for key, value in call.arguments.items():
+            if not isinstance(value, str):
+                reason = f"answer value for {key!r} must be a string"
+                return StepResult(observation=error_content(reason), tool_name=ANSWER_TOOL, tool_ok=False)
+        self._final = score_answer(self._domain.answer_fields, self._task.expected, dict(call.arguments))
         reward, components = self._final
         return StepResult(
             observation=None, done=True, reward=reward, reward_components=dict(components), finish_reason="answered"
@@ -148,11 +193,11 @@ class SOPSession(EnvSession):
         tool = self._domain.tools.get(call.tool)
         if tool is None:
             return StepResult(
-                observation=error_observation(f"unknown tool {call.tool!r}"), tool_name=call.tool, tool_ok=False
+                observation=error_content(f"unknown tool {call.tool!r}"), tool_name=call.tool, tool_ok=False
             )
         problem = check_arguments(tool.name, tool.parameters, call.arguments)
         if problem is not None:
-            return StepResult(observation=error_observation(problem), tool_name=tool.name, tool_ok=False)
+            return StepResult(observation=error_content(problem), tool_name=tool.name, tool_ok=False)
         observation, ok = tool.run(call.arguments)
         return StepResult(observation=observation, tool_name=tool.name, tool_ok=ok)
 
@@ -167,6 +212,18 @@ class SOPEnvironment(Environment):
 
     def system_prompt(self) -> str:
         return self._system_prompt
+
+    def tools(self) -> list[dict[str, Any]]:
+        """The domain's tools and `submit_answer` (the answer fields, strings), as OpenAI function schemas."""
+        schemas = [ToolSchema(tool.name, tool.description, tool.parameters) for tool in self.domain.tools.values()]
+        fields = self.domain.answer_fields
+        answer = {"type": "object", "properties": {f: {"type": "string"} for f in fields}, "required": list(fields)}
+        schemas.append(ToolSchema(ANSWER_TOOL, "Give the final answer; this ends the task.", answer))
+        return [schema.as_openai() for schema in schemas]
+
+    def tool_system_prompt(self) -> str:
+        """The procedure, for a policy that sees the tools as schemas and answers with `submit_answer`."""
+        return f"{self.domain.procedure_text}\nWhen you know the answer, call {ANSWER_TOOL} with it."
 
     def tasks(self, split: str) -> list[Task]:
         if split not in self.domain.splits:
