@@ -141,4 +141,5 @@ class Learner:
         """A frozen copy of the policy (same version) that can sample while the original trains."""
         model = copy.deepcopy(self.policy.model).eval()
         model.requires_grad_(False)
-        return Policy(model=model, tokenizer=self.policy.tokenizer, chat=self.policy.chat, version=self.policy.version)
+        policy = self.policy
+        return Policy(model, policy.tokenizer, policy.chat, policy.version, policy.renderer)

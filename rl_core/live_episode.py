@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from rl_core.environments.base import Environment, EnvSession, StepResult, Task
+from rl_core.model.renderers import Conversation
 from rl_core.model.tokenizer import repair_unicode
 from rl_core.trajectory import Turn
 
@@ -50,6 +51,7 @@ class LiveEpisode:
     env_error: str | None = None
     env_name: str = ""  # the environment's name as valid text (read when the episode opens)
     repairs: list[str] = field(default_factory=list)  # environment text made valid Unicode
+    conversation: Conversation | None = None  # how this episode is rendered (set when it opens)
 
     def append(self, ids: list[int], generated: bool, logprobs: list[float] | None = None) -> None:
         """Add `ids` to the record: generated ones (loss mask 1) with their `logprobs`, others with 0."""

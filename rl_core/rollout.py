@@ -51,11 +51,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from rl_core.environments.base import Environment, StepResult, Task
+from rl_core.environments.base import Environment, EnvSession, StepResult, Task
 from rl_core.groups import make_group_id
 from rl_core.live_episode import EnvFault, LiveEpisode, NoSession, identifier, truth_value
 from rl_core.model.generation import Generation
@@ -142,16 +142,22 @@ def _apply_turn(policy: Policy, live: LiveEpisode, gen: Generation, limit: int, 
         reason = "token_cap" if limit >= settings.max_tokens_per_turn else "context_overflow"
         _cut_off(live, reason, settings.max_retries)
         return
-    result = _call_with_retries(live, lambda: live.session.step(text), settings.max_retries)
+    parsed = live.conversation.parse(gen.tokens)
+    if isinstance(parsed, str):
+        result = _call_with_retries(live, lambda: live.session.step(parsed), settings.max_retries)
+    else:
+        result = _call_with_retries(live, lambda: live.session.respond(parsed), settings.max_retries)
     if live.finish_reason is not None:
         return
     try:
-        _apply_result(policy, live, turn, result, settings)
+        _apply_result(live, gen.tokens, turn, result, settings)
     except EnvFault as fault:
         live.fail(str(fault))
 
 
-def _apply_result(policy: Policy, live: LiveEpisode, turn: Turn, result: object, settings: RolloutSettings) -> None:
+def _apply_result(
+    live: LiveEpisode, generated: list[int], turn: Turn, result: object, settings: RolloutSettings
+) -> None:
     """Apply the environment's answer to a policy turn. Raises EnvFault for an answer the engine cannot use."""
     where = f"after policy turn {live.policy_turns}"
     if not isinstance(result, StepResult):
@@ -165,7 +171,7 @@ def _apply_result(policy: Policy, live: LiveEpisode, turn: Turn, result: object,
         live.end(reason, result.reward, result.reward_components)
         return
     text = live.text("" if result.observation is None else result.observation, f"observation {where}")
-    observation = policy.chat.observation(policy.tokenizer, text)
+    observation = live.conversation.extend(generated, replace(result, observation=text))
     if len(live.tokens) + len(observation) > settings.context_window:
         _cut_off(live, "context_overflow", settings.max_retries)
         return
@@ -259,18 +265,26 @@ def _open_episode(
         live.env_name = repair_unicode(type(env).__name__)[0]
         live.fail(f"environment name could not be read: {type(exc).__name__}: {exc}")
         return live
-    opened = _call_with_retries(live, lambda: (env.system_prompt(), env.start(task)), settings.max_retries)
+    renderer = policy.episode_renderer()
+    native = renderer.native_tools  # tools as schemas and a system prompt without the text action syntax
+
+    def open_session() -> tuple[object, list, EnvSession]:
+        system_prompt = env.tool_system_prompt() if native else env.system_prompt()
+        return system_prompt, env.tools() if native else [], env.start(task)
+
+    opened = _call_with_retries(live, open_session, settings.max_retries)
     if live.finish_reason is not None:
         return live
-    system_prompt, live.session = opened  # type: ignore[misc]
+    system_prompt, tools, live.session = opened  # type: ignore[misc]
     try:
         system = live.text(system_prompt, "system prompt")
         user = live.text(task.prompt, "task prompt")
     except EnvFault as fault:
         live.fail(str(fault))
         return live
-    prompt = policy.chat.prompt(policy.tokenizer, system, user)
-    system_end = len(policy.chat.message(policy.tokenizer, "system", system))
+    live.conversation = renderer.start(system, tools, user)
+    prompt = live.conversation.prompt_ids
+    system_end = live.conversation.system_length
     live.turns = [Turn("system", system, 0, system_end), Turn("user", user, system_end, len(prompt))]
     live.append(prompt, generated=False)
     if settings.max_prompt_tokens is not None and len(prompt) > settings.max_prompt_tokens:

@@ -27,6 +27,7 @@ from transformers import (
 
 from rl_core.config.choices import ChatFormatName, DType
 from rl_core.model.lora import apply_lora, is_adapter_dir, is_lora, load_adapter_model, save_adapter, tokenizer_dir
+from rl_core.model.renderers import Renderer, TextRenderer
 from rl_core.model.tokenizer import ChatFormat, chat_format
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ class Policy:
     tokenizer: PreTrainedTokenizerBase
     chat: ChatFormat
     version: int = 0
+    renderer: Renderer | None = None  # how episodes are rendered; None: Turnstile's text actions in `chat`
+
+    def episode_renderer(self) -> Renderer:
+        """The renderer of this policy's episodes: `renderer`, or the text actions between `chat`'s role markers."""
+        return self.renderer if self.renderer is not None else TextRenderer("text", self.chat, self.tokenizer)
 
     @property
     def device(self) -> torch.device:

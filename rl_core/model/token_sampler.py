@@ -31,6 +31,10 @@ CUSTOM_BACKEND = "custom"
 def hf_token_sampler(policy: Policy, batch_size: int, generator: torch.Generator | None = None) -> TokenSampler:
     """A TokenSampler running the policy's own model in this process, caching each episode's keys and values."""
     decoder = BatchDecoder(
-        policy.model, stop_id=policy.chat.stop_id, pad_id=policy.chat.pad_id, batch_size=batch_size, generator=generator
+        policy.model,
+        stop_id=policy.episode_renderer().stop_id,
+        pad_id=policy.episode_renderer().pad_id,
+        batch_size=batch_size,
+        generator=generator,
     )
     return decoder.generate
