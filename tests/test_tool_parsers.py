@@ -86,6 +86,17 @@ def test_hermes_unicode_and_arguments_as_a_json_string():
     )
 
 
+def test_hermes_markup_inside_json_strings_is_text():
+    text = (
+        "<think>I will write <tool_call> tags.</think>\n"
+        '<tool_call>\n{"name": "note", "arguments": {"text": "</tool_call> <tool_call> </think>"}}\n</tool_call>'
+    )
+    assert parse_hermes(text) == AssistantTurn(
+        tool_calls=(call("note", 1, text="</tool_call> <tool_call> </think>"),),
+        reasoning="I will write <tool_call> tags.",
+    )
+
+
 def test_hermes_missing_arguments_means_no_arguments():
     assert parse_hermes('<tool_call>{"name": "list_orders"}</tool_call>') == AssistantTurn(
         tool_calls=(call("list_orders", 1),)
@@ -98,8 +109,9 @@ HERMES_ERRORS = [
     ('<tool_call>\n{"name": "a", "arguments": {}}', "call 1: <tool_call> without </tool_call>"),
     (
         '<tool_call>{"name": "a"}</tool_call><tool_call>{"name": "b"}<tool_call>{"name": "c"}</tool_call>',
-        "call 2: <tool_call> without </tool_call>",
+        "call 2: expected </tool_call> after the JSON object",
     ),
+    ('<tool_call>{"name": "a"} and more</tool_call>', "call 1: expected </tool_call> after the JSON object"),
     ('{"name": "a"}</tool_call>', "</tool_call> without <tool_call>"),
     ('<tool_call>{"name": "a"}</tool_call> oops </tool_call>', "</tool_call> without <tool_call>"),
     (
@@ -203,6 +215,13 @@ def test_gemma_list_lines_and_several_blocks():
     )
 
 
+def test_gemma_fence_inside_a_string_argument_is_text():
+    text = '```tool_code\nnote(text="use ``` fences", tail="```")\n```\nok'
+    assert parse_gemma(text) == AssistantTurn(
+        content="ok", tool_calls=(call("note", 1, text="use ``` fences", tail="```"),)
+    )
+
+
 def test_gemma_bare_list_is_the_documented_prompt_format():
     text = '  [get_product_name_by_PID(PID="807ZPKBL9V"), list_orders()]\n'
     assert parse_gemma(text) == AssistantTurn(
@@ -230,6 +249,10 @@ GEMMA_ERRORS = [
     ('```tool_code\nf("x")\n```', "call 1 (f): positional arguments are not supported; write name=value"),
     ("```tool_code\nf(**kw)\n```", "call 1 (f): **arguments are not supported; write name=value"),
     ("```tool_code\nf(a=1, a=2)\n```", 'call 1 (f): argument "a" given twice'),
+    (
+        "```tool_code\nf(a='\x00')\n```",
+        "tool_code block 1: invalid Python (source code string cannot contain null bytes)",
+    ),
     ("[f(a=1), g(b=1]", "call list: invalid Python (closing parenthesis ']' does not match opening parenthesis '(')"),
 ]
 _LITERAL = "must be a literal (string, number, True/False/None, list, or dict with string keys)"
@@ -315,8 +338,8 @@ def test_parsers_never_raise(text):
 def test_a_parser_bug_is_a_parse_error_not_a_crash(monkeypatch):
     import rl_core.model.tool_parsers as tool_parsers
 
-    def broken(body, n):
-        raise KeyError(body)
+    def broken(rest, body_start, n):
+        raise KeyError(body_start)
 
     monkeypatch.setattr(tool_parsers, "_hermes_call", broken)
     text = ' <tool_call>{"name": "a"}</tool_call> '

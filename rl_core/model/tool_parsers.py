@@ -40,10 +40,6 @@ class _Malformed(Exception):
     """A parse error whose message is the turn's `parse_error`."""
 
 
-def _call_id(n: int) -> str:
-    return f"call_{n}"
-
-
 def _pieces(text: str, spans: list[tuple[int, int]]) -> str:
     """The text outside `spans` (sorted, disjoint): each piece stripped, non-empty ones joined by newlines."""
     out, at = [], 0
@@ -63,26 +59,21 @@ def _guarded(parse: Callable[[str], AssistantTurn], text: str) -> AssistantTurn:
         return AssistantTurn(content=text.strip(), parse_error=f"unparseable turn ({type(error).__name__})")
 
 
-# ---------------------------------------------------------------------------------------------- hermes
-
-
 def _split_reasoning(text: str) -> tuple[str | None, str]:
-    """(reasoning, rest) of a Hermes/Qwen turn; raises _Malformed for an unclosed leading <think>."""
+    """(reasoning, rest) of a Hermes/Qwen turn; raises _Malformed for an unclosed or nested leading <think>."""
     stripped = text.lstrip()
+    if stripped.startswith(_THINK_OPEN):
+        body_start = len(text) - len(stripped) + len(_THINK_OPEN)
+        close = text.find(_THINK_CLOSE, body_start)
+        if close < 0:
+            raise _Malformed("<think> without </think>")
+        if _THINK_OPEN in text[body_start:close]:
+            raise _Malformed("<think> inside <think>")
+        return text[body_start:close].strip(), text[close + len(_THINK_CLOSE) :]
     close = text.find(_THINK_CLOSE)
-    opened = stripped.startswith(_THINK_OPEN)
     first_call = text.find(_CALL_OPEN)
-    if close >= 0 and (first_call < 0 or close < first_call):
-        body = text[:close]
-        if opened:
-            body = body.lstrip()[len(_THINK_OPEN) :]
-            if _THINK_OPEN in body:
-                raise _Malformed("<think> inside <think>")
-        elif _THINK_OPEN in body:
-            return None, text  # a <think> that does not open the turn: content
-        return body.strip(), text[close + len(_THINK_CLOSE) :]
-    if opened:
-        raise _Malformed("<think> without </think>")
+    if close >= 0 and (first_call < 0 or close < first_call) and _THINK_OPEN not in text[:close]:
+        return text[:close].strip(), text[close + len(_THINK_CLOSE) :]
     return None, text
 
 
@@ -97,18 +88,32 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _loads(text: str) -> Any:
-    """json.loads without NaN/Infinity (not JSON) or numbers that overflow to infinity."""
-    return json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(  # no NaN/Infinity (not JSON), no numbers that overflow a float
+    parse_float=_finite_float, parse_constant=_reject_constant
+)
 
 
-def _hermes_call(body: str, n: int) -> ToolCall:
+def _hermes_call(rest: str, body_start: int, n: int) -> tuple[ToolCall, int]:
+    """The call whose JSON starts at `rest[body_start:]` (after `<tool_call>`), and where its block ends.
+    The JSON is read as JSON (markup inside its strings is text), then `</tool_call>` must follow."""
+    if rest.find(_CALL_CLOSE, body_start) < 0:
+        raise _Malformed(f"call {n}: {_CALL_OPEN} without {_CALL_CLOSE}")
+    json_start = len(rest) - len(rest[body_start:].lstrip())
+    block = rest[json_start:]
     try:
-        payload = _loads(body)
+        payload, length = _DECODER.raw_decode(block)
     except json.JSONDecodeError as error:
         raise _Malformed(f"call {n}: invalid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
     except ValueError as error:
         raise _Malformed(f"call {n}: invalid JSON ({error})") from None
+    after = block[length:].lstrip()
+    if not after.startswith(_CALL_CLOSE):
+        raise _Malformed(f"call {n}: expected {_CALL_CLOSE} after the JSON object")
+    end = len(rest) - len(after) + len(_CALL_CLOSE)
+    return _hermes_payload(payload, n), end
+
+
+def _hermes_payload(payload: Any, n: int) -> ToolCall:
     if not isinstance(payload, dict):
         raise _Malformed(f'call {n}: expected a JSON object {{"name": ..., "arguments": {{...}}}}')
     extra = sorted(set(payload) - {"name", "arguments"})
@@ -122,12 +127,12 @@ def _hermes_call(body: str, n: int) -> ToolCall:
     arguments = payload.get("arguments", {})
     if isinstance(arguments, str):
         try:
-            arguments = _loads(arguments)
+            arguments = _DECODER.decode(arguments)
         except ValueError:
             raise _Malformed(f'call {n} ({name}): "arguments" is a string that is not a JSON object') from None
     if not isinstance(arguments, dict):
         raise _Malformed(f'call {n} ({name}): "arguments" must be a JSON object')
-    return ToolCall(name, arguments, _call_id(n))
+    return ToolCall(name, arguments, f"call_{n}")
 
 
 def _parse_hermes(text: str) -> AssistantTurn:
@@ -140,16 +145,10 @@ def _parse_hermes(text: str) -> AssistantTurn:
     at = 0
     try:
         while (start := rest.find(_CALL_OPEN, at)) >= 0:
-            n = len(calls) + 1
-            stray = rest.find(_CALL_CLOSE, at, start)
-            if stray >= 0:
+            if rest.find(_CALL_CLOSE, at, start) >= 0:
                 raise _Malformed(f"{_CALL_CLOSE} without {_CALL_OPEN}")
-            body_start = start + len(_CALL_OPEN)
-            end = rest.find(_CALL_CLOSE, body_start)
-            if end < 0 or _CALL_OPEN in rest[body_start:end]:
-                raise _Malformed(f"call {n}: {_CALL_OPEN} without {_CALL_CLOSE}")
-            calls.append(_hermes_call(rest[body_start:end].strip(), n))
-            at = end + len(_CALL_CLOSE)
+            call, at = _hermes_call(rest, start + len(_CALL_OPEN), len(calls) + 1)
+            calls.append(call)
             spans.append((start, at))
         if _CALL_CLOSE in rest[at:]:
             raise _Malformed(f"{_CALL_CLOSE} without {_CALL_OPEN}")
@@ -173,6 +172,9 @@ def parse_hermes(text: str) -> AssistantTurn:
         JSON      := {"name": <non-empty string>, "arguments": <object> | <string holding a JSON object>}
         text      := any text without <tool_call> or </tool_call>
 
+    The JSON is read as JSON, so `<tool_call>`, `</tool_call>` or `</think>` inside its strings are
+    text; after it only whitespace and `</tool_call>` may follow.
+
     - reasoning: the text of the first `</think>` block when it comes before any `<tool_call>`
       (stripped; "" for Qwen 3's empty block). A turn that opens with `<think>` and has no
       `</think>` (e.g. cut off by the token limit while reasoning) is a parse error: it has no action.
@@ -186,6 +188,7 @@ def parse_hermes(text: str) -> AssistantTurn:
 
     Errors (`parse_error`, exactly): "<think> without </think>", "<think> inside <think>",
     "call N: <tool_call> without </tool_call>", "</tool_call> without <tool_call>",
+    "call N: expected </tool_call> after the JSON object",
     "call N: invalid JSON (<json error> at line L column C)" (L, C within the stripped block),
     "call N: invalid JSON (<reason>)",
     'call N: expected a JSON object {"name": ..., "arguments": {...}}',
@@ -209,8 +212,6 @@ def format_hermes(turn: AssistantTurn) -> str:
         blocks.append(f"{_CALL_OPEN}\n{payload}\n{_CALL_CLOSE}")
     return "".join(parts) + "\n".join(blocks)
 
-
-# ---------------------------------------------------------------------------------------------- gemma
 
 _LITERAL_NAMES = {"True": True, "False": False, "None": None, "true": True, "false": False, "null": None}
 
@@ -257,7 +258,7 @@ def _gemma_call(node: ast.AST, n: int) -> ToolCall:
         except ValueError:
             message = "must be a literal (string, number, True/False/None, list, or dict with string keys)"
             raise _Malformed(f'call {n} ({name}): argument "{keyword.arg}" {message}') from None
-    return ToolCall(name, arguments, _call_id(n))
+    return ToolCall(name, arguments, f"call_{n}")
 
 
 def _gemma_block(body: str, where: str, first: int) -> list[ToolCall]:
@@ -267,8 +268,8 @@ def _gemma_block(body: str, where: str, first: int) -> list[ToolCall]:
         raise _Malformed(f"{where} is empty")
     try:
         tree = ast.parse(body.strip(), mode="exec")
-    except SyntaxError as error:
-        raise _Malformed(f"{where}: invalid Python ({error.msg})") from None
+    except (SyntaxError, ValueError) as error:  # ValueError: a null byte in the source
+        raise _Malformed(f"{where}: invalid Python ({getattr(error, 'msg', None) or error})") from None
     nodes: list[ast.AST] = []
     for statement in tree.body:
         if not isinstance(statement, ast.Expr):
@@ -280,15 +281,28 @@ def _gemma_block(body: str, where: str, first: int) -> list[ToolCall]:
     return [_gemma_call(node, first + i) for i, node in enumerate(nodes)]
 
 
+def _tool_code_end(text: str, start: int) -> int:
+    """Where the tool_code block whose body starts at `start` closes: the first ``` after which the
+    body is valid Python (``` inside a string literal is text), else the first ```."""
+    closes = [i for i in range(start, len(text)) if text.startswith(_FENCE, i)]
+    if not closes:
+        raise _Malformed("```tool_code block without a closing ```")
+    for close in closes:
+        try:
+            ast.parse(text[start:close].strip())
+            return close
+        except (SyntaxError, ValueError):
+            continue
+    return closes[0]
+
+
 def _parse_gemma(text: str) -> AssistantTurn:
     calls: list[ToolCall] = []
     spans: list[tuple[int, int]] = []
     at = 0
     try:
         while (opening := _TOOL_CODE_OPEN.search(text, at)) is not None:
-            close = text.find(_FENCE, opening.end())
-            if close < 0:
-                raise _Malformed("```tool_code block without a closing ```")
+            close = _tool_code_end(text, opening.end())
             calls += _gemma_block(text[opening.end() : close], f"tool_code block {len(spans) + 1}", len(calls) + 1)
             at = close + len(_FENCE)
             spans.append((opening.start(), at))
@@ -322,7 +336,8 @@ def parse_gemma(text: str) -> AssistantTurn:
 
     BODY is parsed with `ast` (never evaluated): only keyword arguments, names as Python writes
     them (NFKC-normalised identifiers; a Python keyword such as `from` cannot be an argument
-    name), tuples become lists, non-finite numbers are rejected. A BODY must not contain ```.
+    name), tuples become lists, non-finite numbers are rejected. A block ends at the first ```
+    after which BODY is valid Python (so ``` inside a string argument is text), else at the first ```.
     content: the text outside the tool_code blocks, each piece stripped, non-empty pieces joined by
     "\\n" (a bare list turn has content ""). A text that only looks like a list of calls part way
     through (not the whole turn) is content. reasoning: always None (Gemma 3 has no thinking
@@ -370,8 +385,6 @@ def format_gemma(turn: AssistantTurn) -> str:
     block = f"```tool_code\n[{calls}]\n```"
     return f"{turn.content}\n{block}" if turn.content else block
 
-
-# ---------------------------------------------------------------------------------------------- registry
 
 TOOL_PARSERS: dict[str, Callable[[str], AssistantTurn]] = {"hermes": parse_hermes, "gemma": parse_gemma}
 
