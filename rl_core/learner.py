@@ -37,6 +37,8 @@ def load_start_policy(cfg: RunConfig) -> Policy:
     policy = load_policy(
         cfg.resolved_policy_path(),
         chat=cfg.policy.chat_format,
+        tool_parser=cfg.policy.tool_parser,
+        stop_token=cfg.policy.stop_token,
         dtype=cfg.policy.dtype,
         device=cfg.policy.device,
         lora=cfg.policy.lora,
@@ -52,7 +54,9 @@ def load_start_policy(cfg: RunConfig) -> Policy:
 def load_run_checkpoint(cfg: RunConfig, folder: str | Path) -> tuple[Policy, dict[str, Any]]:
     """A checkpoint's policy (version = its step) and trainer state, loaded as the config's policy says."""
     p = cfg.policy
-    return load_checkpoint(folder, chat=p.chat_format, dtype=p.dtype, device=p.device)
+    return load_checkpoint(
+        folder, chat=p.chat_format, dtype=p.dtype, device=p.device, tool_parser=p.tool_parser, stop_token=p.stop_token
+    )
 
 
 class Learner:

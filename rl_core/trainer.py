@@ -205,7 +205,7 @@ class Trainer:
             batch = pad_batch(
                 [episodes[i] for i in chunk],
                 [advantages[i] for i in chunk],
-                self.policy.chat.pad_id,
+                self.policy.episode_renderer().pad_id,
                 self.policy.device,
                 self.temperature,
             )
@@ -287,7 +287,7 @@ class Trainer:
             batch = pad_batch(
                 [episodes[i] for i in chunk],
                 [zeros[i] for i in chunk],
-                self.policy.chat.pad_id,
+                self.policy.episode_renderer().pad_id,
                 self.policy.device,
                 self.temperature,
             )

@@ -43,7 +43,14 @@ def evaluate_task(evaluator: Evaluator, policy: Policy, run_id: str, samples: bo
 def evaluate_checkpoint_task(evaluator: Evaluator, checkpoint: str) -> EvalReport:
     """Evaluate another checkpoint folder (e.g. the registry champion) on the held-out tasks, greedy only."""
     cfg = evaluator.cfg.policy
-    policy = load_policy(checkpoint, chat=cfg.chat_format, dtype=cfg.dtype, device=cfg.device)
+    policy = load_policy(
+        checkpoint,
+        chat=cfg.chat_format,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        tool_parser=cfg.tool_parser,
+        stop_token=cfg.stop_token,
+    )
     report = evaluator.evaluate(policy, samples=False)
     get_run_logger().info("checkpoint %s: held-out pass@1 %.3f", checkpoint, report.pass_at_1)
     return report

@@ -79,13 +79,16 @@ def test_overrides_parse_yaml_values():
 
 
 # Every field of RunConfig by dotted name, in declaration order: the config's public schema. The only
-# change the layout refactor (issue 10) made is doctor.zero_adv_groups_max -> doctor.zero_variance_groups_max.
+# change the layout refactor (issue 10) made is doctor.zero_adv_groups_max -> doctor.zero_variance_groups_max;
+# issue 11 added policy.tool_parser and policy.stop_token (native tool calls through a chat template).
 EXPECTED_FIELDS = [
     "seed",
     "iterations",
     "policy.path",
     "policy.context_window",
     "policy.chat_format",
+    "policy.tool_parser",
+    "policy.stop_token",
     "policy.dtype",
     "policy.device",
     "policy.lora.enabled",

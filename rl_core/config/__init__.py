@@ -28,6 +28,7 @@ from rl_core.config.choices import (
     ChatFormatName,
     DType,
     OnCollapse,
+    ToolParserName,
     TrainerBackendName,
     TruncatedFinishReason,
     ZeroStage,
@@ -67,6 +68,7 @@ from rl_core.config.training import (
 __all__ = [
     "AlgorithmConfig",
     "ChatFormatName",
+    "ToolParserName",
     "DEFAULT_CONFIG_PATH",
     "DType",
     "DoctorConfig",

@@ -14,6 +14,7 @@ from rl_core.advantages import AdvantageMethod
 from rl_core.config.choices import (
     ChatFormatName,
     DType,
+    ToolParserName,
     TrainerBackendName,
     TruncatedFinishReason,
     ZeroStage,
@@ -55,8 +56,19 @@ class PolicyConfig(Section):
     )
     chat_format: ChatFormatName = Field(
         "turnstile",
-        description="Role markers around turns: Turnstile's own special tokens, or ChatML (<|im_start|>role ... "
-        "<|im_end|>) for models trained on it.",
+        description="How episodes are rendered: Turnstile's text actions between its own special tokens "
+        "(turnstile) or ChatML markers (chatml), or the tokenizer's own chat template with the tools as schemas "
+        "and native tool calls (hf_template, read by policy.tool_parser).",
+    )
+    tool_parser: ToolParserName = Field(
+        "hermes",
+        description="With chat_format hf_template: the tool-call format the model writes and is parsed "
+        "(hermes: <tool_call>{json}</tool_call>, Qwen and Hermes models; gemma: ```tool_code name(arg=...)```).",
+    )
+    stop_token: str | None = Field(
+        None,
+        description="With chat_format hf_template: the token that ends a policy turn (the template's end-of-turn "
+        "marker, e.g. <|im_end|>); None = the tokenizer's eos token.",
     )
     dtype: DType = Field("float32", description="Parameter dtype for training and generation.")
     device: str = Field("cpu", description="Torch device for the policy: cpu, cuda, cuda:1 ...")

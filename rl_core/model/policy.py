@@ -25,10 +25,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rl_core.config.choices import ChatFormatName, DType
+from rl_core.config.choices import ChatFormatName, DType, ToolParserName
 from rl_core.model.lora import apply_lora, is_adapter_dir, is_lora, load_adapter_model, save_adapter, tokenizer_dir
 from rl_core.model.renderers import Renderer, TextRenderer
+from rl_core.model.template_renderer import CALL_INSTRUCTIONS, HFTemplateRenderer
 from rl_core.model.tokenizer import ChatFormat, chat_format
+from rl_core.model.tool_parsers import tool_parser as tool_parser_for
 
 if TYPE_CHECKING:
     from rl_core.config import LoraConfig
@@ -42,13 +44,18 @@ class Policy:
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    chat: ChatFormat
+    chat: ChatFormat | None  # the role markers of a text-action policy; None with a native `renderer`
     version: int = 0
     renderer: Renderer | None = None  # how episodes are rendered; None: Turnstile's text actions in `chat`
 
     def episode_renderer(self) -> Renderer:
-        """The renderer of this policy's episodes: `renderer`, or the text actions between `chat`'s role markers."""
-        return self.renderer if self.renderer is not None else TextRenderer("text", self.chat, self.tokenizer)
+        """The renderer of this policy's episodes: `renderer`, or the text actions between `chat`'s role
+        markers. Raises ValueError when the policy has neither."""
+        if self.renderer is not None:
+            return self.renderer
+        if self.chat is None:
+            raise ValueError("the policy has neither a renderer nor a chat format")
+        return TextRenderer("text", self.chat, self.tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -94,8 +101,16 @@ def load_policy(
     dtype: DType = "float32",
     device: str = "cpu",
     lora: LoraConfig | None = None,
+    tool_parser: ToolParserName = "hermes",
+    stop_token: str | None = None,
 ) -> Policy:
     """Load a Hugging Face causal LM and its tokenizer from `path`.
+
+    `chat` names how episodes are rendered: `turnstile` / `chatml` (text actions between role
+    markers, `chat_format`), or `hf_template`: the tokenizer's own chat template with tools as
+    schemas and native tool calls read by `tool_parser`, turns ending at `stop_token` (default: the
+    tokenizer's eos token; `HFTemplateRenderer`, which raises ValueError for a tokenizer without a chat
+    template or without that token).
 
     A PEFT adapter folder (`adapter_config.json`) loads as its base model plus the adapter,
     trainable. With `lora` enabled, a plain model gets fresh adapters; an adapter folder keeps
@@ -108,7 +123,13 @@ def load_policy(
         model = load_adapter_model(path, dtype=DTYPES[dtype], device=device)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype]).to(device)
-    policy = Policy(model=model, tokenizer=tokenizer, chat=chat_format(chat, tokenizer))
+    if chat == "hf_template":
+        renderer = HFTemplateRenderer(
+            tokenizer, tool_parser_for(tool_parser), stop_token, call_instructions=CALL_INSTRUCTIONS[tool_parser]
+        )
+        policy = Policy(model=model, tokenizer=tokenizer, chat=None, renderer=renderer)
+    else:
+        policy = Policy(model=model, tokenizer=tokenizer, chat=chat_format(chat, tokenizer))
     if lora is not None and lora.enabled and not is_lora(model):
         apply_lora(policy, lora)
     return policy

@@ -59,7 +59,7 @@ def fine_tune(
         for start in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[start : start + batch_size]]
             width = max(len(t) for t, _ in batch)
-            tokens = torch.full((len(batch), width), policy.chat.pad_id, dtype=torch.long)
+            tokens = torch.full((len(batch), width), policy.episode_renderer().pad_id, dtype=torch.long)
             labels = torch.full((len(batch), width), -100, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
             for row, (ids, mask) in enumerate(batch):

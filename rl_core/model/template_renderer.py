@@ -52,6 +52,16 @@ HERMES_CALL_INSTRUCTIONS = (
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
 
+# Google's documented Gemma convention (rl_core/model/tool_parsers.py parse_gemma).
+GEMMA_CALL_INSTRUCTIONS = (
+    "To call functions, write the calls as Python keyword calls inside a tool_code block:\n"
+    '```tool_code\nfunction_name(argument="value")\n```\n'
+    "The results come back in a tool_output block."
+)
+# The call instructions of each tool-call format (`policy.tool_parser`), for the system message when
+# the chat template does not render the tools itself.
+CALL_INSTRUCTIONS = {"hermes": HERMES_CALL_INSTRUCTIONS, "gemma": GEMMA_CALL_INSTRUCTIONS}
+
 Message = dict[str, Any]
 
 

@@ -1,0 +1,155 @@
+"""A chat model's own template and native tool calls through the rollout engine (issue 11, item 2).
+
+A policy whose renderer is `HFTemplateRenderer` (a Hermes/Qwen-style ChatML template with tools, a
+small trained tokenizer) plays SOP episodes; a scripted token sampler writes the expert's moves as
+Hermes tool calls. The episode must be answered with the expert's reward, each tool result must come
+back through the template, and the episode's tokens must be exactly the template's own rendering of
+the conversation: what the policy was fed and sampled, nothing re-tokenized.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rl_core.environments import load_environment
+from rl_core.environments.actions import FinalAnswer, ToolCall, parse_action
+from rl_core.environments.expert import solve
+from rl_core.environments.messages import AssistantTurn
+from rl_core.environments.sop import ANSWER_TOOL
+from rl_core.model.generation import Generation
+from rl_core.model.policy import Policy, build_tiny_model
+from rl_core.model.template_renderer import HFTemplateRenderer
+from rl_core.model.tool_parsers import format_hermes, parse_hermes
+from rl_core.rollout import RolloutSettings, collect_rollouts
+from tests.test_template_renderer import CORPUS, EXTRA_TOKENS, HERMES_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def native_policy():
+    from rl_core.model.tokenizer import build_tokenizer
+
+    env = load_environment("refunds")
+    corpus = [*CORPUS, env.tool_system_prompt(), json.dumps(env.tools())] * 5
+    tok = build_tokenizer(corpus, vocab_size=600)
+    tok.add_tokens(EXTRA_TOKENS, special_tokens=True)
+    tok.chat_template = HERMES_TEMPLATE
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=4096)
+    renderer = HFTemplateRenderer(tok, parse_hermes, "<|im_end|>")
+    return Policy(model, tok, None, renderer=renderer)
+
+
+def hermes_text(action_text: str) -> str:
+    """The expert's text action as the Hermes tool call a chat model would write."""
+    action = parse_action(action_text)
+    if isinstance(action, FinalAnswer):
+        return format_hermes(AssistantTurn(tool_calls=(ToolCall(ANSWER_TOOL, dict(action.fields)),)))
+    assert isinstance(action, ToolCall)
+    return format_hermes(AssistantTurn(tool_calls=(action,)))
+
+
+def scripted(policy: Policy, turns: dict[int, list[str]]):
+    """A token sampler that writes, for episode key k, the texts turns[k] one per call, then stops."""
+    stop = policy.episode_renderer().stop_id
+    played = {key: 0 for key in turns}
+
+    def sample(keys, contexts, limits, temperature):
+        out = []
+        for key, limit in zip(keys, limits):
+            text = turns[key][played[key]]
+            played[key] += 1
+            ids = [*policy.tokenizer.encode(text, add_special_tokens=False), stop]
+            assert len(ids) <= limit
+            out.append(Generation(ids, [-0.5] * len(ids), True))
+        return out
+
+    return sample
+
+
+def settings(**overrides) -> RolloutSettings:
+    values = dict(max_turns=8, max_tokens_per_turn=400, context_window=4096, temperature=1.0, timeout_s=60.0)
+    return RolloutSettings(**{**values, **overrides})
+
+
+def test_the_expert_played_as_native_tool_calls_is_answered_and_token_exact(native_policy):
+    env = load_environment("refunds")
+    task = env.tasks("train")[0]
+    expert = solve(env, task)
+    texts = [hermes_text(action) for action in expert.actions]
+    [episode] = collect_rollouts(
+        native_policy,
+        [(env, task)],
+        settings(),
+        group_size=1,
+        run_id="native",
+        iteration=1,
+        token_sampler=scripted(native_policy, {0: texts}),
+    )
+    assert (episode.finish_reason, episode.reward, episode.success) == ("answered", expert.reward, True)
+    # the template's own rendering of the conversation is the episode, token for token
+    messages = [{"role": "system", "content": env.tool_system_prompt()}, {"role": "user", "content": task.prompt}]
+    for text, (_, observation) in zip(texts, expert.turns):
+        messages.append({"role": "assistant", "content": text})
+        if observation is not None:
+            messages.append({"role": "tool", "content": observation})
+    rendered = native_policy.tokenizer.apply_chat_template(
+        messages, tools=env.tools(), tokenize=False, add_generation_prompt=False
+    )
+    assert rendered.endswith("<|im_end|>\n")
+    expected = native_policy.tokenizer.encode(rendered.removesuffix("\n"), add_special_tokens=False)
+    assert episode.tokens == expected
+    # generated tokens are exactly the sampled ones, with their log-probs
+    generated = [t for t, m in zip(episode.tokens, episode.loss_mask) if m]
+    stop = native_policy.episode_renderer().stop_id
+    sampled = [t for text in texts for t in [*native_policy.tokenizer.encode(text, add_special_tokens=False), stop]]
+    assert generated == sampled
+    assert [lp for lp, m in zip(episode.behavior_logprobs, episode.loss_mask) if m] == [-0.5] * len(sampled)
+    prompt = native_policy.tokenizer.decode(episode.tokens[: episode.loss_mask.index(1)])
+    assert '"name": "submit_answer"' in prompt and "<tools>" in prompt  # the tools, rendered by the template
+    assert "CALL" not in prompt  # the tool system prompt: no text action syntax
+
+
+def test_a_turn_that_is_not_a_valid_tool_call_is_answered_with_an_error_and_the_episode_goes_on(native_policy):
+    env = load_environment("refunds")
+    task = env.tasks("train")[0]
+    expert = solve(env, task)
+    broken = '<tool_call>\n{"name": "get_order", "arguments": {"order_id": \n</tool_call>'
+    texts = [broken, *(hermes_text(action) for action in expert.actions)]
+    [episode] = collect_rollouts(
+        native_policy,
+        [(env, task)],
+        settings(),
+        group_size=1,
+        run_id="native",
+        iteration=1,
+        token_sampler=scripted(native_policy, {0: texts}),
+    )
+    assert episode.finish_reason == "answered" and episode.reward == expert.reward
+    first_result = next(turn for turn in episode.turns if turn.role == "tool")
+    assert json.loads(first_result.text)["error"].startswith("call 1: invalid JSON")
+    assert first_result.tool_ok is False
+
+
+def test_the_config_names_the_renderer_and_the_tool_parser(native_policy, tmp_path):
+    from rl_core.config import load_config
+    from rl_core.learner import load_start_policy
+    from rl_core.model.tool_parsers import parse_gemma
+
+    native_policy.model.save_pretrained(tmp_path / "chat-model")
+    native_policy.tokenizer.save_pretrained(tmp_path / "chat-model")
+    overrides = [
+        f"policy.path={tmp_path / 'chat-model'}",
+        "policy.chat_format=hf_template",
+        "policy.context_window=1024",
+    ]
+    policy = load_start_policy(load_config(None, [*overrides, "policy.stop_token=<|im_end|>"]))
+    renderer = policy.episode_renderer()
+    assert isinstance(renderer, HFTemplateRenderer) and renderer.native_tools and policy.chat is None
+    assert renderer.stop_id == policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    gemma = load_start_policy(
+        load_config(None, [*overrides, "policy.tool_parser=gemma", "policy.stop_token=<|im_end|>"])
+    )
+    assert gemma.episode_renderer().parser is parse_gemma
+    with pytest.raises(ValueError, match="chat template"):  # Turnstile's own tokenizer has none
+        load_start_policy(load_config(None, ["policy.chat_format=hf_template"]))
