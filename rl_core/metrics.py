@@ -42,8 +42,20 @@ def count_zero_variance_groups(groups: Iterable[Group]) -> tuple[int, int]:
     return all_correct, len(zero_variance) - all_correct
 
 
+def _parse_errors(episode: Episode) -> int:
+    """Assistant turns of `episode` whose tool calls could not be parsed."""
+    return sum(1 for t in episode.turns if t.role == "assistant" and t.parse_error is not None)
+
+
 def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
-    """Batch summary with the names managed multi-turn RL services use (rollout/..., analysis/...)."""
+    """Batch summary with the names managed multi-turn RL services use (rollout/..., analysis/...).
+
+    Means are per episode unless named otherwise. `rollout/tool_parse_errors` is the mean number of
+    assistant turns per episode whose tool-call syntax the renderer's parser could not read
+    (`Turn.parse_error` set; each was answered with an error observation); 0.0 for text-action
+    policies, whose turns never carry one. `rollout/finish/<reason>` is the fraction of episodes
+    that ended for that reason. An empty batch gives only `rollout/episodes` = 0.0.
+    """
     if not episodes:
         return {"rollout/episodes": 0.0}
     rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
@@ -62,6 +74,7 @@ def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
         "rollout/tokens/response_mean": sum(response) / len(episodes),
         "rollout/tokens/response_max": float(max(response)),
         "rollout/tokens/total_mean": sum(len(e.tokens) for e in episodes) / len(episodes),
+        "rollout/tool_parse_errors": sum(_parse_errors(e) for e in episodes) / len(episodes),
         "analysis/zero_variance_groups": (all_correct + all_wrong) / groups if groups else 0.0,
         "analysis/zero_variance_groups/all_correct": all_correct / groups if groups else 0.0,
         "analysis/zero_variance_groups/all_wrong": all_wrong / groups if groups else 0.0,

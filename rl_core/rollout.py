@@ -143,6 +143,7 @@ def _apply_turn(policy: Policy, live: LiveEpisode, gen: Generation, limit: int, 
         _cut_off(live, reason, settings.max_retries)
         return
     parsed = live.conversation.parse(gen.tokens)
+    turn.parse_error = getattr(parsed, "parse_error", None)  # a native turn the tool-call parser could not read
     if isinstance(parsed, str):
         result = _call_with_retries(live, lambda: live.session.step(parsed), settings.max_retries)
     else:

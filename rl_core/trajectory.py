@@ -12,6 +12,10 @@ Schema versions: 2 added the nullable `sampling` struct (what the token sampler 
 temperature, top_p, max tokens per turn, token-sampler backend, policy version). Version-1 tables
 (`TRAJECTORY_SCHEMA_V1`, no `sampling` column) are read through `upgrade_table`, which adds the
 column as null; the trainer then falls back to its configured temperature for those rows.
+3 added the nullable string `parse_error` to each `turns` struct, after `finish_reason`: on an
+assistant turn, why the renderer's tool-call parser could not parse it (null when it parsed, for
+text-action policies and for other roles). Version-1 and version-2 tables (`TRAJECTORY_SCHEMA_V1`,
+`TRAJECTORY_SCHEMA_V2`) are read through `upgrade_table`, which adds the field as null.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 FINISH_REASONS = (
     "answered",
@@ -43,6 +47,9 @@ class Turn:
 
     role: `system`, `user`, `assistant` (policy) or `tool` (environment).
     finish_reason: for assistant turns, why generation stopped (`stop` or `length`).
+    parse_error: for assistant turns of a native tool-calling policy, why the renderer's tool-call
+        parser could not parse the turn (the environment answered it with an error observation);
+        None when it parsed, for text-action policies and for other roles.
     """
 
     role: str
@@ -52,6 +59,7 @@ class Turn:
     tool_name: str | None = None
     tool_ok: bool | None = None
     finish_reason: str | None = None
+    parse_error: str | None = None
 
 
 @dataclass
@@ -137,8 +145,12 @@ TURN_TYPE = pa.struct(
         pa.field("tool_name", pa.string()),
         pa.field("tool_ok", pa.bool_()),
         pa.field("finish_reason", pa.string()),
+        pa.field("parse_error", pa.string()),  # null: parsed, a text action, or not an assistant turn
     ]
 )
+
+# Schema versions 1 and 2: turns without `parse_error`.
+TURN_TYPE_V2 = pa.struct([f for f in TURN_TYPE if f.name != "parse_error"])
 
 SAMPLING_TYPE = pa.struct(
     [
@@ -181,25 +193,56 @@ TRAJECTORY_SCHEMA = pa.schema(
     ]
 )
 
-# Schema version 1: the same columns without `sampling`.
-TRAJECTORY_SCHEMA_V1 = pa.schema([f for f in TRAJECTORY_SCHEMA if f.name != "sampling"])
+# Schema version 2: turns without `parse_error`.
+TRAJECTORY_SCHEMA_V2 = pa.schema(
+    [_required("turns", _list_of(TURN_TYPE_V2)) if f.name == "turns" else f for f in TRAJECTORY_SCHEMA]
+)
+# Schema version 1: version 2 without `sampling`.
+TRAJECTORY_SCHEMA_V1 = pa.schema([f for f in TRAJECTORY_SCHEMA_V2 if f.name != "sampling"])
 
 # The Arrow schema of each schema version this code reads.
-SCHEMAS_BY_VERSION = {1: TRAJECTORY_SCHEMA_V1, SCHEMA_VERSION: TRAJECTORY_SCHEMA}
+SCHEMAS_BY_VERSION = {1: TRAJECTORY_SCHEMA_V1, 2: TRAJECTORY_SCHEMA_V2, SCHEMA_VERSION: TRAJECTORY_SCHEMA}
 
 
 def upgrade_table(table: pa.Table, version: int) -> pa.Table:
-    """A table written with schema `version` as a `TRAJECTORY_SCHEMA` table.
+    """A table written with schema `version` as a `TRAJECTORY_SCHEMA` table (same rows, same order).
 
-    Version 1 gets a null `sampling` column (the token sampler's settings were not recorded); the
-    current version is returned as is. Raises ValueError for a version with no upgrade path.
+    Versions 1 and 2 get a null `parse_error` in every `turns` struct (not recorded); version 1 also
+    gets a null `sampling` column (the token sampler's settings were not recorded). The current
+    version is returned as is. Raises ValueError for a version with no upgrade path.
     """
     if version == SCHEMA_VERSION:
         return table
-    if version == 1:
-        position = TRAJECTORY_SCHEMA.get_field_index("sampling")
-        return table.add_column(position, TRAJECTORY_SCHEMA.field("sampling"), pa.nulls(table.num_rows, SAMPLING_TYPE))
-    raise ValueError(f"no upgrade from trajectory schema version {version} to {SCHEMA_VERSION}")
+    if version not in (1, 2):
+        raise ValueError(f"no upgrade from trajectory schema version {version} to {SCHEMA_VERSION}")
+    table = _with_parse_errors(table)
+    return _with_sampling(table) if version == 1 else table
+
+
+def _with_sampling(table: pa.Table) -> pa.Table:
+    """`table` with a null `sampling` column at its place in `TRAJECTORY_SCHEMA`."""
+    position = TRAJECTORY_SCHEMA.get_field_index("sampling")
+    return table.add_column(position, TRAJECTORY_SCHEMA.field("sampling"), pa.nulls(table.num_rows, SAMPLING_TYPE))
+
+
+def _with_parse_errors(table: pa.Table) -> pa.Table:
+    """`table` with its list<TURN_TYPE_V2> `turns` column as list<TURN_TYPE>, every `parse_error` null."""
+    position = table.schema.get_field_index("turns")
+    return table.set_column(position, TRAJECTORY_SCHEMA.field("turns"), _turns_with_parse_error(table.column("turns")))
+
+
+def _turns_with_parse_error(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A version-2 `turns` column (list<TURN_TYPE_V2>) as list<TURN_TYPE>, every `parse_error` null."""
+    chunks = []
+    for chunk in column.chunks:
+        # offsets index the unsliced child `values`, so sliced chunks keep their rows
+        values = chunk.values
+        children = [values.field(f.name) for f in TURN_TYPE_V2] + [pa.nulls(len(values), pa.string())]
+        mask = values.is_null() if values.null_count else None
+        structs = pa.StructArray.from_arrays(children, fields=list(TURN_TYPE), mask=mask)
+        mask = chunk.is_null() if chunk.null_count else None
+        chunks.append(pa.ListArray.from_arrays(chunk.offsets, structs, type=_list_of(TURN_TYPE), mask=mask))
+    return pa.chunked_array(chunks, type=_list_of(TURN_TYPE))
 
 
 # Columns computed from `Episode` properties: written for readers, recomputed on load.
@@ -321,10 +364,14 @@ def _python_values(table: pa.Table, name: str) -> list:
 def table_to_episodes(table: pa.Table) -> list[Episode]:
     """Episodes from a trajectory table; extra columns are ignored, derived ones recomputed.
 
-    A table without the `sampling` column (schema version 1) gives `sampling=None`.
+    A table of an older schema version is upgraded first (`upgrade_table`): a table without the
+    `sampling` column (version 1) gives `sampling=None`, turns without `parse_error` (versions 1
+    and 2) give `parse_error=None`.
     """
+    if table.schema.field("turns").type.equals(TRAJECTORY_SCHEMA_V2.field("turns").type):
+        table = _with_parse_errors(table)
     if "sampling" not in table.column_names:
-        table = upgrade_table(table, 1)
+        table = _with_sampling(table)
     names = [f.name for f in fields(Episode)]
     columns = {name: _python_values(table, name) for name in names}
     return [Episode(**{name: columns[name][row] for name in names}) for row in range(table.num_rows)]

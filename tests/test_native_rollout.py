@@ -153,3 +153,49 @@ def test_the_config_names_the_renderer_and_the_tool_parser(native_policy, tmp_pa
     assert gemma.episode_renderer().parser is parse_gemma
     with pytest.raises(ValueError, match="chat template"):  # Turnstile's own tokenizer has none
         load_start_policy(load_config(None, ["policy.chat_format=hf_template"]))
+
+
+def test_a_tool_call_that_does_not_parse_is_recorded_on_its_turn_and_counted(native_policy):
+    from rl_core.metrics import rollout_metrics
+
+    env = load_environment("refunds")
+    task = env.tasks("train")[0]
+    expert = solve(env, task)
+    broken = '<tool_call>\n{"name": "get_order", "arguments": {"order_id": \n</tool_call>'
+    texts = [broken, *(hermes_text(action) for action in expert.actions)]
+    [episode] = collect_rollouts(
+        native_policy,
+        [(env, task)],
+        settings(),
+        group_size=1,
+        run_id="native",
+        iteration=1,
+        token_sampler=scripted(native_policy, {0: texts}),
+    )
+    assert episode.finish_reason == "answered" and episode.reward == expert.reward
+    assert [t.role for t in episode.turns[2:4]] == ["assistant", "tool"]
+    first, answer = episode.turns[2], episode.turns[3]
+    assert first.parse_error == parse_hermes(broken).parse_error and first.parse_error.startswith(
+        "call 1: invalid JSON"
+    )
+    assert json.loads(answer.text)["error"].startswith("call 1: invalid JSON") and answer.tool_ok is False
+    # every later turn was a valid tool call
+    assistant = [t for t in episode.turns if t.role == "assistant"]
+    assert len(assistant) == len(texts) and all(t.parse_error is None for t in assistant[1:])
+    assert rollout_metrics([episode])["rollout/tool_parse_errors"] == 1.0
+    # the expert alone parses every turn: one error over the two episodes is 0.5 per episode
+    [clean] = collect_rollouts(
+        native_policy,
+        [(env, task)],
+        settings(),
+        group_size=1,
+        run_id="native",
+        iteration=1,
+        token_sampler=scripted(native_policy, {0: texts[1:]}),
+    )
+    assert rollout_metrics([episode, clean])["rollout/tool_parse_errors"] == 0.5
+    # the parse error survives the trajectory record
+    from rl_core.trajectory import episodes_to_table, table_to_episodes
+
+    [read] = table_to_episodes(episodes_to_table([episode]))
+    assert read.turns[2].parse_error == first.parse_error

@@ -228,3 +228,20 @@ def test_episodes_record_what_the_sampler_was_asked(tiny_policy):
     )
     assert own.sampling == Sampling(temperature=0.0, top_p=1.0, max_tokens_per_turn=4, backend="hf", policy_version=3)
     assert own.policy_version == 3
+
+
+def test_text_action_turns_carry_no_parse_error_and_count_none(tiny_policy):
+    from rl_core.metrics import rollout_metrics
+
+    work = [(ScriptedEnv(answer_after=2), TASK), (ScriptedEnv(answer_after=3), TASK)]
+    eps = collect_rollouts(
+        tiny_policy,
+        work,
+        settings(),
+        group_size=2,
+        run_id="r",
+        iteration=1,
+        token_sampler=scripted_sampler(tiny_policy),
+    )
+    assert all(t.parse_error is None for ep in eps for t in ep.turns)
+    assert rollout_metrics(eps)["rollout/tool_parse_errors"] == 0.0

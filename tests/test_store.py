@@ -156,7 +156,7 @@ def test_schema_marks_required_fields() -> None:
     nullable = {f.name for f in TRAJECTORY_SCHEMA if f.nullable}
     assert nullable == {"env_error", "sampling"}
     turn_type = TRAJECTORY_SCHEMA.field("turns").type.value_type
-    assert {f.name for f in turn_type if f.nullable} == {"tool_name", "tool_ok", "finish_reason"}
+    assert {f.name for f in turn_type if f.nullable} == {"tool_name", "tool_ok", "finish_reason", "parse_error"}
     assert TRAJECTORY_SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")
 
 

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from rl_core.trajectory import SCHEMAS_BY_VERSION, upgrade_table
 
 # Schema versions this code can read: each has its Arrow schema in SCHEMAS_BY_VERSION and an
-# upgrade to the current TRAJECTORY_SCHEMA in `upgrade_table` (1: no `sampling` column).
+# upgrade to the current TRAJECTORY_SCHEMA in `upgrade_table` (1: no `sampling` column; 1 and 2: no
+# `parse_error` in the `turns` structs).
 KNOWN_SCHEMA_VERSIONS = frozenset(SCHEMAS_BY_VERSION)
 
 MANIFEST_SUFFIX = ".manifest.json"
