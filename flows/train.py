@@ -131,6 +131,7 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
         logger.info(
             "continuing run %s after iteration %d (step %d)", run.run_id, run.last_iteration, run.policy.version
         )
+    logger.info("%s", run.context_budget.describe())
     tracker = start_tracking(run.cfg, run.run_id)
     stages = PrefectStages(run, tracker)
     try:

@@ -32,6 +32,7 @@ import torch
 
 from rl_core.collector import Collector, load_environments
 from rl_core.config import RunConfig
+from rl_core.context_budget import measure_context_budget
 from rl_core.evaluation import EvalReport, Evaluator
 from rl_core.learner import Learner, load_run_checkpoint, load_start_policy
 from rl_core.model.policy import Policy
@@ -60,6 +61,8 @@ class TrainingRun:
         envs = load_environments(cfg)
         self.collector = Collector(cfg, envs, self.run_id)
         self.learner = Learner(cfg, policy or load_start_policy(cfg), checkpoints_dir(self.run_dir))
+        self.context_budget = measure_context_budget(cfg, self.learner.policy.episode_renderer(), envs)
+        self.context_budget.check()  # the config's check could only use environment.prompt_tokens
         self.evaluator = Evaluator(envs, cfg)
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
         self.ledger = RunLedger(self.run_dir, self.batch_committed)

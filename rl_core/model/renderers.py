@@ -101,3 +101,10 @@ class TextRenderer:
         prompt = self.chat.prompt(self.tokenizer, system, user)
         system_length = len(self.chat.message(self.tokenizer, "system", system))
         return _TextConversation(self.chat, self.tokenizer, prompt, system_length)
+
+    def prompt_lengths(self, system: str, tools: list[dict[str, Any]], users: list[str]) -> list[int]:
+        """len(start(system, tools, user).prompt_ids) for each of `users` (tokens), in one batched encoding."""
+        fixed = len(self.chat.message(self.tokenizer, "system", system)) + len(self.chat.prefix["assistant"])
+        user_turn = len(self.chat.prefix["user"]) + len(self.chat.end)
+        encoded = self.tokenizer(users, add_special_tokens=False)["input_ids"] if users else []
+        return [fixed + user_turn + len(ids) for ids in encoded]
