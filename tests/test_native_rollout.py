@@ -199,3 +199,26 @@ def test_a_tool_call_that_does_not_parse_is_recorded_on_its_turn_and_counted(nat
 
     [read] = table_to_episodes(episodes_to_table([episode]))
     assert read.turns[2].parse_error == first.parse_error
+
+
+def test_auto_picks_the_format_and_the_parser_from_the_tokenizer(native_policy, tiny_tokenizer):
+    import copy
+
+    from rl_core.model.policy import resolve_chat_format, resolve_tool_parser
+
+    assert resolve_chat_format("auto", tiny_tokenizer) == "turnstile"  # Turnstile's role tokens
+    assert resolve_chat_format("auto", native_policy.tokenizer) == "hf_template"  # a chat template
+    bare = copy.deepcopy(native_policy.tokenizer)
+    bare.chat_template = None
+    assert resolve_chat_format("auto", bare) == "turnstile"  # no template: its Turnstile role tokens
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "hello": 3}
+    chatml_only = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")))
+    assert resolve_chat_format("auto", chatml_only) == "chatml"  # neither a template nor Turnstile's tokens
+    assert resolve_chat_format("chatml", native_policy.tokenizer) == "chatml"  # a name given is kept
+    assert resolve_tool_parser("auto", native_policy.tokenizer) == "hermes"
+    bare.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+    assert resolve_tool_parser("auto", bare) == "gemma"
+    assert resolve_tool_parser("hermes", bare) == "hermes"

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Literal
 
 # policy.chat_format: the role markers around turns (rl_core/model/tokenizer.py chat_format).
-ChatFormatName = Literal["turnstile", "chatml", "hf_template"]
+ChatFormatName = Literal["turnstile", "chatml", "hf_template", "auto"]
 
 # policy.tool_parser: how a native chat model writes tool calls (rl_core/model/tool_parsers.py).
-ToolParserName = Literal["hermes", "gemma"]
+ToolParserName = Literal["hermes", "gemma", "auto"]
 
 # policy.dtype: parameter dtype, the name of a torch dtype (rl_core/model/policy.py DTYPES).
 DType = Literal["float32", "bfloat16", "float16"]

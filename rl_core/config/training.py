@@ -58,12 +58,14 @@ class PolicyConfig(Section):
         "turnstile",
         description="How episodes are rendered: Turnstile's text actions between its own special tokens "
         "(turnstile) or ChatML markers (chatml), or the tokenizer's own chat template with the tools as schemas "
-        "and native tool calls (hf_template, read by policy.tool_parser).",
+        "and native tool calls (hf_template, read by policy.tool_parser); auto picks from the tokenizer: "
+        "hf_template when it has a chat template, else turnstile when it has Turnstile's role tokens, else chatml.",
     )
     tool_parser: ToolParserName = Field(
         "hermes",
         description="With chat_format hf_template: the tool-call format the model writes and is parsed "
-        "(hermes: <tool_call>{json}</tool_call>, Qwen and Hermes models; gemma: ```tool_code name(arg=...)```).",
+        "(hermes: <tool_call>{json}</tool_call>, Qwen and Hermes models; gemma: ```tool_code name(arg=...)```; "
+        "auto: gemma for a tokenizer with Gemma's <start_of_turn>, else hermes).",
     )
     stop_token: str | None = Field(
         None,

@@ -123,6 +123,7 @@ def load_policy(
         model = load_adapter_model(path, dtype=DTYPES[dtype], device=device)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype]).to(device)
+    chat, tool_parser = resolve_chat_format(chat, tokenizer), resolve_tool_parser(tool_parser, tokenizer)
     if chat == "hf_template":
         renderer = HFTemplateRenderer(
             tokenizer, tool_parser_for(tool_parser), stop_token, call_instructions=CALL_INSTRUCTIONS[tool_parser]
@@ -133,6 +134,26 @@ def load_policy(
     if lora is not None and lora.enabled and not is_lora(model):
         apply_lora(policy, lora)
     return policy
+
+
+def resolve_chat_format(name: ChatFormatName, tokenizer: PreTrainedTokenizerBase) -> ChatFormatName:
+    """`name`, or for "auto" the format the tokenizer was made for: `hf_template` when it carries a chat
+    template (a chat model's own), else `turnstile` when it has Turnstile's role tokens (`<|user|>`,
+    `<|assistant|>`, `<|end|>`), else `chatml`."""
+    if name != "auto":
+        return name
+    if getattr(tokenizer, "chat_template", None):
+        return "hf_template"
+    vocab = tokenizer.get_vocab()
+    return "turnstile" if all(token in vocab for token in ("<|user|>", "<|assistant|>", "<|end|>")) else "chatml"
+
+
+def resolve_tool_parser(name: ToolParserName, tokenizer: PreTrainedTokenizerBase) -> ToolParserName:
+    """`name`, or for "auto": `gemma` for a tokenizer with Gemma's turn tokens (`<start_of_turn>`), else
+    `hermes` (the `<tool_call>` format of Qwen, Hermes and most open chat models)."""
+    if name != "auto":
+        return name
+    return "gemma" if "<start_of_turn>" in tokenizer.get_vocab() else "hermes"
 
 
 def save_policy(policy: Policy, directory: str | Path) -> None:
