@@ -67,6 +67,20 @@ def scripted(policy: Policy, turns: dict[int, list[str]]):
     return sample
 
 
+def play(policy: Policy, env, task, texts: list[str]):
+    """One episode of `task` whose policy turns are `texts` (the scripted token sampler)."""
+    [episode] = collect_rollouts(
+        policy,
+        [(env, task)],
+        settings(),
+        group_size=1,
+        run_id="native",
+        iteration=1,
+        token_sampler=scripted(policy, {0: texts}),
+    )
+    return episode
+
+
 def settings(**overrides) -> RolloutSettings:
     values = dict(max_turns=8, max_tokens_per_turn=400, context_window=4096, temperature=1.0, timeout_s=60.0)
     return RolloutSettings(**{**values, **overrides})
@@ -77,15 +91,7 @@ def test_the_expert_played_as_native_tool_calls_is_answered_and_token_exact(nati
     task = env.tasks("train")[0]
     expert = solve(env, task)
     texts = [hermes_text(action) for action in expert.actions]
-    [episode] = collect_rollouts(
-        native_policy,
-        [(env, task)],
-        settings(),
-        group_size=1,
-        run_id="native",
-        iteration=1,
-        token_sampler=scripted(native_policy, {0: texts}),
-    )
+    episode = play(native_policy, env, task, texts)
     assert (episode.finish_reason, episode.reward, episode.success) == ("answered", expert.reward, True)
     # the template's own rendering of the conversation is the episode, token for token
     messages = [{"role": "system", "content": env.tool_system_prompt()}, {"role": "user", "content": task.prompt}]
@@ -142,15 +148,7 @@ def test_a_tool_call_that_does_not_parse_is_answered_with_an_error_recorded_on_i
     expert = solve(env, task)
     broken = '<tool_call>\n{"name": "get_order", "arguments": {"order_id": \n</tool_call>'
     texts = [broken, *(hermes_text(action) for action in expert.actions)]
-    [episode] = collect_rollouts(
-        native_policy,
-        [(env, task)],
-        settings(),
-        group_size=1,
-        run_id="native",
-        iteration=1,
-        token_sampler=scripted(native_policy, {0: texts}),
-    )
+    episode = play(native_policy, env, task, texts)
     assert episode.finish_reason == "answered" and episode.reward == expert.reward
     assert [t.role for t in episode.turns[2:4]] == ["assistant", "tool"]
     first, answer = episode.turns[2], episode.turns[3]
@@ -163,15 +161,7 @@ def test_a_tool_call_that_does_not_parse_is_answered_with_an_error_recorded_on_i
     assert len(assistant) == len(texts) and all(t.parse_error is None for t in assistant[1:])
     assert rollout_metrics([episode])["rollout/tool_parse_errors"] == 1.0
     # the expert alone parses every turn: one error over the two episodes is 0.5 per episode
-    [clean] = collect_rollouts(
-        native_policy,
-        [(env, task)],
-        settings(),
-        group_size=1,
-        run_id="native",
-        iteration=1,
-        token_sampler=scripted(native_policy, {0: texts[1:]}),
-    )
+    clean = play(native_policy, env, task, texts[1:])
     assert rollout_metrics([episode, clean])["rollout/tool_parse_errors"] == 0.5
     # the parse error survives the trajectory record
     from rl_core.trajectory import episodes_to_table, table_to_episodes
