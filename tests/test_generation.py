@@ -84,3 +84,15 @@ def test_shared_prompts_are_encoded_once_and_give_per_row_results(tiny_policy):
         alone = generate_batch(tiny_policy.model, [prompt], limit, **kw)[0]
         assert gen.tokens == alone.tokens
         assert gen.logprobs == __import__("pytest").approx(alone.logprobs, abs=1e-4)
+
+
+def test_any_of_the_stop_ids_ends_a_generation(tiny_policy):
+    """A token in `stop_ids` (e.g. harmony's <|call|>) ends the turn like `stop_id`, and is kept as its last token."""
+    prompts = _prompts(tiny_policy)
+    kw = dict(temperature=0.0, stop_id=tiny_policy.chat.stop_id, pad_id=tiny_policy.chat.pad_id)
+    free = generate_batch(tiny_policy.model, prompts, 12, **kw)
+    for prompt, gen in zip(prompts, free):
+        third = gen.tokens[2]
+        cut = generate_batch(tiny_policy.model, [prompt], 12, stop_ids={third}, **kw)[0]
+        first = gen.tokens.index(third)
+        assert cut.tokens == gen.tokens[: first + 1] and cut.stopped

@@ -14,7 +14,7 @@ temperature)`; at temperature 0 (greedy) they are the plain `log_softmax(logits)
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -133,7 +133,9 @@ class _Group:
 
 
 class BatchDecoder:
-    """Continues keyed token sequences in batches of at most `batch_size`, caching across calls."""
+    """Continues keyed token sequences in batches of at most `batch_size`, caching across calls.
+
+    A generation stops at `stop_id` or any of `stop_ids` (its `stopped` is then True), or at its limit."""
 
     def __init__(
         self,
@@ -143,8 +145,10 @@ class BatchDecoder:
         pad_id: int,
         batch_size: int = 256,
         generator: torch.Generator | None = None,
+        stop_ids: Collection[int] = (),
     ):
         self.model, self.stop_id, self.pad_id = model, stop_id, pad_id
+        self.stop_ids = frozenset(stop_ids) | {stop_id}  # any of these ends a turn
         self.batch_size, self.generator = batch_size, generator
         self.device = next(model.parameters()).device
         self.groups: list[_Group] = []
@@ -275,7 +279,7 @@ class BatchDecoder:
                 if live[row]:
                     results[row].tokens.append(token)
                     results[row].logprobs.append(lp)
-                    results[row].stopped = token == self.stop_id
+                    results[row].stopped = token in self.stop_ids
                     live[row] = not results[row].stopped and len(results[row].tokens) < limits[row]
             still = sum(live[:active])
             if still == 0:
@@ -309,10 +313,14 @@ def generate_batch(
     pad_id: int,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
+    stop_ids: Collection[int] = (),
 ) -> list[Generation]:
-    """Continue every prompt once; at most `batch_size` sequences share one forward pass."""
+    """Continue every prompt once; at most `batch_size` sequences share one forward pass. A generation
+    stops at `stop_id` or any of `stop_ids`, or after its `max_new_tokens` (tokens)."""
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(limits) != len(prompts):
         raise ValueError("max_new_tokens must be given once or once per prompt")
-    decoder = BatchDecoder(model, stop_id=stop_id, pad_id=pad_id, batch_size=batch_size, generator=generator)
+    decoder = BatchDecoder(
+        model, stop_id=stop_id, pad_id=pad_id, batch_size=batch_size, generator=generator, stop_ids=stop_ids
+    )
     return decoder.generate(list(range(len(prompts))), prompts, limits, temperature)

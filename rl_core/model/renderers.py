@@ -51,11 +51,14 @@ class Conversation(Protocol):
 class Renderer(Protocol):
     """Renders episodes for one policy's tokenizer. name: as in the config (`policy.chat_format`).
     native_tools: whether tools go to the model as schemas and turns come back as structured tool
-    calls. stop_id: the token that ends a policy turn. pad_id: the padding token."""
+    calls. stop_id: the token that ends a policy turn. stop_ids: every token that ends a policy turn
+    (`stop_id` among them; e.g. harmony ends a turn at `<|call|>` or `<|return|>`). pad_id: the
+    padding token."""
 
     name: str
     native_tools: bool
     stop_id: int
+    stop_ids: frozenset[int]
     pad_id: int
 
     def start(self, system: str, tools: list[dict[str, Any]], user: str) -> Conversation:
@@ -92,6 +95,10 @@ class TextRenderer:
     @property
     def stop_id(self) -> int:
         return self.chat.stop_id
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset({self.chat.stop_id})
 
     @property
     def pad_id(self) -> int:

@@ -248,6 +248,7 @@ class HFTemplateRenderer:
         self.parser = parser
         self.stop_token = stop_token
         self.stop_id = int(vocab[stop_token])
+        self.stop_ids = frozenset({self.stop_id})
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.stop_id
         self.call_instructions = call_instructions
         self.template_kwargs = dict(template_kwargs or {})

@@ -30,11 +30,13 @@ CUSTOM_BACKEND = "custom"
 
 def hf_token_sampler(policy: Policy, batch_size: int, generator: torch.Generator | None = None) -> TokenSampler:
     """A TokenSampler running the policy's own model in this process, caching each episode's keys and values."""
+    renderer = policy.episode_renderer()
     decoder = BatchDecoder(
         policy.model,
-        stop_id=policy.episode_renderer().stop_id,
-        pad_id=policy.episode_renderer().pad_id,
+        stop_id=renderer.stop_id,
+        pad_id=renderer.pad_id,
         batch_size=batch_size,
         generator=generator,
+        stop_ids=renderer.stop_ids,
     )
     return decoder.generate
