@@ -24,6 +24,7 @@ SKIPPED_STEP_METRICS = (
     "train/nonfinite_reward_dropped",
     "train/truncated_masked",
     "train/no_loss_token_episodes",
+    "train/reasoning_masked_tokens",
 )
 
 
@@ -56,6 +57,7 @@ class StepMetrics:
     nonfinite_reward_dropped: int = 0
     truncated_masked: int = 0
     no_loss_token_episodes: int = 0
+    reasoning_masked_tokens: int = 0  # reasoning tokens left out of the loss (algorithm.reasoning_in_loss false)
 
     @property
     def step_skipped(self) -> bool:
@@ -83,6 +85,7 @@ class StepMetrics:
             "train/nonfinite_reward_dropped": float(self.nonfinite_reward_dropped),
             "train/truncated_masked": float(self.truncated_masked),
             "train/no_loss_token_episodes": float(self.no_loss_token_episodes),
+            "train/reasoning_masked_tokens": float(self.reasoning_masked_tokens),
         }
 
     def recorded(self) -> dict[str, float]:

@@ -1,6 +1,8 @@
 """Policy-gradient training on a batch of episodes: one `Trainer.step` per iteration.
 
 `Trainer.step(episodes)`:
+0. with `algorithm.reasoning_in_loss` false, gives the policy turns' reasoning tokens loss mask 0
+   (reasoning_mask.py; the episodes keep them);
 1. selects what to train on (`select_episodes`, selection.py): drops env_error episodes,
    episodes whose reward or a reward component is not finite (never trained on, whatever the
    environment layer did), stale ones (sampled more than `max_steps_off_policy` policy
@@ -47,6 +49,7 @@ from rl_core.groups import group_episodes
 from rl_core.losses import policy_loss, truncated_is_weights
 from rl_core.model.backends import make_backend
 from rl_core.model.policy import Policy
+from rl_core.reasoning_mask import mask_reasoning
 from rl_core.selection import length_sorted_micro_batches, select_episodes, split_mini_batches
 from rl_core.step_metrics import (
     SKIPPED_STEP_METRICS,
@@ -133,6 +136,9 @@ class Trainer:
         """Train on one iteration's `episodes`: `optimizer.mini_batches_per_step` x `optimizer.epochs_per_batch`
         optimizer steps (see the module docstring). Never raises for what the batch holds: a batch with
         nothing to train on, or whose every step is non-finite, returns metrics with `skipped` set."""
+        reasoning_masked = 0
+        if not self.algorithm.reasoning_in_loss:  # the episodes keep their reasoning; the loss leaves it out
+            episodes, reasoning_masked = mask_reasoning(episodes, self.policy.episode_renderer().reasoning_spans)
         selection = select_episodes(episodes, self.algorithm, self.policy.version)
         train = selection.train
         fed = [i for i, e in enumerate(train) if e.response_tokens > 0]
@@ -149,6 +155,7 @@ class Trainer:
             nonfinite_reward_dropped=selection.nonfinite_reward,
             truncated_masked=selection.truncated_masked,
             no_loss_token_episodes=len(train) - len(fed),
+            reasoning_masked_tokens=reasoning_masked,
         )
         if not fed:
             reason = (

@@ -125,6 +125,7 @@ EXPECTED_FIELDS = [
     "algorithm.zero_variance_groups",
     "algorithm.max_resample_rounds",
     "algorithm.mask_truncated",
+    "algorithm.reasoning_in_loss",
     "optimizer.lr",
     "optimizer.betas",
     "optimizer.eps",

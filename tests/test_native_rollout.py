@@ -191,3 +191,15 @@ def test_auto_picks_the_format_and_the_parser_from_the_tokenizer(native_policy, 
     bare.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
     assert resolve_tool_parser("auto", bare) == "gemma"
     assert resolve_tool_parser("hermes", bare) == "hermes"
+
+
+def test_reasoning_spans_of_a_sampled_turn_cover_the_think_block(native_policy):
+    """The renderer finds a turn's <think> block by its token ids (for algorithm.reasoning_in_loss false)."""
+    renderer = native_policy.episode_renderer()
+    tok = native_policy.tokenizer
+    think = tok.encode("<think>\nlook up the order first\n</think>\n\n", add_special_tokens=False)
+    call = tok.encode(hermes_text('CALL get_order {"order_id": "A1"}'), add_special_tokens=False)
+    ids = [*think, *call, renderer.stop_id]
+    closing = len(tok.encode("<think>\nlook up the order first\n</think>", add_special_tokens=False))
+    assert renderer.reasoning_spans(ids) == [(0, closing)]
+    assert renderer.reasoning_spans([*call, renderer.stop_id]) == []

@@ -230,3 +230,42 @@ def test_every_advantage_method_trains(tiny_policy, method):
     m = Trainer(policy, AlgorithmConfig(advantage_method=method, pass_k=2), OptimizerConfig(lr=1e-2)).step(episodes)
     assert policy.version == 1 and m.grad_norm > 0
     assert any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+
+
+def test_reasoning_in_loss_false_trains_as_if_the_reasoning_tokens_were_masked(tiny_policy):
+    """algorithm.reasoning_in_loss false: the renderer's reasoning spans get loss mask 0; the update equals
+    training on episodes masked by hand, and differs from training on the reasoning."""
+    import dataclasses
+
+    policy = copy.deepcopy(tiny_policy)
+    text = policy.episode_renderer()
+
+    class FirstTwoTokensReason:  # each policy turn's first two tokens are its "reasoning"
+        name, native_tools, stop_id, stop_ids, pad_id = "stub", False, text.stop_id, text.stop_ids, text.pad_id
+
+        def reasoning_spans(self, generated):
+            return [(0, 2)]
+
+    policy.renderer = FirstTwoTokensReason()
+    episodes = make_episodes(tiny_policy)
+    by_hand = []
+    for e in episodes:
+        mask = list(e.loss_mask)
+        for t in e.turns:
+            if t.role == "assistant":
+                mask[t.start : t.start + 2] = [0, 0]
+        by_hand.append(dataclasses.replace(e, loss_mask=mask))
+
+    def trained(p, batch, algorithm):
+        p = copy.deepcopy(p)
+        metrics = Trainer(p, algorithm, OptimizerConfig(lr=1e-2)).step(batch)
+        return {k: v.detach().clone() for k, v in p.model.state_dict().items()}, metrics
+
+    masked, m = trained(policy, episodes, AlgorithmConfig(reasoning_in_loss=False))
+    expected, m_hand = trained(tiny_policy, by_hand, AlgorithmConfig())
+    unmasked, _ = trained(tiny_policy, episodes, AlgorithmConfig())
+    assert m.reasoning_masked_tokens == 2 * 2 * len(episodes) and m.as_dict()["train/reasoning_masked_tokens"] == 24
+    assert m.loss_tokens == m_hand.loss_tokens
+    assert all(torch.allclose(masked[k], expected[k], atol=1e-6) for k in expected)
+    assert any(not torch.allclose(masked[k], unmasked[k], atol=1e-6) for k in expected)
+    assert all(e.loss_mask.count(1) > b.loss_mask.count(1) for e, b in zip(episodes, by_hand))  # inputs unchanged

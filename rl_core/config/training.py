@@ -58,14 +58,17 @@ class PolicyConfig(Section):
         "turnstile",
         description="How episodes are rendered: Turnstile's text actions between its own special tokens "
         "(turnstile) or ChatML markers (chatml), or the tokenizer's own chat template with the tools as schemas "
-        "and native tool calls (hf_template, read by policy.tool_parser); auto picks from the tokenizer: "
-        "hf_template when it has a chat template, else turnstile when it has Turnstile's role tokens, else chatml.",
+        "and native tool calls (hf_template, read by policy.tool_parser), or GPT-OSS's harmony format (harmony, "
+        "openai_harmony library; needs policy.tool_parser harmony or auto); auto picks from the tokenizer: harmony "
+        "when it has harmony's <|channel|> token, else hf_template when it has a chat template, else turnstile "
+        "when it has Turnstile's role tokens, else chatml.",
     )
     tool_parser: ToolParserName = Field(
         "hermes",
         description="With chat_format hf_template: the tool-call format the model writes and is parsed "
         "(hermes: <tool_call>{json}</tool_call>, Qwen and Hermes models; gemma: ```tool_code name(arg=...)```; "
-        "auto: gemma for a tokenizer with Gemma's <start_of_turn>, else hermes).",
+        "harmony: GPT-OSS's commentary to=functions.NAME calls, only with chat_format harmony; auto: harmony for a "
+        "tokenizer with <|channel|>, gemma for one with Gemma's <start_of_turn>, else hermes).",
     )
     stop_token: str | None = Field(
         None,
@@ -77,6 +80,19 @@ class PolicyConfig(Section):
     lora: LoraConfig = Field(
         default_factory=LoraConfig, description="Low-rank adaptation (LoRA) of the policy; off by default."
     )
+
+    @model_validator(mode="after")
+    def _harmony_pairs(self) -> "PolicyConfig":
+        if self.chat_format == "harmony" and self.tool_parser not in ("harmony", "auto"):
+            raise ValueError(
+                f"policy.chat_format harmony parses its own tool calls: policy.tool_parser must be harmony or auto, "
+                f"not {self.tool_parser!r}"
+            )
+        if self.tool_parser == "harmony" and self.chat_format not in ("harmony", "auto"):
+            raise ValueError(
+                f"policy.tool_parser harmony needs policy.chat_format harmony or auto, not {self.chat_format!r}"
+            )
+        return self
 
 
 class RolloutConfig(Section):
@@ -175,6 +191,13 @@ class AlgorithmConfig(Section):
             "answers above the "
             "baseline ([] = train on them as on any episode)."
         ),
+    )
+
+    reasoning_in_loss: bool = Field(
+        True,
+        description="Whether the loss trains on the reasoning tokens of policy turns (a <think> block, harmony's "
+        "analysis channel). The episode keeps them either way; false sets their loss mask to 0 at training time "
+        "(rl_core/reasoning_mask.py), counted as train/reasoning_masked_tokens.",
     )
 
     @model_validator(mode="after")

@@ -61,6 +61,10 @@ class Renderer(Protocol):
     stop_ids: frozenset[int]
     pad_id: int
 
+    def reasoning_spans(self, generated: list[int]) -> list[tuple[int, int]]:
+        """The reasoning blocks of one policy turn's generated ids ([start, end) positions; markers
+        included), for `algorithm.reasoning_in_loss: false` (rl_core/reasoning_mask.py)."""
+
     def start(self, system: str, tools: list[dict[str, Any]], user: str) -> Conversation:
         """Open one episode: `system` (the environment's system prompt for this renderer), `tools` (OpenAI
         function schemas; a text renderer ignores them, the system prompt describes the tools), `user`
@@ -103,6 +107,10 @@ class TextRenderer:
     @property
     def pad_id(self) -> int:
         return self.chat.pad_id
+
+    def reasoning_spans(self, generated: list[int]) -> list[tuple[int, int]]:
+        """None: Turnstile's text actions have no reasoning block."""
+        return []
 
     def start(self, system: str, tools: list[dict[str, Any]], user: str) -> _TextConversation:
         prompt = self.chat.prompt(self.tokenizer, system, user)

@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rl_core.environments.base import StepResult
 from rl_core.environments.messages import AssistantTurn
+from rl_core.reasoning_mask import marker_spans
 
 # The Hermes / Qwen call format, as Qwen's own templates describe it to the model.
 HERMES_CALL_INSTRUCTIONS = (
@@ -218,7 +219,9 @@ class HFTemplateRenderer:
     stop_token: the token that ends a policy turn, which must also be the template's end-of-turn
     marker (default: the tokenizer's eos token; ChatML: `<|im_end|>`). call_instructions: the call
     format text used when the template ignores `tools` (default: Hermes). template_kwargs: extra
-    variables for the template (e.g. `enable_thinking`).
+    variables for the template (e.g. `enable_thinking`). reasoning_markers: the text that opens and
+    closes a reasoning block in a policy turn (default Qwen's `<think>`, `</think>`), for
+    `reasoning_spans`.
 
     Raises ValueError when the tokenizer has no chat template, when no stop token is given and the
     tokenizer has no eos token, or when the stop token is not in the vocabulary.
@@ -235,6 +238,7 @@ class HFTemplateRenderer:
         *,
         call_instructions: str = HERMES_CALL_INSTRUCTIONS,
         template_kwargs: dict[str, Any] | None = None,
+        reasoning_markers: tuple[str, str] = ("<think>", "</think>"),
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("hf_template renderer: the tokenizer has no chat template (tokenizer.chat_template)")
@@ -252,6 +256,7 @@ class HFTemplateRenderer:
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.stop_id
         self.call_instructions = call_instructions
         self.template_kwargs = dict(template_kwargs or {})
+        self.reasoning_ids = (self.encode(reasoning_markers[0]), self.encode(reasoning_markers[1]))
 
     def render(self, messages: list[Message], tools: list[dict[str, Any]] | None, generation_prompt: bool) -> str:
         """The template's text for `messages` (with `tools` when given, and the opening of the next
@@ -268,6 +273,11 @@ class HFTemplateRenderer:
         """The text of a policy turn's ids, without the trailing stop token; special tokens kept."""
         body = generated[:-1] if generated and generated[-1] == self.stop_id else generated
         return self.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def reasoning_spans(self, generated: list[int]) -> list[tuple[int, int]]:
+        """The reasoning blocks of a policy turn's ids (`reasoning_markers`, matched as their token ids;
+        rl_core/reasoning_mask.py marker_spans): [start, end) positions, markers included."""
+        return marker_spans(generated, *self.reasoning_ids)
 
     def ignores_tools(self, system: str, tools: list[dict[str, Any]], user: str) -> bool:
         """Whether the template renders [system, user] the same with and without `tools`."""
