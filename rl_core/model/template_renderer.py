@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rl_core.environments.base import StepResult
 from rl_core.environments.messages import AssistantTurn
+from rl_core.model.tool_parsers import tool_formatter
 from rl_core.reasoning_mask import marker_spans
 
 # The Hermes / Qwen call format, as Qwen's own templates describe it to the model.
@@ -273,6 +274,15 @@ class HFTemplateRenderer:
         """The text of a policy turn's ids, without the trailing stop token; special tokens kept."""
         body = generated[:-1] if generated and generated[-1] == self.stop_id else generated
         return self.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def turn_ids(self, turn: AssistantTurn) -> list[int]:
+        """The ids a policy samples to write `turn` (its text in the parser's format, then the stop token),
+        e.g. for demonstrations (rl_core/model/demonstrations.py). Raises ValueError for a parser whose
+        format Turnstile cannot write."""
+        write = tool_formatter(self.parser)
+        if write is None:
+            raise ValueError("hf_template renderer: no writer for this tool-call parser's format")
+        return [*self.encode(write(turn)), self.stop_id]
 
     def reasoning_spans(self, generated: list[int]) -> list[tuple[int, int]]:
         """The reasoning blocks of a policy turn's ids (`reasoning_markers`, matched as their token ids;

@@ -387,6 +387,17 @@ def format_gemma(turn: AssistantTurn) -> str:
 
 
 TOOL_PARSERS: dict[str, Callable[[str], AssistantTurn]] = {"hermes": parse_hermes, "gemma": parse_gemma}
+# The canonical writer of each parser's format (parse(format(turn)) gives the turn back).
+_FORMATTERS: dict[Callable[[str], AssistantTurn], Callable[[AssistantTurn], str]] = {
+    parse_hermes: format_hermes,
+    parse_gemma: format_gemma,
+}
+
+
+def tool_formatter(parser: Callable[[str], AssistantTurn]) -> Callable[[AssistantTurn], str] | None:
+    """The function that writes turns in `parser`'s format (`format_hermes` for `parse_hermes` ...), or
+    None for a parser Turnstile does not know."""
+    return _FORMATTERS.get(parser)
 
 
 def tool_parser(name: str) -> Callable[[str], AssistantTurn]:
