@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-# policy.chat_format: the role markers around turns (rl_core/model/tokenizer.py chat_format).
-ChatFormatName = Literal["turnstile", "chatml", "hf_template", "auto"]
+# policy.chat_format: the role markers around turns (rl_core/model/tokenizer.py chat_format), a chat template
+# (rl_core/model/template_renderer.py) or GPT-OSS's harmony format (rl_core/model/harmony_renderer.py).
+ChatFormatName = Literal["turnstile", "chatml", "hf_template", "harmony", "auto"]
 
-# policy.tool_parser: how a native chat model writes tool calls (rl_core/model/tool_parsers.py).
-ToolParserName = Literal["hermes", "gemma", "auto"]
+# policy.tool_parser: how a native chat model writes tool calls (rl_core/model/tool_parsers.py; harmony:
+# rl_core/model/harmony_renderer.py, only with chat_format harmony).
+ToolParserName = Literal["hermes", "gemma", "harmony", "auto"]
 
 # policy.dtype: parameter dtype, the name of a torch dtype (rl_core/model/policy.py DTYPES).
 DType = Literal["float32", "bfloat16", "float16"]

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from rl_core.config.choices import ChatFormatName, DType, ToolParserName
+from rl_core.model.harmony_renderer import HarmonyRenderer
 from rl_core.model.lora import apply_lora, is_adapter_dir, is_lora, load_adapter_model, save_adapter, tokenizer_dir
 from rl_core.model.renderers import Renderer, TextRenderer
 from rl_core.model.template_renderer import CALL_INSTRUCTIONS, HFTemplateRenderer
@@ -110,12 +111,15 @@ def load_policy(
     markers, `chat_format`), or `hf_template`: the tokenizer's own chat template with tools as
     schemas and native tool calls read by `tool_parser`, turns ending at `stop_token` (default: the
     tokenizer's eos token; `HFTemplateRenderer`, which raises ValueError for a tokenizer without a chat
-    template or without that token).
+    template or without that token), or `harmony`: GPT-OSS's harmony format (`HarmonyRenderer`, which
+    parses its own tool calls: `tool_parser` must be harmony or auto, else ValueError; so must a
+    `tool_parser` harmony have `chat` harmony; ValueError for a tokenizer that is not harmony's).
 
     A PEFT adapter folder (`adapter_config.json`) loads as its base model plus the adapter,
     trainable. With `lora` enabled, a plain model gets fresh adapters; an adapter folder keeps
     its own (the saved adapter's rank and targets win over `lora`).
     """
+    _check_harmony_pair(chat, tool_parser)  # before loading anything, and again once `auto` is resolved
     if not str(path) or (Path(path).is_absolute() and not Path(path).exists()):
         raise FileNotFoundError(f"policy.path {path!r} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(path))
@@ -124,7 +128,10 @@ def load_policy(
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype]).to(device)
     chat, tool_parser = resolve_chat_format(chat, tokenizer), resolve_tool_parser(tool_parser, tokenizer)
-    if chat == "hf_template":
+    _check_harmony_pair(chat, tool_parser)
+    if chat == "harmony":
+        policy = Policy(model=model, tokenizer=tokenizer, chat=None, renderer=HarmonyRenderer(tokenizer))
+    elif chat == "hf_template":
         renderer = HFTemplateRenderer(
             tokenizer, tool_parser_for(tool_parser), stop_token, call_instructions=CALL_INSTRUCTIONS[tool_parser]
         )
@@ -136,12 +143,23 @@ def load_policy(
     return policy
 
 
+def _check_harmony_pair(chat: ChatFormatName, tool_parser: ToolParserName) -> None:
+    """Harmony parses its own tool calls: raise ValueError unless both are harmony (or auto)."""
+    if chat == "harmony" and tool_parser not in ("harmony", "auto"):
+        raise ValueError(f"policy.chat_format harmony needs policy.tool_parser harmony or auto, not {tool_parser!r}")
+    if tool_parser == "harmony" and chat not in ("harmony", "auto"):
+        raise ValueError(f"policy.tool_parser harmony needs policy.chat_format harmony or auto, not {chat!r}")
+
+
 def resolve_chat_format(name: ChatFormatName, tokenizer: PreTrainedTokenizerBase) -> ChatFormatName:
-    """`name`, or for "auto" the format the tokenizer was made for: `hf_template` when it carries a chat
-    template (a chat model's own), else `turnstile` when it has Turnstile's role tokens (`<|user|>`,
-    `<|assistant|>`, `<|end|>`), else `chatml`."""
+    """`name`, or for "auto" the format the tokenizer was made for: `harmony` when it has harmony's
+    `<|channel|>` token (GPT-OSS; checked first: GPT-OSS tokenizers also carry a chat template), else
+    `hf_template` when it carries a chat template (a chat model's own), else `turnstile` when it has
+    Turnstile's role tokens (`<|user|>`, `<|assistant|>`, `<|end|>`), else `chatml`."""
     if name != "auto":
         return name
+    if "<|channel|>" in tokenizer.get_vocab():
+        return "harmony"
     if getattr(tokenizer, "chat_template", None):
         return "hf_template"
     vocab = tokenizer.get_vocab()
@@ -149,11 +167,15 @@ def resolve_chat_format(name: ChatFormatName, tokenizer: PreTrainedTokenizerBase
 
 
 def resolve_tool_parser(name: ToolParserName, tokenizer: PreTrainedTokenizerBase) -> ToolParserName:
-    """`name`, or for "auto": `gemma` for a tokenizer with Gemma's turn tokens (`<start_of_turn>`), else
-    `hermes` (the `<tool_call>` format of Qwen, Hermes and most open chat models)."""
+    """`name`, or for "auto": `harmony` for a tokenizer with harmony's `<|channel|>` (GPT-OSS), `gemma` for
+    one with Gemma's turn tokens (`<start_of_turn>`), else `hermes` (the `<tool_call>` format of Qwen,
+    Hermes and most open chat models)."""
     if name != "auto":
         return name
-    return "gemma" if "<start_of_turn>" in tokenizer.get_vocab() else "hermes"
+    vocab = tokenizer.get_vocab()
+    if "<|channel|>" in vocab:
+        return "harmony"
+    return "gemma" if "<start_of_turn>" in vocab else "hermes"
 
 
 def save_policy(policy: Policy, directory: str | Path) -> None:
