@@ -265,9 +265,14 @@ def test_an_sop_episode_is_prompt_sampled_and_extensions_and_the_library_renderi
                 .with_recipient("assistant")
             )
     assert episode.tokens == enc.render_conversation(oh.Conversation.from_messages(messages))
-    assert [t.role for t in episode.turns] == ["system", "user"] + ["assistant", "tool"] * (len(turns) - 1) + [
-        "assistant"
-    ]
+    roles = ["system", "user"] + ["assistant", "tool"] * (len(turns) - 1) + ["assistant"]
+    assert [t.role for t in episode.turns] == roles
+    # reasoning_in_loss false masks exactly the analysis messages (reasoning_spans)
+    from rl_core.reasoning_mask import mask_reasoning
+
+    [masked], count = mask_reasoning([episode], policy.renderer.reasoning_spans)
+    analysis = [len(t[: t.index(END) + 1]) for t in turns]
+    assert count == sum(analysis) and sum(masked.loss_mask) == sum(episode.loss_mask) - sum(analysis)
 
 
 def test_a_turn_that_does_not_parse_is_an_error_observation_and_counted(enc, policy):
