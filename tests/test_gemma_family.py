@@ -19,6 +19,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
@@ -214,8 +216,9 @@ def check_sop_episode(policy: Policy) -> None:
     assert prompt.endswith(f"{task.prompt}<end_of_turn>\n<start_of_turn>model\n")
 
 
-def test_an_sop_episode_through_the_gemma_template_is_token_exact():
-    from rl_core.model.policy import build_tiny_model
+@pytest.fixture(scope="module")
+def bpe_gemma():
+    """A small byte-level BPE tokenizer trained here, with Gemma's turn tokens and the Gemma template."""
     from rl_core.model.tokenizer import build_tokenizer
 
     env = load_environment("refunds")
@@ -224,9 +227,53 @@ def test_an_sop_episode_through_the_gemma_template_is_token_exact():
     tok.add_tokens(["<bos>", "<start_of_turn>", "<end_of_turn>"], special_tokens=True)
     tok.bos_token = "<bos>"
     tok.chat_template = GEMMA_CHAT_TEMPLATE
+    return tok
+
+
+def test_an_sop_episode_through_the_gemma_template_is_token_exact(bpe_gemma):
+    from rl_core.model.policy import build_tiny_model
+
+    tok = bpe_gemma
     model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=4096)
     renderer = HFTemplateRenderer(tok, parse_gemma, "<end_of_turn>", call_instructions=GEMMA_CALL_INSTRUCTIONS)
     check_sop_episode(Policy(model, tok, None, renderer=renderer))
+
+
+_WORDS = st.text(alphabet="abcxyz _-.0189", min_size=1, max_size=12)
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-99, 99) | _WORDS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_WORDS, inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.sampled_from(["get_order", "lookup", "f"]),
+            st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True), _VALUES, max_size=3),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    outputs=st.lists(st.text(max_size=30), min_size=1, max_size=3),
+)
+def test_extending_after_random_tool_calls_and_results_keeps_every_earlier_token(bpe_gemma, calls, outputs):
+    from rl_core.environments.base import StepResult
+    from rl_core.environments.messages import ToolResult
+
+    renderer = HFTemplateRenderer(bpe_gemma, parse_gemma, "<end_of_turn>", call_instructions=GEMMA_CALL_INSTRUCTIONS)
+    conversation = renderer.start("You handle refunds.", TOOLS, "Refund order A1?")
+    turn = AssistantTurn(tool_calls=tuple(ToolCall(name, arguments) for name, arguments in calls))
+    sampled = [*renderer.encode(format_gemma(turn)), renderer.stop_id]
+    before = list(conversation.ids)
+    results = [ToolResult(f"call_{i + 1}", "get_order", text, True) for i, text in enumerate(outputs)]
+    extension = conversation.extend(sampled, StepResult(observation=outputs[-1], tool_results=results))
+    assert conversation.ids == before + sampled + extension  # earlier ids and the sampled ids unchanged
+    assert conversation.rewrites == []  # the Gemma template extends: the episode is its own rendering
+    blocks = "\n".join(f"```tool_output\n{text}\n```" for text in outputs)
+    assert bpe_gemma.decode(extension) == f"\n<start_of_turn>user\n{blocks}<end_of_turn>\n<start_of_turn>model\n"
 
 
 # --- slow: the real Gemma 3 tokenizer ---------------------------------------------------------------
