@@ -48,8 +48,10 @@ is the engine that plays the turns.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -65,6 +67,8 @@ from rl_core.model.tokenizer import repair_unicode
 from rl_core.trajectory import FINISH_REASONS, Episode, Sampling, Turn
 
 __all__ = ["RolloutSettings", "collect_rollouts"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,21 @@ def _apply_turn(policy: Policy, live: LiveEpisode, gen: Generation, limit: int, 
         _apply_result(live, gen.tokens, turn, result, settings)
     except EnvFault as fault:
         live.fail(str(fault))
+
+
+def _say_rewrites(episodes: list[LiveEpisode]) -> None:
+    """Warn once per collection when a chat template did not extend some episodes: the renderer's fallback
+    kept the sampled ids (rl_core/model/template_renderer.py, harmony_renderer.py); the reasons, counted
+    in policy turns."""
+    reasons = Counter(r for live in episodes for r in getattr(live.conversation, "rewrites", None) or [])
+    if reasons:
+        log.warning(
+            "the chat template did not extend %d policy turn(s) of this collection (%s): their sampled token ids "
+            "were kept and only the new messages rendered after them, so those episodes differ from the template's "
+            "own re-rendering",
+            sum(reasons.values()),
+            "; ".join(f"{reason}: {n}" for reason, n in reasons.most_common()),
+        )
 
 
 def _apply_result(
@@ -247,6 +266,7 @@ def collect_rollouts(
                 raise ValueError(f"token sampler returned {len(gen.tokens)} tokens for a context limited to {limit}")
             _apply_turn(policy, live, gen, limit, settings)
 
+    _say_rewrites(episodes)
     return [_to_episode(live, sampling, run_id, iteration, settings.success_threshold) for live in episodes]
 
 

@@ -348,8 +348,8 @@ def test_a_tiny_gemma3_rolls_out_through_load_policy_auto(gemma_tokenizer, tiny_
     stop_prone(tiny_gemma, 106)
     tiny_gemma.save_pretrained(tmp_path / "tiny-gemma3")
     gemma_tokenizer.save_pretrained(tmp_path / "tiny-gemma3")
-    # auto resolves the renderer and the parser; the stop token is named (its default is the eos token, <eos>)
-    policy = load_policy(tmp_path / "tiny-gemma3", chat="auto", tool_parser="auto", stop_token="<end_of_turn>")
+    # auto resolves the renderer and the parser; the stop token defaults to <end_of_turn> (not the eos, <eos>)
+    policy = load_policy(tmp_path / "tiny-gemma3", chat="auto", tool_parser="auto")
     renderer = policy.episode_renderer()
     assert type(policy.model).__name__ == "Gemma3ForCausalLM" and policy.chat is None
     assert isinstance(renderer, HFTemplateRenderer) and renderer.parser is parse_gemma and renderer.stop_id == 106

@@ -345,7 +345,8 @@ def test_the_config_pairs_harmony_format_and_parser():
     from rl_core.config import load_config
 
     with pytest.raises(ValidationError, match="policy.tool_parser must be harmony or auto, not 'hermes'"):
-        load_config(None, ["policy.chat_format=harmony"])
+        load_config(None, ["policy.chat_format=harmony", "policy.tool_parser=hermes"])
+    assert load_config(None, ["policy.chat_format=harmony"]).policy.tool_parser == "auto"  # the default pairs
     with pytest.raises(ValidationError, match="policy.tool_parser harmony needs policy.chat_format harmony or auto"):
         load_config(None, ["policy.tool_parser=harmony", "policy.chat_format=hf_template"])
     for pair in (["harmony", "harmony"], ["harmony", "auto"], ["auto", "harmony"]):

@@ -203,3 +203,40 @@ def test_reasoning_spans_of_a_sampled_turn_cover_the_think_block(native_policy):
     closing = len(tok.encode("<think>\nlook up the order first\n</think>", add_special_tokens=False))
     assert renderer.reasoning_spans(ids) == [(0, closing)]
     assert renderer.reasoning_spans([*call, renderer.stop_id]) == []
+
+
+def test_a_non_extending_turn_keeps_the_sampled_ids_and_is_said_once(native_policy, caplog):
+    """A sampled turn the template re-tokenizes differently (a non-canonical split of its text): the engine
+    keeps the sampled ids, renders only the new messages, and says so once per collection, with the reasons
+    counted in policy turns (every later turn of the episode takes the fallback too)."""
+    import logging
+
+    from rl_core.model.demonstrations import scripted_token_sampler, turn_ids
+
+    tok, renderer = native_policy.tokenizer, native_policy.episode_renderer()
+    canonical = tok.encode("I will check the order", add_special_tokens=False)
+    split = tok.encode("I will check the ord", add_special_tokens=False) + tok.encode("er", add_special_tokens=False)
+    assert split != canonical  # the same text, not as the tokenizer would write it
+    env = load_environment("refunds")
+    task = env.tasks("train")[0]
+    moves = [turn_ids(native_policy, action) for action in solve(env, task).actions]
+    caplog.set_level(logging.WARNING, logger="rl_core.rollout")
+    for _ in range(2):
+        [episode] = collect_rollouts(
+            native_policy,
+            [(env, task)],
+            settings(),
+            group_size=1,
+            run_id="native",
+            iteration=1,
+            token_sampler=scripted_token_sampler({0: [[*split, renderer.stop_id], *moves]}),
+        )
+        assert episode.finish_reason == "answered"
+        first = episode.turns[2]
+        assert episode.tokens[first.start : first.end] == [*split, renderer.stop_id]  # sampled ids kept
+    said = [r.getMessage() for r in caplog.records if "did not extend" in r.getMessage()]
+    assert len(said) == 2  # one warning per collection
+    later = len(moves) - 1  # the expert's moves after the split turn, but the last (answered: no extension)
+    assert said[0].startswith(f"the chat template did not extend {1 + later} policy turn(s) of this collection (")
+    assert "re-tokenized assistant text differs from the sampled ids: 1" in said[0]
+    assert f"episode ids differ from the template's rendering of the history (an earlier fallback): {later}" in said[0]

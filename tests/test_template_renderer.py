@@ -161,7 +161,15 @@ def test_missing_chat_template_or_stop_token_is_refused(hermes_tok):
     assert (r.name, r.native_tools) == ("hf_template", True)
     assert r.stop_id == hermes_tok.convert_tokens_to_ids("<|im_end|>")
     assert r.pad_id == hermes_tok.convert_tokens_to_ids("<|pad|>")
-    assert HFTemplateRenderer(hermes_tok, hermes).stop_id == hermes_tok.eos_token_id  # default: eos
+    # default: the template's end-of-turn marker when the vocabulary has one, else eos
+    assert HFTemplateRenderer(hermes_tok, hermes).stop_id == hermes_tok.convert_tokens_to_ids("<|im_end|>")
+    from rl_core.model.template_renderer import default_stop_token
+
+    assert hermes_tok.eos_token != "<|im_end|>" and default_stop_token(hermes_tok) == "<|im_end|>"
+    bare.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert default_stop_token(bare) == bare.eos_token and HFTemplateRenderer(bare, hermes).stop_id == bare.eos_token_id
+    bare.add_tokens(["<start_of_turn>", "<end_of_turn>", "<|im_end|>"], special_tokens=True)
+    assert default_stop_token(bare) == "<end_of_turn>"  # Gemma's, the most specific
 
 
 def test_start_renders_tools_through_the_template(hermes_tok):

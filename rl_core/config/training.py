@@ -64,7 +64,7 @@ class PolicyConfig(Section):
         "when it has Turnstile's role tokens, else chatml.",
     )
     tool_parser: ToolParserName = Field(
-        "hermes",
+        "auto",
         description="With chat_format hf_template: the tool-call format the model writes and is parsed "
         "(hermes: <tool_call>{json}</tool_call>, Qwen and Hermes models; gemma: ```tool_code name(arg=...)```; "
         "harmony: GPT-OSS's commentary to=functions.NAME calls, only with chat_format harmony; auto: harmony for a "
@@ -73,7 +73,8 @@ class PolicyConfig(Section):
     stop_token: str | None = Field(
         None,
         description="With chat_format hf_template: the token that ends a policy turn (the template's end-of-turn "
-        "marker, e.g. <|im_end|>); None = the tokenizer's eos token.",
+        "marker); None = <end_of_turn> or <|im_end|> when the vocabulary has it (Gemma; ChatML, Qwen), else the "
+        "tokenizer's eos token.",
     )
     dtype: DType = Field("float32", description="Parameter dtype for training and generation.")
     device: str = Field("cpu", description="Torch device for the policy: cpu, cuda, cuda:1 ...")

@@ -102,7 +102,7 @@ def load_policy(
     dtype: DType = "float32",
     device: str = "cpu",
     lora: LoraConfig | None = None,
-    tool_parser: ToolParserName = "hermes",
+    tool_parser: ToolParserName = "auto",
     stop_token: str | None = None,
 ) -> Policy:
     """Load a Hugging Face causal LM and its tokenizer from `path`.
@@ -110,10 +110,10 @@ def load_policy(
     `chat` names how episodes are rendered: `turnstile` / `chatml` (text actions between role
     markers, `chat_format`), or `hf_template`: the tokenizer's own chat template with tools as
     schemas and native tool calls read by `tool_parser`, turns ending at `stop_token` (default: the
-    tokenizer's eos token; `HFTemplateRenderer`, which raises ValueError for a tokenizer without a chat
-    template or without that token), or `harmony`: GPT-OSS's harmony format (`HarmonyRenderer`, which
-    parses its own tool calls: `tool_parser` must be harmony or auto, else ValueError; so must a
-    `tool_parser` harmony have `chat` harmony; ValueError for a tokenizer that is not harmony's).
+    template's end-of-turn marker, `default_stop_token`; `HFTemplateRenderer`, which raises ValueError for
+    a tokenizer without a chat template or without that token), or `harmony`: GPT-OSS's harmony format
+    (`HarmonyRenderer`, which parses its own tool calls: `tool_parser` must be harmony or auto, else ValueError;
+    so must a `tool_parser` harmony have `chat` harmony; ValueError for a tokenizer that is not harmony's).
 
     A PEFT adapter folder (`adapter_config.json`) loads as its base model plus the adapter,
     trainable. With `lora` enabled, a plain model gets fresh adapters; an adapter folder keeps

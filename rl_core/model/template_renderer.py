@@ -212,13 +212,25 @@ class TemplateConversation:
         return "re-tokenized assistant text differs from the sampled ids"
 
 
+# End-of-turn markers of the chat formats Turnstile knows, most specific first (Gemma, ChatML/Qwen/SmolLM2).
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>")
+
+
+def default_stop_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The token that ends a policy turn when `policy.stop_token` is not set: the first of
+    `END_OF_TURN_TOKENS` in the tokenizer's vocabulary (a chat template ends each turn with it, and a base
+    model's eos, e.g. Gemma's `<eos>` or Qwen's `<|endoftext|>`, never ends a turn), else the eos token."""
+    vocab = tokenizer.get_vocab()
+    return next((token for token in END_OF_TURN_TOKENS if token in vocab), tokenizer.eos_token)
+
+
 class HFTemplateRenderer:
     """Renders episodes through a Hugging Face tokenizer's own chat template (`hf_template`).
 
     tokenizer: has a `chat_template`. parser: turns a policy turn's decoded text (without the stop
     token) into an `AssistantTurn` (e.g. `parse_hermes`); must not raise for malformed calls.
     stop_token: the token that ends a policy turn, which must also be the template's end-of-turn
-    marker (default: the tokenizer's eos token; ChatML: `<|im_end|>`). call_instructions: the call
+    marker (default: `default_stop_token(tokenizer)`). call_instructions: the call
     format text used when the template ignores `tools` (default: Hermes). template_kwargs: extra
     variables for the template (e.g. `enable_thinking`). reasoning_markers: the text that opens and
     closes a reasoning block in a policy turn (default Qwen's `<think>`, `</think>`), for
@@ -243,7 +255,7 @@ class HFTemplateRenderer:
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("hf_template renderer: the tokenizer has no chat template (tokenizer.chat_template)")
-        stop_token = stop_token if stop_token is not None else tokenizer.eos_token
+        stop_token = stop_token if stop_token is not None else default_stop_token(tokenizer)
         if not stop_token:
             raise ValueError("hf_template renderer: no stop token given and the tokenizer has no eos token")
         vocab = tokenizer.get_vocab()
