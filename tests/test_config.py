@@ -276,3 +276,25 @@ def test_a_config_file_written_before_the_rename_still_loads(tmp_path):
     (tmp_path / "both.yaml").write_text(both)
     with pytest.raises(ValueError, match="doctor.zero_adv_groups_max was renamed doctor.zero_variance_groups_max"):
         load_config(tmp_path / "both.yaml")
+
+
+def test_the_policy_path_expands_the_home_folder_and_resolves_against_the_repository(tmp_path, monkeypatch):
+    from rl_core.paths import REPO_ROOT
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(None, ["policy.path=~/models/smol"]).resolved_policy_path() == str(tmp_path / "models/smol")
+    shipped = load_config(None, []).resolved_policy_path()
+    assert shipped == str(REPO_ROOT / "data/checkpoints/reference")
+    assert load_config(None, ["policy.path=org/model"]).resolved_policy_path() == "org/model"  # a hub id
+
+
+def test_the_shipped_real_model_config_loads_and_fits_its_context_window():
+    """data/configs/smollm2.yaml: SmolLM2 through its own template with Hermes tool calls, from the cache folder
+    scripts/fetch_smollm2.py fills (the budget is checked again on the real prompts when a run starts)."""
+    from rl_core.paths import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "data/configs/smollm2.yaml", [])
+    assert (cfg.policy.chat_format, cfg.policy.tool_parser) == ("hf_template", "hermes")
+    assert cfg.resolved_policy_path() == str(Path.home() / ".cache/turnstile/smollm2-135m-instruct")
+    r, e = cfg.rollout, cfg.environment
+    assert r.max_turns * (r.max_tokens_per_turn + e.expected_tool_output) + e.prompt_tokens <= cfg.policy.context_window

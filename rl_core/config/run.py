@@ -88,6 +88,8 @@ class RunConfig(Section):
         return self.rollout.global_batch_size // self.rollout.group_size
 
     def resolved_policy_path(self) -> str:
-        """The policy path, resolved against the repository root when it is a relative local path."""
-        candidate = REPO_ROOT / self.policy.path
-        return str(candidate) if not Path(self.policy.path).is_absolute() and candidate.exists() else self.policy.path
+        """The policy path: `~` expanded, then resolved against the repository root when it is a relative
+        local path that exists there (else as given: a hub id, or a path the loader reports missing)."""
+        path = str(Path(self.policy.path).expanduser()) if self.policy.path.startswith("~") else self.policy.path
+        candidate = REPO_ROOT / path
+        return str(candidate) if not Path(path).is_absolute() and candidate.exists() else path

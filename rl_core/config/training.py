@@ -46,8 +46,8 @@ class LoraConfig(Section):
 class PolicyConfig(Section):
     path: str = Field(
         "data/checkpoints/reference",
-        description="Hugging Face causal LM directory (or hub id when online) to start from; relative paths are "
-        "resolved against the repository root.",
+        description="Hugging Face causal LM directory (or hub id when online) to start from; ~ is expanded and "
+        "relative paths are resolved against the repository root.",
     )
     context_window: int = Field(
         768,
