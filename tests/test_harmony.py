@@ -18,7 +18,7 @@ from rl_core.environments.expert import solve
 from rl_core.environments.messages import AssistantTurn, ToolResult
 from rl_core.environments.sop import ANSWER_TOOL
 from rl_core.model.generation import Generation
-from rl_core.model.harmony_renderer import (
+from rl_core.model.gpt_oss import (
     CALL,
     CHANNEL,
     CONSTRAIN,
@@ -26,11 +26,11 @@ from rl_core.model.harmony_renderer import (
     MESSAGE,
     RETURN,
     START,
-    HarmonyRenderer,
     build_tiny_gpt_oss,
     harmony_encoding,
     harmony_tokenizer,
 )
+from rl_core.model.harmony_renderer import HarmonyRenderer
 from rl_core.model.policy import Policy
 from rl_core.rollout import RolloutSettings, collect_rollouts
 
@@ -352,3 +352,28 @@ def test_the_config_pairs_harmony_format_and_parser():
     for pair in (["harmony", "harmony"], ["harmony", "auto"], ["auto", "harmony"]):
         policy = load_config(None, [f"policy.chat_format={pair[0]}", f"policy.tool_parser={pair[1]}"]).policy
         assert (policy.chat_format, policy.tool_parser) == tuple(pair)
+
+
+def test_turn_ids_write_what_the_parser_reads_and_demonstrations_play_through_harmony(enc, policy):
+    """The renderer writes a policy turn (reasoning, one tool call or a final answer) as the library renders
+    it; parsing those ids gives the turn back, and expert demonstrations play token-exact through it."""
+    from rl_core.model.demonstrations import expert_demonstrations
+
+    renderer = policy.renderer
+    conv = renderer.start("sys", [], "hi")
+    call = AssistantTurn(content="", tool_calls=(ToolCall("get_order", {"order_id": "A1"}),), reasoning="look it up")
+    ids = renderer.turn_ids(call)
+    assert ids[-1] == CALL and enc.decode(ids).startswith("<|channel|>analysis<|message|>look it up<|end|>")
+    parsed = conv.parse(ids)
+    assert (parsed.reasoning, parsed.parse_error) == ("look it up", None)
+    assert [(c.tool, c.arguments) for c in parsed.tool_calls] == [("get_order", {"order_id": "A1"})]
+    final = renderer.turn_ids(AssistantTurn(content="all done"))
+    assert final[-1] == RETURN and conv.parse(final).content == "all done"
+    with pytest.raises(ValueError, match="at most one tool call"):
+        renderer.turn_ids(AssistantTurn(tool_calls=(ToolCall("a", {}), ToolCall("b", {}))))
+    env = load_environment("refunds")
+    tasks = env.tasks("train")[:2]
+    settings = RolloutSettings(max_turns=8, max_tokens_per_turn=400, context_window=4096, temperature=1.0)
+    demos = expert_demonstrations(policy, env, tasks, settings)
+    assert [d.reward for d in demos] == [solve(env, t).reward for t in tasks]
+    assert all(t.parse_error is None for d in demos for t in d.turns)
