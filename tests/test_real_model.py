@@ -27,7 +27,6 @@ pytestmark = pytest.mark.slow
 REAL = [
     "policy.chat_format=hf_template",
     "policy.tool_parser=hermes",
-    "policy.stop_token=<|im_end|>",
     "policy.context_window=2048",
     "environment.domains=[refunds]",
     "environment.prompt_tokens=1024",
@@ -92,3 +91,55 @@ def test_two_iterations_of_smollm2_through_its_chat_template(prefect_harness, tm
     logged = client.get_metric_history(summary["mlflow_run_id"], "rollout/tool_parse_errors")
     assert [m.step for m in logged] == [1, 2]
     assert sum(m.value for m in logged) * 4 == pytest.approx(len(errors))  # per episode, 4 episodes a batch
+
+
+def test_smollm2_after_a_short_warm_start_calls_a_tool_and_the_episode_is_what_it_was_fed_and_sampled(smollm2, capsys):
+    """The real model, warmed up on six expert demonstrations in its own format, plays a held-out task
+    greedily through the real in-process sampler: its tool calls parse, the environment runs them, the
+    template extends the episode, and the episode is exactly the ids the sampler was fed and sampled."""
+    import torch
+
+    from rl_core.environments import load_environment
+    from rl_core.model.demonstrations import expert_demonstrations
+    from rl_core.model.policy import load_policy
+    from rl_core.model.sft import fine_tune
+    from rl_core.model.token_sampler import hf_token_sampler
+    from rl_core.rollout import RolloutSettings, collect_rollouts
+
+    torch.manual_seed(0)
+    policy = load_policy(smollm2, chat="hf_template", tool_parser="auto")
+    renderer = policy.episode_renderer()
+    assert renderer.stop_id == 2  # <|im_end|>, the template's end-of-turn marker (the default)
+    env = load_environment("refunds")
+    settings = RolloutSettings(max_turns=4, max_tokens_per_turn=96, context_window=2048, temperature=0.0)
+    demos = expert_demonstrations(policy, env, env.tasks("train")[:6], settings)
+    assert len(demos) == 6
+    fine_tune(policy, [(d.tokens, d.loss_mask) for d in demos], epochs=1, lr=3e-5, batch_size=1, log=lambda _: None)
+    real = hf_token_sampler(policy, batch_size=1)
+    fed, sampled = [], []
+
+    def recording(keys, contexts, limits, temperature):
+        out = real(keys, contexts, limits, temperature)
+        fed.append(list(contexts[0]))
+        sampled.append(list(out[0].tokens))
+        return out
+
+    task = env.tasks("heldout")[0]
+    [episode] = collect_rollouts(
+        policy, [(env, task)], settings, group_size=1, run_id="smol", iteration=1, token_sampler=recording
+    )
+    # the episode is exactly what the sampler was fed, plus what it sampled: nothing re-tokenized
+    for turn, (context, ids) in enumerate(zip(fed, sampled)):
+        assert episode.tokens[: len(context) + len(ids)] == context + ids
+        if turn + 1 < len(fed):
+            assert fed[turn + 1][: len(context) + len(ids)] == context + ids  # the next context extends it
+    assert episode.tokens == fed[-1] + sampled[-1] or episode.finish_reason != "answered"
+    assert [t for t, m in zip(episode.tokens, episode.loss_mask) if m] == [t for ids in sampled for t in ids]
+    ran = [t.tool_name for t in episode.turns if t.role == "tool" and t.tool_name is not None]
+    errors = [t.parse_error for t in episode.turns if t.role == "assistant" and t.parse_error]
+    with capsys.disabled():
+        print(
+            f"\nSmolLM2 after 6 demonstrations, held-out {task.task_id}: {episode.num_turns} policy turns, tool calls "
+            f"ran {ran}, parse errors {errors}, {episode.finish_reason}, reward {episode.reward}"
+        )
+    assert ran and ran[0] == "get_order"  # a parsed tool call, run by the environment
