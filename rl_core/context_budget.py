@@ -26,7 +26,8 @@ class ContextBudget:
     """The measured budget. prompt_tokens: the longest first prompt over the measured tasks (tokens),
     of task `longest_task` ("env/task_id"); tasks: how many were measured; the other fields are the
     config's (`rollout.max_turns`, `rollout.max_tokens_per_turn`, `environment.expected_tool_output`,
-    `policy.context_window`)."""
+    `policy.context_window`, and `environment.prompt_tokens` as `max_prompt_tokens`: the longest prompt an
+    episode may start with; None = no such limit)."""
 
     prompt_tokens: int
     longest_task: str
@@ -35,6 +36,7 @@ class ContextBudget:
     max_tokens_per_turn: int
     expected_tool_output: int
     context_window: int
+    max_prompt_tokens: int | None = None
 
     @property
     def per_turn(self) -> int:
@@ -48,20 +50,36 @@ class ContextBudget:
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.context_window
+        """The budget fits the context window and the longest prompt fits `max_prompt_tokens`."""
+        return self.total <= self.context_window and not self.prompt_over_limit
+
+    @property
+    def prompt_over_limit(self) -> bool:
+        """The longest prompt is over `environment.prompt_tokens` (the rollout engine would end every such
+        episode as context_overflow before its first turn)."""
+        return self.max_prompt_tokens is not None and self.prompt_tokens > self.max_prompt_tokens
 
     def describe(self) -> str:
-        """The budget in one line, the way field practice states it."""
-        relation = "<=" if self.fits else ">"
+        """The budget in one line, the way field practice states it (and, when the longest prompt is over
+        `environment.prompt_tokens`, what to set)."""
+        relation = "<=" if self.total <= self.context_window else ">"
+        over = (
+            f"; the longest prompt ({self.prompt_tokens} tokens) is over environment.prompt_tokens "
+            f"({self.max_prompt_tokens}), so such episodes would end as context_overflow before their first turn: "
+            f"set environment.prompt_tokens to at least {self.prompt_tokens}"
+            if self.prompt_over_limit
+            else ""
+        )
         return (
             f"context budget: rollout.max_turns * (rollout.max_tokens_per_turn + environment.expected_tool_output) "
             f"+ prompt = {self.max_turns} * ({self.max_tokens_per_turn} + {self.expected_tool_output}) + "
             f"{self.prompt_tokens} = {self.total} {relation} policy.context_window ({self.context_window}); the prompt "
-            f"is the longest of {self.tasks} tasks as the policy's renderer writes it ({self.longest_task})"
+            f"is the longest of {self.tasks} tasks as the policy's renderer writes it ({self.longest_task}){over}"
         )
 
     def check(self) -> None:
-        """Raise ValueError (the budget line) when the budget does not fit the context window."""
+        """Raise ValueError (the budget line) when the budget does not fit the context window or the longest
+        prompt is over `environment.prompt_tokens`."""
         if not self.fits:
             raise ValueError(self.describe())
 
@@ -96,5 +114,12 @@ def measure_context_budget(cfg: RunConfig, renderer: Renderer, envs: list[Enviro
         raise ValueError("no task to measure the context budget on (every environment's splits are empty)")
     r, e = cfg.rollout, cfg.environment
     return ContextBudget(
-        longest, where, count, r.max_turns, r.max_tokens_per_turn, e.expected_tool_output, cfg.policy.context_window
+        longest,
+        where,
+        count,
+        r.max_turns,
+        r.max_tokens_per_turn,
+        e.expected_tool_output,
+        cfg.policy.context_window,
+        e.prompt_tokens,
     )

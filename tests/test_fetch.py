@@ -22,6 +22,8 @@ def test_model_cache_dir_follows_the_env_var_else_home(monkeypatch, tmp_path):
     assert model_cache_dir(tmp_path / "given") == tmp_path / "given"  # an explicit folder wins
     assert model_cache_dir(str(tmp_path / "given")) == tmp_path / "given"
     assert not (tmp_path / "cache").exists()  # only says where; creates nothing
+    monkeypatch.setenv("TURNSTILE_MODEL_CACHE", "~/models")
+    assert model_cache_dir() == Path.home() / "models"  # ~ expanded, as in policy.path
 
 
 def _scratch_entries(parent: Path, final: Path) -> list[str]:

@@ -159,6 +159,14 @@ def test_a_tool_call_parses_to_the_assistant_turn(enc):
         ("<|channel|>final<|message|>done<|call|>", "<|call|> ended a turn without a function call"),
         ("<|channel|>final<|message|>x<|end|><|start|>user<|message|>hi<|return|>", "the turn wrote a user message"),
         ("<|channel|>thoughts<|message|>x<|return|>", "message on channel 'thoughts'"),
+        (
+            '<|channel|>commentary to=functions.get_order<|message|>{"v": NaN}<|call|>',
+            "call 1: invalid JSON arguments (NaN is not JSON)",
+        ),
+        (
+            "<|channel|>commentary to=functions.get_order<|message|>" + "[" * 5000 + "<|call|>",
+            "call 1: invalid JSON arguments (nested too deeply)",
+        ),
     ],
 )
 def test_a_malformed_turn_gives_a_parse_error(enc, text, reason):
@@ -377,3 +385,36 @@ def test_turn_ids_write_what_the_parser_reads_and_demonstrations_play_through_ha
     demos = expert_demonstrations(policy, env, tasks, settings)
     assert [d.reward for d in demos] == [solve(env, t).reward for t in tasks]
     assert all(t.parse_error is None for d in demos for t in d.turns)
+
+
+def test_harmony_named_on_one_side_decides_auto_and_a_wrong_tokenizer_is_named(caplog):
+    """chat_format harmony with tool_parser auto (the default), or the reverse, is harmony; on a tokenizer
+    that is not harmony's the error says so (not a pairing error about a parser nobody named)."""
+    import logging
+
+    from rl_core.model.policy import load_policy
+    from rl_core.paths import REPO_ROOT
+
+    reference = REPO_ROOT / "data/checkpoints/reference"  # Turnstile's own tokenizer
+    for chat, parser in (("harmony", "auto"), ("auto", "harmony")):
+        with pytest.raises(ValueError, match="the tokenizer is not harmony's"):
+            load_policy(reference, chat=chat, tool_parser=parser)
+    with pytest.raises(ValueError, match="has no chat template; use policy.chat_format turnstile or chatml"):
+        load_policy(reference, chat="hf_template")
+    caplog.set_level(logging.WARNING, logger="rl_core.model.policy")
+    load_policy(reference, chat="turnstile", tool_parser="gemma", stop_token="<|end|>")
+    assert any(
+        "policy.tool_parser (gemma) and policy.stop_token (<|end|>) are not used" in r.message for r in caplog.records
+    )
+    caplog.clear()
+    load_policy(reference)  # the defaults: nothing to warn about
+    assert not caplog.records
+
+
+def test_the_cli_names_a_policy_the_chat_format_cannot_render(capsys):
+    """turnstile eval with chat_format hf_template on a tokenizer without a chat template: one line, exit 2."""
+    import flows.cli
+
+    assert flows.cli.main(["eval", "--set", "policy.chat_format=hf_template", "--set", "evaluation.max_tasks=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("turnstile: policy.chat_format hf_template: the tokenizer at") and "Traceback" not in err

@@ -240,3 +240,88 @@ def test_a_non_extending_turn_keeps_the_sampled_ids_and_is_said_once(native_poli
     assert said[0].startswith(f"the chat template did not extend {1 + later} policy turn(s) of this collection (")
     assert "re-tokenized assistant text differs from the sampled ids: 1" in said[0]
     assert f"episode ids differ from the template's rendering of the history (an earlier fallback): {later}" in said[0]
+
+
+def test_a_renderer_that_raises_never_stops_the_collection(native_policy):
+    """A renderer bug on a sampled turn is a parse error for that turn; one that cannot render the
+    environment's answer ends only that episode (env_error); tool results with lone surrogates are repaired
+    before the renderer sees them (recorded on the episode)."""
+    import copy
+
+    from rl_core.environments.messages import ToolResult
+    from rl_core.model.demonstrations import scripted_token_sampler, turn_ids
+
+    env = load_environment("refunds")
+    task = env.tasks("train")[0]
+    moves = [turn_ids(native_policy, action) for action in solve(env, task).actions]
+
+    def collect(policy, session_hook=None, max_turns=8):
+        real_start = env.start
+        if session_hook is not None:
+            env.start = lambda t: session_hook(real_start(t))
+        try:
+            [episode] = collect_rollouts(
+                policy,
+                [(env, task)],
+                settings(max_turns=max_turns),
+                group_size=1,
+                run_id="native",
+                iteration=1,
+                token_sampler=scripted_token_sampler({0: moves}),
+            )
+        finally:
+            env.start = real_start
+        return episode
+
+    policy = copy.copy(native_policy)
+    renderer = copy.copy(native_policy.episode_renderer())
+    policy.renderer = renderer
+    opened = renderer.start
+
+    def broken_parse(*args):
+        conversation = opened(*args)
+        conversation.parse = lambda ids: 1 / 0
+        return conversation
+
+    renderer.start = broken_parse
+    episode = collect(policy, max_turns=len(moves))
+    assert episode.finish_reason == "max_turns"
+    errors = [t.parse_error for t in episode.turns if t.role == "assistant"]
+    assert len(errors) == len(moves) and all(e.startswith("unparseable turn (ZeroDivisionError") for e in errors)
+
+    def broken_extend(*args):
+        conversation = opened(*args)
+        conversation.extend = lambda ids, result: (_ for _ in ()).throw(ValueError("template says no"))
+        return conversation
+
+    renderer.start = broken_extend
+    episode = collect(policy)
+    assert episode.finish_reason == "env_error" and "could not render the environment's answer" in episode.env_error
+    assert "template says no" in episode.env_error
+
+    def surrogate(session):
+        respond = session.respond
+
+        def answer(turn):
+            result = respond(turn)
+            results = [ToolResult(r.call_id, r.tool, r.content + "\ud800", r.ok) for r in result.tool_results]
+            return type(result)(**{**result.__dict__, "tool_results": results})
+
+        session.respond = answer
+        return session
+
+    episode = collect(native_policy, surrogate)
+    assert episode.finish_reason == "answered" and "surrogate code point(s) repaired" in episode.env_error
+    assert "\ufffd" in native_policy.tokenizer.decode(episode.tokens)
+
+
+def test_reasoning_spans_follow_the_parser(native_policy):
+    """Only what the parser reads as reasoning (a leading <think> block) is a reasoning span; a <think> the
+    parser reads as content stays in the loss."""
+    renderer = native_policy.episode_renderer()
+    tok = native_policy.tokenizer
+    later = tok.encode("Sure <think>x</think>\n" + hermes_text("ANSWER {}"), add_special_tokens=False)
+    ids = [*later, renderer.stop_id]
+    assert renderer.parser(renderer.decode(ids)).reasoning is None and renderer.reasoning_spans(ids) == []
+    two = tok.encode("<think>a</think> text <think>b</think>", add_special_tokens=False) + [renderer.stop_id]
+    assert len(renderer.reasoning_spans(two)) == 1 and renderer.reasoning_spans(two)[0][0] == 0

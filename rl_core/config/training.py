@@ -46,6 +46,7 @@ class LoraConfig(Section):
 class PolicyConfig(Section):
     path: str = Field(
         "data/checkpoints/reference",
+        min_length=1,
         description="Hugging Face causal LM directory (or hub id when online) to start from; ~ is expanded and "
         "relative paths are resolved against the repository root.",
     )

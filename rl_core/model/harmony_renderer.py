@@ -45,6 +45,7 @@ from rl_core.model.gpt_oss import (
     START,
     harmony_encoding,
 )
+from rl_core.model.tool_parsers import strict_json
 
 ReasoningEffortName = Literal["low", "medium", "high"]
 
@@ -70,9 +71,9 @@ def turn_from_messages(messages: list[oh.Message], stop: int | None) -> Assistan
                 errors.append(f"unknown recipient {recipient!r}: call a function as to=functions.NAME")
                 continue
             try:
-                arguments = json.loads(text)
-            except json.JSONDecodeError as exc:
-                errors.append(f"call {len(calls) + 1}: invalid JSON arguments ({exc.msg} at char {exc.pos})")
+                arguments = strict_json(text)
+            except ValueError as exc:
+                errors.append(f"call {len(calls) + 1}: invalid JSON arguments ({exc})")
                 continue
             if not isinstance(arguments, dict):
                 errors.append(f"call {len(calls) + 1}: the arguments must be a JSON object")

@@ -11,6 +11,7 @@ weights (or, for a LoRA policy, the adapter in PEFT layout) and the tokenizer.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
@@ -35,6 +36,8 @@ from rl_core.model.tool_parsers import tool_parser as tool_parser_for
 
 if TYPE_CHECKING:
     from rl_core.config import LoraConfig
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[DType, torch.dtype] = {name: getattr(torch, name) for name in get_args(DType)}  # policy.dtype -> torch
 
@@ -127,8 +130,27 @@ def load_policy(
         model = load_adapter_model(path, dtype=DTYPES[dtype], device=device)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype]).to(device)
-    chat, tool_parser = resolve_chat_format(chat, tokenizer), resolve_tool_parser(tool_parser, tokenizer)
+    # harmony parses its own tool calls: a named harmony side decides an `auto` other side
+    if chat == "auto" and tool_parser == "harmony":
+        chat = "harmony"
+    chat = resolve_chat_format(chat, tokenizer)
+    tool_parser = (
+        "harmony" if chat == "harmony" and tool_parser == "auto" else resolve_tool_parser(tool_parser, tokenizer)
+    )
     _check_harmony_pair(chat, tool_parser)
+    if chat in ("turnstile", "chatml") and (stop_token is not None or tool_parser != "hermes"):
+        log.warning(
+            "policy.chat_format %s writes Turnstile's text actions and ends turns at its own end marker: "
+            "policy.tool_parser (%s) and policy.stop_token (%s) are not used",
+            chat,
+            tool_parser,
+            stop_token,
+        )
+    if chat == "hf_template" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"policy.chat_format hf_template: the tokenizer at {path} has no chat template; use "
+            "policy.chat_format turnstile or chatml (Turnstile's text actions), or auto to pick from the tokenizer"
+        )
     if chat == "harmony":
         policy = Policy(model=model, tokenizer=tokenizer, chat=None, renderer=HarmonyRenderer(tokenizer))
     elif chat == "hf_template":

@@ -297,9 +297,16 @@ class HFTemplateRenderer:
         return [*self.encode(write(turn)), self.stop_id]
 
     def reasoning_spans(self, generated: list[int]) -> list[tuple[int, int]]:
-        """The reasoning blocks of a policy turn's ids (`reasoning_markers`, matched as their token ids;
-        rl_core/reasoning_mask.py marker_spans): [start, end) positions, markers included."""
-        return marker_spans(generated, *self.reasoning_ids)
+        """The reasoning block of a policy turn's ids, as the tool-call parser reads the turn: when the parser
+        finds reasoning (a leading `<think>` block), the first block delimited by `reasoning_markers`
+        (matched as their token ids; rl_core/reasoning_mask.py marker_spans), markers included, as
+        [start, end) positions; else none (a `<think>` later in the turn is content, and stays in the loss)."""
+        if self._turn_of(generated).reasoning is None:
+            return []
+        return marker_spans(generated, *self.reasoning_ids)[:1]
+
+    def _turn_of(self, generated: list[int]) -> AssistantTurn:
+        return self.parser(self.decode(generated))
 
     def ignores_tools(self, system: str, tools: list[dict[str, Any]], user: str) -> bool:
         """Whether the template renders [system, user] the same with and without `tools`."""

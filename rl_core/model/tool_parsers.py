@@ -93,6 +93,18 @@ _DECODER = json.JSONDecoder(  # no NaN/Infinity (not JSON), no numbers that over
 )
 
 
+def strict_json(text: str) -> Any:
+    """`text` as strict JSON: no NaN / Infinity (not JSON), no number that overflows a float (the model's
+    tool-call arguments must be finite). Raises ValueError with a short reason (also for nesting too deep to
+    read, e.g. thousands of open brackets)."""
+    try:
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{error.msg} at char {error.pos}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _hermes_call(rest: str, body_start: int, n: int) -> tuple[ToolCall, int]:
     """The call whose JSON starts at `rest[body_start:]` (after `<tool_call>`), and where its block ends.
     The JSON is read as JSON (markup inside its strings is text), then `</tool_call>` must follow."""
