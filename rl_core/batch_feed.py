@@ -51,6 +51,8 @@ class BatchFeed:
             return None
         episodes = self._take(iteration)
         rollout = rollout_metrics(episodes)
+        if run.collector.backend is not None:  # the vLLM server: seconds spent pushing weights to it
+            rollout |= run.collector.backend.take_metrics()
         self.stages.log_metrics(rollout, iteration)
         self.stages.log(describe_batch(iteration, rollout, len(episodes)))
         save_sampling_state(run.run_dir, iteration, run.collector.sampling_state())  # before the batch commits

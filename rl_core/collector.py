@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from rl_core.rollout import RolloutSettings, collect_rollouts
 from rl_core.runs.task_sampler import TaskSampler
 from rl_core.selection import drop_zero_variance_groups
 from rl_core.trajectory import Episode
+
+if TYPE_CHECKING:
+    from rl_core.vllm.backend import VLLMBackend
 
 Work = list[tuple[Environment, Task]]
 
@@ -87,6 +90,7 @@ class Collector:
         self.generator = torch.Generator().manual_seed(cfg.seed)  # the token sampler's random stream
         self.tasks = TaskSampler(envs, cfg.environment.train_split, cfg.seed)
         self._work: dict[tuple[int, int], Work] = {}
+        self.backend: VLLMBackend | None = None  # rollout.backend vllm: the server that samples (set by the run)
 
     def work_for(self, iteration: int, round_: int = 0, size: int | None = None) -> Work:
         """The training tasks of `iteration` (and of its resampling round), drawn once: a retried
@@ -129,7 +133,17 @@ class Collector:
             iteration=iteration,
             generator=self.generator,
             first_group=first_group,
+            **self._sampler(policy),
         )
+
+    def _sampler(self, policy: Policy) -> dict[str, Any]:
+        """The token sampler arguments of `collect_rollouts`: none (the in-process decoder), or the vLLM
+        server's, serving `policy`'s weights."""
+        if self.backend is None:
+            return {}
+        from rl_core.vllm.backend import VLLM_BACKEND
+
+        return {"token_sampler": self.backend.token_sampler(policy, self.generator), "backend": VLLM_BACKEND}
 
     def rng_states(self) -> dict[str, Any]:
         """Every random generator the run draws from: the token sampler's, torch's and Python's."""

@@ -63,11 +63,24 @@ class TrainingRun:
         self.learner = Learner(cfg, policy or load_start_policy(cfg), checkpoints_dir(self.run_dir))
         self.context_budget = measure_context_budget(cfg, self.learner.policy.episode_renderer(), envs)
         self.context_budget.check()  # the config's check could only use environment.prompt_tokens
+        if cfg.rollout.backend == "vllm":  # the server starts serving the starting policy (a given one is synced)
+            from rl_core.vllm.backend import VLLMBackend
+
+            stop_ids = sorted(self.learner.policy.episode_renderer().stop_ids)
+            start_version = 0 if policy is None else -1
+            self.collector.backend = VLLMBackend(
+                cfg, cfg.resolved_policy_path(), self.run_dir / "vllm", stop_ids, start_version
+            )
         self.evaluator = Evaluator(envs, cfg)
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
         self.ledger = RunLedger(self.run_dir, self.batch_committed)
         self.last_iteration = 0  # the last finished iteration: its step checkpointed, or recorded as taking no step
         self.checkpoint_iteration = 0  # the iteration of the newest checkpoint this run saved or resumed from
+
+    def close(self) -> None:
+        """Release what the run holds outside this process: the vLLM server it started (rollout.backend vllm)."""
+        if self.collector.backend is not None:
+            self.collector.backend.close()
 
     @property
     def policy(self) -> Policy:
@@ -262,6 +275,7 @@ class TrainingRun:
             result = TrainingLoop(self, stages).run_iterations()
         finally:
             stages.close()
+            self.close()
         log(
             f"[{self.run_id}] held-out pass@1 {result.before.pass_at_1:.3f} -> {result.after.pass_at_1:.3f} "
             f"after {self.policy.version} optimizer steps"

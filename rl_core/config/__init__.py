@@ -63,6 +63,7 @@ from rl_core.config.training import (
     PolicyConfig,
     RolloutConfig,
     TrainerConfig,
+    VLLMConfig,
 )
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "OptimizerConfig",
     "PolicyConfig",
     "RolloutConfig",
+    "VLLMConfig",
     "RunConfig",
     "Section",
     "StorageConfig",

@@ -19,6 +19,9 @@ ChatFormatName = Literal["turnstile", "chatml", "hf_template", "harmony", "auto"
 # rl_core/model/harmony_renderer.py, only with chat_format harmony).
 ToolParserName = Literal["hermes", "gemma", "harmony", "auto"]
 
+# rollout.backend: what samples the rollouts (hf: the in-process decoder; vllm: a vLLM server, rl_core/vllm/).
+RolloutBackendName = Literal["hf", "vllm"]
+
 # policy.dtype: parameter dtype, the name of a torch dtype (rl_core/model/policy.py DTYPES).
 DType = Literal["float32", "bfloat16", "float16"]
 

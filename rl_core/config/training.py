@@ -14,6 +14,7 @@ from rl_core.advantages import AdvantageMethod
 from rl_core.config.choices import (
     ChatFormatName,
     DType,
+    RolloutBackendName,
     ToolParserName,
     TrainerBackendName,
     TruncatedFinishReason,
@@ -97,6 +98,30 @@ class PolicyConfig(Section):
         return self
 
 
+class VLLMConfig(Section):
+    url: str | None = Field(
+        None,
+        description="A running vLLM server to sample from (e.g. http://127.0.0.1:8000, started with the flags the "
+        "README lists and serving the run's starting policy as 'policy'); None = Turnstile starts one itself.",
+    )
+    python: str = Field(
+        ".venv-vllm/bin/python",
+        min_length=1,
+        description="The vLLM venv's interpreter (`make vllm` builds it); relative to the repository root.",
+    )
+    port: int = Field(8011, ge=1, le=65535, description="Port of the server Turnstile starts (on 127.0.0.1).")
+    dtype: str = Field("float32", min_length=1, description="Served dtype (float32 on CPU; bfloat16 on a GPU).")
+    kv_cache_gib: int = Field(1, ge=1, description="KV cache of the server Turnstile starts, GiB.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Tokens per engine step (>= the longest episode); None = policy.context_window."
+    )
+    threads: int | None = Field(None, ge=1, description="OMP threads of the server Turnstile starts; None = inherit.")
+    extra_args: list[str] = Field(default_factory=list, description="More flags for the server Turnstile starts.")
+    startup_timeout_s: float = Field(300.0, gt=0, description="Seconds to wait for the server's /health.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Seconds one completion request may take.")
+    max_concurrency: int = Field(64, ge=1, description="Completion requests in flight at once.")
+
+
 class RolloutConfig(Section):
     group_size: int = Field(8, ge=1, le=64, description="Episodes sampled per task (one group); 2-32 in practice.")
     global_batch_size: int = Field(
@@ -121,6 +146,12 @@ class RolloutConfig(Section):
         description="Collect iteration k+1 (from a snapshot of the policy) while step k trains; its rollouts "
         "are then one step off-policy, so it needs algorithm.max_steps_off_policy >= 1.",
     )
+    backend: RolloutBackendName = Field(
+        "hf",
+        description="What samples the rollouts: hf (the policy's own model in this process) or vllm (a vLLM "
+        "server, rollout.vllm; the weights are pushed to it before each collection that follows a step).",
+    )
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="The vLLM server (rollout.backend: vllm).")
 
 
 class AlgorithmConfig(Section):
