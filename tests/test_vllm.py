@@ -161,3 +161,63 @@ def test_a_missing_vllm_venv_is_named_with_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="make vllm"):
         server.start()
     assert Path(tmp_path / "l").exists() is False
+
+
+def test_turnstile_train_runs_two_iterations_on_a_vllm_server(prefect_harness, tmp_path):
+    """The train flow with rollout.backend vllm: both batches validate and train, every stored episode was
+    sampled by the server (the second one after the weights of step 1 were pushed), the server is stopped."""
+    need_vllm()
+    from mlflow import MlflowClient
+
+    from rl_core.store import TrajectoryStore
+    from tests.test_train_flow import run_flow
+
+    summary = run_flow(
+        tmp_path, "flow-vllm", ["rollout.backend=vllm", "rollout.vllm.port=8035", "rollout.vllm.threads=1"]
+    )
+    assert summary["trained_steps"] == 2 and summary["skipped"] == []
+    store = TrajectoryStore(tmp_path)
+    for iteration, version in ((1, 0), (2, 1)):
+        assert store.read_report("flow-vllm", iteration).passed
+        episodes = store.read("flow-vllm", iteration)
+        assert {(e.sampling.backend, e.policy_version) for e in episodes} == {("vllm", version)}
+    client = MlflowClient(summary["mlflow_uri"])
+    synced = client.get_metric_history(summary["mlflow_run_id"], "perf/weight_sync_s")
+    assert [m.step for m in synced] == [2] and 0 < synced[0].value < 30  # one sync: before iteration 2
+    mismatch = client.get_metric_history(summary["mlflow_run_id"], "train/logprob_mismatch_mean")
+    assert all(m.value < 1e-3 for m in mismatch)  # the server's log-probs against the trainer's
+    import httpx
+
+    with pytest.raises(httpx.TransportError):  # the run stopped the server it started
+        httpx.get("http://127.0.0.1:8035/health", timeout=2.0)
+
+
+def test_overlapped_collection_samples_from_the_server_within_the_staleness_bound(tmp_path):
+    """rollout.overlap_collection with the server: batch k+1 is sampled while step k trains, from the
+    snapshot's weights (one step behind), and kept within algorithm.max_steps_off_policy."""
+    need_vllm()
+    from rl_core.run import TrainingRun
+
+    overrides = [
+        "iterations=3",
+        "rollout.backend=vllm",
+        "rollout.vllm.port=8036",
+        "rollout.vllm.threads=1",
+        "rollout.overlap_collection=true",
+        "algorithm.max_steps_off_policy=1",
+        "rollout.group_size=4",
+        "rollout.global_batch_size=8",
+        "evaluation.max_tasks=2",
+        "evaluation.val_every=10",
+        "validation.max_token_cap_frac=1.0",
+        "validation.max_turns_unanswered_frac=1.0",
+        f"storage.run_dir={tmp_path}",
+        "storage.run_id=overlap",
+    ]
+    run = TrainingRun(load_config(REPO_ROOT / "data/configs/quickstart.yaml", overrides))
+    result = run.run(log=lambda _: None)  # closes the run (and stops the server) when done
+    assert [r.trained for r in result.records] == [True, True, True]
+    versions = [{e.policy_version for e in run.store.read("overlap", k)} for k in (1, 2, 3)]
+    assert versions == [{0}, {0}, {1}]  # batch k+1 sampled by the snapshot taken before step k
+    assert all(r.metrics["rollout/stale_dropped"] == 0 for r in result.records)
+    assert not run.collector.backend.server.alive()
