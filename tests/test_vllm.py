@@ -221,3 +221,39 @@ def test_overlapped_collection_samples_from_the_server_within_the_staleness_boun
     assert versions == [{0}, {0}, {1}]  # batch k+1 sampled by the snapshot taken before step k
     assert all(r.metrics["rollout/stale_dropped"] == 0 for r in result.records)
     assert not run.collector.backend.server.alive()
+
+
+def test_a_lora_policy_s_adapter_is_hot_loaded_after_each_step(tmp_path):
+    """policy.lora: the server serves the base model with LoRA on; after a step the new adapter is loaded
+    under a new name (the old one unloaded) and the served log-probs are the trainer's (base + adapter)."""
+    need_vllm()
+    from rl_core.run import TrainingRun
+
+    overrides = [
+        "rollout.backend=vllm",
+        "rollout.vllm.port=8037",
+        "rollout.vllm.threads=1",
+        "policy.lora.enabled=true",
+        "policy.lora.rank=8",
+        "optimizer.lr=1e-2",
+        "rollout.group_size=4",
+        "rollout.global_batch_size=8",
+        f"storage.run_dir={tmp_path}",
+        "storage.run_id=lora",
+    ]
+    run = TrainingRun(load_config(REPO_ROOT / "data/configs/quickstart.yaml", overrides))
+    try:
+        assert run.train(run.collect(1)).skipped is None
+        for iteration in (2, 3):
+            episodes = run.collect(iteration)
+            assert run.collector.backend.client.model == f"policy-v{run.policy.version}"
+            for episode in episodes:
+                tokens = torch.tensor([episode.tokens])
+                with torch.no_grad():
+                    ours, _ = token_logprobs(run.policy.model, tokens, torch.ones_like(tokens))
+                mask = torch.tensor(episode.loss_mask, dtype=torch.bool)
+                gap = (ours[0][mask] - torch.tensor(episode.behavior_logprobs)[mask]).abs().max()
+                assert float(gap) < TOLERANCE
+            assert run.train(episodes).skipped is None
+    finally:
+        run.close()
