@@ -152,6 +152,22 @@ def test_a_server_that_dies_mid_run_is_restarted_and_given_the_weights_again(tmp
         episodes = run.collect(2)  # restarted, synced to version 1, the round sent again
         assert server.alive() and {e.policy_version for e in episodes} == {1}
         assert len(episodes) == 4 and all(e.finish_reason != "env_error" for e in episodes)
+        # ... and in the middle of a collection: killed as the second generation round is sent
+        client, rounds, pids = run.collector.backend.client, [0], [server.process.pid]
+        generate = client.generate
+
+        def dying(*args, **kwargs):
+            rounds[0] += 1
+            if rounds[0] == 2:
+                server.process.kill()
+                server.process.wait()
+            return generate(*args, **kwargs)
+
+        client.generate = dying
+        episodes = run.collect(3)
+        assert rounds[0] >= 3 and server.process.pid != pids[0]  # the round was sent again to a new server
+        assert {e.policy_version for e in episodes} == {1} and len(episodes) == 4
+        assert all(e.finish_reason != "env_error" for e in episodes)
     finally:
         run.close()
 
