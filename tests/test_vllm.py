@@ -273,3 +273,12 @@ def test_a_lora_policy_s_adapter_is_hot_loaded_after_each_step(tmp_path):
             assert run.train(episodes).skipped is None
     finally:
         run.close()
+
+
+def test_an_adapter_folder_cannot_be_served_and_says_what_to_do(tmp_path):
+    from rl_core.vllm.backend import VLLMBackend
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    cfg = load_config(None, ["rollout.backend=vllm"])
+    with pytest.raises(ValueError, match="LoRA adapter folder; the server serves a full model"):
+        VLLMBackend(cfg, str(tmp_path), tmp_path / "vllm", [1])

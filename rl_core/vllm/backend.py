@@ -35,7 +35,8 @@ class VLLMBackend:
     cfg: the run config (`rollout.vllm`). model_path: the starting policy's folder, served at start.
     work_dir: where the server's log and the synced weights go (the run folder's `vllm/`).
     start_version: the policy version of `model_path` (what the server serves before any sync).
-    Raises FileNotFoundError / VLLMServerError (rl_core/vllm/server.py) when the server cannot start.
+    Raises FileNotFoundError / VLLMServerError (rl_core/vllm/server.py) when the server cannot start, and
+    ValueError when `model_path` is a LoRA adapter folder (the server needs a full model).
     """
 
     def __init__(self, cfg: RunConfig, model_path: str, work_dir: Path, stop_ids: list[int], start_version: int = 0):
@@ -44,6 +45,14 @@ class VLLMBackend:
         self.server: VLLMServer | None = None
         url = v.url
         if url is None:
+            from rl_core.model.lora import is_adapter_dir
+
+            if is_adapter_dir(model_path):
+                raise ValueError(
+                    f"rollout.backend vllm: policy.path {model_path} is a LoRA adapter folder; the server serves a "
+                    "full model: set policy.path to the base model with policy.lora.enabled, or serve it yourself "
+                    "(rollout.vllm.url)"
+                )
             python = Path(v.python) if Path(v.python).is_absolute() else REPO_ROOT / v.python
             self.server = VLLMServer(
                 python=python,
