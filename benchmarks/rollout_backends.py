@@ -6,21 +6,28 @@ policy, tasks, rollout settings and token-sampler seeds; the only difference is 
   vllm : `VLLMClient.generate` on a vLLM server this script starts from the vLLM venv (`make vllm`)
          serving the same checkpoint (OMP threads `--server-threads`), token-in, token-out over HTTP.
 The sides alternate over `--rounds` rounds after one small warm-up collection each; every round's
-generated tokens/s is printed and the best round of each side is reported with their ratio. Then the
-weight sync is timed: the policy's trainable weights are perturbed and `sync_policy` pushes them to the
-server (saved, reloaded in place, prefix cache reset; a LoRA policy hot-loads its adapter), `--sync-repeats`
-times, median reported. The server's cold start (process start to `/health` answering) is reported too.
+generated tokens/s is printed (with this process's CPU seconds: with the server, what the HTTP client and
+the rollout engine's own work take from the cores the server also needs) and the best round of each side is
+reported with their ratio. Then the weight sync is timed: the policy's trainable weights are perturbed and
+`sync_policy` pushes them to the server (saved, reloaded in place, prefix cache reset; a LoRA policy
+hot-loads its adapter), `--sync-repeats` times, median reported. The server's cold start (process start to
+`/health` answering) is reported too. The server runs with the run config's `rollout.vllm.*` settings
+(e.g. `--set rollout.vllm.max_concurrency=256` lets all 256 episodes' requests be in flight at once).
 
 Both engines share this machine's CPU cores (2 on the reference machine: 2 threads each by default, used
-one side at a time), so run it alone: any other job on the machine disturbs both sides' figures.
+one side at a time), so run it alone: any other job on the machine disturbs both sides' figures. vLLM
+binds its engine to cores itself (`VLLM_CPU_OMP_THREADS_BIND`, default 'auto': on 2 cores, core 0, with
+core 1 reserved); `--server-bind 0-1` gives it both. Left-over vLLM workers of other runs bound to the
+same core slow the server down badly: check `ps` for stray `VLLM::Worker` processes first.
 
     python benchmarks/rollout_backends.py [--tasks 32] [--group-size 8] [--rounds 2] [--threads 2]
-        [--server-threads 2] [--port 8041] [--sync-repeats 3]
+        [--server-threads 2] [--server-bind 0-1] [--port 8041] [--sync-repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -46,16 +53,17 @@ def vllm_sampler(client: VLLMClient, generator: torch.Generator):
     return sample
 
 
-def collect(policy, work, settings, group_size: int, seed: int, client: VLLMClient | None) -> tuple[int, float]:
-    """One collection; returns (generated tokens, seconds). client None = the in-process `hf` sampler."""
+def collect(policy, work, settings, group_size: int, seed: int, client: VLLMClient | None) -> tuple[int, float, float]:
+    """One collection; returns (generated tokens, wall seconds, this process's CPU seconds). client None = the
+    in-process `hf` sampler; with the server, the CPU seconds are the rollout engine's and the HTTP client's share."""
     generator = torch.Generator().manual_seed(seed)
     extra = {} if client is None else {"token_sampler": vllm_sampler(client, generator), "backend": "vllm"}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     episodes = collect_rollouts(
         policy, work, settings, group_size=group_size, run_id="bench", iteration=0, generator=generator, **extra
     )
-    seconds = time.perf_counter() - start
-    return sum(e.response_tokens for e in episodes), seconds
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return sum(e.response_tokens for e in episodes), seconds, cpu
 
 
 def time_syncs(client: VLLMClient, policy, folder: Path, repeats: int) -> list[float]:
@@ -83,12 +91,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of each side, alternating")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of the in-process decoder")
     parser.add_argument("--server-threads", type=int, default=2, help="OMP threads of the vLLM server")
+    parser.add_argument(
+        "--server-bind",
+        default=None,
+        help="cores the server's engine is bound to (VLLM_CPU_OMP_THREADS_BIND, e.g. 0-1); default: vLLM's 'auto', "
+        "which on 2 cores binds it to core 0 and reserves core 1",
+    )
     parser.add_argument("--port", type=int, default=8041, help="port of the server (127.0.0.1); must be free")
     parser.add_argument("--sync-repeats", type=int, default=3, help="weight syncs timed (median reported)")
     parser.add_argument("--python", default=None, help="the vLLM venv's interpreter (default: rollout.vllm.python)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.server_bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.server_bind  # the server inherits this environment
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
     cfg = load_config(args.config or REPO_ROOT / "data/configs/quickstart.yaml", args.overrides)
     policy = load_start_policy(cfg)
     work = TaskSampler(load_environments(cfg), cfg.environment.train_split, cfg.seed).next_batch(args.tasks)
@@ -116,7 +133,9 @@ def main() -> None:
             start = time.perf_counter()
             url = server.start()
             cold_start = time.perf_counter() - start
-            print(f"vLLM server up at {url} in {cold_start:.1f}s ({args.server_threads} OMP threads)")
+            print(
+                f"vLLM server up at {url} in {cold_start:.1f}s ({args.server_threads} OMP threads, cores bound: {bind})"
+            )
             client = VLLMClient(
                 url,
                 sorted(policy.episode_renderer().stop_ids),
@@ -129,10 +148,12 @@ def main() -> None:
             best = dict.fromkeys(sides, 0.0)
             for round_ in range(args.rounds):
                 for name, side in sides.items():
-                    tokens, seconds = collect(policy, work, settings, args.group_size, round_, side)
+                    tokens, seconds, cpu = collect(policy, work, settings, args.group_size, round_, side)
                     rate = tokens / seconds
                     best[name] = max(best[name], rate)
-                    line = f"{tokens:6d} generated tokens in {seconds:7.2f}s = {rate:8.1f} tok/s"
+                    line = (
+                        f"{tokens:6d} generated tokens in {seconds:7.2f}s = {rate:8.1f} tok/s ({cpu:5.1f} CPU s here)"
+                    )
                     print(f"round {round_ + 1} {name:>4}: {line}")
             syncs = time_syncs(client, policy, Path(scratch) / "weights", args.sync_repeats)
         finally:
