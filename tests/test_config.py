@@ -119,6 +119,7 @@ EXPECTED_FIELDS = [
     "rollout.vllm.kv_cache_gib",
     "rollout.vllm.max_num_batched_tokens",
     "rollout.vllm.threads",
+    "rollout.vllm.cpu_bind",
     "rollout.vllm.extra_args",
     "rollout.vllm.startup_timeout_s",
     "rollout.vllm.request_timeout_s",

@@ -166,10 +166,14 @@ def test_a_server_that_dies_mid_run_is_restarted_and_given_the_weights_again(tmp
         client.generate = dying
         episodes = run.collect(3)
         assert rounds[0] >= 3 and server.process.pid != pids[0]  # the round was sent again to a new server
+        pids.append(server.process.pid)
         assert {e.policy_version for e in episodes} == {1} and len(episodes) == 4
         assert all(e.finish_reason != "env_error" for e in episodes)
     finally:
         run.close()
+    for group in pids:  # no engine or worker of any server it started lives on (their leaders were killed)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
 
 
 def test_a_missing_vllm_venv_is_named_with_how_to_build_it(tmp_path):

@@ -67,6 +67,7 @@ class VLLMBackend:
                 extra_args=list(v.extra_args),
                 startup_timeout_s=v.startup_timeout_s,
                 threads=v.threads,
+                cpu_bind=v.cpu_bind,
             )
             url = self.server.start()
             log.info("vLLM server for %s started at %s (log: %s)", model_path, url, self.server.log_path)

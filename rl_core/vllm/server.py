@@ -40,6 +40,17 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return f"(no log at {path})"
 
 
+def _signal_group(group: int, signum: int) -> bool:
+    """Send `signum` to process group `group` (0: only check it exists); False when the group is gone."""
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a zombie-only group on some kernels: nothing left to stop
+        return False
+    return True
+
+
 @dataclass
 class VLLMServer:
     """One vLLM OpenAI-compatible server process serving `model` (a Hugging Face model folder).
@@ -49,7 +60,9 @@ class VLLMServer:
     max_num_batched_tokens: tokens per engine step (must be >= the longest episode, since chunked pre-fill
     is off). max_model_len: the longest sequence served (tokens; the run's policy.context_window; None = the
     model's own). max_lora_rank: serve LoRA adapters of up to this rank (None: no LoRA). extra_args: more
-    server flags. log_path: where its output goes. startup_timeout_s: seconds to wait for `/health`.
+    server flags. threads: OMP threads (None: inherited). cpu_bind: the CPU cores vLLM's engine binds to
+    (`VLLM_CPU_OMP_THREADS_BIND`, e.g. "0-1"; None: vLLM's own choice, which on 2 cores binds the engine to
+    core 0 only). log_path: where its output goes. startup_timeout_s: seconds to wait for `/health`.
     """
 
     python: Path
@@ -65,6 +78,7 @@ class VLLMServer:
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 300.0
     threads: int | None = None
+    cpu_bind: str | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -92,6 +106,8 @@ class VLLMServer:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if self.threads is not None:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        if self.cpu_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_bind
         return env
 
     def start(self) -> str:
@@ -138,18 +154,23 @@ class VLLMServer:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """Stop the server: SIGTERM to its process group, SIGKILL after `grace_s` seconds. Idempotent."""
+        """Stop the server and every process it started (vLLM's engine core and workers): SIGTERM to its
+        process group, SIGKILL to what is left after `grace_s` seconds. The group is signalled even when the
+        API-server process itself has died already (its engine would otherwise live on). Idempotent."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            except ProcessLookupError:
-                pass
+        group = self.process.pid
+        if _signal_group(group, signal.SIGTERM):
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and _signal_group(group, 0):
+                self.process.poll()  # reap the leader so that it does not linger as a zombie
+                time.sleep(0.2)
+            if _signal_group(group, 0):
+                _signal_group(group, signal.SIGKILL)
+        try:
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
         self.process = None
 
     def restart(self) -> str:
