@@ -132,7 +132,11 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
             "continuing run %s after iteration %d (step %d)", run.run_id, run.last_iteration, run.policy.version
         )
     logger.info("%s", run.context_budget.describe())
-    tracker = start_tracking(run.cfg, run.run_id)
+    try:
+        tracker = start_tracking(run.cfg, run.run_id)
+    except BaseException:
+        run.close()
+        raise
     stages = PrefectStages(run, tracker)
     try:
         result = TrainingLoop(run, stages).run_iterations()

@@ -115,7 +115,11 @@ class TrainingRun:
                     f"{owner!r}; continue {owner!r} in its own folder, or start a new run"
                 )
             run = cls.resume(cfg, checkpoint)
-        run.record_config()  # a continued run with another training setup is refused before any work
+        try:
+            run.record_config()  # a continued run with another training setup is refused before any work
+        except BaseException:
+            run.close()  # e.g. the vLLM server it started
+            raise
         return run
 
     @classmethod

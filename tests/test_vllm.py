@@ -286,3 +286,29 @@ def test_an_adapter_folder_cannot_be_served_and_says_what_to_do(tmp_path):
     cfg = load_config(None, ["rollout.backend=vllm"])
     with pytest.raises(ValueError, match="LoRA adapter folder; the server serves a full model"):
         VLLMBackend(cfg, str(tmp_path), tmp_path / "vllm", [1])
+
+
+def test_a_port_in_use_is_refused_before_starting_and_an_external_server_gets_our_weights_first(server, tmp_path):
+    """A run never adopts a server it did not start on its port; a server named by rollout.vllm.url is synced
+    to the run's policy before the first collection (it may serve anything)."""
+    from rl_core.vllm import VLLMServerError
+    from rl_core.vllm.backend import VLLMBackend
+
+    taken = VLLMServer(python=VLLM_PYTHON, model=str(REFERENCE), port=server.port, log_path=tmp_path / "log")
+    with pytest.raises(VLLMServerError, match=f"port {server.port} on 127.0.0.1 is in use"):
+        taken.start()
+    assert taken.process is None
+    cfg = load_config(None, ["rollout.backend=vllm", f"rollout.vllm.url={server.url}"])
+    backend = VLLMBackend(cfg, str(REFERENCE), tmp_path / "vllm", [1])
+    policy = load_policy(REFERENCE)
+    backend.token_sampler(policy, torch.Generator())
+    assert backend.served_version == 0 and backend.take_metrics()["perf/weight_sync_s"] > 0
+    backend.close()
+    assert server.alive()  # not ours to stop
+
+
+def test_changing_only_where_the_server_runs_does_not_block_continuing_a_run():
+    from rl_core.runs.folder import RESUMABLE_CHANGES
+
+    assert any("rollout.vllm.port".startswith(prefix) for prefix in RESUMABLE_CHANGES)
+    assert not any("rollout.backend".startswith(prefix) for prefix in RESUMABLE_CHANGES)

@@ -18,7 +18,7 @@ from rl_core.runs.checkpoint import checkpoints_dir, remove_unfinished_checkpoin
 
 RUN_CONFIG_FILE = "config.yaml"
 # Fields a resumed run may change: how long it runs, where it lives, how it is watched and gated.
-RESUMABLE_CHANGES = ("iterations", "storage.", "doctor.", "gate.")
+RESUMABLE_CHANGES = ("iterations", "storage.", "doctor.", "gate.", "rollout.vllm.")  # vllm: where it serves, not what
 
 
 def run_folder(cfg: RunConfig) -> Path:

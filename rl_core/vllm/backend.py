@@ -72,6 +72,8 @@ class VLLMBackend:
             url = self.server.start()
             log.info("vLLM server for %s started at %s (log: %s)", model_path, url, self.server.log_path)
         self.client = VLLMClient(url, stop_ids, timeout_s=v.request_timeout_s, max_concurrency=v.max_concurrency)
+        if v.url is not None:  # a server Turnstile did not start may serve anything: give it our weights first
+            start_version = -1
         self.served_version = start_version
         self.start_version_of_server = start_version  # what a (re)started server serves before any sync
         self.sync_seconds: list[float] = []

