@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from rl_core.environments.actions import ToolCall
 from rl_core.environments.base import StepResult
 from rl_core.environments.messages import AssistantTurn
+from rl_core.model.call_syntax import strict_json
 from rl_core.model.gpt_oss import (
     CALL,
     CHANNEL,
@@ -45,7 +46,6 @@ from rl_core.model.gpt_oss import (
     START,
     harmony_encoding,
 )
-from rl_core.model.tool_parsers import strict_json
 
 ReasoningEffortName = Literal["low", "medium", "high"]
 
