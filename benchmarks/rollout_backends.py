@@ -41,7 +41,8 @@ from rl_core.learner import load_start_policy
 from rl_core.paths import REPO_ROOT
 from rl_core.rollout import collect_rollouts
 from rl_core.runs.task_sampler import TaskSampler
-from rl_core.vllm import VLLMClient, VLLMServer, sync_policy
+from rl_core.vllm import VLLMClient, sync_policy
+from rl_core.vllm.backend import configured_server
 
 
 def vllm_sampler(client: VLLMClient, generator: torch.Generator):
@@ -111,24 +112,12 @@ def main() -> None:
     work = TaskSampler(load_environments(cfg), cfg.environment.train_split, cfg.seed).next_batch(args.tasks)
     settings = rollout_settings(cfg)
     v = cfg.rollout.vllm
-    python = Path(args.python or v.python)
-    python = python if python.is_absolute() else REPO_ROOT / python
 
     with tempfile.TemporaryDirectory(prefix="rollout_backends_") as scratch:
-        server = VLLMServer(
-            python=python,
-            model=str(cfg.resolved_policy_path()),
-            port=args.port,
-            log_path=Path(scratch) / "server.log",
-            dtype=v.dtype,
-            kv_cache_gib=v.kv_cache_gib,
-            max_num_batched_tokens=v.max_num_batched_tokens or cfg.policy.context_window,
-            max_model_len=cfg.policy.context_window,
-            max_lora_rank=cfg.policy.lora.rank if cfg.policy.lora.enabled else None,
-            extra_args=list(v.extra_args),
-            startup_timeout_s=v.startup_timeout_s,
-            threads=args.server_threads,
-        )
+        server = configured_server(cfg, str(cfg.resolved_policy_path()), Path(scratch) / "server.log")
+        server.port, server.threads = args.port, args.server_threads
+        if args.python:
+            server.python = Path(args.python) if Path(args.python).is_absolute() else REPO_ROOT / args.python
         try:
             start = time.perf_counter()
             url = server.start()

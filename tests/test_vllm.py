@@ -61,6 +61,36 @@ def largest_gap(model, contexts, generations) -> float:
     return gap
 
 
+def vllm_run(tmp_path, run_id: str, port: int, *extra: str):
+    """A TrainingRun of the quickstart config sampling from a vLLM server it starts on `port` (one thread),
+    groups of 4 in batches of 8, in `tmp_path`; `extra` overrides come last."""
+    from rl_core.run import TrainingRun
+
+    overrides = [
+        "rollout.backend=vllm",
+        f"rollout.vllm.port={port}",
+        "rollout.vllm.threads=1",
+        "rollout.group_size=4",
+        "rollout.global_batch_size=8",
+        f"storage.run_dir={tmp_path}",
+        f"storage.run_id={run_id}",
+        *extra,
+    ]
+    return TrainingRun(load_config(REPO_ROOT / "data/configs/quickstart.yaml", overrides))
+
+
+def assert_served_log_probs_are_the_trainer_s(model, episodes) -> None:
+    """Every sampled token's served log-prob is the trainer's (within TOLERANCE nats): the server sampled
+    from `model`'s weights."""
+    for episode in episodes:
+        tokens = torch.tensor([episode.tokens])
+        with torch.no_grad():
+            ours, _ = token_logprobs(model, tokens, torch.ones_like(tokens))
+        mask = torch.tensor(episode.loss_mask, dtype=torch.bool)
+        served = torch.tensor(episode.behavior_logprobs)[mask]
+        assert float((ours[0][mask] - served).abs().max()) < TOLERANCE
+
+
 def test_token_in_token_out_with_the_trainer_s_log_probs_and_reproducible_seeds(server):
     policy = load_policy(REFERENCE)
     client = VLLMClient(server.url, [policy.chat.stop_id])
@@ -93,19 +123,7 @@ def test_two_iterations_train_on_vllm_rollouts_and_the_server_then_serves_the_tr
     """The quickstart policy with rollout.backend vllm: batches validate, a step trains, the next collection
     samples the trained weights (served log-probs = the trainer's), episodes are what the server returned."""
     need_vllm()
-    from rl_core.run import TrainingRun
-
-    overrides = [
-        "rollout.backend=vllm",
-        "rollout.vllm.port=8032",
-        "rollout.vllm.threads=1",
-        "rollout.group_size=4",
-        "rollout.global_batch_size=8",
-        "evaluation.max_tasks=2",
-        f"storage.run_dir={tmp_path}",
-        "storage.run_id=vllm",
-    ]
-    run = TrainingRun(load_config(REPO_ROOT / "data/configs/quickstart.yaml", overrides))
+    run = vllm_run(tmp_path, "vllm", 8032, "evaluation.max_tasks=2")
     try:
         first = run.collect(1)
         assert {e.sampling.backend for e in first} == {"vllm"} and {e.policy_version for e in first} == {0}
@@ -115,14 +133,7 @@ def test_two_iterations_train_on_vllm_rollouts_and_the_server_then_serves_the_tr
         assert {e.policy_version for e in second} == {1}
         metrics = run.collector.backend.take_metrics()
         assert 0 < metrics["perf/weight_sync_s"] < 30
-        # the trainer's log-probs of what the server sampled after the step: the trained weights were served
-        for episode in second:
-            tokens = torch.tensor([episode.tokens])
-            with torch.no_grad():
-                ours, _ = token_logprobs(run.policy.model, tokens, torch.ones_like(tokens))
-            mask = torch.tensor(episode.loss_mask, dtype=torch.bool)
-            served = torch.tensor(episode.behavior_logprobs)[mask]
-            assert float((ours[0][mask] - served).abs().max()) < TOLERANCE
+        assert_served_log_probs_are_the_trainer_s(run.policy.model, second)  # the trained weights were served
         run.commit(1, first)
         assert run.store.read(run.run_id, 1)[0].tokens == first[0].tokens  # stored as the server returned them
     finally:
@@ -132,18 +143,7 @@ def test_two_iterations_train_on_vllm_rollouts_and_the_server_then_serves_the_tr
 
 def test_a_server_that_dies_mid_run_is_restarted_and_given_the_weights_again(tmp_path):
     need_vllm()
-    from rl_core.run import TrainingRun
-
-    overrides = [
-        "rollout.backend=vllm",
-        "rollout.vllm.port=8033",
-        "rollout.vllm.threads=1",
-        "rollout.group_size=2",
-        "rollout.global_batch_size=4",
-        f"storage.run_dir={tmp_path}",
-        "storage.run_id=dies",
-    ]
-    run = TrainingRun(load_config(REPO_ROOT / "data/configs/quickstart.yaml", overrides))
+    run = vllm_run(tmp_path, "dies", 8033, "rollout.group_size=2", "rollout.global_batch_size=4")
     try:
         run.train(run.collect(1))
         server = run.collector.backend.server
@@ -216,25 +216,18 @@ def test_overlapped_collection_samples_from_the_server_within_the_staleness_boun
     """rollout.overlap_collection with the server: batch k+1 is sampled while step k trains, from the
     snapshot's weights (one step behind), and kept within algorithm.max_steps_off_policy."""
     need_vllm()
-    from rl_core.run import TrainingRun
-
-    overrides = [
+    run = vllm_run(
+        tmp_path,
+        "overlap",
+        8036,
         "iterations=3",
-        "rollout.backend=vllm",
-        "rollout.vllm.port=8036",
-        "rollout.vllm.threads=1",
         "rollout.overlap_collection=true",
         "algorithm.max_steps_off_policy=1",
-        "rollout.group_size=4",
-        "rollout.global_batch_size=8",
         "evaluation.max_tasks=2",
         "evaluation.val_every=10",
         "validation.max_token_cap_frac=1.0",
         "validation.max_turns_unanswered_frac=1.0",
-        f"storage.run_dir={tmp_path}",
-        "storage.run_id=overlap",
-    ]
-    run = TrainingRun(load_config(REPO_ROOT / "data/configs/quickstart.yaml", overrides))
+    )
     result = run.run(log=lambda _: None)  # closes the run (and stops the server) when done
     assert [r.trained for r in result.records] == [True, True, True]
     versions = [{e.policy_version for e in run.store.read("overlap", k)} for k in (1, 2, 3)]
@@ -247,33 +240,13 @@ def test_a_lora_policy_s_adapter_is_hot_loaded_after_each_step(tmp_path):
     """policy.lora: the server serves the base model with LoRA on; after a step the new adapter is loaded
     under a new name (the old one unloaded) and the served log-probs are the trainer's (base + adapter)."""
     need_vllm()
-    from rl_core.run import TrainingRun
-
-    overrides = [
-        "rollout.backend=vllm",
-        "rollout.vllm.port=8037",
-        "rollout.vllm.threads=1",
-        "policy.lora.enabled=true",
-        "policy.lora.rank=8",
-        "optimizer.lr=1e-2",
-        "rollout.group_size=4",
-        "rollout.global_batch_size=8",
-        f"storage.run_dir={tmp_path}",
-        "storage.run_id=lora",
-    ]
-    run = TrainingRun(load_config(REPO_ROOT / "data/configs/quickstart.yaml", overrides))
+    run = vllm_run(tmp_path, "lora", 8037, "policy.lora.enabled=true", "policy.lora.rank=8", "optimizer.lr=1e-2")
     try:
         assert run.train(run.collect(1)).skipped is None
         for iteration in (2, 3):
             episodes = run.collect(iteration)
             assert run.collector.backend.client.model == f"policy-v{run.policy.version}"
-            for episode in episodes:
-                tokens = torch.tensor([episode.tokens])
-                with torch.no_grad():
-                    ours, _ = token_logprobs(run.policy.model, tokens, torch.ones_like(tokens))
-                mask = torch.tensor(episode.loss_mask, dtype=torch.bool)
-                gap = (ours[0][mask] - torch.tensor(episode.behavior_logprobs)[mask]).abs().max()
-                assert float(gap) < TOLERANCE
+            assert_served_log_probs_are_the_trainer_s(run.policy.model, episodes)
             assert run.train(episodes).skipped is None
     finally:
         run.close()

@@ -29,6 +29,27 @@ log = logging.getLogger(__name__)
 VLLM_BACKEND = "vllm"
 
 
+def configured_server(cfg: RunConfig, model_path: str, log_path: Path) -> VLLMServer:
+    """The (not yet started) server `rollout.vllm` describes, serving `model_path` with the run's context
+    window (`--max-model-len`, and `--max-num-batched-tokens` unless set) and LoRA when the policy has it."""
+    v = cfg.rollout.vllm
+    return VLLMServer(
+        python=Path(v.python) if Path(v.python).is_absolute() else REPO_ROOT / v.python,
+        model=model_path,
+        port=v.port,
+        log_path=log_path,
+        dtype=v.dtype,
+        kv_cache_gib=v.kv_cache_gib,
+        max_num_batched_tokens=v.max_num_batched_tokens or cfg.policy.context_window,
+        max_model_len=cfg.policy.context_window,
+        max_lora_rank=cfg.policy.lora.rank if cfg.policy.lora.enabled else None,
+        extra_args=list(v.extra_args),
+        startup_timeout_s=v.startup_timeout_s,
+        threads=v.threads,
+        cpu_bind=v.cpu_bind,
+    )
+
+
 class VLLMBackend:
     """The vLLM server a run samples from (see the module docstring).
 
@@ -53,22 +74,7 @@ class VLLMBackend:
                     "full model: set policy.path to the base model with policy.lora.enabled, or serve it yourself "
                     "(rollout.vllm.url)"
                 )
-            python = Path(v.python) if Path(v.python).is_absolute() else REPO_ROOT / v.python
-            self.server = VLLMServer(
-                python=python,
-                model=model_path,
-                port=v.port,
-                log_path=work_dir / "server.log",
-                dtype=v.dtype,
-                kv_cache_gib=v.kv_cache_gib,
-                max_num_batched_tokens=v.max_num_batched_tokens or cfg.policy.context_window,
-                max_model_len=cfg.policy.context_window,
-                max_lora_rank=cfg.policy.lora.rank if cfg.policy.lora.enabled else None,
-                extra_args=list(v.extra_args),
-                startup_timeout_s=v.startup_timeout_s,
-                threads=v.threads,
-                cpu_bind=v.cpu_bind,
-            )
+            self.server = configured_server(cfg, model_path, work_dir / "server.log")
             url = self.server.start()
             log.info("vLLM server for %s started at %s (log: %s)", model_path, url, self.server.log_path)
         self.client = VLLMClient(url, stop_ids, timeout_s=v.request_timeout_s, max_concurrency=v.max_concurrency)
