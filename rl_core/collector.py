@@ -27,6 +27,7 @@ from rl_core.selection import drop_zero_variance_groups
 from rl_core.trajectory import Episode
 
 if TYPE_CHECKING:
+    from rl_core.gateway.collection import AgentGateway
     from rl_core.vllm.backend import VLLMBackend
 
 Work = list[tuple[Environment, Task]]
@@ -91,6 +92,7 @@ class Collector:
         self.tasks = TaskSampler(envs, cfg.environment.train_split, cfg.seed)
         self._work: dict[tuple[int, int], Work] = {}
         self.backend: VLLMBackend | None = None  # rollout.backend vllm: the server that samples (set by the run)
+        self.agents: AgentGateway | None = None  # rollout.agent: external agents play the rollouts (set by the run)
 
     def work_for(self, iteration: int, round_: int = 0, size: int | None = None) -> Work:
         """The training tasks of `iteration` (and of its resampling round), drawn once: a retried
@@ -124,7 +126,8 @@ class Collector:
         return episodes
 
     def _play(self, policy: Policy, iteration: int, work: Work, first_group: int) -> list[Episode]:
-        return collect_rollouts(
+        play = collect_rollouts if self.agents is None else self.agents.collect
+        return play(
             policy,
             work,
             rollout_settings(self.cfg),

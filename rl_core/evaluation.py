@@ -8,6 +8,7 @@ pass@1 is measured at temperature 0, one episode per task. pass@k and pass^k com
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -68,11 +69,14 @@ def evaluate(
     num_samples: int = 0,
     sample_temperature: float = 1.0,
     seed: int = 0,
+    play: Callable[..., list[Episode]] = collect_rollouts,
 ) -> EvalReport:
-    """Evaluate `policy` on a split; sampled pass@k is skipped when num_samples is 0."""
+    """Evaluate `policy` on a split; sampled pass@k is skipped when num_samples is 0. `play` collects the
+    episodes (`collect_rollouts`, or `AgentGateway.collect` when agents play them); a rollout that gave several
+    segments counts once (its last row)."""
     work = heldout_work(envs, split, max_tasks)
     greedy_settings = replace(settings, temperature=0.0)
-    greedy = collect_rollouts(policy, work, greedy_settings, group_size=1, run_id="eval", iteration=0)
+    greedy = _rollouts(play(policy, work, greedy_settings, group_size=1, run_id="eval", iteration=0))
     metrics = {"val/pass_at_1": sum(e.success for e in greedy) / len(greedy), **_summary(greedy, "val")}
     per_env: dict[str, list[bool]] = defaultdict(list)
     for e in greedy:
@@ -83,8 +87,8 @@ def evaluate(
     if num_samples:
         sample_settings = replace(settings, temperature=sample_temperature)
         generator = torch.Generator().manual_seed(seed)
-        sampled = collect_rollouts(
-            policy, work, sample_settings, group_size=num_samples, run_id="eval", iteration=0, generator=generator
+        sampled = _rollouts(
+            play(policy, work, sample_settings, group_size=num_samples, run_id="eval", iteration=0, generator=generator)
         )
         successes = {group.group_id: sum(int(e.success) for e in group.episodes) for group in group_episodes(sampled)}
         for k in pass_k or [1]:
@@ -104,6 +108,14 @@ def evaluate(
     )
 
 
+def _rollouts(episodes: list[Episode]) -> list[Episode]:
+    """One row per rollout: the last segment of each (group_id, sample_index), in order."""
+    last: dict[tuple[str, int], Episode] = {}
+    for e in episodes:
+        last[(e.group_id, e.sample_index)] = e
+    return list(last.values())
+
+
 class Evaluator:
     """Held-out evaluation as a run config describes it: needs only the environments and a policy.
 
@@ -111,8 +123,9 @@ class Evaluator:
     environment) greedily for pass@1 and, with `samples`, `evaluation.num_samples` episodes per
     task at `evaluation.sample_temperature` for pass@k / pass^k (`evaluation.pass_k`)."""
 
-    def __init__(self, envs: list[Environment], cfg: RunConfig):
+    def __init__(self, envs: list[Environment], cfg: RunConfig, play: Callable[..., list[Episode]] | None = None):
         self.envs, self.cfg = envs, cfg
+        self.play = play or collect_rollouts  # AgentGateway.collect when agents play the rollouts
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Evaluator:
@@ -132,4 +145,5 @@ class Evaluator:
             num_samples=e.num_samples if samples else 0,
             sample_temperature=e.sample_temperature,
             seed=self.cfg.seed,
+            play=self.play,
         )

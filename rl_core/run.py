@@ -72,15 +72,23 @@ class TrainingRun:
                 cfg, cfg.resolved_policy_path(), self.run_dir / "vllm", stop_ids, start_version
             )
         self.evaluator = Evaluator(envs, cfg)
+        if cfg.rollout.agent is not None:  # external agents play the rollouts through the gateway
+            from rl_core.gateway.collection import AgentGateway
+
+            self.collector.agents = AgentGateway(cfg.rollout.agent, cfg.rollout.max_retries)
+            self.evaluator.play = self.collector.agents.collect
         self.store = TrajectoryStore(Path(cfg.storage.run_dir))
         self.ledger = RunLedger(self.run_dir, self.batch_committed)
         self.last_iteration = 0  # the last finished iteration: its step checkpointed, or recorded as taking no step
         self.checkpoint_iteration = 0  # the iteration of the newest checkpoint this run saved or resumed from
 
     def close(self) -> None:
-        """Release what the run holds outside this process: the vLLM server it started (rollout.backend vllm)."""
+        """Release what the run holds outside this process: the vLLM server it started (rollout.backend vllm)
+        and the rollout gateway's server (rollout.agent)."""
         if self.collector.backend is not None:
             self.collector.backend.close()
+        if self.collector.agents is not None:
+            self.collector.agents.close()
 
     @property
     def policy(self) -> Policy:

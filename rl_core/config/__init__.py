@@ -57,6 +57,7 @@ from rl_core.config.operations import (
 from rl_core.config.run import DEFAULT_CONFIG_PATH, RunConfig
 from rl_core.config.section import Section
 from rl_core.config.training import (
+    AgentConfig,
     AlgorithmConfig,
     LoraConfig,
     OptimizerConfig,
@@ -81,6 +82,7 @@ __all__ = [
     "OnCollapse",
     "OptimizerConfig",
     "PolicyConfig",
+    "AgentConfig",
     "RolloutConfig",
     "VLLMConfig",
     "RunConfig",

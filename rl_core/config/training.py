@@ -8,6 +8,8 @@ the dotted field (e.g. `rollout.max_turns`).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from rl_core.advantages import AdvantageMethod
@@ -127,6 +129,47 @@ class VLLMConfig(Section):
     max_concurrency: int = Field(64, ge=1, description="Completion requests in flight at once.")
 
 
+class AgentConfig(Section):
+    """Rollouts played by an external agent through the OpenAI-compatible rollout gateway (rl_core/gateway/)."""
+
+    mode: Literal["push", "pull"] = Field(
+        "push",
+        description="push: Turnstile starts each rollout with POST {url}/rollout; pull: agents ask the gateway for the "
+        "next rollout (POST /rollouts/next).",
+    )
+    url: str | None = Field(
+        None, description="The agent's base URL (push mode): POST {url}/rollout starts a rollout, GET {url}/health."
+    )
+    host: str = Field("127.0.0.1", min_length=1, description="Address the gateway binds (loopback by default).")
+    port: int = Field(0, ge=0, le=65535, description="Port the gateway binds; 0 = a free port chosen at start.")
+    public_url: str | None = Field(
+        None,
+        description="The gateway's URL as agents reach it (e.g. from a container); None = http://{host}:{port}.",
+    )
+    token: str | None = Field(
+        None,
+        description="Bearer token agents must send (passed to them in each rollout request); None = a new random "
+        "token per run.",
+    )
+    reward_fn: str | None = Field(
+        None,
+        description="A Turnstile-side reward function 'package.module:function' (rollout, task) -> reward or "
+        "(reward, components); when set it decides the reward and the agent's own reward is ignored.",
+    )
+    max_concurrency: int = Field(64, ge=1, description="Rollouts open at once.")
+    batch_window_s: float = Field(
+        0.05, ge=0, description="Seconds a model call may wait for other rollouts' calls to batch with."
+    )
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; above it: 413.")
+    start_timeout_s: float = Field(10.0, gt=0, description="Seconds one POST {url}/rollout may take.")
+
+    @model_validator(mode="after")
+    def _url_for_push(self) -> AgentConfig:
+        if self.mode == "push" and not self.url:
+            raise ValueError("rollout.agent.url is required in push mode (or set rollout.agent.mode: pull)")
+        return self
+
+
 class RolloutConfig(Section):
     group_size: int = Field(8, ge=1, le=64, description="Episodes sampled per task (one group); 2-32 in practice.")
     global_batch_size: int = Field(
@@ -157,6 +200,11 @@ class RolloutConfig(Section):
         "server, rollout.vllm; the weights are pushed to it before each collection that follows a step).",
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="The vLLM server (rollout.backend: vllm).")
+    agent: AgentConfig | None = Field(
+        None,
+        description="Rollouts played by an external agent through the rollout gateway (README: Bring your own "
+        "agent); None = Turnstile's environments play them in this process.",
+    )
 
 
 class AlgorithmConfig(Section):

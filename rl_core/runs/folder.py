@@ -18,7 +18,21 @@ from rl_core.runs.checkpoint import checkpoints_dir, remove_unfinished_checkpoin
 
 RUN_CONFIG_FILE = "config.yaml"
 # Fields a resumed run may change: how long it runs, where it lives, how it is watched and gated.
-RESUMABLE_CHANGES = ("iterations", "storage.", "doctor.", "gate.", "rollout.vllm.")  # vllm: where it serves, not what
+# rollout.vllm and rollout.agent: where the sampler and the agents are reached, not what is trained (an agent's
+# reward function is not among them)
+RESUMABLE_CHANGES = (
+    "iterations",
+    "storage.",
+    "doctor.",
+    "gate.",
+    "rollout.vllm.",
+    *(
+        f"rollout.agent.{name}"
+        for name in ("mode", "url", "host", "port", "public_url", "token", "max_concurrency", "batch_window_s")
+    ),
+    "rollout.agent.max_request_bytes",
+    "rollout.agent.start_timeout_s",
+)
 
 
 def run_folder(cfg: RunConfig) -> Path:
