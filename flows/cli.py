@@ -166,11 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         from rl_core.evaluation import Evaluator
         from rl_core.learner import load_start_policy
 
+        evaluator = None
         try:
-            report = Evaluator.from_config(cfg).evaluate(load_start_policy(cfg))
+            evaluator = Evaluator.from_config(cfg)
+            report = evaluator.evaluate(load_start_policy(cfg))
         except (ValueError, FileNotFoundError) as err:  # e.g. a policy the configured chat format cannot render
             print(f"turnstile: {err}", file=sys.stderr)
             return 2
+        finally:
+            if evaluator is not None:
+                evaluator.close()
         for key, value in sorted(report.metrics.items()):
             print(f"{key:40s} {value:.4f}")
         return 0

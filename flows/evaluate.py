@@ -129,6 +129,8 @@ def _evaluate_folder(cfg: RunConfig, folder: Path, run_id: str, tags: dict[str, 
     except BaseException:
         end_tracking(tracker, "FAILED")
         raise
+    finally:
+        evaluator.close()
     end_tracking(tracker, "FINISHED")
     return {
         "run_id": run_id,

@@ -129,8 +129,21 @@ class Evaluator:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Evaluator:
-        """An evaluator over the config's environments (`load_environments`; raises its ValueError)."""
-        return cls(load_environments(cfg), cfg)
+        """An evaluator over the config's environments (`load_environments`; raises its ValueError). With
+        `rollout.agent`, the agents play the evaluation through a gateway of its own: call `close()` after."""
+        evaluator = cls(load_environments(cfg), cfg)
+        if cfg.rollout.agent is not None:
+            from rl_core.gateway.collection import AgentGateway
+
+            evaluator._gateway = AgentGateway(cfg.rollout.agent, cfg.rollout.max_retries)
+            evaluator.play = evaluator._gateway.collect
+        return evaluator
+
+    def close(self) -> None:
+        """Stop the gateway `from_config` started (nothing otherwise)."""
+        gateway = getattr(self, "_gateway", None)
+        if gateway is not None:
+            gateway.close()
 
     def evaluate(self, policy: Policy, *, samples: bool = True) -> EvalReport:
         """The held-out `EvalReport` of `policy` (greedy only when `samples` is False)."""
