@@ -8,11 +8,17 @@ the trajectory store, unchanged); in memory `group_episodes` turns a list of epi
 
 A zero-variance group is one whose rewards are all equal (a group of one included): its
 group-relative advantages are 0, so it carries no learning signal.
+
+A rollout is one attempt at the group's task, identified by (`group_id`, `sample_index`). It is
+usually one row, but an external agent's rollout whose model calls could not all be stitched into
+one token sequence is several rows, its segments (`Episode.segment` 0, 1, ...), each carrying the
+rollout's outcome. `rollouts` finds them, so that a rollout counts once in its group's baseline and
+in the batch's per-rollout metrics, whatever number of segments it has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from rl_core.trajectory import Episode
@@ -120,3 +126,27 @@ def group_episodes(episodes: Iterable[Episode]) -> list[Group]:
 def episodes_of(groups: Iterable[Group]) -> list[Episode]:
     """The members of `groups`, group after group, each group's members in order."""
     return [e for g in groups for e in g.episodes]
+
+
+def rollouts(episodes: Sequence[Episode]) -> list[tuple[int, ...]]:
+    """The rows of each rollout in `episodes`, as positions in `episodes`, each rollout's in segment order.
+
+    The rows sharing (`group_id`, `sample_index`) are the segments of one rollout when one of them
+    has segment > 0. A (`group_id`, `sample_index`) whose rows are all segment 0 gives one rollout per
+    row, so a batch without segments gives [(0,), (1,), ..., (N - 1,)], even one that repeats a
+    sample_index (as hand-built batches do). Stable: rollouts in order of their first row in
+    `episodes`; a rollout's rows ordered by segment, rows with the same segment in the order given.
+    An empty input gives [].
+    """
+    by_key: dict[tuple[str, int], list[int]] = {}
+    for position, episode in enumerate(episodes):
+        by_key.setdefault((episode.group_id, episode.sample_index), []).append(position)
+    segmented = {key for key, positions in by_key.items() if any(episodes[p].segment > 0 for p in positions)}
+    out: list[tuple[int, ...]] = []
+    for position, episode in enumerate(episodes):
+        key = (episode.group_id, episode.sample_index)
+        if key not in segmented:
+            out.append((position,))
+        elif by_key[key][0] == position:  # the rollout's first row in `episodes`
+            out.append(tuple(sorted(by_key[key], key=lambda p: episodes[p].segment)))
+    return out

@@ -14,7 +14,7 @@ from math import comb
 
 import torch
 
-from rl_core.groups import Group, group_episodes
+from rl_core.groups import Group, group_episodes, rollouts
 from rl_core.trajectory import FINISH_REASONS, Episode
 
 
@@ -50,35 +50,47 @@ def _parse_errors(episode: Episode) -> int:
 def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
     """Batch summary with the names managed multi-turn RL services use (rollout/..., analysis/...).
 
-    Means are per episode unless named otherwise. `rollout/tool_parse_errors` is the mean number of
-    assistant turns per episode whose tool-call syntax the renderer's parser could not read
-    (`Turn.parse_error` set; each was answered with an error observation); 0.0 for text-action
-    policies, whose turns never carry one. `rollout/finish/<reason>` is the fraction of episodes
-    that ended for that reason. An empty batch gives only `rollout/episodes` = 0.0.
+    Outcome metrics count each rollout once, whatever number of segments (rows) it has
+    (`groups.rollouts`; a batch without segments has one rollout per row): `rollout/reward/*`,
+    `rollout/success/mean` and `rollout/finish/<reason>` (the fraction of rollouts that ended for
+    that reason) take each rollout's first row (segment 0; every row carries the rollout's outcome),
+    `rollout/turns/mean` is the mean number of policy turns per rollout (summed over its segments),
+    and the `analysis/zero_variance_groups*` shares are over the groups of those rollouts.
+    `rollout/tool_parse_errors` is the mean number of assistant turns per rollout whose tool-call
+    syntax the renderer's parser could not read (`Turn.parse_error` set; each was answered with an
+    error observation); 0.0 for text-action policies, whose turns never carry one. Token metrics
+    (`rollout/tokens/*`) and `rollout/episodes` are per row. `rollout/stitch_breaks` counts the rows
+    with segment > 0 (each a point where an external agent's model calls could not be stitched into
+    the previous segment's token sequence; 0.0 when none). An empty batch gives only
+    `rollout/episodes` = 0.0.
     """
     if not episodes:
         return {"rollout/episodes": 0.0}
-    rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
+    rollout_rows = [[episodes[p] for p in rows] for rows in rollouts(episodes)]
+    outcomes = [rows[0] for rows in rollout_rows]
+    count = len(outcomes)
+    rewards = torch.tensor([e.reward for e in outcomes], dtype=torch.float64)
     response = [e.response_tokens for e in episodes]
-    grouped = group_episodes(episodes)
+    grouped = group_episodes(outcomes)
     groups = len(grouped)
     all_correct, all_wrong = count_zero_variance_groups(grouped)
-    reasons = Counter(e.finish_reason for e in episodes)
+    reasons = Counter(e.finish_reason for e in outcomes)
     out = {
         "rollout/episodes": float(len(episodes)),
         "rollout/reward/mean": float(rewards.mean()),
-        "rollout/reward/std": float(rewards.std()) if len(episodes) > 1 else 0.0,
+        "rollout/reward/std": float(rewards.std()) if count > 1 else 0.0,
         "rollout/reward/zero_frac": float((rewards == 0).double().mean()),
-        "rollout/success/mean": sum(e.success for e in episodes) / len(episodes),
-        "rollout/turns/mean": sum(e.num_turns for e in episodes) / len(episodes),
+        "rollout/success/mean": sum(e.success for e in outcomes) / count,
+        "rollout/turns/mean": sum(e.num_turns for rows in rollout_rows for e in rows) / count,
         "rollout/tokens/response_mean": sum(response) / len(episodes),
         "rollout/tokens/response_max": float(max(response)),
         "rollout/tokens/total_mean": sum(len(e.tokens) for e in episodes) / len(episodes),
-        "rollout/tool_parse_errors": sum(_parse_errors(e) for e in episodes) / len(episodes),
+        "rollout/tool_parse_errors": sum(_parse_errors(e) for e in episodes) / count,
+        "rollout/stitch_breaks": float(sum(1 for e in episodes if e.segment > 0)),
         "analysis/zero_variance_groups": (all_correct + all_wrong) / groups if groups else 0.0,
         "analysis/zero_variance_groups/all_correct": all_correct / groups if groups else 0.0,
         "analysis/zero_variance_groups/all_wrong": all_wrong / groups if groups else 0.0,
     }
     for reason in FINISH_REASONS:
-        out[f"rollout/finish/{reason}"] = reasons.get(reason, 0) / len(episodes)
+        out[f"rollout/finish/{reason}"] = reasons.get(reason, 0) / count
     return out

@@ -4,10 +4,13 @@
 attention, loss mask, the token sampler's log-probs, per-token advantages) plus each row's
 training temperature; `token_logprobs` is the forward pass that gives every token's log-prob
 and the entropy of its distribution under softmax(logits / T) (`training_temperature`).
-`turn_rewards` and `token_advantages` map rewards to policy turns and advantages to tokens.
+`turn_rewards` (one row) and `rollout_turn_rewards` (the segments of one rollout) map rewards to
+policy turns, and `token_advantages` maps advantages to tokens.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -47,12 +50,49 @@ def token_logprobs(
 
 
 def turn_rewards(episode: Episode) -> list[float]:
-    """Reward credited to each policy turn: the episode reward on its last turn, 0 before.
+    """Reward credited to each policy turn of one episode (row), one per policy turn, in turn order.
 
-    (Environments give only a final reward today; per-turn environment rewards slot in here.)
+    Per-turn rewards: when any assistant turn carries a reward (`Turn.reward`, an external agent
+    that rewards each turn), those rewards, None counting as 0.0. Otherwise (environments give only
+    a final reward) the episode reward on the last policy turn, 0.0 before. An episode without a
+    policy turn gets [reward] (one entry, so every episode has at least one).
     """
-    turns = max(episode.num_turns, 1)
+    assistant = [t for t in episode.turns if t.role == "assistant"]
+    if any(t.reward is not None for t in assistant):
+        return [0.0 if t.reward is None else float(t.reward) for t in assistant]
+    turns = max(len(assistant), 1)
     return [0.0] * (turns - 1) + [episode.reward]
+
+
+def rollout_turn_rewards(segments: Sequence[Episode]) -> list[list[float]]:
+    """Reward of each policy turn of one rollout, split by segment: entry s holds segment s's turns.
+
+    segments: the rollout's rows in segment order (at least one). Their concatenation is the
+    rollout's turn rewards, with the rule of `turn_rewards` applied to the whole rollout, so the
+    outcome is credited once whatever the number of segments:
+    - one segment: [turn_rewards(segment)], exactly;
+    - per-turn rewards (an assistant turn of any segment carries one): each segment's assistant
+      turns' rewards, None counting as 0.0 (with every segment rewarded per turn, this is each
+      segment's `turn_rewards`);
+    - otherwise: 0.0 on every policy turn and the rollout's reward (the last segment's, every row
+      carries the outcome) on the rollout's last policy turn.
+    A segment without a policy turn gets [] (and the last one [reward] when no segment has a turn).
+    Raises ValueError for no segments.
+    """
+    if not segments:
+        raise ValueError("a rollout needs at least one segment")
+    if len(segments) == 1:
+        return [turn_rewards(segments[0])]
+    assistant = [[t for t in seg.turns if t.role == "assistant"] for seg in segments]
+    if any(t.reward is not None for turns in assistant for t in turns):
+        return [[0.0 if t.reward is None else float(t.reward) for t in turns] for turns in assistant]
+    out = [[0.0] * len(turns) for turns in assistant]
+    last = max((s for s, turns in enumerate(out) if turns), default=None)
+    if last is None:
+        out[-1] = [segments[-1].reward]
+    else:
+        out[last][-1] = segments[-1].reward
+    return out
 
 
 def token_advantages(episode: Episode, per_turn: torch.Tensor) -> torch.Tensor:

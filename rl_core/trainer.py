@@ -11,7 +11,8 @@
    and groups too small for grpo_passk;
 2. computes advantages over what is left (`algorithm.advantage_method`, see advantages.py):
    one per policy turn, applied to that turn's generated tokens (prompt and environment
-   tokens are masked);
+   tokens are masked); a rollout split into segments (several rows, see groups.py) counts once
+   in its group's baseline (`rollout_advantages`);
 3. feeds only the episodes that have loss tokens to the model, split into
    `optimizer.mini_batches_per_step` mini-batches of whole groups, each taking one optimizer
    step, for `optimizer.epochs_per_batch` passes; within a mini-batch the episodes are sorted
@@ -45,7 +46,7 @@ import torch
 
 from rl_core.advantages import compute_advantages
 from rl_core.config import AlgorithmConfig, OptimizerConfig, TrainerConfig
-from rl_core.groups import group_episodes
+from rl_core.groups import group_episodes, rollouts
 from rl_core.losses import policy_loss, truncated_is_weights
 from rl_core.model.backends import make_backend
 from rl_core.model.policy import Policy
@@ -59,10 +60,10 @@ from rl_core.step_metrics import (
     add_mismatch,
     fill_step_metrics,
 )
-from rl_core.token_batch import pad_batch, pad_rows, token_logprobs, turn_rewards
+from rl_core.token_batch import pad_batch, pad_rows, rollout_turn_rewards, token_logprobs
 from rl_core.trajectory import Episode
 
-__all__ = ["SKIPPED_STEP_METRICS", "StepMetrics", "Trainer", "make_optimizer"]
+__all__ = ["SKIPPED_STEP_METRICS", "StepMetrics", "Trainer", "make_optimizer", "rollout_advantages"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,52 @@ def make_optimizer(policy: Policy, cfg: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters with the configured numbers."""
     params = [p for p in policy.model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def rollout_advantages(episodes: list[Episode], algorithm: AlgorithmConfig) -> list[torch.Tensor]:
+    """Per row of `episodes`, its advantages (float32): one per policy turn of that row for
+    `group_based_per_turn`, one value ([1]) for the episode-level methods (`algorithm.advantage_method`).
+
+    A rollout counts once in its group's baseline, whatever number of segments it has. The rows of
+    one rollout (`groups.rollouts`: rows sharing group_id and sample_index, one with segment > 0)
+    enter the advantage method as one sample: its reward is its rows' reward (equal by contract;
+    the last segment's if not), its generated-token count (opo's L) the sum over its rows, and its
+    turn rewards the concatenation of its segments' (`token_batch.rollout_turn_rewards`, which
+    credits the outcome once). Each row then gets its rollout's advantages: the one value of an
+    episode-level method, or, per turn, the slice for that segment's policy turns (a segment without
+    a policy turn gets [0.0]; it has no token to apply one to). A batch without a multi-segment rollout
+    gives exactly (bit for bit) the advantages of its rows taken one by one. Raises ValueError as
+    `compute_advantages` does (e.g. opo with a group that generated no token).
+    """
+    if not episodes:
+        return []
+    groups_of_rows = rollouts(episodes)
+    segments = [[episodes[p] for p in rows] for rows in groups_of_rows]
+    split_rewards = [rollout_turn_rewards(rows) for rows in segments]
+    advantages = compute_advantages(
+        algorithm.advantage_method,
+        torch.tensor([rows[-1].reward for rows in segments], dtype=torch.float64),
+        [rows[0].group_id for rows in segments],
+        token_counts=torch.tensor([sum(e.response_tokens for e in rows) for rows in segments], dtype=torch.float64),
+        turn_rewards=[[r for part in parts for r in part] for parts in split_rewards],
+        normalize_std=algorithm.normalize_advantage_std,
+        pass_k=algorithm.pass_k,
+    )
+    out: list[torch.Tensor | None] = [None] * len(episodes)
+    for rows, parts, values in zip(groups_of_rows, split_rewards, advantages):
+        if len(rows) == 1:
+            out[rows[0]] = values
+            continue
+        per_turn, start = algorithm.advantage_method == "group_based_per_turn", 0
+        for position, part in zip(rows, parts):
+            if not per_turn:
+                out[position] = values
+            elif part:
+                out[position] = values[start : start + len(part)]
+            else:
+                out[position] = torch.zeros(1)
+            start += len(part)
+    return out
 
 
 class Trainer:
@@ -105,7 +152,8 @@ class Trainer:
         self.optimizer = self.backend.optimizer
 
     def advantages(self, episodes: list[Episode]) -> list[torch.Tensor]:
-        """Per episode, one advantage per policy turn (episode-level methods give one for all turns).
+        """Per episode, one advantage per policy turn (episode-level methods give one for all turns);
+        the segments of one rollout count as one sample (`rollout_advantages`).
 
         opo weights its baseline by generated tokens, which a group whose episodes generated none
         (e.g. all overflowed their context) does not have: such a group gets advantage 0 (it has no
@@ -119,18 +167,7 @@ class Trainer:
         return self._advantages(episodes)
 
     def _advantages(self, episodes: list[Episode]) -> list[torch.Tensor]:
-        if not episodes:
-            return []
-        rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64)
-        return compute_advantages(
-            self.algorithm.advantage_method,
-            rewards,
-            [e.group_id for e in episodes],
-            token_counts=torch.tensor([e.response_tokens for e in episodes], dtype=torch.float64),
-            turn_rewards=[turn_rewards(e) for e in episodes],
-            normalize_std=self.algorithm.normalize_advantage_std,
-            pass_k=self.algorithm.pass_k,
-        )
+        return rollout_advantages(episodes, self.algorithm)
 
     def step(self, episodes: list[Episode]) -> StepMetrics:
         """Train on one iteration's `episodes`: `optimizer.mini_batches_per_step` x `optimizer.epochs_per_batch`

@@ -16,6 +16,16 @@ column as null; the trainer then falls back to its configured temperature for th
 assistant turn, why the renderer's tool-call parser could not parse it (null when it parsed, for
 text-action policies and for other roles). Version-1 and version-2 tables (`TRAJECTORY_SCHEMA_V1`,
 `TRAJECTORY_SCHEMA_V2`) are read through `upgrade_table`, which adds the field as null.
+4 added what the rollout gateway records for external agents: the nullable float64 `reward` at the
+end of each `turns` struct (on an assistant turn, the reward the agent gave that turn when it gave
+one per turn; null otherwise), the int32 `segment` (0-based index of the row among the rows of one
+rollout; 0 for every in-process episode) and the nullable string `stitch_break` (for segment > 0, why
+that segment could not extend the previous one), both after `sample_index`. A rollout whose model
+calls could not all be stitched into one token sequence is several rows (segments 0, 1, ...) that
+share `group_id` and `sample_index` and each carry the rollout's outcome (`reward`,
+`reward_components`, `success`, `finish_reason`). Version-1, -2 and -3 tables (`TRAJECTORY_SCHEMA_V1`,
+`TRAJECTORY_SCHEMA_V2`, `TRAJECTORY_SCHEMA_V3`) are read through `upgrade_table`, which adds segment 0,
+a null `stitch_break` and a null turn `reward`.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 FINISH_REASONS = (
     "answered",
@@ -50,6 +60,8 @@ class Turn:
     parse_error: for assistant turns of a native tool-calling policy, why the renderer's tool-call
         parser could not parse the turn (the environment answered it with an error observation);
         None when it parsed, for text-action policies and for other roles.
+    reward: for assistant turns, the reward the agent gave this turn when it gave one per turn
+        (finite; see `token_batch.turn_rewards`); None otherwise, and always None for other roles.
     """
 
     role: str
@@ -60,6 +72,7 @@ class Turn:
     tool_ok: bool | None = None
     finish_reason: str | None = None
     parse_error: str | None = None
+    reward: float | None = None
 
 
 @dataclass
@@ -87,6 +100,11 @@ class Episode:
 
     `sampling` is what the token sampler was asked (`Sampling`); None when it was not recorded (batches
     of schema version 1, hand-built episodes): the trainer then assumes its own temperature.
+    `segment` is the 0-based index of this row among the rows of one rollout (rows sharing
+    `group_id` and `sample_index`): an external agent's rollout whose model calls could not all be
+    stitched into one token sequence gives several rows, each carrying the rollout's outcome;
+    in-process episodes are always segment 0. `stitch_break` says, for segment > 0, why this segment
+    could not extend the previous one; None for segment 0.
     """
 
     run_id: str
@@ -109,6 +127,8 @@ class Episode:
     schema_version: int = SCHEMA_VERSION
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     sampling: Sampling | None = None
+    segment: int = 0
+    stitch_break: str | None = None
 
     @property
     def num_turns(self) -> int:
@@ -146,11 +166,14 @@ TURN_TYPE = pa.struct(
         pa.field("tool_ok", pa.bool_()),
         pa.field("finish_reason", pa.string()),
         pa.field("parse_error", pa.string()),  # null: parsed, a text action, or not an assistant turn
+        pa.field("reward", pa.float64()),  # null: no per-turn reward given, or not an assistant turn
     ]
 )
 
-# Schema versions 1 and 2: turns without `parse_error`.
-TURN_TYPE_V2 = pa.struct([f for f in TURN_TYPE if f.name != "parse_error"])
+# Schema version 3: turns without `reward`.
+TURN_TYPE_V3 = pa.struct([f for f in TURN_TYPE if f.name != "reward"])
+# Schema versions 1 and 2: turns without `parse_error` either.
+TURN_TYPE_V2 = pa.struct([f for f in TURN_TYPE_V3 if f.name != "parse_error"])
 
 SAMPLING_TYPE = pa.struct(
     [
@@ -171,6 +194,8 @@ TRAJECTORY_SCHEMA = pa.schema(
         _required("task_id", pa.string()),
         _required("group_id", pa.string()),
         _required("sample_index", pa.int32()),
+        _required("segment", pa.int32()),
+        pa.field("stitch_break", pa.string()),  # null: segment 0
         _required("tokens", _list_of(pa.int32())),
         _required("loss_mask", _list_of(pa.int8())),
         _required("behavior_logprobs", _list_of(pa.float32())),
@@ -193,51 +218,86 @@ TRAJECTORY_SCHEMA = pa.schema(
     ]
 )
 
-# Schema version 2: turns without `parse_error`.
+# Schema version 3: no `segment` or `stitch_break`, turns without `reward`.
+TRAJECTORY_SCHEMA_V3 = pa.schema(
+    [
+        _required("turns", _list_of(TURN_TYPE_V3)) if f.name == "turns" else f
+        for f in TRAJECTORY_SCHEMA
+        if f.name not in ("segment", "stitch_break")
+    ]
+)
+# Schema version 2: version 3 with turns without `parse_error`.
 TRAJECTORY_SCHEMA_V2 = pa.schema(
-    [_required("turns", _list_of(TURN_TYPE_V2)) if f.name == "turns" else f for f in TRAJECTORY_SCHEMA]
+    [_required("turns", _list_of(TURN_TYPE_V2)) if f.name == "turns" else f for f in TRAJECTORY_SCHEMA_V3]
 )
 # Schema version 1: version 2 without `sampling`.
 TRAJECTORY_SCHEMA_V1 = pa.schema([f for f in TRAJECTORY_SCHEMA_V2 if f.name != "sampling"])
 
 # The Arrow schema of each schema version this code reads.
-SCHEMAS_BY_VERSION = {1: TRAJECTORY_SCHEMA_V1, 2: TRAJECTORY_SCHEMA_V2, SCHEMA_VERSION: TRAJECTORY_SCHEMA}
+SCHEMAS_BY_VERSION = {
+    1: TRAJECTORY_SCHEMA_V1,
+    2: TRAJECTORY_SCHEMA_V2,
+    3: TRAJECTORY_SCHEMA_V3,
+    SCHEMA_VERSION: TRAJECTORY_SCHEMA,
+}
 
 
 def upgrade_table(table: pa.Table, version: int) -> pa.Table:
     """A table written with schema `version` as a `TRAJECTORY_SCHEMA` table (same rows, same order).
 
-    Versions 1 and 2 get a null `parse_error` in every `turns` struct (not recorded); version 1 also
-    gets a null `sampling` column (the token sampler's settings were not recorded). The current
-    version is returned as is. Raises ValueError for a version with no upgrade path.
+    Versions 1, 2 and 3 get `segment` 0 and a null `stitch_break` on every row (each was one whole
+    episode) and a null `reward` in every `turns` struct (no per-turn reward recorded); versions 1
+    and 2 also get a null `parse_error` in every `turns` struct (not recorded); version 1 also gets a
+    null `sampling` column (the token sampler's settings were not recorded). The current version is
+    returned as is. Raises ValueError for a version with no upgrade path.
     """
     if version == SCHEMA_VERSION:
         return table
-    if version not in (1, 2):
+    if version not in (1, 2, 3):
         raise ValueError(f"no upgrade from trajectory schema version {version} to {SCHEMA_VERSION}")
-    table = _with_parse_errors(table)
+    table = _with_turn_fields(_with_segments(table))
     return _with_sampling(table) if version == 1 else table
 
 
+def _insert_after(table: pa.Table, previous: str, name: str, values: pa.Array) -> pa.Table:
+    """`table` with column `name` (its `TRAJECTORY_SCHEMA` field, holding `values`) right after column
+    `previous`, or last when `table` has no `previous`."""
+    names = table.column_names
+    position = names.index(previous) + 1 if previous in names else len(names)
+    return table.add_column(position, TRAJECTORY_SCHEMA.field(name), values)
+
+
 def _with_sampling(table: pa.Table) -> pa.Table:
-    """`table` with a null `sampling` column at its place in `TRAJECTORY_SCHEMA`."""
-    position = TRAJECTORY_SCHEMA.get_field_index("sampling")
-    return table.add_column(position, TRAJECTORY_SCHEMA.field("sampling"), pa.nulls(table.num_rows, SAMPLING_TYPE))
+    """`table` with a null `sampling` column at its place in `TRAJECTORY_SCHEMA` (after `finish_reason`)."""
+    return _insert_after(table, "finish_reason", "sampling", pa.nulls(table.num_rows, SAMPLING_TYPE))
 
 
-def _with_parse_errors(table: pa.Table) -> pa.Table:
-    """`table` with its list<TURN_TYPE_V2> `turns` column as list<TURN_TYPE>, every `parse_error` null."""
+def _with_segments(table: pa.Table) -> pa.Table:
+    """`table` with what it lacks of `segment` (0 on every row) and `stitch_break` (null), after `sample_index`."""
+    if "segment" not in table.column_names:
+        zeros = pa.array(np.zeros(table.num_rows, dtype=np.int32), type=pa.int32())
+        table = _insert_after(table, "sample_index", "segment", zeros)
+    if "stitch_break" not in table.column_names:
+        table = _insert_after(table, "segment", "stitch_break", pa.nulls(table.num_rows, pa.string()))
+    return table
+
+
+def _with_turn_fields(table: pa.Table) -> pa.Table:
+    """`table` with its `turns` column as list<TURN_TYPE>: fields an older struct lacks (`parse_error`,
+    `reward`) are null on every turn."""
     position = table.schema.get_field_index("turns")
-    return table.set_column(position, TRAJECTORY_SCHEMA.field("turns"), _turns_with_parse_error(table.column("turns")))
+    return table.set_column(position, TRAJECTORY_SCHEMA.field("turns"), _turns_upgraded(table.column("turns")))
 
 
-def _turns_with_parse_error(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A version-2 `turns` column (list<TURN_TYPE_V2>) as list<TURN_TYPE>, every `parse_error` null."""
+def _turns_upgraded(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An older `turns` column (list<TURN_TYPE_V2> or list<TURN_TYPE_V3>) as list<TURN_TYPE>, the
+    fields its structs lack null."""
     chunks = []
     for chunk in column.chunks:
         # offsets index the unsliced child `values`, so sliced chunks keep their rows
         values = chunk.values
-        children = [values.field(f.name) for f in TURN_TYPE_V2] + [pa.nulls(len(values), pa.string())]
+        present = {f.name for f in values.type}
+        children = [values.field(f.name) if f.name in present else pa.nulls(len(values), f.type) for f in TURN_TYPE]
         mask = values.is_null() if values.null_count else None
         structs = pa.StructArray.from_arrays(children, fields=list(TURN_TYPE), mask=mask)
         mask = chunk.is_null() if chunk.null_count else None
@@ -262,9 +322,20 @@ def check_episode(ep: Episode) -> None:
         raise ValueError(f"{where}: loss_mask must hold only 0 and 1")
     if ep.finish_reason not in FINISH_REASONS:
         raise ValueError(f"{where}: finish_reason {ep.finish_reason!r} is not one of {FINISH_REASONS}")
+    if ep.segment < 0:
+        raise ValueError(f"{where}: segment must be >= 0, got {ep.segment!r}")
+    if ep.segment == 0 and ep.stitch_break is not None:
+        raise ValueError(f"{where}: stitch_break must be None on segment 0, got {ep.stitch_break!r}")
     for i, turn in enumerate(ep.turns):
         if not 0 <= turn.start <= turn.end <= n:
             raise ValueError(f"{where}: turns[{i}] span [{turn.start}, {turn.end}) is out of range for {n} tokens")
+        if turn.reward is not None:
+            if turn.role != "assistant":
+                raise ValueError(
+                    f"{where}: turns[{i}].reward is set on a {turn.role!r} turn; only assistant turns carry one"
+                )
+            if not math.isfinite(turn.reward):
+                raise ValueError(f"{where}: turns[{i}].reward must be finite, got {turn.reward!r}")
     if ep.created_at.tzinfo is None or ep.created_at.utcoffset() is None:
         raise ValueError(f"{where}: created_at must be timezone-aware, got {ep.created_at!r}")
     if ep.sampling is not None:
@@ -364,14 +435,17 @@ def _python_values(table: pa.Table, name: str) -> list:
 def table_to_episodes(table: pa.Table) -> list[Episode]:
     """Episodes from a trajectory table; extra columns are ignored, derived ones recomputed.
 
-    A table of an older schema version is upgraded first (`upgrade_table`): a table without the
-    `sampling` column (version 1) gives `sampling=None`, turns without `parse_error` (versions 1
-    and 2) give `parse_error=None`.
+    A table of an older schema version is upgraded first, as `upgrade_table` does, by what it
+    lacks: a table without the `sampling` column (version 1) gives `sampling=None`, turns without
+    `parse_error` (versions 1 and 2) give `parse_error=None`, turns without `reward` (versions 1 to
+    3) give `reward=None`, and a table without `segment` / `stitch_break` (versions 1 to 3) gives
+    `segment=0`, `stitch_break=None`.
     """
-    if table.schema.field("turns").type.equals(TRAJECTORY_SCHEMA_V2.field("turns").type):
-        table = _with_parse_errors(table)
+    if not table.schema.field("turns").type.value_type.equals(TURN_TYPE):
+        table = _with_turn_fields(table)
     if "sampling" not in table.column_names:
         table = _with_sampling(table)
+    table = _with_segments(table)
     names = [f.name for f in fields(Episode)]
     columns = {name: _python_values(table, name) for name in names}
     return [Episode(**{name: columns[name][row] for name in names}) for row in range(table.num_rows)]

@@ -164,7 +164,7 @@ def test_sampling_record_round_trips_and_version_one_batches_still_read(tmp_path
     store.write("run", 1, episodes)
     assert store.read("run", 1)[0].sampling == Sampling(0.7, 0.9, 40, "torch", 0)
     # rewrite it as a schema-version-1 batch (no sampling column), as an older Turnstile wrote it
-    table = store.read_table("run", 1).drop_columns(["sampling"]).cast(TRAJECTORY_SCHEMA_V1)
+    table = store.read_table("run", 1).drop_columns(["sampling", "segment", "stitch_break"]).cast(TRAJECTORY_SCHEMA_V1)
     table = table.replace_schema_metadata(None)
     path, manifest_path = store.path("run", 1), store.manifest_path("run", 1)
     pq.write_table(table, path, compression="zstd")

@@ -18,6 +18,7 @@ from rl_core.trajectory import (
     TRAJECTORY_SCHEMA,
     TRAJECTORY_SCHEMA_V1,
     TRAJECTORY_SCHEMA_V2,
+    TRAJECTORY_SCHEMA_V3,
     Sampling,
     episodes_to_table,
     table_to_episodes,
@@ -38,10 +39,12 @@ def with_parse_errors() -> list:
 
 
 def old_table(episodes: list, version: int) -> pa.Table:
-    """`episodes` as an older Turnstile wrote them: turns without parse_error (and, for 1, no sampling)."""
-    table = episodes_to_table(episodes)
+    """`episodes` as an older Turnstile wrote them: no segment or stitch_break (version 4), turns without
+    reward (version 4) and parse_error (and, for 1, no sampling)."""
+    table = episodes_to_table(episodes).drop_columns(["segment", "stitch_break"])
     rows = [
-        [{k: v for k, v in dataclasses.asdict(t).items() if k != "parse_error"} for t in ep.turns] for ep in episodes
+        [{k: v for k, v in dataclasses.asdict(t).items() if k not in ("parse_error", "reward")} for t in ep.turns]
+        for ep in episodes
     ]
     turns_field = TRAJECTORY_SCHEMA_V2.field("turns")
     table = table.set_column(table.schema.get_field_index("turns"), turns_field, pa.array(rows, type=turns_field.type))
@@ -81,15 +84,15 @@ def rewrite_as(store: TrajectoryStore, iteration: int, table: pa.Table, version:
 
 
 def test_version_three_adds_a_nullable_parse_error_after_finish_reason():
-    assert SCHEMA_VERSION == 3
-    assert set(SCHEMAS_BY_VERSION) == set(KNOWN_SCHEMA_VERSIONS) == {1, 2, 3}
-    assert SCHEMAS_BY_VERSION[3] is TRAJECTORY_SCHEMA
-    turn_type = TRAJECTORY_SCHEMA.field("turns").type.value_type
+    assert SCHEMA_VERSION == 4  # version 4 (test_schema_v4.py) keeps parse_error
+    assert set(SCHEMAS_BY_VERSION) == set(KNOWN_SCHEMA_VERSIONS) == {1, 2, 3, 4}
+    assert SCHEMAS_BY_VERSION[3] is TRAJECTORY_SCHEMA_V3
+    turn_type = TRAJECTORY_SCHEMA_V3.field("turns").type.value_type
     assert [f.name for f in turn_type] == [*V2_TURN_FIELDS, "parse_error"]
     assert turn_type.field("parse_error").nullable and turn_type.field("parse_error").type == pa.string()
     assert [f.name for f in TRAJECTORY_SCHEMA_V2.field("turns").type.value_type] == V2_TURN_FIELDS
-    assert TRAJECTORY_SCHEMA_V2.names == TRAJECTORY_SCHEMA.names
-    assert TRAJECTORY_SCHEMA_V1.names == [n for n in TRAJECTORY_SCHEMA.names if n != "sampling"]
+    assert TRAJECTORY_SCHEMA_V2.names == TRAJECTORY_SCHEMA_V3.names
+    assert TRAJECTORY_SCHEMA_V1.names == [n for n in TRAJECTORY_SCHEMA_V3.names if n != "sampling"]
     assert TRAJECTORY_SCHEMA_V1.field("turns").equals(TRAJECTORY_SCHEMA_V2.field("turns"))
 
 
@@ -98,7 +101,7 @@ def test_a_version_three_batch_round_trips_parse_error(tmp_path):
     assert table_to_episodes(episodes_to_table(episodes)) == episodes
     store = TrajectoryStore(tmp_path)
     store.write(RUN, 1, episodes)
-    assert store.manifest(RUN, 1).schema_version == 3
+    assert store.manifest(RUN, 1).schema_version == SCHEMA_VERSION
     read = store.read(RUN, 1)
     assert read == episodes
     assert read[0].turns[2].parse_error == "call 1: invalid JSON (Expecting value at char 40)"
@@ -121,7 +124,7 @@ def test_an_older_batch_reads_back_upgraded_with_parse_error_null(tmp_path, vers
     assert (read[1].sampling is None) == (version == 1)
     upgraded = store.read_table(RUN, 1)
     assert upgraded.schema.equals(TRAJECTORY_SCHEMA)
-    assert upgraded.drop_columns(["turns", "sampling"]).equals(
+    assert upgraded.drop_columns(["turns", "sampling", "segment", "stitch_break"]).equals(
         table.drop_columns(["turns", *(["sampling"] * (version == 2))])
     )
     # and straight from the table, without the store
@@ -133,12 +136,12 @@ def test_an_older_batch_that_claims_the_new_schema_or_the_other_way_round_is_cor
     episodes = make_batch()
     store = TrajectoryStore(tmp_path)
     store.write(RUN, 1, episodes)
-    rewrite_as(store, 1, episodes_to_table(episodes), version)  # version-3 columns, an older manifest
+    rewrite_as(store, 1, episodes_to_table(episodes), version)  # current columns, an older manifest
     with pytest.raises(CorruptTrajectoryError, match="schema mismatch"):
         store.read(RUN, 1)
     episodes = make_batch(iteration=2)
     store.write(RUN, 2, episodes)
-    rewrite_as(store, 2, old_table(episodes, version), 3)  # older columns, a version-3 manifest
+    rewrite_as(store, 2, old_table(episodes, version), SCHEMA_VERSION)  # older columns, a current manifest
     with pytest.raises(CorruptTrajectoryError, match="schema mismatch"):
         store.read(RUN, 2)
 
@@ -159,13 +162,13 @@ def test_upgrade_keeps_rows_of_sliced_and_chunked_turns():
     order = [*range(5, 9), *range(1, 5), *range(9, 12)]
     assert table_to_episodes(upgraded) == expected_after_upgrade([episodes[i] for i in order], 2)
     assert upgraded.column("turns").to_pylist() == [
-        [row | {"parse_error": None} for row in turns] for turns in chunked.column("turns").to_pylist()
+        [row | {"parse_error": None, "reward": None} for row in turns] for turns in chunked.column("turns").to_pylist()
     ]
 
 
 def test_upgrade_refuses_a_version_it_cannot_read():
     table = episodes_to_table(make_batch())
-    assert upgrade_table(table, 3) is table
-    for version in (0, 4):
+    assert upgrade_table(table, SCHEMA_VERSION) is table
+    for version in (0, SCHEMA_VERSION + 1):
         with pytest.raises(ValueError, match=f"no upgrade from trajectory schema version {version}"):
             upgrade_table(table, version)

@@ -154,9 +154,10 @@ def test_table_round_trip_without_store() -> None:
 
 def test_schema_marks_required_fields() -> None:
     nullable = {f.name for f in TRAJECTORY_SCHEMA if f.nullable}
-    assert nullable == {"env_error", "sampling"}
+    assert nullable == {"env_error", "sampling", "stitch_break"}
     turn_type = TRAJECTORY_SCHEMA.field("turns").type.value_type
-    assert {f.name for f in turn_type if f.nullable} == {"tool_name", "tool_ok", "finish_reason", "parse_error"}
+    nullable_turn_fields = {"tool_name", "tool_ok", "finish_reason", "parse_error", "reward"}
+    assert {f.name for f in turn_type if f.nullable} == nullable_turn_fields
     assert TRAJECTORY_SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")
 
 

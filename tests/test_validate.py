@@ -585,8 +585,8 @@ def test_schema_has_the_columns_the_suite_expects():
     from tasks.validation_checks import NESTED_COLUMNS, REQUIRED_COLUMNS
 
     assert set(NESTED_COLUMNS) == {"tokens", "loss_mask", "behavior_logprobs", "turns", "reward_components", "sampling"}
-    assert "env_error" not in REQUIRED_COLUMNS and "sampling" not in REQUIRED_COLUMNS
-    assert len(REQUIRED_COLUMNS) == len(TRAJECTORY_SCHEMA) - 2
+    assert not {"env_error", "sampling", "stitch_break"} & set(REQUIRED_COLUMNS)
+    assert len(REQUIRED_COLUMNS) == len(TRAJECTORY_SCHEMA) - 3
 
 
 def test_task_keeps_a_report_already_saved_and_finishes_its_quarantine(tmp_path, prefect_harness):
