@@ -158,7 +158,10 @@ class AgentConfig(Section):
     )
     max_concurrency: int = Field(64, ge=1, description="Rollouts open at once.")
     batch_window_s: float = Field(
-        0.05, ge=0, description="Seconds a model call may wait for other rollouts' calls to batch with."
+        0.05,
+        ge=0,
+        description="Seconds without a new model call after which the waiting calls are sampled as one batch (a "
+        "batch is sampled at once when every open rollout has a call waiting; at most 20 windows in all).",
     )
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; above it: 413.")
     start_timeout_s: float = Field(10.0, gt=0, description="Seconds one POST {url}/rollout may take.")

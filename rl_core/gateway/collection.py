@@ -9,8 +9,9 @@ use either. For each rollout:
    5xx answer; the agent answers at once and works asynchronously. Pull: the rollout waits in a queue until
    an agent asks `POST /rollouts/next`. At most `rollout.agent.max_concurrency` rollouts are open at once.
 2. Model calls. The agent calls `{base_url}/chat/completions` (or `/completions`) with any OpenAI client.
-   Each call is rendered with the policy's chat format and stitched (rl_core/gateway/stitching.py), waits up
-   to `rollout.agent.batch_window_s` for the other open rollouts' calls, and all waiting calls are sampled in
+   Each call is rendered with the policy's chat format and stitched (rl_core/gateway/stitching.py), waits for
+   the other open rollouts' calls (until each has one waiting, or none came for `rollout.agent.batch_window_s`,
+   at most `MAX_WINDOWS` windows), and all waiting calls are sampled in
    ONE token-sampler call (the in-process decoder or the vLLM server), run by the thread that called
    `collect`. The gateway samples at the rollout's temperature (a call's own `temperature` / `top_p` are
    ignored: the recorded log-probs must be those of the distribution sampled); a call's `max_tokens` can only
@@ -81,6 +82,8 @@ from rl_core.trajectory import Episode, Sampling
 
 log = logging.getLogger(__name__)
 
+# the longest a model call waits for others to batch with, in batch windows (rollout.agent.batch_window_s)
+MAX_WINDOWS = 20
 MODEL_NAME = "policy"  # the model id the gateway serves (any name a client sends is accepted)
 RewardFn = Callable[..., object]
 
@@ -280,18 +283,19 @@ class AgentGateway:
 
     def _take(self, c: _Collection, open_rollouts: int) -> list[_Call]:
         """The calls to sample together: the first one that comes within 0.1 s, then more until every open
-        rollout has one waiting or `batch_window_s` has passed."""
+        rollout has one waiting, or no further call came for `batch_window_s` (calls arriving one after another
+        keep the batch open, for at most `MAX_WINDOWS` windows in all)."""
         try:
             batch = [c.calls.get(timeout=0.1)]
         except queue.Empty:
             return []
-        window_ends = time.monotonic() + self.agent.batch_window_s
+        gap, last_call = self.agent.batch_window_s, time.monotonic() + MAX_WINDOWS * self.agent.batch_window_s
         while len(batch) < open_rollouts:
-            left = window_ends - time.monotonic()
-            if left <= 0:
+            wait = min(gap, last_call - time.monotonic())
+            if wait <= 0:
                 break
             try:
-                batch.append(c.calls.get(timeout=left))
+                batch.append(c.calls.get(timeout=wait))
             except queue.Empty:
                 break
         while True:  # whatever else is already waiting

@@ -58,10 +58,22 @@ class Toolbox:
         return [{"role": "user", "content": result.observation}], False
 
 
-def toolbox(task: dict, native: bool, domains_dir=None) -> Toolbox:
-    env = load_environment(task["env_name"], domains_dir)
-    tasks = {t.task_id: t for split in ("train", "heldout") for t in env.tasks(split)}
+_ENVIRONMENTS: dict[str, tuple] = {}
+
+
+def toolbox(task: dict, native: bool) -> Toolbox:
+    """The tools for `task` (the request's task): a fresh session of its SOP domain (domains loaded once)."""
+    if task["env_name"] not in _ENVIRONMENTS:
+        env = load_environment(task["env_name"])
+        _ENVIRONMENTS[task["env_name"]] = (
+            env,
+            {t.task_id: t for split in ("train", "heldout") for t in env.tasks(split)},
+        )
+    env, tasks = _ENVIRONMENTS[task["env_name"]]
     return Toolbox(env.start(tasks[task["task_id"]]), native)
+
+
+_HTTP = httpx.Client(timeout=120)  # one connection pool for every rollout's client (building one costs ~20 ms)
 
 
 @dataclass
@@ -80,7 +92,7 @@ class OpenAIAgent:
             self._play(request)
         except Exception as exc:  # an agent that crashes says so
             self.errors.append(f"{type(exc).__name__}: {exc}")
-            httpx.post(
+            _HTTP.post(
                 f"{request['gateway_url']}/rollouts/{request['rollout_id']}/complete",
                 json={"status": "failed", "reason": f"{type(exc).__name__}: {exc}"},
                 headers={"Authorization": f"Bearer {request['api_key']}"},
@@ -88,7 +100,7 @@ class OpenAIAgent:
 
     def _play(self, request: dict) -> None:
         task = request["task"]
-        client = OpenAI(base_url=request["base_url"], api_key=request["api_key"], max_retries=0, timeout=120)
+        client = OpenAI(base_url=request["base_url"], api_key=request["api_key"], max_retries=0, http_client=_HTTP)
         tools = toolbox(task, self.native)
         messages: list[dict] = [
             {"role": "system", "content": task["system_prompt"]},
@@ -116,10 +128,10 @@ class OpenAIAgent:
         headers = {"Authorization": f"Bearer {request['api_key']}"}
         base = f"{request['gateway_url']}/rollouts/{request['rollout_id']}"
         if self.post_reward:
-            httpx.post(
+            _HTTP.post(
                 f"{base}/reward", json={"reward": tools.reward or 0.0, "client_token": "r1"}, headers=headers
             ).raise_for_status()
-        httpx.post(
+        _HTTP.post(
             f"{base}/complete", json={"status": "ready", "client_token": "c1"}, headers=headers
         ).raise_for_status()
         self.played.append(request["rollout_id"])
@@ -195,3 +207,19 @@ def pull_worker(agent: OpenAIAgent, gateway_url: str, token: str, stop: threadin
             continue
         answer.raise_for_status()
         agent.play(answer.json())
+
+
+def main() -> None:
+    """Serve the agent in the push form until killed: `python -m tests.agents.openai_agent --port 8090`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the openai-client SOP agent, served in the push form")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--native", action="store_true", help="the policy calls tools natively")
+    args = parser.parse_args()
+    with AgentServer(OpenAIAgent(native=args.native), args.port):
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
