@@ -32,7 +32,10 @@ Finish reasons (every row of the rollout carries one): `env_error` when the agen
 complete within `rollout.timeout_s` (the reward it posted, else 0); `max_turns` when it asked for more than
 `rollout.max_turns` calls and `context_overflow` when a call's prompt leaves no room in
 `policy.context_window` (or a first prompt exceeds `environment.prompt_tokens`): those calls are answered 400
-and the rollout takes no more calls; `token_cap` when its last call hit the per-turn cap; else `answered`.
+and the rollout takes no more calls, and also `max_turns` when its `rollout.max_turns`-th call asked for tools
+(the agent could not go on); `token_cap` (or `context_overflow`) when a turn reached
+`rollout.max_tokens_per_turn` (or the context window) without stopping: the turn is answered (finish reason
+`length`), the rollout takes no more calls, as in process; else `answered`.
 """
 
 from __future__ import annotations
@@ -138,6 +141,8 @@ class _Call:
     context: list[int]
     limit: int
     future: asyncio.Future
+    cut: str | None = None  # how the rollout ends if the turn stops at `limit`: token_cap, context_overflow, or
+    # None when the agent's own max_tokens set the limit
 
 
 @dataclass
@@ -466,30 +471,29 @@ class AgentGateway:
             r.env_error = note
 
     def _settle(self, r: _Rollout, deadline: bool = False) -> None:
-        """End a rollout whose agent said how it went, once what decides its reward is there (lock held)."""
+        """End a rollout whose agent said how it went, once what decides its reward is there (lock held).
+
+        A rollout the gateway stopped (`ended`: max_turns, token_cap, context_overflow) keeps that finish reason
+        even when the agent then reports failure (it was refused further calls); without a reward it scores 0.
+        """
         if r.state == "done":
             return
-        if r.completion == "failed":
+        if r.completion == "failed" and not r.ended:
             self._done(r, "env_error", f"the agent reported failure: {r.fail_reason or 'no reason given'}")
             return
         if r.completion is None and not (r.ended and deadline):
             return
         if self.reward_fn is None and r.reward is None:
-            if not deadline:
-                return
-            if r.ended:  # stopped by the gateway and never scored: the attempt scores 0
+            if r.ended and (deadline or r.completion == "failed"):  # stopped by the gateway and never scored
                 r.reward = 0.0
+            elif not deadline:
+                return
             else:
                 self._done(r, "env_error", "the agent completed the rollout without a reward (POST .../reward)")
                 return
-        last = r.record.calls[-1] if r.record.calls else None
-        if r.ended:
-            reason = r.ended
-        elif last is not None and last.finish_reason == "length":
-            reason = "token_cap"
-        else:
-            reason = "answered"
-        self._done(r, reason)
+        calls, c = r.record.calls, self._collection
+        out_of_turns = c is not None and len(calls) >= c.settings.max_turns and bool(calls[-1].turn.tool_calls)
+        self._done(r, r.ended or ("max_turns" if out_of_turns else "answered"))
 
     # -- handlers (called on the server's event loop) ---------------------------------------------------
 
@@ -553,6 +557,7 @@ class AgentGateway:
                 call.plan, generation.tokens, generation.logprobs, generation.stopped, text, turn, reply, call_ids
             )
             r.last_messages = [*request.messages, reply]
+            self._cut_off(r, call, generation.stopped)
         finish = "length" if not generation.stopped else ("tool_calls" if turn.tool_calls else "stop")
         logprobs = None
         if request.logprobs:
@@ -593,6 +598,7 @@ class AgentGateway:
             record = r.record.record(
                 call.plan, generation.tokens, generation.logprobs, generation.stopped, text, turn, reply, []
             )
+            self._cut_off(r, call, generation.stopped)
         finish = "stop" if generation.stopped else "length"
         tokens = [c.rendering.decode([t]) for t in record.completion_ids] if request.logprobs is not None else None
         logprobs = list(record.logprobs) if request.logprobs is not None else None
@@ -664,13 +670,23 @@ class AgentGateway:
                     param="messages",
                     code="context_length_exceeded",
                 )
-            limit = min(c.settings.max_tokens_per_turn, room, request.token_limit() or room)
+            cap = c.settings.max_tokens_per_turn
+            limit = min(cap, room, request.token_limit() or room)
+            cut = "token_cap" if limit == cap else "context_overflow" if limit == room else None
             seg = r.record.begin(plan, turn_messages, tools, self._keys)
             key = seg.key
             future = asyncio.get_running_loop().create_future()
-            call = _Call(r, plan, key, context, limit, future)
+            call = _Call(r, plan, key, context, limit, future, cut)
             c.calls.put(call)
             return call, r, c
+
+    @staticmethod
+    def _cut_off(r: _Rollout, call: _Call, stopped: bool) -> None:
+        """A turn that did not stop by itself within the run's limits ends the rollout, as in process: it is
+        answered, and later calls are refused (409); `token_cap` at `rollout.max_tokens_per_turn`,
+        `context_overflow` at the context window (lock held). A limit the agent set itself ends nothing."""
+        if not stopped and call.cut is not None and r.ended is None:
+            r.ended = call.cut
 
     def complete(self, rollout_id: str, body: Any, idempotency_key: str | None) -> dict[str, Any]:
         """`POST /rollouts/{id}/complete` (module docstring, step 3)."""

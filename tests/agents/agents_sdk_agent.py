@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 from agents import Agent, FunctionTool, ModelSettings, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
 from agents.exceptions import MaxTurnsExceeded
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, ConflictError
 
 from rl_core.environments.actions import format_call
 from tests.agents.openai_agent import toolbox
@@ -78,8 +78,8 @@ class AgentsSDKAgent:
             result = await Runner.run(agent, task["prompt"], max_turns=request["max_turns"])
             final = box.session.step(str(result.final_output))
             box.reward = final.reward if final.done else 0.0
-        except MaxTurnsExceeded:
-            box.reward = 0.0
+        except (MaxTurnsExceeded, ConflictError):  # out of turns, or the gateway ended the rollout (token cap)
+            box.reward = box.reward if box.reward is not None else box.session.finish()[0]
         headers = {"Authorization": f"Bearer {request['api_key']}"}
         base = f"{request['gateway_url']}/rollouts/{request['rollout_id']}"
         async with httpx.AsyncClient() as http:

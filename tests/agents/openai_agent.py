@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import uvicorn
-from openai import OpenAI
+from openai import ConflictError, OpenAI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -116,10 +116,14 @@ class OpenAIAgent:
             )
             if task["tools"]:
                 kwargs["tools"] = task["tools"]
-            if self.stream:
-                message = _streamed_message(client, kwargs)
-            else:
-                message = client.chat.completions.create(**kwargs).choices[0].message.model_dump(exclude_none=True)
+            try:
+                if self.stream:
+                    message = _streamed_message(client, kwargs)
+                else:
+                    reply = client.chat.completions.create(**kwargs)
+                    message = reply.choices[0].message.model_dump(exclude_none=True)
+            except ConflictError:  # the gateway ended the rollout (a turn hit the token cap): score what was done
+                break
             messages.append(message)
             answers, done = tools.run(message.get("content"), message.get("tool_calls") or [])
             if done:
@@ -128,8 +132,9 @@ class OpenAIAgent:
         headers = {"Authorization": f"Bearer {request['api_key']}"}
         base = f"{request['gateway_url']}/rollouts/{request['rollout_id']}"
         if self.post_reward:
+            reward = tools.reward if tools.reward is not None else tools.session.finish()[0]
             _HTTP.post(
-                f"{base}/reward", json={"reward": tools.reward or 0.0, "client_token": "r1"}, headers=headers
+                f"{base}/reward", json={"reward": reward, "client_token": "r1"}, headers=headers
             ).raise_for_status()
         _HTTP.post(
             f"{base}/complete", json={"status": "ready", "client_token": "c1"}, headers=headers
