@@ -175,6 +175,7 @@ class AgentGateway:
             else None
         )
         self._lock = threading.RLock()
+        self._one_collection = threading.Lock()  # a collection ahead (overlap_collection) and an evaluation take turns
         self._server: ServerThread | None = None
         self._collection: _Collection | None = None
         self._finished: dict[str, str] = {}  # rollouts of earlier collections -> how they ended
@@ -202,7 +203,8 @@ class AgentGateway:
         server = ServerThread(app, self.agent.host, self.agent.port)
         server.start()
         self._server = server
-        log.info("rollout gateway listening on %s", self.url)
+        how = f"starting rollouts at {self.agent.url}/rollout" if self.agent.mode == "push" else "agents pull rollouts"
+        log.warning("rollout gateway listening on %s (%s)", self.url, how)
 
     def close(self) -> None:
         """Stop the HTTP server; open rollouts are abandoned."""
@@ -231,7 +233,26 @@ class AgentGateway:
         """Play `group_size` rollouts per (env, task) pair through agents; the episodes come back grouped in
         work order, one row per segment (rl_core/gateway/stitching.py). Arguments as
         `rollout.collect_rollouts`. Raises whatever the token sampler raises (the open rollouts are closed:
-        their later calls get 409), and OSError when the server cannot start."""
+        their later calls get 409), and OSError when the server cannot start. One collection is played at a
+        time: a second caller (an evaluation while a batch is collected ahead) waits for the first."""
+        with self._one_collection:
+            return self._collect(
+                policy, work, settings, group_size, run_id, iteration, token_sampler, generator, first_group, backend
+            )
+
+    def _collect(
+        self,
+        policy: Policy,
+        work: list[tuple[Environment, Task]],
+        settings: RolloutSettings,
+        group_size: int,
+        run_id: str,
+        iteration: int,
+        token_sampler: TokenSampler | None,
+        generator: torch.Generator | None,
+        first_group: int,
+        backend: str | None,
+    ) -> list[Episode]:
         self.start()
         if token_sampler is None:
             token_sampler, backend = hf_token_sampler(policy, settings.generation_batch_size, generator), HF_BACKEND
