@@ -8,7 +8,8 @@
   tools and task), so later calls extend it token-exactly. Any other shape is rendered whole.
 - `answer(new, tool_names)`: the messages an agent adds after the policy's turn (its tool results, or one
   user message) as the `StepResult` the conversation's `extend` renders: the tool messages become
-  `ToolResult`s (their tool names from the calls the gateway returned), a user message the observation.
+  `ToolResult`s (their tool names from the calls the gateway returned; for the text format one tool message
+  is the observation, with its call's tool name), a user message the observation.
   None when the new messages are another shape (then the call is rendered whole).
 - `whole(messages, tools)`: the ids of a whole conversation with the opening of the next assistant turn
   (the chat template's `apply_chat_template(..., add_generation_prompt=True)`, the harmony library's
@@ -63,7 +64,9 @@ class ChatRendering:
         if not new or any(m.role != "tool" or m.tool_call_id not in tool_names for m in new):
             return None
         if isinstance(self.renderer, TextRenderer):  # the text format shows one observation after a turn
-            return StepResult(observation=new[0].text()) if len(new) == 1 else None
+            if len(new) != 1:
+                return None
+            return StepResult(observation=new[0].text(), tool_name=tool_names[new[0].tool_call_id])
         results = [ToolResult(m.tool_call_id, tool_names[m.tool_call_id], m.text(), True) for m in new]
         return StepResult(observation=None, tool_results=results)
 

@@ -47,11 +47,25 @@ def validated(model: type[BaseModel], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        path = ".".join(str(p) for p in first["loc"]) or "body"
+        path = ".".join(str(p) for p in _field_path(data, first["loc"])) or "body"
         return_msg = f"{path}: {first['msg']}"
         if len(exc.errors()) > 1:
             return_msg += f" (and {len(exc.errors()) - 1} more problem(s))"
         raise GatewayError(400, f"invalid request: {return_msg}", param=path, code="invalid_request") from None
+
+
+def _field_path(data: Any, loc: tuple) -> list:
+    """The part of a pydantic error location that names fields and list positions of `data`: what follows a
+    value that is neither an object nor a list is the union member pydantic tried ("reward.float" -> "reward")."""
+    path, node = [], data
+    for part in loc:
+        if not (isinstance(node, dict) and isinstance(part, str)) and not (
+            isinstance(node, list) and isinstance(part, int)
+        ):
+            break
+        path.append(part)
+        node = node.get(part) if isinstance(node, dict) else node[part] if part < len(node) else None
+    return path
 
 
 class _Open(BaseModel):

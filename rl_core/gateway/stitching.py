@@ -213,6 +213,8 @@ class RolloutRecord:
         if answer.tool_results:
             text = "\n".join(r.content for r in answer.tool_results)
             return [Turn("tool", text, 0, len(extension), tool_name=answer.tool_results[0].tool)]
+        if answer.tool_name is not None:  # the text format's tool message: a tool turn, as in process
+            return [Turn("tool", answer.observation or "", 0, len(extension), tool_name=answer.tool_name)]
         return [Turn("user", answer.observation or "", 0, len(extension))]
 
     def context(self, plan: Plan) -> list[int]:
