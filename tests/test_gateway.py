@@ -514,7 +514,8 @@ def test_reward_and_complete_are_idempotent_and_per_turn_rewards_land_on_turns(w
             "finish_reason": None,
         }
         assert wire.reward(twice, {"reward": 1.0, "client_token": "t1"}).json() == first
-        assert wire.reward(twice, {"reward": 0.0, "client_token": "t1"}).json() == first  # a repeat, not a new reward
+        # a client token that comes back with another request is refused, and nothing changes
+        assert error_of(wire.reward(twice, {"reward": 0.0, "client_token": "t1"}), 409)["code"] == "token_reused"
         assert wire.reward(twice, {"reward": 1.0}, headers={"Idempotency-Key": "t1"}).json() == first
         assert wire.reward(twice, {"reward": 1.0}).json()["reward"] == 1.0  # the same reward again is harmless
         assert error_of(wire.reward(twice, {"reward": 0.0, "client_token": "t2"}), 409)["code"] == "rewarded"
@@ -885,3 +886,113 @@ def test_64_concurrent_agents_lose_and_duplicate_nothing(world):
         0.0,
         64.0,
     )
+
+
+# -- 7. what a new user's trial broke ----------------------------------------------------------------------
+
+
+class Slow:
+    """A token sampler that takes `seconds` per batch, so calls stay in flight together."""
+
+    def __init__(self, sampler: ScriptedSampler, seconds: float):
+        self.sampler, self.seconds = sampler, seconds
+
+    def __call__(self, keys, contexts, limits, temperature):
+        time.sleep(self.seconds)
+        return self.sampler(keys, contexts, limits, temperature)
+
+
+def test_parallel_calls_in_one_rollout_each_keep_their_own_prompt_and_count_toward_max_turns(world):
+    task = world.tasks[0]
+    sampler = ScriptedSampler(world, two_turns)
+    settings = replace(world.settings, max_turns=2)
+    with gateway() as gw:
+        run = Collecting(gw, world, world.work(1), settings, Slow(sampler, 0.4), group_size=1)
+        wire = Wire(gw)
+        rollout_id = wire.pull()["rollout_id"]
+        main = world.first_messages(task)
+        side = world.first_messages(task, system="You are a sub-agent. Check the order.")
+        answers: dict[str, httpx.Response] = {}
+
+        def ask(name: str, messages: list[dict]) -> None:
+            answers[name] = Wire(gw).chat(rollout_id, messages, return_token_ids=True)
+
+        threads = [threading.Thread(target=ask, args=(n, m)) for n, m in (("main", main), ("side", side))]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.1)  # both in flight before the first is sampled
+        third = wire.chat(rollout_id, main)  # a third call while two are in flight: past max_turns
+        for thread in threads:
+            thread.join()
+        assert error_of(third, 400)["code"] == "max_turns"
+        assert wire.complete(rollout_id, {"status": "ready", "reward": 1.0}).status_code == 200
+        episodes = run.episodes()
+
+    assert [e.segment for e in episodes] == [0, 1]
+    assert episodes[1].stitch_break == "a call of this rollout was still running (parallel calls)"
+    for episode, name in zip(episodes, ("main", "side")):
+        body = answers[name].json()
+        prompt, generated_ids = body["prompt_token_ids"], body["choices"][0]["token_ids"]
+        assert episode.tokens == prompt + generated_ids  # each call's completion follows its own prompt
+        assert episode.loss_mask == [0] * len(prompt) + [1] * len(generated_ids)
+    assert {e.finish_reason for e in episodes} == {"max_turns"}
+    assert_recorded_exactly(episodes, sampler)
+
+
+def test_bad_token_ids_are_refused_and_the_collection_goes_on(world):
+    task = world.tasks[0]
+    with gateway() as gw:
+        run = Collecting(gw, world, world.work(1), world.settings, ScriptedSampler(world, two_turns), group_size=2)
+        wire = Wire(gw)
+        bad, good = wire.pull()["rollout_id"], wire.pull()["rollout_id"]
+        vocab = len(world.tokenizer)
+        for prompt in ([-1, 5], [5, vocab]):
+            refused = error_of(wire.http.post(f"/rollouts/{bad}/v1/completions", json={"prompt": prompt}), 400)
+            assert refused["param"] == "prompt" and refused["code"] == "invalid_token_id"
+        assert len(wire.play(world, good, world.first_messages(task), task, turns=2)) == 5
+        for rollout_id in (bad, good):
+            assert wire.complete(rollout_id, {"status": "ready", "reward": 1.0}).status_code == 200
+        episodes = run.episodes()
+    assert [e.finish_reason for e in episodes] == ["env_error", "answered"]
+    assert episodes[0].env_error == "the agent completed the rollout without any model call"
+
+
+def test_rewards_are_numbers_and_a_changed_reward_is_refused_on_complete_too(world):
+    task = world.tasks[0]
+    with gateway(reward_wait_s=0.5) as gw:
+        run = Collecting(gw, world, world.work(1), world.settings, ScriptedSampler(world, two_turns), group_size=2)
+        wire = Wire(gw)
+        scored, unscored = wire.pull()["rollout_id"], wire.pull()["rollout_id"]
+        for rollout_id in (scored, unscored):
+            assert wire.chat(rollout_id, world.first_messages(task)).status_code == 200
+        for body in ({"reward": "0.5"}, {"reward": True}, {"reward": 1.0, "reward_components": {"a": "1"}}):
+            assert error_of(wire.reward(scored, body), 400)["param"].startswith("reward")
+        assert wire.complete(scored, {"status": "ready", "reward": 0.5}).json()["reward"] == 0.5
+        assert error_of(wire.complete(scored, {"status": "ready", "reward": 0.9}), 409)["code"] == "rewarded"
+        assert wire.complete(scored, {"status": "ready", "reward": 0.5}).status_code == 200  # the same: harmless
+        waiting = wire.complete(unscored, {"status": "ready"}).json()
+        assert "reward" in waiting["waiting_for"]
+        started = time.monotonic()
+        episodes = run.episodes()
+        waited = time.monotonic() - started
+    assert [e.finish_reason for e in episodes] == ["answered", "env_error"]
+    assert "without a reward" in episodes[1].env_error
+    assert waited < 5  # rollout.agent.reward_wait_s, not rollout.timeout_s
+
+
+def test_unknown_routes_and_bad_text_get_openai_error_objects(world):
+    with gateway() as gw:
+        run = Collecting(gw, world, world.work(1), world.settings, ScriptedSampler(world, two_turns), group_size=1)
+        wire = Wire(gw)
+        rollout_id = wire.pull()["rollout_id"]
+        assert error_of(wire.http.post("/v1/responses", json={}), 404)["code"] == "no_route"
+        assert error_of(wire.http.get(f"/rollouts/{rollout_id}/v1/chat/completions"), 405)["code"] == "no_route"
+        lone = wire.http.post(
+            f"/rollouts/{rollout_id}/v1/chat/completions",
+            content=b'{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "a\\ud800b"}]}',
+        )
+        assert lone.status_code == 200, lone.text  # repaired (U+FFFD), as environment text is
+        assert wire.complete(rollout_id, {"status": "failed", "reason": "x" * 100_000}).status_code == 200
+        episodes = run.episodes()
+    assert episodes[0].finish_reason == "env_error" and len(episodes[0].env_error) < 3000
+    assert "\ufffd" in episodes[0].turns[1].text

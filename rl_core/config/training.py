@@ -164,6 +164,12 @@ class AgentConfig(Section):
         "batch is sampled at once when every open rollout has a call waiting; at most 20 windows in all).",
     )
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; above it: 413.")
+    reward_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a rollout completed as ready waits for its reward (POST .../reward) before it ends as "
+        "env_error (without rollout.agent.reward_fn).",
+    )
     start_timeout_s: float = Field(10.0, gt=0, description="Seconds one POST {url}/rollout may take.")
 
     @model_validator(mode="after")

@@ -78,6 +78,7 @@ from rl_core.gateway.server import ServerThread, build_app
 from rl_core.gateway.stitching import Plan, RolloutRecord
 from rl_core.groups import make_group_id
 from rl_core.imports import import_from_path
+from rl_core.model.generation import Generation
 from rl_core.model.policy import Policy
 from rl_core.model.token_sampler import CUSTOM_BACKEND, HF_BACKEND, TokenSampler, hf_token_sampler
 from rl_core.rollout import RolloutSettings
@@ -87,6 +88,8 @@ log = logging.getLogger(__name__)
 
 # the longest a model call waits for others to batch with, in batch windows (rollout.agent.batch_window_s)
 MAX_WINDOWS = 20
+MAX_REASON_CHARS = 2000  # a failed completion's reason is kept up to this length
+PROGRESS_EVERY_S = 30.0  # how often a collection that waits on agents says where it stands
 MODEL_NAME = "policy"  # the model id the gateway serves (any name a client sends is accepted)
 RewardFn = Callable[..., object]
 
@@ -127,7 +130,9 @@ class _Rollout:
     finish_reason: str | None = None  # set when done
     env_error: str | None = None
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)  # client token -> first answer
+    payloads: dict[str, object] = field(default_factory=dict)  # client token -> the request it came with
     attempts: int = 1  # tries the agent's start took (push mode)
+    in_flight: int = 0  # calls planned and not yet answered (they count toward rollout.max_turns)
     last_messages: list[Message] = field(default_factory=list)
 
 
@@ -295,8 +300,13 @@ class AgentGateway:
         return self._renderings[id(renderer)]
 
     def _play(self, c: _Collection, token_sampler: TokenSampler) -> None:
-        """The collecting thread: start rollouts, sample batched calls, expire deadlines, until all are done."""
+        """The collecting thread: start rollouts, sample batched calls, expire deadlines, until all are done;
+        every `PROGRESS_EVERY_S` it logs how many rollouts are still waiting for an agent."""
+        said = time.monotonic()
         while True:
+            if time.monotonic() - said > PROGRESS_EVERY_S:
+                said = time.monotonic()
+                self._say_progress(c)
             with self._lock:
                 self._start_more(c)
                 self._expire(c)
@@ -306,6 +316,20 @@ class AgentGateway:
             batch = self._take(c, len(open_))
             if batch:
                 self._sample(c, batch, token_sampler)
+
+    def _say_progress(self, c: _Collection) -> None:
+        with self._lock:
+            states = [r.state for r in c.rollouts.values()]
+            unrewarded = sum(1 for r in c.rollouts.values() if r.state != "done" and r.completion == "ready")
+        log.warning(
+            "rollout gateway %s: %d of %d rollouts done, %d not yet taken by an agent, %d completed and waiting for "
+            "their reward",
+            self.url,
+            states.count("done"),
+            len(states),
+            states.count("queued"),
+            unrewarded,
+        )
 
     def _take(self, c: _Collection, open_rollouts: int) -> list[_Call]:
         """The calls to sample together: the first one that comes within 0.1 s, then more until every open
@@ -504,6 +528,9 @@ class AgentGateway:
             return
         if r.completion is None and not (r.ended and deadline):
             return
+        if not r.record.calls:  # nothing the policy did: a reward here would score the agent alone
+            self._done(r, "env_error", "the agent completed the rollout without any model call")
+            return
         if self.reward_fn is None and r.reward is None:
             if r.ended and (deadline or r.completion == "failed"):  # stopped by the gateway and never scored
                 r.reward = 0.0
@@ -560,11 +587,9 @@ class AgentGateway:
         request: ChatRequest = validated(ChatRequest, body)
         tools = list(request.tools or [])
         call, r, c = self._enqueue(rollout_id, request.messages, tools, request)
-        generation = await call.future
+        generation = await self._sampled(call, r)
         with self._lock:
-            if r.state == "done":
-                r.record.release(call.plan)
-                raise GatewayError(409, f"rollout {rollout_id} ended while the call was sampled", code="ended")
+            self._answerable(call, r)
             turn = c.rendering.reply(generation.tokens, call.plan.conversation)
             text = c.rendering.decode(generation.tokens)
             call_ids = [call_.call_id or new_id("call_") for call_ in turn.tool_calls]
@@ -607,12 +632,18 @@ class AgentGateway:
             self.check_rollout(rollout_id)
             rendering = self._collection.rendering
         ids = list(request.prompt) if isinstance(request.prompt, list) else rendering.encode(request.prompt)
+        bad = next((i for i in ids if not 0 <= i < rendering.vocab_size), None)
+        if bad is not None:
+            raise GatewayError(
+                400,
+                f"prompt holds token id {bad}, outside the policy's vocabulary [0, {rendering.vocab_size})",
+                param="prompt",
+                code="invalid_token_id",
+            )
         call, r, c = self._enqueue(rollout_id, None, [], request, prompt_ids=ids)
-        generation = await call.future
+        generation = await self._sampled(call, r)
         with self._lock:
-            if r.state == "done":
-                r.record.release(call.plan)
-                raise GatewayError(409, f"rollout {rollout_id} ended while the call was sampled", code="ended")
+            self._answerable(call, r)
             text = c.rendering.decode(generation.tokens)
             turn = AssistantTurn(content=text)
             reply = Message(role="assistant", content=text)
@@ -638,6 +669,25 @@ class AgentGateway:
             return response, completion_chunks(response, include_usage)
         return response, None
 
+    async def _sampled(self, call: _Call, r: _Rollout) -> Generation:
+        """The call's generation, once sampled. Raises the sampler's error (the call is released)."""
+        try:
+            return await call.future
+        except BaseException:
+            with self._lock:
+                r.in_flight -= 1
+                r.record.release(call.plan)
+            raise
+
+    @staticmethod
+    def _answerable(call: _Call, r: _Rollout) -> None:
+        """Take the sampled call out of flight (lock held). Raises GatewayError 409 when the rollout ended
+        while it was sampled (the call is released, not recorded)."""
+        r.in_flight -= 1
+        if r.state == "done":
+            r.record.release(call.plan)
+            raise GatewayError(409, f"rollout {r.record.rollout_id} ended while the call was sampled", code="ended")
+
     def _enqueue(
         self,
         rollout_id: str,
@@ -659,7 +709,7 @@ class AgentGateway:
                     request.temperature,
                     c.settings.temperature,
                 )
-            if len(r.record.calls) >= c.settings.max_turns:
+            if len(r.record.calls) + r.in_flight >= c.settings.max_turns:
                 r.ended = "max_turns"
                 self._settle(r)
                 raise GatewayError(
@@ -695,6 +745,7 @@ class AgentGateway:
             limit = min(cap, room, request.token_limit() or room)
             cut = "token_cap" if limit == cap else "context_overflow" if limit == room else None
             seg = r.record.begin(plan, turn_messages, tools, self._keys)
+            r.in_flight += 1
             key = seg.key
             future = asyncio.get_running_loop().create_future()
             call = _Call(r, plan, key, context, limit, future, cut)
@@ -713,21 +764,39 @@ class AgentGateway:
         """`POST /rollouts/{id}/complete` (module docstring, step 3)."""
         request: CompleteRequest = validated(CompleteRequest, body)
         token = request.client_token or idempotency_key
+        reason = None if request.reason is None else request.reason[:MAX_REASON_CHARS]
         with self._lock:
             r = self._find(rollout_id)
-            if token and token in r.answers:
-                return r.answers[token]
+            repeat = self._repeat(r, token, ("complete", request.model_dump(exclude={"client_token"})))
+            if repeat is not None:
+                return repeat
             if r.state == "done" and r.finish_reason == "timeout":
                 raise GatewayError(409, f"rollout {rollout_id} timed out", code="ended")
-            if r.completion is not None:
-                if r.completion == request.status and (request.reason == r.fail_reason or request.status == "ready"):
-                    return self._answer(r, token)
-                raise GatewayError(409, f"rollout {rollout_id} was already completed ({r.completion})", code="ended")
+            if r.completion is not None and (r.completion, r.fail_reason) != (request.status, reason):
+                if not (r.completion == request.status == "ready"):
+                    raise GatewayError(
+                        409, f"rollout {rollout_id} was already completed ({r.completion})", code="ended"
+                    )
             if request.reward is not None:
                 self._take_reward(r, request.reward, request.reward_components)
-            r.completion, r.fail_reason = request.status, request.reason
+            if r.completion is None:
+                r.completion, r.fail_reason = request.status, reason
+                if request.status == "ready" and r.reward is None and self.reward_fn is None:
+                    r.deadline = min(r.deadline, time.monotonic() + self.agent.reward_wait_s)
             self._settle(r)
             return self._answer(r, token)
+
+    def _repeat(self, r: _Rollout, token: str | None, payload: object) -> dict[str, Any] | None:
+        """The first answer to a repeated client token; 409 when the token came with another request."""
+        if not token or token not in r.answers:
+            if token:
+                r.payloads[token] = payload
+            return None
+        if r.payloads.get(token) != payload:
+            raise GatewayError(
+                409, f"client_token {token!r} was used for another request on this rollout", code="token_reused"
+            )
+        return r.answers[token]
 
     def reward(self, rollout_id: str, body: Any, idempotency_key: str | None) -> dict[str, Any]:
         """`POST /rollouts/{id}/reward` (module docstring, step 3)."""
@@ -735,8 +804,9 @@ class AgentGateway:
         token = request.client_token or idempotency_key
         with self._lock:
             r = self._find(rollout_id)
-            if token and token in r.answers:
-                return r.answers[token]
+            repeat = self._repeat(r, token, ("reward", request.model_dump(exclude={"client_token"})))
+            if repeat is not None:
+                return repeat
             if r.state == "done" and r.finish_reason == "timeout":
                 raise GatewayError(409, f"rollout {rollout_id} timed out", code="ended")
             self._take_reward(r, request.reward, request.reward_components)
@@ -770,6 +840,8 @@ class AgentGateway:
             "state": r.state,
             "finish_reason": r.finish_reason,
         }
+        if r.state != "done" and r.completion == "ready" and r.reward is None and self.reward_fn is None:
+            answer["waiting_for"] = f"the reward (POST .../reward within {self.agent.reward_wait_s} s)"
         if token:
             r.answers[token] = answer
         return answer

@@ -30,6 +30,7 @@ from rl_core.environments.actions import ToolCall, format_call, parse_action
 from rl_core.environments.base import StepResult
 from rl_core.environments.messages import AssistantTurn, ToolResult
 from rl_core.gateway.protocol import GatewayError, Message
+from rl_core.model.gpt_oss import VOCAB_SIZE
 from rl_core.model.harmony_renderer import HarmonyRenderer
 from rl_core.model.renderers import Conversation, Renderer, TextRenderer
 from rl_core.model.template_renderer import HFTemplateRenderer, tools_system_text
@@ -103,6 +104,14 @@ class ChatRendering:
         if isinstance(r, HarmonyRenderer):
             return r.encoding.decode(body)
         return r.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the policy's tokenizer has (valid ids are 0 .. vocab_size - 1)."""
+        r = self.renderer
+        if isinstance(r, HarmonyRenderer):
+            return VOCAB_SIZE
+        return len(r.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a raw prompt (no special tokens added; special-token text is read as those tokens)."""

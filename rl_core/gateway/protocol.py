@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rl_core.environments.messages import AssistantTurn
+from rl_core.model.tokenizer import repair_unicode
 
 
 class GatewayError(Exception):
@@ -95,12 +96,14 @@ class Message(_Open):
     name: str | None = None
 
     def text(self) -> str:
-        """The message's text: `content`, or its text parts joined ("" for none)."""
+        """The message's text: `content`, or its text parts joined ("" for none); text that is not valid Unicode
+        (lone surrogates) is repaired (U+FFFD), as environment text is."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return self.content
-        return "".join(str(part.get("text", "")) for part in self.content if part.get("type", "text") == "text")
+            return repair_unicode(self.content)[0]
+        parts = (str(part.get("text", "")) for part in self.content if part.get("type", "text") == "text")
+        return repair_unicode("".join(parts))[0]
 
     def calls(self) -> list[tuple[str, Any]]:
         """The tool calls as (name, arguments as decoded JSON, or the raw text when it is not JSON)."""
@@ -186,6 +189,14 @@ class CompletionRequest(_Sampled):
         return self.max_tokens
 
 
+def _no_text_numbers(value: Any) -> Any:
+    """Refuse what pydantic would coerce into a reward: a bool or a string is not a number here."""
+    values = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
+    if any(isinstance(v, (bool, str)) for v in values):
+        raise ValueError("rewards are JSON numbers (not strings or booleans)")
+    return value
+
+
 class CompleteRequest(_Open):
     """`POST /rollouts/{id}/complete`: `status` "ready" (the agent finished) or "failed" (with `reason`);
     an optional reward given here is recorded as by `/reward`; `client_token` makes a repeat harmless."""
@@ -196,6 +207,8 @@ class CompleteRequest(_Open):
     reward_components: dict[str, float] | None = None
     client_token: str | None = None
 
+    _numbers = field_validator("reward", "reward_components", mode="before")(_no_text_numbers)
+
 
 class RewardRequest(_Open):
     """`POST /rollouts/{id}/reward`: one value for the episode, or one per model call (per turn), and named
@@ -204,6 +217,8 @@ class RewardRequest(_Open):
     reward: float | list[float]
     reward_components: dict[str, float] | None = None
     client_token: str | None = None
+
+    _numbers = field_validator("reward", "reward_components", mode="before")(_no_text_numbers)
 
 
 def new_id(prefix: str) -> str:

@@ -180,7 +180,13 @@ def build_app(handlers: GatewayHandlers, token: str, max_request_bytes: int, mod
         Route("/v1/completions", guarded(completion), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        what = {404: "no such route", 405: "method not allowed on this route"}.get(status, "request refused")
+        return _error(GatewayError(status, f"{what}: {request.method} {request.url.path}", code="no_route"))
+
+    return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
 
 
 class ServerThread:

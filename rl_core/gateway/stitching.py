@@ -253,7 +253,7 @@ class RolloutRecord:
         call_ids: list[str],
     ) -> CallRecord:
         """Append the policy's turn to the segment `begin` opened, and record the call."""
-        seg = self.segments[-1] if plan.new_segment else self.segments[plan.segment]
+        seg = self.segments[plan.segment]
         prompt = list(seg.tokens)
         start = len(seg.tokens)
         seg.append(generated, generated=True, logprobs=logprobs)
@@ -288,7 +288,7 @@ class RolloutRecord:
 
     def release(self, plan: Plan) -> None:
         """Undo `begin` for a call that was not answered (the sampler failed, the rollout ended meanwhile)."""
-        seg = self.segments[-1] if plan.new_segment else self.segments[plan.segment]
+        seg = self.segments[plan.segment]
         seg.busy = False
 
     @property

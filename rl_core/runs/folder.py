@@ -32,6 +32,7 @@ RESUMABLE_CHANGES = (
     ),
     "rollout.agent.max_request_bytes",
     "rollout.agent.start_timeout_s",
+    "rollout.agent.reward_wait_s",
 )
 
 
