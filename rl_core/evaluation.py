@@ -7,6 +7,7 @@ pass@1 is measured at temperature 0, one episode per task. pass@k and pass^k com
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,8 @@ from rl_core.metrics import pass_at_k, pass_hat_k
 from rl_core.model.policy import Policy
 from rl_core.rollout import RolloutSettings, collect_rollouts
 from rl_core.trajectory import Episode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,7 @@ def _summary(episodes: list[Episode], prefix: str) -> dict[str, float]:
         f"{prefix}/turns_mean": sum(e.num_turns for e in episodes) / n,
         f"{prefix}/response_tokens_mean": sum(e.response_tokens for e in episodes) / n,
         f"{prefix}/truncated_frac": truncated / n,
+        f"{prefix}/env_error_frac": sum(e.finish_reason == "env_error" for e in episodes) / n,
     }
 
 
@@ -78,6 +82,14 @@ def evaluate(
     greedy_settings = replace(settings, temperature=0.0)
     greedy = _rollouts(play(policy, work, greedy_settings, group_size=1, run_id="eval", iteration=0))
     metrics = {"val/pass_at_1": sum(e.success for e in greedy) / len(greedy), **_summary(greedy, "val")}
+    if metrics["val/env_error_frac"] > 0.01:  # an environment or agent fault, not the policy's: say so
+        log.warning(
+            "held-out evaluation: %.0f%% of the greedy episodes ended as env_error (e.g. %s); pass@1 %.3f does not "
+            "measure the policy alone",
+            100 * metrics["val/env_error_frac"],
+            next(e.env_error for e in greedy if e.finish_reason == "env_error"),
+            metrics["val/pass_at_1"],
+        )
     per_env: dict[str, list[bool]] = defaultdict(list)
     for e in greedy:
         per_env[e.env_name].append(e.success)

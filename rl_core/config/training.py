@@ -195,7 +195,10 @@ class RolloutConfig(Section):
         600.0, gt=0, description="Wall-clock limit for one episode; past it the episode ends as timeout."
     )
     max_retries: int = Field(
-        3, ge=0, description="Retries of an environment step that raised before the episode ends as env_error."
+        3,
+        ge=0,
+        description="Retries of an environment step that raised (or, with rollout.agent, of an agent's rollout start) "
+        "before the episode ends as env_error.",
     )
     generation_batch_size: int = Field(256, ge=1, description="Most sequences generated in one batched forward pass.")
     overlap_collection: bool = Field(
