@@ -124,6 +124,7 @@ EXPECTED_FIELDS = [
     "rollout.vllm.startup_timeout_s",
     "rollout.vllm.request_timeout_s",
     "rollout.vllm.max_concurrency",
+    "rollout.agent",  # optional: an anyOf of the AgentConfig section and null
     "algorithm.advantage_method",
     "algorithm.normalize_advantage_std",
     "algorithm.pass_k",

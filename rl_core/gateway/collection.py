@@ -188,7 +188,6 @@ class AgentGateway:
         self._renderings: dict[int, ChatRendering] = {}
         self._http: httpx.AsyncClient | None = None
         self._warned_sampling = False
-        self._native = True
 
     # -- lifetime ---------------------------------------------------------------------------------------
 
@@ -240,24 +239,6 @@ class AgentGateway:
         `rollout.collect_rollouts`. Raises whatever the token sampler raises (the open rollouts are closed:
         their later calls get 409), and OSError when the server cannot start. One collection is played at a
         time: a second caller (an evaluation while a batch is collected ahead) waits for the first."""
-        with self._one_collection:
-            return self._collect(
-                policy, work, settings, group_size, run_id, iteration, token_sampler, generator, first_group, backend
-            )
-
-    def _collect(
-        self,
-        policy: Policy,
-        work: list[tuple[Environment, Task]],
-        settings: RolloutSettings,
-        group_size: int,
-        run_id: str,
-        iteration: int,
-        token_sampler: TokenSampler | None,
-        generator: torch.Generator | None,
-        first_group: int,
-        backend: str | None,
-    ) -> list[Episode]:
         self.start()
         if token_sampler is None:
             token_sampler, backend = hf_token_sampler(policy, settings.generation_batch_size, generator), HF_BACKEND
@@ -269,7 +250,6 @@ class AgentGateway:
             policy_version=policy.version,
         )
         rendering = self._rendering(policy)
-        self._native = rendering.renderer.native_tools
         rollouts: dict[str, _Rollout] = {}
         for index, (env, task) in enumerate(work):
             group_id = make_group_id(run_id, iteration, first_group + index, task.task_id)
@@ -278,16 +258,17 @@ class AgentGateway:
                 record = RolloutRecord(rollout_id, task, group_id, sample)
                 rollouts[rollout_id] = _Rollout(record, env, order=len(rollouts))
         collection = _Collection(rollouts, settings, sampling, rendering, waiting=list(rollouts.values()))
-        with self._lock:
-            self._collection = collection
-        try:
-            self._play(collection, token_sampler)
-        finally:
+        with self._one_collection:
             with self._lock:
-                for rollout_id, r in collection.rollouts.items():
-                    self._finished[rollout_id] = r.finish_reason or "abandoned"
-                self._collection = None
-            self._fail_waiting(collection, GatewayError(409, "the collection this rollout belonged to has ended"))
+                self._collection = collection
+            try:
+                self._play(collection, token_sampler)
+            finally:
+                with self._lock:
+                    for rollout_id, r in collection.rollouts.items():
+                        self._finished[rollout_id] = r.finish_reason or "abandoned"
+                    self._collection = None
+                self._fail_waiting(collection, GatewayError(409, "the collection this rollout belonged to has ended"))
         episodes = []
         for r in sorted(collection.rollouts.values(), key=lambda r: r.order):
             episodes += self._episodes(r, collection, run_id, iteration)
@@ -853,7 +834,7 @@ class AgentGateway:
         reward, components, turn_rewards = r.reward or 0.0, r.components, r.turn_rewards
         if self.reward_fn is not None and reason not in ("env_error", "timeout"):
             try:
-                reward, components = self._judge(r)
+                reward, components = self._judge(r, c)
                 turn_rewards = None
             except Exception as exc:  # a reward function that raises ends the rollout as env_error
                 reason, note = "env_error", f"rollout.agent.reward_fn failed: {type(exc).__name__}: {exc}"
@@ -874,7 +855,7 @@ class AgentGateway:
             e.attempts = r.attempts
         return episodes
 
-    def _judge(self, r: _Rollout) -> tuple[float, dict[str, float]]:
+    def _judge(self, r: _Rollout, c: _Collection) -> tuple[float, dict[str, float]]:
         recorded = RecordedRollout(
             rollout_id=r.record.rollout_id,
             calls=list(r.record.calls),
@@ -882,7 +863,7 @@ class AgentGateway:
             turns=[call.turn for call in r.record.calls],
             environment=r.env,
             status=r.completion or "",
-            native_tools=self._native,
+            native_tools=c.rendering.renderer.native_tools,
         )
         scored = self.reward_fn(recorded, r.record.task)
         reward, components = scored if isinstance(scored, tuple) else (scored, {})

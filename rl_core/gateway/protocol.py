@@ -251,19 +251,7 @@ def chat_response(
     choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
     if logprobs is not None:
         choice["logprobs"] = {"content": logprobs}
-    if token_ids:
-        choice["token_ids"] = list(completion_ids)
-    body = {
-        "id": new_id("chatcmpl-"),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": _usage(prompt_ids, completion_ids),
-    }
-    if token_ids:
-        body["prompt_token_ids"] = list(prompt_ids)
-    return body
+    return _body("chatcmpl-", "chat.completion", model, choice, prompt_ids, completion_ids, token_ids)
 
 
 def completion_response(
@@ -280,27 +268,38 @@ def completion_response(
     choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
     if logprobs is not None:
         choice["logprobs"] = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
+    return _body("cmpl-", "text_completion", model, choice, prompt_ids, completion_ids, token_ids)
+
+
+def _body(
+    prefix: str,
+    kind: str,
+    model: str,
+    choice: dict[str, Any],
+    prompt_ids: list[int],
+    completion_ids: list[int],
+    token_ids: bool,
+) -> dict[str, Any]:
+    """A response object of `kind` with its one `choice`, the usage (tokens), and vLLM's `prompt_token_ids` /
+    `token_ids` when asked."""
     if token_ids:
         choice["token_ids"] = list(completion_ids)
-    body = {
-        "id": new_id("cmpl-"),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": _usage(prompt_ids, completion_ids),
-    }
-    if token_ids:
-        body["prompt_token_ids"] = list(prompt_ids)
-    return body
-
-
-def _usage(prompt_ids: list[int], completion_ids: list[int]) -> dict[str, int]:
-    return {
+    usage = {
         "prompt_tokens": len(prompt_ids),
         "completion_tokens": len(completion_ids),
         "total_tokens": len(prompt_ids) + len(completion_ids),
     }
+    body = {
+        "id": new_id(prefix),
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
+    if token_ids:
+        body["prompt_token_ids"] = list(prompt_ids)
+    return body
 
 
 def chat_chunks(response: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
