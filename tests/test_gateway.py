@@ -996,3 +996,43 @@ def test_unknown_routes_and_bad_text_get_openai_error_objects(world):
         episodes = run.episodes()
     assert episodes[0].finish_reason == "env_error" and len(episodes[0].env_error) < 3000
     assert "\ufffd" in episodes[0].turns[1].text
+
+
+# -- 8. native tool calls: GPT-OSS's harmony format through the gateway -------------------------------------
+
+
+def test_a_harmony_policy_s_agent_episode_is_the_in_process_episode_token_for_token():
+    """The tiny GPT-OSS policy (harmony, native tool calls) plays an SOP task's expert moves: once in process,
+    once through the gateway by the openai-client agent with native tool calls. Same ids, one segment."""
+    from rl_core.environments import load_environment
+    from rl_core.environments.expert import solve as expert_solve
+    from rl_core.model.gpt_oss import build_tiny_gpt_oss, harmony_encoding, harmony_tokenizer
+    from rl_core.model.harmony_renderer import HarmonyRenderer
+    from rl_core.model.policy import Policy
+    from tests.test_harmony import harmony_call, play
+
+    tok, enc = harmony_tokenizer(), harmony_encoding()
+    policy = Policy(build_tiny_gpt_oss(tok), tok, None, renderer=HarmonyRenderer(tok))
+    env = load_environment("refunds")
+    task = env.tasks("train")[0]
+    turns = [enc.encode(harmony_call(a), allowed_special="all") for a in expert_solve(env, task).actions]
+    in_process, _ = play(policy, env, task, turns)
+
+    played = iter(turns)
+
+    def sample(keys, contexts, limits, temperature):
+        return [Generation(g, [-0.5] * len(g), True) for g in (next(played) for _ in keys)]
+
+    settings = RolloutSettings(max_turns=8, max_tokens_per_turn=400, context_window=4096, temperature=1.0)
+    agent, stop = OpenAIAgent(native=True), threading.Event()
+    with gateway() as gw:
+        worker = threading.Thread(target=pull_worker, args=(agent, gw.url, gw.token, stop), daemon=True)
+        worker.start()
+        [episode] = gw.collect(
+            policy, [(env, task)], settings, group_size=1, run_id="h", iteration=1, token_sampler=sample
+        )
+        stop.set()
+    assert agent.errors == []
+    assert (episode.segment, episode.finish_reason, episode.reward) == (0, "answered", in_process.reward)
+    assert episode.tokens == in_process.tokens and episode.loss_mask == in_process.loss_mask
+    assert [t.role for t in episode.turns] == [t.role for t in in_process.turns]
