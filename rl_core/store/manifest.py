@@ -21,7 +21,7 @@ from rl_core.trajectory import SCHEMAS_BY_VERSION, upgrade_table
 
 # Schema versions this code can read: each has its Arrow schema in SCHEMAS_BY_VERSION and an
 # upgrade to the current TRAJECTORY_SCHEMA in `upgrade_table` (1: no `sampling` column; 1 and 2: no
-# `parse_error` in the `turns` structs).
+# `parse_error` in the `turns` structs; 1 to 3: no `segment` and `stitch_break` columns and no turn `reward`).
 KNOWN_SCHEMA_VERSIONS = frozenset(SCHEMAS_BY_VERSION)
 
 MANIFEST_SUFFIX = ".manifest.json"
