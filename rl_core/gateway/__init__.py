@@ -10,6 +10,7 @@ episodes of the trajectory record, which go through the same store, validation g
 Modules: `protocol.py` (the request and response shapes, error answers), `conversation.py` (OpenAI
 messages through the policy's chat format, and generated ids back into a message), `stitching.py` (a
 rollout's calls stitched into segments and episodes), `server.py` (the HTTP server), `collection.py`
-(`AgentGateway`: a collection of rollouts played by agents), `rewards.py` (Turnstile-side reward
+(`AgentGateway`: a collection of rollouts played by agents), `outcome.py` (how one rollout ends: its finish
+reason and reward), `rewards.py` (Turnstile-side reward
 functions). The contract is in README.md ("Bring your own agent") and deployments/README.md.
 """

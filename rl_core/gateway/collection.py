@@ -47,7 +47,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ from rl_core.config import AgentConfig
 from rl_core.environments.base import Environment, Task
 from rl_core.environments.messages import AssistantTurn
 from rl_core.gateway.conversation import ChatRendering
+from rl_core.gateway.outcome import LiveRollout, RecordedRollout
 from rl_core.gateway.protocol import (
     ChatRequest,
     CompleteRequest,
@@ -95,52 +96,10 @@ RewardFn = Callable[..., object]
 
 
 @dataclass
-class RecordedRollout:
-    """What a Turnstile-side reward function (`rollout.agent.reward_fn`) is given with the task: the rollout's
-    `calls` (rl_core/gateway/stitching.py `CallRecord`: prompt ids, completion ids, log-probs, text, parsed
-    turn), `messages` (the last call's messages and the assistant message returned for it), `turns` (each
-    call's parsed `AssistantTurn`, in order), its `environment` (the Environment the task came from), the
-    agent's `status` ("ready"), and whether the policy calls tools natively (`native_tools`; else its turns
-    are Turnstile's text actions, the whole text in `content`)."""
-
-    rollout_id: str
-    calls: list
-    messages: list[Message]
-    turns: list[AssistantTurn]
-    environment: Environment
-    status: str
-    native_tools: bool = True
-
-
-@dataclass
-class _Rollout:
-    """One rollout of a collection while it is played (guarded by the gateway's lock)."""
-
-    record: RolloutRecord
-    env: Environment
-    order: int
-    state: str = "queued"  # queued -> running -> done
-    deadline: float = math.inf
-    ended: str | None = None  # max_turns / context_overflow: the gateway stopped taking calls
-    completion: str | None = None  # "ready" / "failed"
-    fail_reason: str | None = None
-    reward: float | None = None
-    turn_rewards: list[float] | None = None
-    components: dict[str, float] = field(default_factory=dict)
-    finish_reason: str | None = None  # set when done
-    env_error: str | None = None
-    answers: dict[str, dict[str, Any]] = field(default_factory=dict)  # client token -> first answer
-    payloads: dict[str, object] = field(default_factory=dict)  # client token -> the request it came with
-    attempts: int = 1  # tries the agent's start took (push mode)
-    in_flight: int = 0  # calls planned and not yet answered (they count toward rollout.max_turns)
-    last_messages: list[Message] = field(default_factory=list)
-
-
-@dataclass
 class _Call:
     """A model call waiting for the token sampler."""
 
-    rollout: _Rollout
+    rollout: LiveRollout
     plan: Plan
     key: int
     context: list[int]
@@ -154,12 +113,12 @@ class _Call:
 class _Collection:
     """The rollouts of one `collect` call and how they are sampled."""
 
-    rollouts: dict[str, _Rollout]
+    rollouts: dict[str, LiveRollout]
     settings: RolloutSettings
     sampling: Sampling
     rendering: ChatRendering
     calls: queue.Queue = field(default_factory=queue.Queue)
-    waiting: list[_Rollout] = field(default_factory=list)  # queued for a start (push) or a pull
+    waiting: list[LiveRollout] = field(default_factory=list)  # queued for a start (push) or a pull
     created: float = field(default_factory=time.monotonic)
 
 
@@ -250,13 +209,13 @@ class AgentGateway:
             policy_version=policy.version,
         )
         rendering = self._rendering(policy)
-        rollouts: dict[str, _Rollout] = {}
+        rollouts: dict[str, LiveRollout] = {}
         for index, (env, task) in enumerate(work):
             group_id = make_group_id(run_id, iteration, first_group + index, task.task_id)
             for sample in range(group_size):
                 rollout_id = new_id("ro-")
                 record = RolloutRecord(rollout_id, task, group_id, sample)
-                rollouts[rollout_id] = _Rollout(record, env, order=len(rollouts))
+                rollouts[rollout_id] = LiveRollout(record, env, order=len(rollouts))
         collection = _Collection(rollouts, settings, sampling, rendering, waiting=list(rollouts.values()))
         with self._one_collection:
             with self._lock:
@@ -390,12 +349,12 @@ class AgentGateway:
             running += 1
             asyncio.run_coroutine_threadsafe(self._push(r, c), self._server.loop)
 
-    def _run(self, r: _Rollout, c: _Collection) -> None:
+    def _run(self, r: LiveRollout, c: _Collection) -> None:
         r.state = "running"
         r.deadline = time.monotonic() + c.settings.timeout_s
         r.record.started = time.monotonic()
 
-    def request_for(self, r: _Rollout, c: _Collection) -> dict[str, Any]:
+    def request_for(self, r: LiveRollout, c: _Collection) -> dict[str, Any]:
         """The rollout request sent to the agent (module docstring)."""
         task, native = r.record.task, c.rendering.renderer.native_tools
         try:
@@ -429,7 +388,7 @@ class AgentGateway:
             "max_turns": c.settings.max_turns,
         }
 
-    async def _push(self, r: _Rollout, c: _Collection) -> None:
+    async def _push(self, r: LiveRollout, c: _Collection) -> None:
         """POST {url}/rollout, retried; on the last failure the rollout ends as env_error."""
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self.agent.start_timeout_s)
@@ -458,7 +417,7 @@ class AgentGateway:
             with self._lock:
                 r.attempts = attempts
                 if r.state != "done":
-                    self._done(r, "env_error", f"the agent did not start the rollout ({attempts} attempt(s)): {reason}")
+                    r.done("env_error", f"the agent did not start the rollout ({attempts} attempt(s)): {reason}")
             return
         with self._lock:
             r.attempts = attempts
@@ -486,47 +445,19 @@ class AgentGateway:
                 if r.completion == "ready" or r.ended:  # completed (or stopped by the gateway), no reward came
                     self._settle(r, deadline=True)
                 else:
-                    self._done(r, "timeout", f"the agent did not complete the rollout within {c.settings.timeout_s} s")
+                    r.done("timeout", f"the agent did not complete the rollout within {c.settings.timeout_s} s")
             elif r.state == "queued" and self.agent.mode == "pull" and now > c.created + c.settings.timeout_s:
                 c.waiting.remove(r)
-                self._done(r, "env_error", f"no agent took the rollout within {c.settings.timeout_s} s (pull mode)")
+                r.done("env_error", f"no agent took the rollout within {c.settings.timeout_s} s (pull mode)")
 
-    def _done(self, r: _Rollout, reason: str, note: str | None = None) -> None:
-        r.state, r.finish_reason = "done", reason
-        if note:
-            r.env_error = note
-
-    def _settle(self, r: _Rollout, deadline: bool = False) -> None:
-        """End a rollout whose agent said how it went, once what decides its reward is there (lock held).
-
-        A rollout the gateway stopped (`ended`: max_turns, token_cap, context_overflow) keeps that finish reason
-        even when the agent then reports failure (it was refused further calls); without a reward it scores 0.
-        """
-        if r.state == "done":
-            return
-        if r.completion == "failed" and not r.ended:
-            self._done(r, "env_error", f"the agent reported failure: {r.fail_reason or 'no reason given'}")
-            return
-        if r.completion is None and not (r.ended and deadline):
-            return
-        if not r.record.calls:  # nothing the policy did: a reward here would score the agent alone
-            self._done(r, "env_error", "the agent completed the rollout without any model call")
-            return
-        if self.reward_fn is None and r.reward is None:
-            if r.ended and (deadline or r.completion == "failed"):  # stopped by the gateway and never scored
-                r.reward = 0.0
-            elif not deadline:
-                return
-            else:
-                self._done(r, "env_error", "the agent completed the rollout without a reward (POST .../reward)")
-                return
-        calls, c = r.record.calls, self._collection
-        out_of_turns = c is not None and len(calls) >= c.settings.max_turns and bool(calls[-1].turn.tool_calls)
-        self._done(r, r.ended or ("max_turns" if out_of_turns else "answered"))
+    def _settle(self, r: LiveRollout, deadline: bool = False) -> None:
+        """`LiveRollout.settle` with this gateway's reward function and the collection's turn limit (lock held)."""
+        max_turns = self._collection.settings.max_turns if self._collection is not None else None
+        r.settle(self.reward_fn is not None, max_turns, deadline)
 
     # -- handlers (called on the server's event loop) ---------------------------------------------------
 
-    def _find(self, rollout_id: str) -> _Rollout:
+    def _find(self, rollout_id: str) -> LiveRollout:
         c = self._collection
         if c is not None and rollout_id in c.rollouts:
             return c.rollouts[rollout_id]
@@ -584,7 +515,7 @@ class AgentGateway:
                 call.plan, generation.tokens, generation.logprobs, generation.stopped, text, turn, reply, call_ids
             )
             r.last_messages = [*request.messages, reply]
-            self._cut_off(r, call, generation.stopped)
+            r.cut_off(call.cut, generation.stopped)
         finish = "length" if not generation.stopped else ("tool_calls" if turn.tool_calls else "stop")
         logprobs = None
         if request.logprobs:
@@ -631,7 +562,7 @@ class AgentGateway:
             record = r.record.record(
                 call.plan, generation.tokens, generation.logprobs, generation.stopped, text, turn, reply, []
             )
-            self._cut_off(r, call, generation.stopped)
+            r.cut_off(call.cut, generation.stopped)
         finish = "stop" if generation.stopped else "length"
         tokens = [c.rendering.decode([t]) for t in record.completion_ids] if request.logprobs is not None else None
         logprobs = list(record.logprobs) if request.logprobs is not None else None
@@ -650,7 +581,7 @@ class AgentGateway:
             return response, completion_chunks(response, include_usage)
         return response, None
 
-    async def _sampled(self, call: _Call, r: _Rollout) -> Generation:
+    async def _sampled(self, call: _Call, r: LiveRollout) -> Generation:
         """The call's generation, once sampled. Raises the sampler's error (the call is released)."""
         try:
             return await call.future
@@ -661,7 +592,7 @@ class AgentGateway:
             raise
 
     @staticmethod
-    def _answerable(call: _Call, r: _Rollout) -> None:
+    def _answerable(call: _Call, r: LiveRollout) -> None:
         """Take the sampled call out of flight (lock held). Raises GatewayError 409 when the rollout ended
         while it was sampled (the call is released, not recorded)."""
         r.in_flight -= 1
@@ -676,7 +607,7 @@ class AgentGateway:
         tools: list[dict[str, Any]],
         request: ChatRequest | CompletionRequest,
         prompt_ids: list[int] | None = None,
-    ) -> tuple[_Call, _Rollout, _Collection]:
+    ) -> tuple[_Call, LiveRollout, _Collection]:
         """Plan the call, check its limits, and queue it for the token sampler (lock taken here)."""
         with self._lock:
             self.check_rollout(rollout_id)
@@ -733,14 +664,6 @@ class AgentGateway:
             c.calls.put(call)
             return call, r, c
 
-    @staticmethod
-    def _cut_off(r: _Rollout, call: _Call, stopped: bool) -> None:
-        """A turn that did not stop by itself within the run's limits ends the rollout, as in process: it is
-        answered, and later calls are refused (409); `token_cap` at `rollout.max_tokens_per_turn`,
-        `context_overflow` at the context window (lock held). A limit the agent set itself ends nothing."""
-        if not stopped and call.cut is not None and r.ended is None:
-            r.ended = call.cut
-
     def complete(self, rollout_id: str, body: Any, idempotency_key: str | None) -> dict[str, Any]:
         """`POST /rollouts/{id}/complete` (module docstring, step 3)."""
         request: CompleteRequest = validated(CompleteRequest, body)
@@ -748,7 +671,7 @@ class AgentGateway:
         reason = None if request.reason is None else request.reason[:MAX_REASON_CHARS]
         with self._lock:
             r = self._find(rollout_id)
-            repeat = self._repeat(r, token, ("complete", request.model_dump(exclude={"client_token"})))
+            repeat = r.repeat(token, ("complete", request.model_dump(exclude={"client_token"})))
             if repeat is not None:
                 return repeat
             if r.state == "done" and r.finish_reason == "timeout":
@@ -759,25 +682,13 @@ class AgentGateway:
                         409, f"rollout {rollout_id} was already completed ({r.completion})", code="ended"
                     )
             if request.reward is not None:
-                self._take_reward(r, request.reward, request.reward_components)
+                r.take_reward(request.reward, request.reward_components)
             if r.completion is None:
                 r.completion, r.fail_reason = request.status, reason
                 if request.status == "ready" and r.reward is None and self.reward_fn is None:
                     r.deadline = min(r.deadline, time.monotonic() + self.agent.reward_wait_s)
             self._settle(r)
-            return self._answer(r, token)
-
-    def _repeat(self, r: _Rollout, token: str | None, payload: object) -> dict[str, Any] | None:
-        """The first answer to a repeated client token; 409 when the token came with another request."""
-        if not token or token not in r.answers:
-            if token:
-                r.payloads[token] = payload
-            return None
-        if r.payloads.get(token) != payload:
-            raise GatewayError(
-                409, f"client_token {token!r} was used for another request on this rollout", code="token_reused"
-            )
-        return r.answers[token]
+            return r.answer(token, self.reward_fn is not None, self.agent.reward_wait_s)
 
     def reward(self, rollout_id: str, body: Any, idempotency_key: str | None) -> dict[str, Any]:
         """`POST /rollouts/{id}/reward` (module docstring, step 3)."""
@@ -785,51 +696,18 @@ class AgentGateway:
         token = request.client_token or idempotency_key
         with self._lock:
             r = self._find(rollout_id)
-            repeat = self._repeat(r, token, ("reward", request.model_dump(exclude={"client_token"})))
+            repeat = r.repeat(token, ("reward", request.model_dump(exclude={"client_token"})))
             if repeat is not None:
                 return repeat
             if r.state == "done" and r.finish_reason == "timeout":
                 raise GatewayError(409, f"rollout {rollout_id} timed out", code="ended")
-            self._take_reward(r, request.reward, request.reward_components)
+            r.take_reward(request.reward, request.reward_components)
             self._settle(r)
-            return self._answer(r, token)
-
-    def _take_reward(self, r: _Rollout, reward: float | list[float], components: Mapping[str, float] | None) -> None:
-        values = reward if isinstance(reward, list) else [reward]
-        if not all(math.isfinite(v) for v in values) or not all(math.isfinite(v) for v in (components or {}).values()):
-            raise GatewayError(400, "reward and reward_components must be finite numbers", param="reward")
-        if isinstance(reward, list) and len(reward) != len(r.record.calls):
-            raise GatewayError(
-                400,
-                f"a per-turn reward needs one value per model call: got {len(reward)} for "
-                f"{len(r.record.calls)} call(s)",
-                param="reward",
-            )
-        total = float(sum(values))
-        turns = [float(v) for v in reward] if isinstance(reward, list) else None
-        if r.reward is not None:
-            if (r.reward, r.turn_rewards, r.components) == (total, turns, dict(components or {})):
-                return  # the same reward again: harmless
-            raise GatewayError(409, f"rollout {r.record.rollout_id} already has a reward ({r.reward})", code="rewarded")
-        r.reward, r.turn_rewards, r.components = total, turns, dict(components or {})
-
-    def _answer(self, r: _Rollout, token: str | None) -> dict[str, Any]:
-        answer = {
-            "rollout_id": r.record.rollout_id,
-            "completion": r.completion,
-            "reward": r.reward,
-            "state": r.state,
-            "finish_reason": r.finish_reason,
-        }
-        if r.state != "done" and r.completion == "ready" and r.reward is None and self.reward_fn is None:
-            answer["waiting_for"] = f"the reward (POST .../reward within {self.agent.reward_wait_s} s)"
-        if token:
-            r.answers[token] = answer
-        return answer
+            return r.answer(token, self.reward_fn is not None, self.agent.reward_wait_s)
 
     # -- episodes ---------------------------------------------------------------------------------------
 
-    def _episodes(self, r: _Rollout, c: _Collection, run_id: str, iteration: int) -> list[Episode]:
+    def _episodes(self, r: LiveRollout, c: _Collection, run_id: str, iteration: int) -> list[Episode]:
         reason, note = r.finish_reason or "env_error", r.env_error
         reward, components, turn_rewards = r.reward or 0.0, r.components, r.turn_rewards
         if self.reward_fn is not None and reason not in ("env_error", "timeout"):
@@ -855,7 +733,7 @@ class AgentGateway:
             e.attempts = r.attempts
         return episodes
 
-    def _judge(self, r: _Rollout, c: _Collection) -> tuple[float, dict[str, float]]:
+    def _judge(self, r: LiveRollout, c: _Collection) -> tuple[float, dict[str, float]]:
         recorded = RecordedRollout(
             rollout_id=r.record.rollout_id,
             calls=list(r.record.calls),

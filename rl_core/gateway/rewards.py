@@ -1,7 +1,7 @@
 """Turnstile-side reward functions for agent rollouts (`rollout.agent.reward_fn`).
 
 A reward function is `package.module:function` taking `(rollout, task)`: the `RecordedRollout`
-(rl_core/gateway/collection.py: the calls, the final messages, each call's parsed turn, the environment the
+(rl_core/gateway/outcome.py: the calls, the final messages, each call's parsed turn, the environment the
 task came from) and the `Task`; it returns the reward, or `(reward, components)` (finite floats). It runs in
 the collecting process after the agent completed the rollout, for agents that should not judge themselves.
 """
