@@ -29,11 +29,16 @@ schemas, `tool_system_prompt()` is the procedure without the action syntax, and
 answer: it ends the episode, and calls after it in the turn are not run). A turn with no tool
 call, or whose tool-call syntax did not parse, gets an error result and the episode goes on.
 The same tool call gives the same observation and the same answer the same reward in both forms.
+
+`ProcedureSession` (both turn forms, the final answer and its scoring), `render_system_prompt`,
+`tool_system_prompt` and `answer_tool_schema` are shared with the SOP-Bench-format environments
+(rl_core/environments/sopbench.py), which run their tools through a Python manager class instead.
 """
 
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +127,23 @@ def score_answer(
     return correct / len(answer_fields) + penalty, components
 
 
-class SOPSession(EnvSession):
-    """One episode of one task. Stepping after the final answer is a caller bug (raises)."""
+class ProcedureSession(EnvSession):
+    """An episode in the action protocol every procedure environment shares: tool calls until a final answer
+    whose fields are scored by `score_answer`, in both turn forms (text `CALL`/`ANSWER` through `step`,
+    native tool calls with `submit_answer` through `respond`; the module docstring).
 
-    def __init__(self, domain: SOPDomain, task: Task):
-        self._domain = domain
+    A subclass runs the tool calls (`_call`: an unknown tool, bad arguments or a failed call is an error
+    observation with tool_ok False, never an exception). Stepping after the final answer is a caller bug
+    (raises RuntimeError)."""
+
+    def __init__(self, answer_fields: tuple[str, ...], task: Task):
+        self._answer_fields = answer_fields
         self._task = task
         self._final: tuple[float, dict[str, float]] | None = None
+
+    @abstractmethod
+    def _call(self, call: ToolCall) -> StepResult:
+        """Run one tool call (not `submit_answer`) and return its observation."""
 
     def step(self, action_text: str) -> StepResult:
         if self._final is not None:
@@ -139,7 +154,7 @@ class SOPSession(EnvSession):
         if isinstance(action, ToolCall):
             return self._call(action)
         assert isinstance(action, FinalAnswer)
-        self._final = score_answer(self._domain.answer_fields, self._task.expected, action.fields)
+        self._final = score_answer(self._answer_fields, self._task.expected, action.fields)
         reward, components = self._final
         return StepResult(
             observation=None, done=True, reward=reward, reward_components=dict(components), finish_reason="answered"
@@ -178,7 +193,7 @@ class SOPSession(EnvSession):
             if not isinstance(value, str):
                 reason = f"answer value for {key!r} must be a string"
                 return StepResult(observation=error_content(reason), tool_name=ANSWER_TOOL, tool_ok=False)
-        self._final = score_answer(self._domain.answer_fields, self._task.expected, dict(call.arguments))
+        self._final = score_answer(self._answer_fields, self._task.expected, dict(call.arguments))
         reward, components = self._final
         return StepResult(
             observation=None, done=True, reward=reward, reward_components=dict(components), finish_reason="answered"
@@ -187,7 +202,15 @@ class SOPSession(EnvSession):
     def finish(self) -> tuple[float, dict[str, float]]:
         if self._final is not None:
             return self._final[0], dict(self._final[1])
-        return score_answer(self._domain.answer_fields, self._task.expected, None)
+        return score_answer(self._answer_fields, self._task.expected, None)
+
+
+class SOPSession(ProcedureSession):
+    """One episode of one task of a fixture-backed SOP domain."""
+
+    def __init__(self, domain: SOPDomain, task: Task):
+        super().__init__(domain.answer_fields, task)
+        self._domain = domain
 
     def _call(self, call: ToolCall) -> StepResult:
         tool = self._domain.tools.get(call.tool)
@@ -208,7 +231,8 @@ class SOPEnvironment(Environment):
     def __init__(self, domain: SOPDomain | str | Path):
         self.domain = domain if isinstance(domain, SOPDomain) else SOPDomain.load(Path(domain))
         self.name = self.domain.name
-        self._system_prompt = _render_system_prompt(self.domain)
+        tools = [ToolSchema(tool.name, tool.description, tool.parameters) for tool in self.domain.tools.values()]
+        self._system_prompt = render_system_prompt(self.domain.procedure_text, tools, self.domain.answer_fields)
 
     def system_prompt(self) -> str:
         return self._system_prompt
@@ -216,14 +240,11 @@ class SOPEnvironment(Environment):
     def tools(self) -> list[dict[str, Any]]:
         """The domain's tools and `submit_answer` (the answer fields, strings), as OpenAI function schemas."""
         schemas = [ToolSchema(tool.name, tool.description, tool.parameters) for tool in self.domain.tools.values()]
-        fields = self.domain.answer_fields
-        answer = {"type": "object", "properties": {f: {"type": "string"} for f in fields}, "required": list(fields)}
-        schemas.append(ToolSchema(ANSWER_TOOL, "Give the final answer; this ends the task.", answer))
-        return [schema.as_openai() for schema in schemas]
+        return [schema.as_openai() for schema in [*schemas, answer_tool_schema(self.domain.answer_fields)]]
 
     def tool_system_prompt(self) -> str:
         """The procedure, for a policy that sees the tools as schemas and answers with `submit_answer`."""
-        return f"{self.domain.procedure_text}\nWhen you know the answer, call {ANSWER_TOOL} with it."
+        return tool_system_prompt(self.domain.procedure_text)
 
     def tasks(self, split: str) -> list[Task]:
         if split not in self.domain.splits:
@@ -239,14 +260,29 @@ class SOPEnvironment(Environment):
         return SOPSession(self.domain, task)
 
 
-def _render_system_prompt(domain: SOPDomain) -> str:
-    tools = [f"{tool.name}({', '.join(tool.argument_names)}): {tool.description}" for tool in domain.tools.values()]
-    answer = ", ".join(f'"{field}": "..."' for field in domain.answer_fields)
+def answer_tool_schema(answer_fields: tuple[str, ...]) -> ToolSchema:
+    """`submit_answer`: the native form of `ANSWER {...}`; its parameters are the answer fields, all strings and
+    all required."""
+    properties = {field: {"type": "string"} for field in answer_fields}
+    parameters = {"type": "object", "properties": properties, "required": list(answer_fields)}
+    return ToolSchema(ANSWER_TOOL, "Give the final answer; this ends the task.", parameters)
+
+
+def tool_system_prompt(procedure_text: str) -> str:
+    """The system prompt for a policy that calls the tools natively: the procedure, then how to answer."""
+    return f"{procedure_text}\nWhen you know the answer, call {ANSWER_TOOL} with it."
+
+
+def render_system_prompt(procedure_text: str, tools: list[ToolSchema], answer_fields: tuple[str, ...]) -> str:
+    """The text-format system prompt: the procedure, one line per tool (`name(arguments): description`, the
+    arguments being the names in its JSON schema's `properties`), and the CALL / ANSWER syntax."""
+    lines = [f"{t.name}({', '.join(t.parameters.get('properties', {}))}): {t.description}" for t in tools]
+    answer = ", ".join(f'"{field}": "..."' for field in answer_fields)
     return "\n".join(
         [
-            domain.procedure_text,
+            procedure_text,
             "Tools:",
-            *tools,
+            *lines,
             "Reply with one action per turn:",
             'CALL <tool> {"<arg>": "<value>"}',
             f"ANSWER {{{answer}}}",
