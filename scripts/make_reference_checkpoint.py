@@ -76,7 +76,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     envs = [load_environment(name) for name in DOMAINS]
     tokenizer = build_tokenizer(tokenizer_corpus(envs), vocab_size=args.vocab_size)
-    model = build_tiny_model(tokenizer, max_positions=1024, seed=args.seed)
+    # RoPE has no learned position weights: the limit is config only. 8192 fits the long procedure of the
+    # SOP-Bench-format domain (data/sopbench/appliance_warranty, data/configs/sopbench.yaml).
+    model = build_tiny_model(tokenizer, max_positions=8192, seed=args.seed)
     policy = Policy(model=model, tokenizer=tokenizer, chat=chat_format("turnstile", tokenizer))
     examples = demonstrations(policy, envs, args.demos_per_task, args.mistake_rate, args.seed)
     lengths = sorted(len(t) for t, _ in examples)
