@@ -4,14 +4,14 @@
 `tracking.registered_model` the `champion` (the old champion becomes `previous`):
 - by hand (`gate` off, the default): unconditionally, recorded on the version as the decision
   `promoted` with the reason given;
-- gated (`gate` on): the version is evaluated now on the config's held-out tasks (greedy, as a
-  `turnstile-evaluate` subflow run) and compared with the champion's pass@1 on the same tasks
-  (its recorded score when it was measured on that task set, else re-evaluated the same way);
-  `gate.*` of the config decides, and the decision and its reasons are recorded either way.
+- gated (`gate` on): the version is evaluated now on the gate part of the config's held-out tasks
+  (greedy, as a `turnstile-evaluate` subflow run), and so is the champion (with none yet: the
+  config's starting policy); `gate.*` of the config decides (rl_core/gate.py), and the decision,
+  its reasons and every number are recorded either way.
 Promoting the current champion changes nothing. Either way the promotion is compare-and-set on
 the champion the decision was made against (tasks/promote.py): when another promotion or a
 rollback changed the champion in between, the version is decided again against the new one
-(gated: its pass@1 on the same tasks; by hand: the same request, now replacing the new
+(gated: its evaluation on the same gate tasks; by hand: the same request, now replacing the new
 champion) and the reasons say so.
 
 `rollback_flow` ("turnstile-rollback") makes `previous` the champion again (the demoted
@@ -35,8 +35,9 @@ from pydantic.json_schema import SkipJsonSchema
 from flows.evaluate import EvaluateSettings, evaluate_flow
 from flows.parameters import RunSettings
 from rl_core.config import RunConfig
+from rl_core.evaluation import EvalReport
 from rl_core.gate import GateDecision
-from tasks.gate import champion_pass_at_1, gate_candidate
+from tasks.gate import gate_baseline, gate_candidate
 from tasks.promote import (
     champion_version_task,
     promote_task,
@@ -54,15 +55,21 @@ class RegistrySettings(RunSettings):
 
     run_id: SkipJsonSchema[None] = Field(None, exclude=True)
 
-    def evaluation(self, version: int) -> EvaluateSettings:
-        """Settings for a greedy held-out evaluation of registry `version` on the same config."""
+    def evaluation(self, model: str) -> EvaluateSettings:
+        """Settings for a greedy evaluation of `model` (an evaluate flow model spec: "start", "version:N") on the
+        gate part of the config's held-out tasks."""
         return EvaluateSettings(
             config_path=self.config_path,
             run_dir=self.run_dir,
             overrides=list(self.overrides),
-            version=version,
+            models=[model],
             samples=False,
+            part="gate",
         )
+
+    def gate_report(self, model: str) -> EvalReport:
+        """`model`'s greedy evaluation of the gate tasks, made now as a `turnstile-evaluate` subflow run."""
+        return EvalReport.from_dict(evaluate_flow(self.evaluation(model))["models"][0]["report"])
 
 
 class PromoteSettings(RegistrySettings):
@@ -74,8 +81,9 @@ class PromoteSettings(RegistrySettings):
     gate: bool = Field(
         False,
         description="Gate it first: evaluate it now and promote only "
-        "if it passes the config's gate (gate.min_pass_at_1, "
-        "and beating the champion on the same tasks when gate.require_improvement). Off: promote it unconditionally.",
+        "if it passes the config's gate on the gate tasks (gate.*: the floor, truncation and error limits, no "
+        "environment regressing beyond gate.env_tolerance, and an improvement over the champion shown by an exact "
+        "McNemar test). Off: promote it unconditionally.",
     )
     reason: str | None = Field(None, description="Why: recorded on the version with the decision.")
 
@@ -89,20 +97,23 @@ class RollbackSettings(RegistrySettings):
 def _gated_decider(
     settings: PromoteSettings, cfg: RunConfig, registered: RegistryVersion
 ) -> Callable[[], GateDecision]:
-    """Evaluate the version once; return a function that gates it against the champion of the moment."""
-    candidate = evaluate_flow(settings.evaluation(settings.version))
+    """Evaluate the version once on the gate tasks; return a function that gates it against the champion of the
+    moment (evaluated on the same tasks), or the starting policy when there is no champion."""
+    candidate = settings.gate_report(f"version:{registered.version}")
 
     def decide_now() -> GateDecision:
-        champion_version, champion = champion_pass_at_1(
+        champion_version, name, baseline = gate_baseline(
             cfg,
             registered.version,
-            candidate["eval_tasks_hash"],
-            lambda held: evaluate_flow(settings.evaluation(int(held.version)))["pass_at_1"],
+            candidate,
+            lambda: settings.gate_report("start"),
+            lambda held: settings.gate_report(f"version:{held.version}"),
         )
         decision = gate_candidate(
-            candidate["pass_at_1"],
-            champion,
+            candidate,
+            baseline,
             cfg.gate,
+            baseline_name=name,
             champion_version=champion_version,
             label=f"version {registered.version}",
         )

@@ -112,11 +112,18 @@ class PrefectStages:
         logger = get_run_logger()
         (logger.warning if warning else logger.info)(message)
 
-    def champion_pass_at_1(self, champion: Champion) -> float:
-        """The champion's held-out pass@1 on this run's tasks (downloaded and evaluated greedily)."""
+    def champion_gate_report(self, champion: Champion) -> EvalReport:
+        """The champion's greedy evaluation of this run's gate tasks (downloaded and evaluated now)."""
         with tempfile.TemporaryDirectory(prefix="turnstile-champion-") as scratch:
             folder = download_champion_task(self.run.cfg, scratch)
-            return evaluate_checkpoint_task(self.run.evaluator, str(folder)).pass_at_1
+            return evaluate_checkpoint_task(self.run.evaluator, str(folder), part="gate")
+
+    def starting_gate_report(self, before: EvalReport | None) -> EvalReport:
+        """The starting policy's greedy evaluation of the gate tasks: from its step-0 evaluation, or made now when
+        that record keeps no per-task outcomes (written by an older Turnstile)."""
+        if before is not None and before.outcomes:
+            return before.part("gate")
+        return evaluate_checkpoint_task(self.run.evaluator, self.run.cfg.resolved_policy_path(), part="gate")
 
 
 @flow(name="turnstile-train")
@@ -142,7 +149,13 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
         result = TrainingLoop(run, stages).run_iterations()
         best, decision = None, None
         if result.candidates:
-            best, decision = gate_run(run.cfg, run.ledger, result.candidates, stages.champion_pass_at_1)
+            best, decision = gate_run(
+                run.cfg,
+                run.ledger,
+                result.candidates,
+                lambda: stages.starting_gate_report(result.before),
+                stages.champion_gate_report,
+            )
         else:
             logger.warning("No candidate to gate: %s.", no_candidate_reason(result.records))
         publish_findings_task(run.run_id, result.findings, result.stopped)

@@ -1,11 +1,12 @@
 """Gate stage: decide whether a candidate may replace the champion, log it, publish it, and promote.
 
-The rules are `rl_core.gate.decide` (pure). `gate_candidate` is the Prefect task: it decides, logs
-the decision and publishes it as a markdown artifact (key `gate-decision`). A decision is not a
-fault, so it never retries, and it is never cached (each gate publishes its own artifact).
-`champion_pass_at_1` is the champion's score on the candidate's tasks (re-evaluated by the
-caller's function when it was measured on other tasks); `gate_run` gates a training run's best
-candidate once and promotes it by compare-and-set, re-applying a recorded decision on a re-run.
+The rules are `rl_core.gate.decide` (pure). `gate_candidate` is the Prefect task: it decides on the
+candidate's and the baseline's greedy evaluations of the gate tasks, logs the decision and publishes it as
+a markdown artifact (key `gate-decision`). A decision is not a fault, so it never retries, and it is never
+cached (each gate publishes its own artifact). The baseline is the registry champion, re-evaluated on the
+candidate's gate tasks (`gate_baseline`), or, with no champion yet, the starting policy. `gate_run` gates a
+training run's best candidate once and promotes it by compare-and-set, re-applying a recorded decision on a
+re-run.
 """
 
 from __future__ import annotations
@@ -17,27 +18,34 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from rl_core.config import GateConfig, RunConfig
-from rl_core.gate import Candidate, GateDecision, GateRecord, best_candidate, decide, recorded_decision
+from rl_core.evaluation import EvalReport
+from rl_core.gate import (
+    STARTING_POLICY,
+    Candidate,
+    GateDecision,
+    GateRecord,
+    best_candidate,
+    decide,
+    recorded_decision,
+)
 from rl_core.runs.ledger import RunLedger
 from tasks.promote import Champion, PromotionResult, champion_task, promote_task, settle_promotion
-from tasks.tracking import task_set_hash
 
 
 @task(name="gate-candidate", cache_policy=NONE)
 def gate_candidate(
-    candidate_pass_at_1: float,
-    champion_pass_at_1: float | None,
+    candidate: EvalReport,
+    baseline: EvalReport | None,
     cfg: GateConfig,
     *,
-    same_tasks: bool = True,
+    baseline_name: str | None = None,
     champion_version: str | None = None,
     label: str = "candidate",
 ) -> GateDecision:
-    """Decide (`rl_core.gate.decide`), log the decision with its reasons and publish it as the
-    `gate-decision` artifact. `champion_version`: the registry version whose pass@1 `champion_pass_at_1` is."""
-    decision = decide(
-        candidate_pass_at_1, champion_pass_at_1, cfg, same_tasks=same_tasks, champion_version=champion_version
-    )
+    """Decide (`rl_core.gate.decide`) on the candidate's and the baseline's greedy evaluations of the same gate
+    tasks, log the decision with its reasons and publish it as the `gate-decision` artifact.
+    `champion_version`: the registry version holding `champion` when deciding (None: none)."""
+    decision = decide(candidate, baseline, cfg, baseline_name=baseline_name, champion_version=champion_version)
     get_run_logger().info("gate: %s %s (%s)", label, decision.outcome, "; ".join(decision.reasons))
     create_markdown_artifact(
         key="gate-decision",
@@ -47,39 +55,50 @@ def gate_candidate(
     return decision
 
 
-def champion_pass_at_1(
-    cfg: RunConfig, candidate_version: str | None, eval_tasks_hash: str, evaluate: Callable[[Champion], float]
-) -> tuple[str | None, float | None]:
-    """The champion's registry version and its held-out pass@1 on the candidate's tasks: the recorded
-    score when it was measured on the same task set (`eval_tasks_hash`) or is the candidate itself,
-    else `evaluate(champion)`. (None, None) without a champion."""
-    champion, champion_tasks = champion_task(cfg)
+def gate_baseline(
+    cfg: RunConfig,
+    candidate_version: str | None,
+    candidate: EvalReport,
+    starting: Callable[[], EvalReport],
+    evaluate_champion: Callable[[Champion], EvalReport],
+) -> tuple[str | None, str, EvalReport]:
+    """What the candidate must beat, on its gate tasks: (champion version or None, the baseline's name, its
+    greedy evaluation of the gate tasks). The champion is evaluated now (`evaluate_champion`) unless it is the
+    candidate itself (`candidate` stands for it); with no champion, the starting policy (`starting()`)."""
+    champion, _ = champion_task(cfg)
     if champion is None:
-        return None, None
-    if champion.version == candidate_version or champion_tasks == eval_tasks_hash:
-        return champion.version, champion.pass_at_1
-    return champion.version, evaluate(champion)
+        return None, STARTING_POLICY, starting()
+    name = f"champion version {champion.version}"
+    if champion.version == candidate_version:
+        return champion.version, name, candidate
+    return champion.version, name, evaluate_champion(champion)
 
 
 def gate_run(
-    cfg: RunConfig, ledger: RunLedger, candidates: Sequence[Candidate], evaluate: Callable[[Champion], float]
+    cfg: RunConfig,
+    ledger: RunLedger,
+    candidates: Sequence[Candidate],
+    starting: Callable[[], EvalReport],
+    evaluate_champion: Callable[[Champion], EvalReport],
 ) -> tuple[Candidate, GateDecision]:
-    """Gate the run's best candidate (`best_candidate`; `candidates` not empty) once, and promote it by
-    compare-and-set on the champion.
+    """Gate the run's best candidate (`best_candidate`, chosen on the selection part; `candidates` not empty)
+    once on the gate part, and promote it by compare-and-set on the champion.
 
-    The decision is recorded (gate.json, with the champion version it was made against) before
-    it is applied; a re-run re-applies the recorded decision (`recorded_decision`), through the same
-    compare-and-set. When the champion changed since the decision (another run promoted, or a
-    rollback), the candidate is decided again against the new champion (`settle_promotion`), and that
-    decision is recorded and applied instead. `evaluate(champion)`: its pass@1 on the run's tasks."""
+    `starting()`: the starting policy's greedy evaluation of the gate part (the baseline with no champion);
+    `evaluate_champion(champion)`: the champion's. The decision is recorded (gate.json, with the champion
+    version it was made against) before it is applied; a re-run re-applies the recorded decision
+    (`recorded_decision`), through the same compare-and-set. When the champion changed since the decision
+    (another run promoted, or a rollback), the candidate is decided again against the new champion
+    (`settle_promotion`), and that decision is recorded and applied instead. Raises ValueError when the
+    candidate's evaluation record keeps no per-task outcomes (written by an older Turnstile)."""
     best = best_candidate(candidates)
     label = f"version {best.version} (step {best.step})"
 
     def decide_now() -> GateDecision:
-        tasks_hash = task_set_hash(best.report.task_success)
-        champion_version, champion_score = champion_pass_at_1(cfg, best.version, tasks_hash, evaluate)
+        gate_report = best.report.part("gate")
+        champion_version, name, baseline = gate_baseline(cfg, best.version, gate_report, starting, evaluate_champion)
         return gate_candidate(
-            best.report.pass_at_1, champion_score, cfg.gate, champion_version=champion_version, label=label
+            gate_report, baseline, cfg.gate, baseline_name=name, champion_version=champion_version, label=label
         )
 
     def record_and_promote(decision: GateDecision) -> PromotionResult:

@@ -20,8 +20,8 @@ import pytest
 from mlflow import MlflowClient
 
 from rl_core.config import GateConfig, RunConfig
-from rl_core.evaluation import EvalReport
-from rl_core.gate import GateDecision, decide
+from rl_core.evaluation import EvalReport, TaskOutcome
+from rl_core.gate import GateDecision, decide_simple
 from rl_core.runs import records as run_records
 from tasks.promote import PromotionResult, promote, rollback, settle_promotion
 from tasks.promotion_lock import PromotionLockTimeout, promotion_lock, promotion_lock_path
@@ -40,7 +40,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy i
 
 MODEL = "policy-under-race"
 EVAL_TASKS = {"refunds/r-001": True, "refunds/r-002": False, "inventory/i-001": True}
-GATE = GateConfig(min_pass_at_1=0.0, require_improvement=True)
+GATE = GateConfig(rule="simple", min_pass_at_1=0.0, require_improvement=True)  # these tests are about the race
+SOLVED = {"1": 3, "2": 4, "3": 5}  # gate tasks (of 10) each registry version solves: pass@1 0.30, 0.40, 0.50
+
+
+def gate_report(solved: int, tasks: int = 10) -> EvalReport:
+    """A greedy evaluation of `tasks` gate tasks, the first `solved` of them solved."""
+    outcomes = [TaskOutcome("refunds", f"r-{i:03d}", i < solved, float(i < solved), "answered") for i in range(tasks)]
+    return EvalReport.from_outcomes(outcomes, gate_tasks=[o.key for o in outcomes])
+
+
 CHANGED_1_TO_3 = "the champion changed from version 1 to version 3 during the gate; decided again against version 3"
 
 
@@ -73,7 +82,7 @@ def registry(cfg, client, tmp_path) -> dict[str, str]:
         lineage = {"pass_at_1": score, "eval_tasks_hash": task_set_hash(EVAL_TASKS)}
         versions[label] = register_checkpoint(client, cfg, folder, tracker.mlflow_run_id, lineage)
     assert versions == {"v1": "1", "v2": "2", "v3": "3"}
-    first = decide(0.30, None, GATE)
+    first = decide_simple(0.30, None, GATE)
     assert promote(client, MODEL, "1", first, None).applied
     return versions
 
@@ -92,7 +101,7 @@ def decide_against_current(client, candidate: float):
 
     def decide_again() -> GateDecision:
         current = champion(client, MODEL)
-        return decide(candidate, current.pass_at_1, GATE, champion_version=current.version)
+        return decide_simple(candidate, current.pass_at_1, GATE, champion_version=current.version)
 
     return decide_again
 
@@ -105,8 +114,8 @@ def apply_with(client, version: str):
 
 
 def test_a_decision_made_against_a_replaced_champion_is_made_again_and_rejected(client, registry):
-    decision_a = decide(0.40, 0.30, GATE, champion_version="1")  # run A decides against v1 ...
-    decision_b = decide(0.50, 0.30, GATE, champion_version="1")  # ... so does run B,
+    decision_a = decide_simple(0.40, 0.30, GATE, champion_version="1")  # run A decides against v1 ...
+    decision_b = decide_simple(0.50, 0.30, GATE, champion_version="1")  # ... so does run B,
     assert decision_a.promote and decision_b.promote
     assert promote(client, MODEL, "3", decision_b, "1") == PromotionResult(True, "3", "1")  # and B promotes first
 
@@ -117,7 +126,7 @@ def test_a_decision_made_against_a_replaced_champion_is_made_again_and_rejected(
 
     final, result = settle_promotion(apply_with(client, "2"), decide_against_current(client, 0.40), decision_a)
     assert result == PromotionResult(True, "3", "3")
-    assert not final.promote and final.champion_version == "3" and final.champion_pass_at_1 == 0.50
+    assert not final.promote and final.champion_version == "3" and final.baseline_pass_at_1 == 0.50
     assert final.reasons[0] == CHANGED_1_TO_3
     assert "it is worse than the champion's pass@1 0.500 by 0.100" in final.reasons
     assert aliases(client) == {CHAMPION_ALIAS: "3", PREVIOUS_ALIAS: "1"}  # the better model stays in service
@@ -125,11 +134,13 @@ def test_a_decision_made_against_a_replaced_champion_is_made_again_and_rejected(
 
 
 def test_a_candidate_that_still_beats_the_new_champion_is_promoted_over_it(client, registry):
-    decision_a = decide(0.60, 0.30, GATE, champion_version="1")  # A (0.60) decided against v1
-    assert promote(client, MODEL, "3", decide(0.50, 0.30, GATE, champion_version="1"), "1").applied  # B promotes v3
+    decision_a = decide_simple(0.60, 0.30, GATE, champion_version="1")  # A (0.60) decided against v1
+    assert promote(
+        client, MODEL, "3", decide_simple(0.50, 0.30, GATE, champion_version="1"), "1"
+    ).applied  # B promotes v3
 
     final, result = settle_promotion(
-        apply_with(client, "2"), lambda: decide(0.60, 0.50, GATE, champion_version="3"), decision_a
+        apply_with(client, "2"), lambda: decide_simple(0.60, 0.50, GATE, champion_version="3"), decision_a
     )
     assert result == PromotionResult(True, "2", "3")
     assert final.promote and final.reasons[0] == CHANGED_1_TO_3
@@ -145,7 +156,7 @@ def test_a_champion_that_keeps_changing_leaves_the_candidate_unpromoted_after_th
     def decide_then_overtaken() -> GateDecision:
         decision = decide_against_current(client, 0.95)()
         current = aliases(client)[CHAMPION_ALIAS]  # another run moves the champion right after every decision
-        assert promote(client, MODEL, next(moves), decide(0.9, None, GATE), current).applied
+        assert promote(client, MODEL, next(moves), decide_simple(0.9, None, GATE), current).applied
         return decision
 
     final, result = settle_promotion(
@@ -159,7 +170,7 @@ def test_a_champion_that_keeps_changing_leaves_the_candidate_unpromoted_after_th
 
 
 def test_repeating_an_applied_promotion_changes_nothing(client, registry):
-    decision = decide(0.40, 0.30, GATE, champion_version="1")
+    decision = decide_simple(0.40, 0.30, GATE, champion_version="1")
     assert promote(client, MODEL, "2", decision, "1").applied
     assert promote(client, MODEL, "2", decision, "1") == PromotionResult(True, "2", "1")  # a retry after a crash
     assert aliases(client) == {CHAMPION_ALIAS: "2", PREVIOUS_ALIAS: "1"}
@@ -189,7 +200,7 @@ def test_two_promotions_racing_for_the_lock_apply_one_after_the_other(cfg, regis
     def run(label: str, version: str, score: float) -> None:
         try:
             client = MlflowClient(tracking_uri(cfg))
-            decision = decide(score, 0.30, GATE, champion_version="1")
+            decision = decide_simple(score, 0.30, GATE, champion_version="1")
 
             def apply(d: GateDecision) -> PromotionResult:
                 result = promote(client, MODEL, version, d, d.champion_version)
@@ -261,7 +272,7 @@ def train_run(cfg, tmp_path) -> tuple[SimpleNamespace, SimpleNamespace]:
 
     run_dir = tmp_path / "runs" / "run-a"
     run_dir.mkdir(parents=True, exist_ok=True)
-    report = EvalReport(metrics={"val/pass_at_1": 0.40}, task_success=dict(EVAL_TASKS))
+    report = gate_report(SOLVED["2"])
     return SimpleNamespace(cfg=cfg, run_dir=run_dir), SimpleNamespace(
         candidates=[Candidate(report=report, version="2", step=2)]
     )
@@ -272,10 +283,14 @@ def _gate(run, progress):
     import tasks.gate as gate
     from rl_core.runs.ledger import RunLedger
 
-    def no_evaluation(champion):
-        raise AssertionError("the champion was measured on the same tasks: no re-evaluation")
+    def starting():
+        raise AssertionError("there is a champion: the starting policy is not the baseline")
 
-    return gate.gate_run(run.cfg, RunLedger(run.run_dir, lambda iteration: False), progress.candidates, no_evaluation)
+    def evaluate_champion(champion):
+        return gate_report(SOLVED[champion.version])
+
+    ledger = RunLedger(run.run_dir, lambda iteration: False)
+    return gate.gate_run(run.cfg, ledger, progress.candidates, starting, evaluate_champion)
 
 
 def test_train_gate_decides_again_when_another_run_promotes_between_its_decision_and_its_promotion(
@@ -292,7 +307,7 @@ def test_train_gate_decides_again_when_another_run_promotes_between_its_decision
         decision = real_gate_candidate(*args, **kwargs)
         calls.append(decision)
         if len(calls) == 1:  # run B promotes v3 right after A decided against v1
-            assert promote(client, MODEL, "3", decide(0.50, 0.30, GATE, champion_version="1"), "1").applied
+            assert promote(client, MODEL, "3", decide_simple(0.50, 0.30, GATE, champion_version="1"), "1").applied
         return decision
 
     monkeypatch.setattr(gate, "gate_candidate", gate_then_race)
@@ -318,9 +333,9 @@ def test_a_resumed_run_reapplying_its_recorded_decision_goes_through_compare_and
     from prefect import flow
 
     run, progress = train_run(cfg, tmp_path)
-    decided = decide(0.40, 0.30, GATE, champion_version="1")
+    decided = decide_simple(0.40, 0.30, GATE, champion_version="1")
     run_records.save_gate(run.run_dir, {"version": "2", "step": 2, "decision": decided.as_dict()})
-    assert promote(client, MODEL, "3", decide(0.50, 0.30, GATE, champion_version="1"), "1").applied
+    assert promote(client, MODEL, "3", decide_simple(0.50, 0.30, GATE, champion_version="1"), "1").applied
 
     @flow
     def resume_gate():
@@ -342,7 +357,7 @@ def test_a_resumed_run_reapplying_its_recorded_decision_goes_through_compare_and
 def promote_settings(cfg, version: int, gate: bool):
     from flows.promote import PromoteSettings
 
-    overrides = [f"tracking.registered_model={MODEL}", "gate.min_pass_at_1=0.0", "gate.require_improvement=true"]
+    overrides = [f"tracking.registered_model={MODEL}", "gate.rule=simple", "gate.min_pass_at_1=0.0"]
     return PromoteSettings(run_dir=cfg.storage.run_dir, overrides=overrides, version=version, gate=gate)
 
 
@@ -351,11 +366,12 @@ def test_gated_promote_flow_decides_again_when_the_champion_changes_under_it(
 ):
     import flows.promote as promote_module
 
-    monkeypatch.setattr(
-        promote_module,
-        "evaluate_flow",
-        lambda settings: {"pass_at_1": 0.40, "eval_tasks_hash": task_set_hash(EVAL_TASKS)},
-    )
+    def evaluate_flow(settings):
+        (model,) = settings.models
+        assert settings.part == "gate" and not settings.samples
+        return {"models": [{"model": model, "report": gate_report(SOLVED[model.removeprefix("version:")]).to_dict()}]}
+
+    monkeypatch.setattr(promote_module, "evaluate_flow", evaluate_flow)
     real_gate_candidate = promote_module.gate_candidate
     calls = []
 
@@ -363,7 +379,7 @@ def test_gated_promote_flow_decides_again_when_the_champion_changes_under_it(
         decision = real_gate_candidate(*args, **kwargs)
         calls.append(decision)
         if len(calls) == 1:
-            assert promote(client, MODEL, "3", decide(0.50, 0.30, GATE, champion_version="1"), "1").applied
+            assert promote(client, MODEL, "3", decide_simple(0.50, 0.30, GATE, champion_version="1"), "1").applied
         return decision
 
     monkeypatch.setattr(promote_module, "gate_candidate", gate_then_race)

@@ -16,7 +16,7 @@ from rl_core.gate import (
     GateDecision,
     GateRecord,
     best_candidate,
-    decide,
+    decide_simple,
     no_candidate_reason,
     recorded_decision,
 )
@@ -291,9 +291,9 @@ def test_record_gate_writes_only_a_different_decision(tmp_path, monkeypatch):
         ledger_module, "save_gate", lambda run_dir, data: writes.append(data) or save_gate(run_dir, data)
     )
     ledger = RunLedger(tmp_path, batch_committed=lambda k: False)
-    first = GateRecord("3", 2, decide(0.7, None, GateConfig()))
+    first = GateRecord("3", 2, decide_simple(0.7, None, GateConfig()))
     ledger.record_gate(first)
-    ledger.record_gate(GateRecord("3", 2, decide(0.7, None, GateConfig())))
+    ledger.record_gate(GateRecord("3", 2, decide_simple(0.7, None, GateConfig())))
     assert writes == [first.to_dict()]
     assert json.loads((tmp_path / "gate.json").read_text()) == first.to_dict()
     fresh = RunLedger(tmp_path, batch_committed=lambda k: False)
@@ -322,7 +322,7 @@ def test_best_candidate_is_the_highest_pass_at_1_and_the_latest_step_on_ties():
 
 
 def test_recorded_decision_is_reapplied_only_for_the_same_version():
-    decision = decide(0.7, 0.5, GateConfig(), champion_version="2")
+    decision = decide_simple(0.7, 0.5, GateConfig(), champion_version="2")
     record = GateRecord("3", 4, decision)
     assert recorded_decision(record, candidate(0.7, 4, "3")) == decision
     assert recorded_decision(record, candidate(0.7, 4, "4")) is None
@@ -334,11 +334,11 @@ def test_recorded_decision_is_reapplied_only_for_the_same_version():
 
 
 def test_gate_decision_round_trip():
-    decision = decide(0.4, 0.5, GateConfig(min_pass_at_1=0.3), champion_version="2")
+    decision = decide_simple(0.4, 0.5, GateConfig(min_pass_at_1=0.3), champion_version="2")
     data = decision.as_dict()
     assert data["outcome"] == "rejected" and data["champion_version"] == "2"
     assert GateDecision.from_dict(data) == decision
-    promoted = decide(0.6, None, GateConfig())
+    promoted = decide_simple(0.6, None, GateConfig())
     assert GateDecision.from_dict(promoted.as_dict()) == promoted
     assert promoted.as_dict()["outcome"] == "promoted"
 

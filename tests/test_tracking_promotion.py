@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from rl_core.config import GateConfig, RunConfig, apply_overrides
-from rl_core.gate import GateDecision, decide
+from rl_core.evaluation import EvalReport, TaskOutcome
+from rl_core.gate import GateDecision, decide_simple
 from rl_core.store import Manifest
 from tasks.promote import promote, rollback
 from tasks.registry import (
@@ -101,7 +102,7 @@ def register(client, cfg, tracker, tmp_path, step: int, pass_at_1: float, tasks=
 
 def gate_and_promote(client, version: str, candidate: float, floor: float = 0.0) -> GateDecision:
     current = champion(client, MODEL)
-    decision = decide(
+    decision = decide_simple(
         candidate,
         current.pass_at_1 if current else None,
         GateConfig(min_pass_at_1=floor),
@@ -240,25 +241,24 @@ def test_only_transient_failures_are_retried():
 
 
 @pytest.mark.parametrize(
-    ("candidate", "champion_score", "gate", "same_tasks", "promoted", "says"),
+    ("candidate", "champion_score", "gate", "promoted", "says"),
     [
-        (0.2, None, GateConfig(min_pass_at_1=0.3), True, False, "below the floor 0.300"),
-        (0.6, 0.1, GateConfig(min_pass_at_1=0.7), True, False, "below the floor 0.700"),
-        (0.3, None, GateConfig(min_pass_at_1=0.3), True, True, "no champion yet"),
-        (0.5, 0.4, GateConfig(), True, True, "beats the champion's pass@1 0.400 by 0.100"),
-        (0.4, 0.4, GateConfig(require_improvement=True), True, False, "only ties the champion"),
-        (0.1 + 0.2, 0.3, GateConfig(), True, False, "only ties the champion"),
-        (0.4, 0.4, GateConfig(require_improvement=False), True, True, "not required"),
-        (0.3, 0.4, GateConfig(), True, False, "worse than the champion's pass@1 0.400 by 0.100"),
-        (0.9, 0.4, GateConfig(), False, False, "different task set"),
-        (float("nan"), None, GateConfig(), True, False, "not a number"),
+        (0.2, None, GateConfig(min_pass_at_1=0.3), False, "below the floor 0.300"),
+        (0.6, 0.1, GateConfig(min_pass_at_1=0.7), False, "below the floor 0.700"),
+        (0.3, None, GateConfig(min_pass_at_1=0.3), True, "nothing to compare with"),
+        (0.5, 0.4, GateConfig(), True, "beats the champion's pass@1 0.400 by 0.100"),
+        (0.4, 0.4, GateConfig(require_improvement=True), False, "only ties the champion"),
+        (0.1 + 0.2, 0.3, GateConfig(), False, "only ties the champion"),
+        (0.4, 0.4, GateConfig(require_improvement=False), True, "not required"),
+        (0.3, 0.4, GateConfig(), False, "worse than the champion's pass@1 0.400 by 0.100"),
+        (float("nan"), None, GateConfig(), False, "not a number"),
     ],
 )
-def test_gate_rules(candidate, champion_score, gate, same_tasks, promoted, says):
-    decision = decide(candidate, champion_score, gate, same_tasks=same_tasks)
+def test_simple_gate_rule(candidate, champion_score, gate, promoted, says):
+    decision = decide_simple(candidate, champion_score, gate)
     assert decision.promote is promoted
     assert any(says in reason for reason in decision.reasons), decision.reasons
-    assert decision.champion_pass_at_1 == champion_score and decision.floor == gate.min_pass_at_1
+    assert decision.baseline_pass_at_1 == champion_score and decision.floor == gate.min_pass_at_1
     assert decision.outcome == ("promoted" if promoted else "rejected")
     assert decision.outcome in decision.to_markdown()
 
@@ -324,7 +324,7 @@ def test_first_candidate_becomes_champion_and_the_next_better_one_moves_it_to_pr
     assert tags["gate.decision"] == "promoted"
     assert any("beats the champion" in reason for reason in json.loads(tags["gate.reasons"]))
 
-    repeated = promote(client, MODEL, second, decide(0.6, 0.4, GateConfig(), champion_version=first), first)
+    repeated = promote(client, MODEL, second, decide_simple(0.6, 0.4, GateConfig(), champion_version=first), first)
     assert repeated.applied and repeated.champion == second  # already applied: previous must not become itself
     assert aliases(client) == {CHAMPION_ALIAS: second, PREVIOUS_ALIAS: first}
     assert client.get_model_version(MODEL, second).tags["gate.champion_version"] == first
@@ -377,11 +377,7 @@ def test_champion_task_set_hash_tells_whether_scores_are_comparable(cfg, tracker
     gate_and_promote(client, first, 0.4)
     assert champion_eval_tasks_hash(client, MODEL) == task_set_hash(EVAL_TASKS)
 
-    candidate_hash = task_set_hash(EVAL_TASKS[:2])
-    same = champion_eval_tasks_hash(client, MODEL) == candidate_hash
-    decision = decide(0.9, champion(client, MODEL).pass_at_1, GateConfig(), same_tasks=same)
-    assert not decision.promote
-    assert any("different task set" in reason for reason in decision.reasons)
+    assert champion_eval_tasks_hash(client, MODEL) != task_set_hash(EVAL_TASKS[:2])
 
 
 # --------------------------------------------------------------------------- Prefect tasks
@@ -412,9 +408,10 @@ def test_prefect_tasks_retry_transient_failures_and_publish_the_gate(prefect_har
         log_metrics_task.with_options(retry_delay_seconds=0)(tracker, {"val/pass_at_1": 0.5}, 0)
         version = register_checkpoint_task(cfg, tracker, make_checkpoint(tmp_path, 1), {"pass_at_1": 0.5})
         current, _ = champion_task(cfg)
-        decision = gate_candidate(
-            0.5, current.pass_at_1 if current else None, cfg.gate, champion_version=current.version if current else None
-        )
+        report = EvalReport.from_outcomes([TaskOutcome("refunds", "t1", True, 1.0, "answered")])
+        start = EvalReport.from_outcomes([TaskOutcome("refunds", "t1", False, 0.0, "answered")])
+        gate = cfg.gate.model_copy(update={"confidence": 0.5})  # one task solved that the start did not: p = 0.5
+        decision = gate_candidate(report, start, gate, baseline_name="starting policy", champion_version=None)
         assert promote_task(cfg, version, decision, decision.champion_version).applied
         refused = rollback_task(cfg, return_state=True)
         end_tracking(tracker)

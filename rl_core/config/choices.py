@@ -41,3 +41,7 @@ TruncatedFinishReason = Literal["token_cap", "context_overflow", "max_turns", "t
 
 # doctor.on_collapse: what the training doctor does when training reward collapses.
 OnCollapse = Literal["warn", "stop", "rollback"]
+
+# gate.rule: how the promotion gate decides (rl_core/gate.py): every threshold and a paired test, or the
+# floor and a higher pass@1 by any margin.
+GateRule = Literal["paired_test", "simple"]

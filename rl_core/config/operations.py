@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from rl_core.config.choices import OnCollapse
+from rl_core.config.choices import GateRule, OnCollapse
 from rl_core.config.section import Section
 
 
@@ -22,11 +22,13 @@ class EnvironmentEntry(Section):
 
     name: str = Field(
         min_length=1,
-        description="Built-in SOP domain name, or 'package.module:Class' path of your own Environment class.",
+        description="Built-in SOP domain name, 'package.module:Class' path of your own Environment class, or "
+        "'sopbench:/path/to/folder' of a domain in the SOP-Bench benchmark's layout.",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword arguments for this entry's class (class paths only: built-in domains take none).",
+        description="Keyword arguments for this entry's class, or heldout_fraction for a 'sopbench:' folder "
+        "(built-in domains take none).",
     )
 
 
@@ -42,9 +44,9 @@ class EnvironmentConfig(Section):
     domains: list[str | EnvironmentEntry] = Field(
         default_factory=lambda: ["refunds", "inventory", "access"],
         min_length=1,
-        description="The environments: a built-in SOP domain name or a 'package.module:Class' path of your own "
-        "Environment class, or a mapping {name: ..., kwargs: {...}} that gives that class its own "
-        "constructor arguments.",
+        description="The environments: a built-in SOP domain name, a 'package.module:Class' path of your own "
+        "Environment class or a 'sopbench:/path/to/folder' SOP-Bench-format domain, or a mapping {name: ..., "
+        "kwargs: {...}} that gives that entry its own constructor arguments.",
     )
     domains_dir: str | None = Field(None, description="Folder holding SOP domains; default: the shipped data/domains.")
     env_kwargs: dict[str, Any] = Field(
@@ -104,7 +106,8 @@ class EnvironmentConfig(Section):
             if isinstance(entry, EnvironmentEntry):
                 out.append((entry.name, dict(entry.kwargs)))
             else:
-                out.append((entry, dict(self.env_kwargs) if ":" in entry else {}))
+                class_path = ":" in entry and not entry.startswith("sopbench:")  # env_kwargs: class paths only
+                out.append((entry, dict(self.env_kwargs) if class_path else {}))
         return out
 
     @model_validator(mode="after")
@@ -136,6 +139,16 @@ class EvaluationConfig(Section):
         1.0, gt=0.0, description="Temperature of the sampled groups (pass@1 itself is greedy)."
     )
     success_threshold: float = Field(1.0, description="Reward at or above which an episode is a success.")
+    gate_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Share of each environment's held-out tasks set apart for the promotion gate (rl_core/"
+        "heldout_split.py); the rest choose a run's best checkpoint, so the gate never sees a score that was used to "
+        "choose. Half and half: the gate's paired test needs discordant tasks (on 90 gate tasks an exact McNemar "
+        "test at 0.95 needs at least 5 more solved than lost), while choosing among a run's few checkpoints needs "
+        "only a ranking.",
+    )
 
     @model_validator(mode="after")
     def _samples_cover_k(self) -> "EvaluationConfig":
@@ -191,9 +204,53 @@ class TrackingConfig(Section):
 
 
 class GateConfig(Section):
+    """The promotion gate (rl_core/gate.py): what a candidate must show, on the gate part of the held-out split,
+    to replace the champion (or, with no champion yet, the starting policy)."""
+
+    rule: GateRule = Field(
+        "paired_test",
+        description="paired_test: every threshold below, and an improvement shown by an exact McNemar test on the "
+        "same gate tasks; simple: the floor and a higher pass@1 than the champion's by any margin (no test, no "
+        "other threshold).",
+    )
     min_pass_at_1: float = Field(0.0, ge=0, le=1, description="Held-out pass@1 a candidate must reach to be promoted.")
     require_improvement: bool = Field(
-        True, description="Promote only if the candidate beats the current champion's pass@1 on the same tasks."
+        True,
+        description="Promote only if the candidate is better than the champion (or the starting policy) on the same "
+        "gate tasks; off: the thresholds alone decide.",
+    )
+    confidence: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="Confidence at which the paired test must show the improvement (p-value <= 1 - confidence).",
+    )
+    min_effect: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Smallest pass@1 gain over the champion (fraction of gate tasks) that counts as an improvement.",
+    )
+    env_tolerance: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Most any one environment's gate pass@1 may fall below the champion's (fraction of that "
+        "environment's gate tasks; 30 tasks make one task 0.033 and a noise of about 0.09).",
+    )
+    max_truncated_frac: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Most of the candidate's greedy gate episodes that may end truncated (token_cap, "
+        "context_overflow or max_turns).",
+    )
+    max_env_error_frac: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Most of the candidate's greedy gate episodes that may end as env_error (above it the score "
+        "measures the environment, not the policy).",
     )
 
 

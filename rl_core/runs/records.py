@@ -203,14 +203,7 @@ def evaluation_path(run_dir: Path, step: int) -> Path:
 
 def save_evaluation(run_dir: Path, record: EvaluationRecord) -> Path:
     """Record the held-out evaluation of a step (and its registry version, once registered)."""
-    report = record.report
-    data = {
-        "step": record.step,
-        "metrics": report.metrics,
-        "per_env": report.per_env,
-        "task_success": report.task_success,
-        "version": record.version,
-    }
+    data = {"step": record.step, **record.report.to_dict(), "version": record.version}
     return _write_json(evaluation_path(run_dir, record.step), data)
 
 
@@ -219,8 +212,7 @@ def load_evaluation(run_dir: Path, step: int) -> EvaluationRecord | None:
     data = _read_json(evaluation_path(run_dir, step))
     if data is None:
         return None
-    report = EvalReport(metrics=data["metrics"], per_env=data["per_env"], task_success=data["task_success"])
-    return EvaluationRecord(step, report, data["version"])
+    return EvaluationRecord(step, EvalReport.from_dict(data), data["version"])
 
 
 def read_evaluations(run_dir: Path) -> dict[int, EvaluationRecord]:
