@@ -3,6 +3,7 @@
     turnstile train [--config PATH] [--set section.field=value ...]   # the Prefect train flow
     turnstile demo  [--set ...]                                       # train on the shipped quickstart config
     turnstile eval  [--config PATH] [--set ...]                       # held-out evaluation of the starting policy
+    turnstile evaluate [--model SPEC ...] [--no-samples] [--part P]  # models side by side (flows/evaluate_cli.py)
     turnstile serve [--port 4200] [--work-pool]                      # Prefect server + the deployments, served here
     turnstile replay RUN_ID ... / turnstile transcript RUN_ID ...   # stored trajectories (flows/replay_cli.py)
     turnstile resume RUN_ID [--run-dir runs] [--set iterations=N]     # continue a run on the config it started with
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.environment import prepare_environment
+from flows.evaluate_cli import add_evaluate_command, run_evaluate_command
 from flows.parameters import TrainSettings
 from flows.replay_cli import add_replay_commands, run_replay_command
 from flows.serve import add_serve_command, run_serve_command
@@ -46,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config field, e.g. rollout.group_size=4",
         )
+    add_evaluate_command(commands)
     add_replay_commands(commands)
     add_serve_command(commands)
     resume = commands.add_parser(
@@ -105,9 +108,13 @@ def _gate_sentence(summary: dict[str, Any]) -> str:
     gate = summary["gate"]
     if gate is None:
         return f"no candidate: {summary.get('no_candidate') or 'no checkpoint after step 0 was evaluated'}"
+    checks = gate.get("checks") or []
+    failed = [c["reason"] for c in checks if not c["passed"]]
+    # the reasons that decided it: what failed, or (promoted) what it was compared with; all of them in gate.json
+    decisive = failed or (gate["reasons"][len(checks) - 1 :] if checks else gate["reasons"])
     return (
         f"version {summary['candidate_version']} (step {summary['candidate_step']}) {gate['outcome']}: "
-        f"{'; '.join(gate['reasons'])}"
+        f"{'; '.join(decisive)}"
     )
 
 
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_replay_command(args)
     if args.command == "serve":
         return run_serve_command(args)
+    if args.command == "evaluate":
+        return run_evaluate_command(args)
     try:
         settings = _settings(args)
         cfg = settings.load()
