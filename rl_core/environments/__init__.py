@@ -1,11 +1,13 @@
-"""Environments: the interface (base.py), built-in SOP domains (sop.py) and their expert (expert.py).
+"""Environments: the interface (base.py), built-in SOP domains (sop.py) and their expert (expert.py), and
+SOP-Bench-format folders (sopbench.py).
 
-`load_environment(name)` turns a config entry into an Environment: a "package.module:Class"
-path is imported and instantiated with the keyword arguments (a user's own environment,
-no Turnstile edits needed); any other name is a built-in SOP domain folder under
-`domains_dir` (default: the shipped data/domains). `check_environment` checks the same
-without building anything (the class imports and its constructor accepts the arguments),
-so a config can be checked when it is built.
+`load_environment(name)` turns a config entry into an Environment: "sopbench:<folder>" is a domain
+folder in the SOP-Bench benchmark's layout (its only keyword argument: heldout_fraction); a
+"package.module:Class" path is imported and instantiated with the keyword arguments (a user's own
+environment, no Turnstile edits needed); any other name is a built-in SOP domain folder under
+`domains_dir` (default: the shipped data/domains). `check_environment` checks the same without
+building anything (the class imports and its constructor accepts the arguments; an SOP-Bench-format
+folder is read and checked, its tools.py imported), so a config can be checked when it is built.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from typing import Any
 
 from rl_core.environments.base import Environment, EnvSession, StepResult, Task
 from rl_core.environments.sop import SOPDomain, SOPEnvironment
+from rl_core.environments.sopbench import SOPBenchDomain, SOPBenchEnvironment, is_sopbench, load_sopbench
 from rl_core.imports import import_from_path
 from rl_core.paths import DOMAINS_DIR
 
 __all__ = [
     "EnvSession",
     "Environment",
+    "SOPBenchDomain",
+    "SOPBenchEnvironment",
     "SOPDomain",
     "SOPEnvironment",
     "StepResult",
@@ -42,13 +47,17 @@ def available_domains(domains_dir: Path | None = None) -> list[str]:
 
 
 def load_environment(name: str, /, domains_dir: Path | None = None, **kwargs: Any) -> Environment:
-    """Build the environment `name`: "package.module:Class" (with **kwargs) or a built-in domain.
+    """Build the environment `name`: "sopbench:<folder>", "package.module:Class" (with **kwargs) or a built-in
+    domain.
 
-    `kwargs` go to class-path environments only; built-in domains take none and ignore them,
-    so one config may list both. `name` is positional-only, so a class's own `name` argument
-    passes through `kwargs` (a constructor argument called `domains_dir` does not: it is this
-    function's). Raises ValueError naming the class path, or listing the available domains.
+    `kwargs` go to class-path environments and SOP-Bench-format folders (heldout_fraction only); built-in
+    domains take none and ignore them, so one config may list both. `name` is positional-only, so a class's
+    own `name` argument passes through `kwargs` (a constructor argument called `domains_dir` does not: it is
+    this function's). Raises ValueError naming the class path, the SOP-Bench folder and its missing or
+    invalid file, or listing the available domains.
     """
+    if is_sopbench(name):
+        return load_sopbench(name, kwargs)
     if ":" in name:
         return _load_class(name)(**kwargs)
     return SOPEnvironment(_domain_folder(name, domains_dir))
@@ -63,7 +72,7 @@ def _domain_folder(name: str, domains_dir: str | Path | None) -> Path:
     if name not in available:
         raise ValueError(
             f"unknown environment {name!r}: available domains in {root} are {available}; a class of your "
-            "own is given as 'package.module:ClassName'"
+            "own is given as 'package.module:ClassName', an SOP-Bench-format folder as 'sopbench:/path/to/folder'"
         )
     return root / name
 
@@ -77,9 +86,14 @@ def check_environment(name: str, kwargs: Mapping[str, Any] | None = None, domain
     are both caught; what the constructor itself does is not run); no argument may be called
     `domains_dir`, which load_environment keeps for itself. A domain name must exist
     under `domains_dir` and, given explicitly with arguments, is refused: built-in domains
-    take none. Raises ValueError saying what is wrong.
+    take none. A "sopbench:<folder>" entry is loaded (`load_sopbench`: the folder's files are read
+    and checked, tools.py imported and its manager class found; only heldout_fraction is accepted).
+    Raises ValueError saying what is wrong.
     """
     kwargs = dict(kwargs or {})
+    if is_sopbench(name):
+        load_sopbench(name, kwargs)
+        return
     if ":" not in name:
         _domain_folder(name, domains_dir)
         if kwargs:
