@@ -1,0 +1,145 @@
+"""The side-by-side comparison of evaluations (rl_core/comparison.py), on hand-made task outcomes."""
+
+from __future__ import annotations
+
+import pytest
+
+from rl_core.comparison import ALL, check_same_tasks, compare
+from rl_core.evaluation import EvalReport, TaskOutcome
+
+
+def outcome(env, task, success, reward, finish, turns, tokens, components, samples=0, successes=0):
+    return TaskOutcome(
+        env_name=env,
+        task_id=task,
+        success=success,
+        reward=reward,
+        finish_reason=finish,
+        turns=turns,
+        response_tokens=tokens,
+        reward_components=components,
+        samples=samples,
+        sample_successes=successes,
+        sample_finish={"answered": samples} if samples else {},
+    )
+
+
+def start_report() -> EvalReport:
+    """Sampled (2 per task, pass_k 1 and 2): refunds r1 solved, r2 cut off at max_turns; inventory i1 solved."""
+    return EvalReport.from_outcomes(
+        [
+            outcome("refunds", "r1", True, 1.0, "answered", 2, 10, {"fields": 1.0}, samples=2, successes=1),
+            outcome("refunds", "r2", False, 0.25, "max_turns", 6, 40, {"fields": 0.25}, samples=2, successes=0),
+            outcome("inventory", "i1", True, 1.0, "answered", 3, 20, {"fields": 1.0, "format": 0.5}, 2, 2),
+        ],
+        pass_k=(1, 2),
+    )
+
+
+def candidate_report() -> EvalReport:
+    """Greedy only: both refunds tasks solved, inventory i1 an environment failure."""
+    return EvalReport.from_outcomes(
+        [
+            outcome("refunds", "r1", True, 1.0, "answered", 2, 12, {"fields": 1.0}),
+            outcome("refunds", "r2", True, 1.0, "answered", 3, 15, {"fields": 1.0}),
+            outcome("inventory", "i1", False, 0.0, "env_error", 1, 5, {"fields": 0.0}),
+        ]
+    )
+
+
+HEADER = [
+    "model",
+    "pass@1 (greedy)",
+    "pass@1",
+    "pass^1",
+    "pass@2",
+    "pass^2",
+    "reward",
+    "reward: fields",
+    "reward: format",
+    "turns",
+    "response tokens",
+    "truncated",
+    "max_turns",
+    "env_error",
+    "tasks",
+]
+
+
+def cells(markdown_table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown_table.splitlines()]
+
+
+def test_the_table_over_all_tasks_shows_each_model_with_hand_computed_cells():
+    comparison = compare({"start": start_report(), "candidate": candidate_report()})
+    header, separator, *rows = cells(comparison.table(ALL))
+    assert header == HEADER and len(separator) == len(HEADER)
+    # start: pass@1 2/3; sampled pass@1 (1/2 + 0 + 1)/3 = 0.5; pass@2 (1 + 0 + 1)/3; pass^2 (0 + 0 + 1)/3;
+    # reward (1 + 0.25 + 1)/3 = 0.75; format (0 + 0 + 0.5)/3; turns 11/3; tokens 70/3; r2 cut off: 1/3
+    assert rows[0] == [
+        "start", "0.667", "0.500", "0.500", "0.667", "0.333", "0.750", "0.750", "0.167",
+        "3.7", "23.3", "0.333", "0.333", "0.000", "3",
+    ]  # fmt: skip
+    # candidate: greedy only (no pass@k), never logged a format component; i1 ended env_error (not truncation)
+    assert rows[1] == [
+        "candidate", "0.667", "—", "—", "—", "—", "0.667", "0.667", "—",
+        "2.0", "10.7", "0.000", "0.000", "0.333", "3",
+    ]  # fmt: skip
+
+
+def test_each_environment_has_its_own_table():
+    comparison = compare({"start": start_report(), "candidate": candidate_report()})
+    assert comparison.scopes == [ALL, "refunds", "inventory"]
+    _, _, start, candidate = cells(comparison.table("refunds"))
+    # refunds alone: pass@1 1/2, sampled pass@1 (1/2 + 0)/2, pass@2 1/2, pass^2 0; no task there logged `format`
+    assert start == [
+        "start", "0.500", "0.250", "0.250", "0.500", "0.000", "0.625", "0.625", "—",
+        "4.0", "25.0", "0.500", "0.500", "0.000", "2",
+    ]  # fmt: skip
+    assert candidate == [
+        "candidate", "1.000", "—", "—", "—", "—", "1.000", "1.000", "—",
+        "2.5", "13.5", "0.000", "0.000", "0.000", "2",
+    ]  # fmt: skip
+    _, _, start, candidate = cells(comparison.table("inventory"))
+    assert start[1:3] + start[8:9] + start[-1:] == ["1.000", "1.000", "0.500", "1"]
+    assert candidate[1] == "0.000" and candidate[-2:] == ["1.000", "1"]
+
+
+def test_values_are_the_reports_own_metrics():
+    start, candidate = start_report(), candidate_report()
+    comparison = compare({"start": start, "candidate": candidate})
+    for label, report in (("start", start), ("candidate", candidate)):
+        for name, value in comparison.values[ALL][label].items():
+            assert value == (len(report.task_success) if name == "tasks" else report.metrics[f"val/{name}"])
+        for env in report.environments:
+            env_values = dict(comparison.values[env][label])
+            assert env_values.pop("tasks") == sum(o.env_name == env for o in report.outcomes.values())
+            assert env_values == report.env_metrics(env)
+
+
+def test_markdown_has_a_section_per_scope_under_the_title():
+    text = compare({"start": start_report()}).markdown("Evaluation eval-1", notes=["champion: none yet"])
+    lines = text.splitlines()
+    assert lines[:3] == ["# Evaluation eval-1", "", "champion: none yet"]
+    assert [line for line in lines if line.startswith("## ")] == ["## all environments", "## refunds", "## inventory"]
+    assert sum(line.startswith("| start |") for line in lines) == 3
+
+
+def test_reports_on_different_tasks_are_refused_naming_the_models_that_differ():
+    other = EvalReport.from_outcomes(
+        [
+            outcome("refunds", "r1", True, 1.0, "answered", 2, 12, {}),
+            outcome("refunds", "r3", True, 1.0, "answered", 2, 12, {}),
+            outcome("inventory", "i1", True, 1.0, "answered", 2, 12, {}),
+        ]
+    )
+    reports = {"start": start_report(), "candidate": candidate_report(), "other": other}
+    with pytest.raises(ValueError) as caught:
+        compare(reports)
+    message = str(caught.value)
+    assert "'other': 1 task(s) 'start' was not scored on (e.g. refunds/r3)" in message
+    assert "1 of 'start''s task(s) missing (e.g. refunds/r2)" in message
+    assert "'candidate'" not in message
+    check_same_tasks({"start": start_report(), "candidate": candidate_report()})  # same tasks: no error
+    with pytest.raises(ValueError, match="no evaluations"):
+        compare({})
