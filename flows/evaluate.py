@@ -1,71 +1,219 @@
-"""The evaluate flow: held-out evaluation of a checkpoint folder, a registry version or the champion.
+"""The evaluate flow: several models scored side by side on the same held-out tasks.
 
-Contract of `evaluate_flow(settings)`; it evaluates exactly one policy:
-- `settings.checkpoint`: a checkpoint folder on the machine that runs the flow (a relative path
-  is resolved against the repository root, then the working directory);
-- `settings.version`: a version of the registered model `tracking.registered_model`;
-- neither: the version holding the alias `champion` (an error when there is none).
+Contract of `evaluate_flow(settings)`:
+- What: `settings.models`, each one of `start` (the config's `policy.path`, the starting policy),
+  `champion` (the version of `tracking.registered_model` holding the alias `champion`; skipped with
+  a logged note when there is none), `version:N` (version N of it) or a checkpoint folder on the
+  machine that runs the flow (a relative path is resolved against the repository root, then the
+  working directory). Empty: `start` and `champion`. `settings.checkpoint` and `settings.version`
+  add that one model (given alone, only that model is evaluated, as before `models` existed). A
+  spec given twice is evaluated once. Registry versions are downloaded into a temporary folder
+  under the run directory (removed afterwards) and read, never changed.
+- How: each model on the same tasks, the way the train flow evaluates (`evaluation.*`: greedy
+  pass@1, and sampled pass@k / pass^k unless `samples` is off; `part`: all the held-out tasks, or
+  only the gate or the selection part of them, `Evaluator.evaluate`). One `Evaluator` (one set of
+  environments, one gateway with `rollout.agent`) plays every model, one model at a time.
+- Where (MLflow): one run per model in the config's own experiment (`tracking.experiment`), named
+  `<run_id>-<model>` and tagged with what was evaluated (`turnstile.evaluated`, the spec as
+  `turnstile.model`, the registry version, the task-set hash `turnstile.eval_tasks_hash`, the part),
+  with every metric at the checkpoint's step (0 for a model folder without trainer state) and the
+  report (per-task outcomes included) as `evaluation/report.json`. The config's experiment rather
+  than one of its own, so that an evaluation sits beside the training runs whose checkpoints it
+  scores and MLflow's compare view plots their `val/` metrics together; the model runs are nested
+  under a parent run `<run_id>` (MLflow's `mlflow.parentRunId` tag), so a job shows as one row
+  that opens to its models. The comparison table and the PNG are logged once, on the parent
+  (`comparison/comparison.md`, `comparison/comparison.png`): they belong to the job, not to any one
+  model, and logging them on every model run would store copies that could disagree after a retry.
+- Where (files and Prefect): `<storage.run_dir>/<run_id>/` holds `comparison.md`, `comparison.png`
+  and `reports/<model>.json` (each `EvalReport.to_dict()`); the table and the PNG are also Prefect
+  artifacts (`eval-comparison-<run_id>`, `eval-comparison-plot-<run_id>`), beside each model's
+  metric summary (`eval-<run_id>-<model>-step-<step>`).
+- `run_id` defaults to `eval-<UTC time>`.
 
-The policy is evaluated on the config's held-out split the way the train flow evaluates
-(`evaluation.*`: greedy pass@1, and sampled pass@k / pass^k unless `samples` is off). The
-evaluation is a run of its own, `run_id` (default `eval-<what>-<UTC time>`), with its folder under
-`storage.run_dir` and an MLflow run in the config's tracking store; the metrics are logged there
-at the checkpoint's step, tagged with what was evaluated, and published as a Prefect markdown
-artifact. A registry version is downloaded into a temporary folder under the run directory,
-removed afterwards. Registry versions are read, never changed.
+Returns {run_id, models: [{model (the spec), label, evaluated, version (registry version or None),
+step, run_id, mlflow_run_id, pass_at_1, eval_tasks_hash, metrics, report (`EvalReport.to_dict()`)},
+...] in the order given, skipped: [{model, reason}], table (markdown), plot (the PNG's path), folder,
+part, samples, mlflow_uri, mlflow_run_id (the parent run)}.
 
-Returns {run_id, evaluated, version, step, pass_at_1, eval_tasks_hash, metrics, mlflow_uri,
-mlflow_run_id}.
+Errors, raised before anything is evaluated: ValueError for a malformed spec (`version:x`) or no
+model left to evaluate, FileNotFoundError for a checkpoint folder that does not exist (an unknown
+word is read as a folder name), PermanentError (tasks/tracking.py) for a registry version that does
+not exist.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from prefect import flow
-from pydantic import Field, model_validator
+from prefect import flow, get_run_logger
+from pydantic import Field, field_validator
 
 from flows.parameters import RunSettings
+from rl_core.atomic import write_text_atomically
+from rl_core.comparison import compare
 from rl_core.config import RunConfig
-from rl_core.evaluation import Evaluator
+from rl_core.evaluation import EvalReport, Evaluator, Part
 from rl_core.learner import load_start_policy
 from rl_core.runs.checkpoint import STATE_FILE
-from tasks.evaluate import evaluate_task, tag_evaluation_task
+from tasks.evaluate import evaluate_task, publish_comparison_task, record_evaluation_task, tag_evaluation_task
 from tasks.promote import (
     CHAMPION_ALIAS,
+    champion_version_task,
     checkpoint_step,
     download_registry_version_task,
     read_registry_version_task,
 )
-from tasks.tracking import (
-    end_tracking,
-    log_metrics_task,
-    start_tracking,
-    task_set_hash,
-)
+from tasks.registry import RegistryVersion
+from tasks.tracking import Tracker, end_tracking, start_tracking, task_set_hash
+from tasks.validate import artifact_slug
 
 EVALUATED_TAG = "turnstile.evaluated"
 EVALUATED_VERSION_TAG = "turnstile.evaluated_version"
+MODEL_TAG = "turnstile.model"
+EVAL_TASKS_HASH_TAG = "turnstile.eval_tasks_hash"
+EVAL_PART_TAG = "turnstile.eval_part"
+EVALUATION_TAG = "turnstile.evaluation"  # the job's run id, on the parent and on every model run
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: nests a run under another in the UI
+
+DEFAULT_MODELS = ("start", "champion")
+MODEL_SPEC_HELP = "start, champion, version:N (a registered model version) or a checkpoint folder"
+
+
+# --------------------------------------------------------------------------- what to evaluate
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec: `kind` start, champion, version (`version` N) or checkpoint (`spec` is the folder)."""
+
+    spec: str
+    kind: Literal["start", "champion", "version", "checkpoint"]
+    version: int | None = None
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """`start`, `champion`, `version:N` (N a whole number >= 1) or else a checkpoint folder path.
+
+    Raises ValueError for an empty spec or a `version:` without a whole number >= 1."""
+    text = spec.strip()
+    if not text:
+        raise ValueError(f"a model spec is empty; give one of: {MODEL_SPEC_HELP}")
+    if text in ("start", "champion"):
+        return ModelSpec(text, text)
+    if text.startswith("version:"):
+        number = text.removeprefix("version:").strip()
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"model {spec!r}: a registry version is written version:N with N a whole number >= 1")
+        return ModelSpec(text, "version", int(number))
+    return ModelSpec(text, "checkpoint")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model resolved to something loadable: a local `path` (the starting policy's path or a checkpoint
+    folder) or a `registered` version to download. `label` names it in tables and run names; `evaluated` is
+    the `turnstile.evaluated` tag."""
+
+    spec: str
+    label: str
+    evaluated: str
+    path: str | None = None
+    registered: RegistryVersion | None = None
+
+
+def local_checkpoint(cfg: RunConfig, checkpoint: str) -> Path:
+    """The folder `checkpoint` names (relative: against the repository root, then the working directory).
+
+    Raises FileNotFoundError, naming the spec, when there is no such folder."""
+    folder = Path(_policy_config(cfg, checkpoint, "probe").resolved_policy_path())
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model {checkpoint!r} is not {MODEL_SPEC_HELP.replace(' or a checkpoint folder', '')}, and no "
+            f"checkpoint folder {checkpoint!r} exists on this machine (a relative path is read against the "
+            f"repository root, then the working directory {Path.cwd()})"
+        )
+    return folder.resolve()
+
+
+def resolve_models(
+    cfg: RunConfig,
+    specs: list[str],
+    read_version: Callable[[RunConfig, int | str | None], RegistryVersion],
+    read_champion: Callable[[RunConfig], str | None],
+) -> tuple[list[Target], list[dict[str, str]]]:
+    """The targets of `specs` (each parsed by `parse_model_spec`; a repeated spec once) and the skipped ones
+    ({"model", "reason"}: `champion` when `read_champion` finds none).
+
+    `read_version(cfg, n)` reads version n of `tracking.registered_model` (tasks.registry.registry_version,
+    or its Prefect task); `read_champion(cfg)` the version holding `champion` (None: none). Raises
+    ValueError (malformed spec, nothing left), FileNotFoundError (no such checkpoint folder) or what
+    `read_version` raises for a missing version (PermanentError)."""
+    parsed = [parse_model_spec(s) for s in specs]
+    targets: list[Target] = []
+    skipped: list[dict[str, str]] = []
+    name = cfg.tracking.registered_model
+    for spec in dict.fromkeys(parsed):  # once each, in order
+        if spec.kind == "start":
+            targets.append(Target(spec.spec, "start", f"starting policy {cfg.policy.path}", path=cfg.policy.path))
+        elif spec.kind == "checkpoint":
+            folder = local_checkpoint(cfg, spec.spec)
+            targets.append(Target(spec.spec, spec.spec, f"checkpoint {folder}", path=str(folder)))
+        elif spec.kind == "champion":
+            held = read_champion(cfg)
+            if held is None:
+                skipped.append(
+                    {"model": "champion", "reason": f"registered model {name!r} has no {CHAMPION_ALIAS!r} yet"}
+                )
+                continue
+            registered = read_version(cfg, held)
+            label = f"champion (v{registered.version})"
+            evaluated = f"{name} champion version {registered.version}"
+            targets.append(Target(spec.spec, label, evaluated, registered=registered))
+        else:
+            registered = read_version(cfg, spec.version)
+            label = f"version {registered.version}"
+            targets.append(Target(spec.spec, label, f"{name} version {registered.version}", registered=registered))
+    labels = [t.label for t in targets]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two models would share a name in the comparison: {labels}")
+    if not targets:
+        raise ValueError(
+            "nothing to evaluate: "
+            + "; ".join(f"{s['model']} skipped ({s['reason']})" for s in skipped)
+            + f"; give models ({MODEL_SPEC_HELP})"
+        )
+    return targets, skipped
+
+
+# --------------------------------------------------------------------------- the flow's parameters
 
 
 class EvaluateSettings(RunSettings):
-    """Parameters of the evaluate flow: what to evaluate, on the config's held-out tasks."""
+    """Parameters of the evaluate flow: which models to score side by side on the config's held-out tasks."""
 
+    models: list[str] | None = Field(
+        None,
+        description="Models to evaluate side by side, each one of: start (the config's policy.path), champion "
+        "(skipped with a note when there is none), version:N (a registered model version), or a checkpoint folder "
+        "on the machine that runs the flow, e.g. runs/<run_id>/checkpoints/step-000010. Empty: start and champion "
+        "(or only the checkpoint / version below when one is given).",
+    )
     checkpoint: str | None = Field(
         None,
-        description="Checkpoint folder to evaluate, e.g. runs/<run_id>/checkpoints/step-000010, on the machine "
-        "that runs the flow. "
-        "Empty: the registry version below.",
+        description="A checkpoint folder to evaluate too, e.g. runs/<run_id>/checkpoints/step-000010, on the "
+        "machine that runs the flow.",
     )
     version: int | None = Field(
         None,
         ge=1,
-        description="Version of the registered model (tracking.registered_model) "
-        "to evaluate. Empty, and no checkpoint: "
-        "the current champion.",
+        description="A version of the registered model (tracking.registered_model) to evaluate too.",
     )
     samples: bool = Field(
         True,
@@ -75,16 +223,35 @@ class EvaluateSettings(RunSettings):
     max_tasks: int | None = Field(
         None, ge=1, description="Held-out tasks per environment (evaluation.max_tasks; empty: the config's)."
     )
+    part: Part = Field(
+        "all",
+        description="Which held-out tasks: all, or only the gate or the selection part of them (the split by "
+        "evaluation.gate_fraction).",
+    )
 
-    @model_validator(mode="after")
-    def _one_target(self) -> "EvaluateSettings":
-        if self.checkpoint and self.version is not None:
-            raise ValueError("give either a checkpoint folder or a registry version to evaluate, not both")
-        return self
+    @field_validator("models")
+    @classmethod
+    def _specs_parse(cls, models: list[str] | None) -> list[str] | None:
+        for spec in models or []:
+            parse_model_spec(spec)  # raises ValueError naming the spec
+        return models
+
+    def model_specs(self) -> list[str]:
+        """The specs to evaluate, in order: `models` (default `start`, `champion` unless a checkpoint or
+        version is given), then `checkpoint` and `version:<version>`; each once."""
+        specs = list(self.models or ([] if self.checkpoint or self.version is not None else DEFAULT_MODELS))
+        if self.checkpoint:
+            specs.append(self.checkpoint)
+        if self.version is not None:
+            specs.append(f"version:{self.version}")
+        return list(dict.fromkeys(s.strip() for s in specs))
 
     def typed_values(self) -> dict[str, Any]:
         extra = {} if self.max_tasks is None else {"evaluation.max_tasks": self.max_tasks}
         return {**extra, **super().typed_values()}
+
+
+# --------------------------------------------------------------------------- the flow
 
 
 def _policy_config(cfg: RunConfig, policy_path: str, run_id: str) -> RunConfig:
@@ -97,72 +264,145 @@ def _policy_config(cfg: RunConfig, policy_path: str, run_id: str) -> RunConfig:
     )
 
 
-def _local_checkpoint(cfg: RunConfig, checkpoint: str) -> Path:
-    folder = Path(_policy_config(cfg, checkpoint, "probe").resolved_policy_path())
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"checkpoint folder {checkpoint!r} does not exist on this machine (working directory {Path.cwd()})"
-        )
-    return folder.resolve()
-
-
 def _step_of(folder: Path) -> int:
-    """The training step a checkpoint folder holds (0 for a plain model folder)."""
+    """The training step a checkpoint folder holds (0 for a plain model folder or a hub id)."""
     return checkpoint_step(folder) if (folder / STATE_FILE).is_file() else 0
 
 
-def _default_run_id(what: str) -> str:
-    return f"eval-{what}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+def _default_run_id() -> str:
+    return f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
-def _evaluate_folder(cfg: RunConfig, folder: Path, run_id: str, tags: dict[str, str], samples: bool) -> dict[str, Any]:
-    """Evaluate the policy in `folder` as run `run_id`, logging to MLflow; returns the summary."""
+def _evaluate_target(
+    cfg: RunConfig,
+    evaluator: Evaluator,
+    target: Target,
+    folder: Path,
+    run_id: str,
+    parent: Tracker,
+    job_run_id: str,
+    settings: EvaluateSettings,
+) -> dict[str, Any]:
+    """Evaluate the policy at `folder` (the target's local path or download) as MLflow run `run_id` nested
+    under the job's run `parent`; returns the model's entry of the flow's result."""
     run_cfg = _policy_config(cfg, str(folder), run_id)
     policy = load_start_policy(run_cfg)
-    policy.version = _step_of(folder)
-    evaluator = Evaluator.from_config(run_cfg)
+    policy.version = _step_of(Path(run_cfg.resolved_policy_path()))
     tracker = start_tracking(run_cfg, run_id)
     try:
-        tag_evaluation_task(tracker, tags)
-        report = evaluate_task(evaluator, policy, run_id, samples=samples)
-        log_metrics_task(tracker, report.metrics, step=policy.version)
+        report = evaluate_task(evaluator, policy, run_id, samples=settings.samples, part=settings.part)
+        tasks_hash = task_set_hash(report.task_success)
+        tags = {
+            EVALUATED_TAG: target.evaluated,
+            MODEL_TAG: target.spec,
+            EVAL_TASKS_HASH_TAG: tasks_hash,
+            EVAL_PART_TAG: settings.part,
+            EVALUATION_TAG: job_run_id,
+            PARENT_RUN_TAG: parent.mlflow_run_id,
+        }
+        if target.registered is not None:
+            tags[EVALUATED_VERSION_TAG] = target.registered.version
+        record_evaluation_task(tracker, report, policy.version, tags)
     except BaseException:
         end_tracking(tracker, "FAILED")
         raise
-    finally:
-        evaluator.close()
     end_tracking(tracker, "FINISHED")
     return {
-        "run_id": run_id,
-        "evaluated": tags[EVALUATED_TAG],
-        "version": tags.get(EVALUATED_VERSION_TAG),
+        "model": target.spec,
+        "label": target.label,
+        "evaluated": target.evaluated,
+        "version": None if target.registered is None else target.registered.version,
         "step": policy.version,
-        "pass_at_1": report.pass_at_1,
-        "eval_tasks_hash": task_set_hash(report.task_success),
-        "metrics": dict(report.metrics),
-        "mlflow_uri": tracker.uri,
+        "run_id": run_id,
         "mlflow_run_id": tracker.mlflow_run_id,
+        "pass_at_1": report.pass_at_1,
+        "eval_tasks_hash": tasks_hash,
+        "metrics": dict(report.metrics),
+        "report": report.to_dict(),
     }
 
 
 @flow(name="turnstile-evaluate")
 def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, Any]:
-    """Evaluate a checkpoint folder, a registry version or the champion on held-out tasks."""
+    """Evaluate several models (the starting policy, the champion, registry versions, checkpoint folders) side
+    by side on the same held-out tasks: an MLflow run each, and one comparison table and PNG."""
+    logger = get_run_logger()
     cfg = settings.load()
-    if settings.checkpoint:
-        folder = _local_checkpoint(cfg, settings.checkpoint)
-        run_id = settings.run_id or _default_run_id(folder.name)
-        return _evaluate_folder(cfg, folder, run_id, {EVALUATED_TAG: f"checkpoint {folder}"}, settings.samples)
+    run_id = cfg.storage.run_id or _default_run_id()
+    cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": run_id})})
+    targets, skipped = resolve_models(cfg, settings.model_specs(), read_registry_version_task, champion_version_task)
+    for s in skipped:
+        logger.info("%s skipped: %s", s["model"], s["reason"])
+    logger.info("evaluating %s on the %s held-out tasks", ", ".join(t.label for t in targets), settings.part)
 
-    registered = read_registry_version_task(cfg, settings.version)
-    role = f"{CHAMPION_ALIAS} " if settings.version is None else ""
-    tags = {
-        EVALUATED_TAG: f"{registered.name} {role}version {registered.version}",
-        EVALUATED_VERSION_TAG: registered.version,
+    folder = Path(cfg.storage.run_dir) / run_id
+    (folder / "reports").mkdir(parents=True, exist_ok=True)
+    parent = start_tracking(cfg, run_id)
+    evaluator = Evaluator.from_config(cfg)
+    models: list[dict[str, Any]] = []
+    try:
+        for target in targets:
+            model_run_id = f"{run_id}-{artifact_slug(target.label)}"
+            with contextlib.ExitStack() as scratch:
+                if target.registered is not None:
+                    download = scratch.enter_context(tempfile.TemporaryDirectory(dir=folder, prefix=".download-"))
+                    local = download_registry_version_task(cfg, target.registered, download)
+                else:
+                    local = Path(target.path)
+                entry = _evaluate_target(cfg, evaluator, target, local, model_run_id, parent, run_id, settings)
+            write_text_atomically(
+                folder / "reports" / f"{artifact_slug(target.label)}.json", json.dumps(entry["report"], indent=1)
+            )
+            models.append(entry)
+        reports = {m["label"]: EvalReport.from_dict(m["report"]) for m in models}
+        notes = _notes(cfg, settings, models, skipped)
+        comparison = compare(reports)
+        table = comparison.markdown(f"Held-out evaluation {run_id}", notes)
+        tag_evaluation_task(
+            parent,
+            {
+                EVALUATION_TAG: run_id,
+                EVAL_TASKS_HASH_TAG: models[0]["eval_tasks_hash"],
+                EVAL_PART_TAG: settings.part,
+                EVALUATED_TAG: ", ".join(m["label"] for m in models),
+            },
+        )
+        _, plot = publish_comparison_task(run_id, comparison, table, folder, parent)
+    except BaseException:
+        end_tracking(parent, "FAILED")
+        raise
+    finally:
+        evaluator.close()
+    end_tracking(parent, "FINISHED")
+    return {
+        "run_id": run_id,
+        "models": models,
+        "skipped": skipped,
+        "table": table,
+        "plot": str(plot),
+        "folder": str(folder),
+        "part": settings.part,
+        "samples": settings.samples,
+        "mlflow_uri": parent.uri,
+        "mlflow_run_id": parent.mlflow_run_id,
     }
-    run_id = settings.run_id or _default_run_id(f"{role.strip() or 'version'}-v{registered.version}")
-    run_dir = Path(cfg.storage.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".download-") as scratch:
-        folder = download_registry_version_task(cfg, registered, scratch)
-        return _evaluate_folder(cfg, folder, run_id, tags, settings.samples)
+
+
+def _notes(
+    cfg: RunConfig, settings: EvaluateSettings, models: list[dict[str, Any]], skipped: list[dict[str, str]]
+) -> list[str]:
+    """The lines under the comparison's title: what was evaluated on which tasks, and what was skipped."""
+    e = cfg.evaluation
+    sampled = (
+        f"pass@k / pass^k from {e.num_samples} episodes per task at temperature {e.sample_temperature}"
+        if settings.samples
+        else "greedy only (no samples)"
+    )
+    lines = [
+        f"Tasks: {e.split} split, {settings.part} part, task-set hash {models[0]['eval_tasks_hash']}; "
+        f"pass@1 (greedy) at temperature 0; {sampled}.",
+        "",
+        *(f"- {m['label']}: {m['evaluated']}, step {m['step']}" for m in models),
+    ]
+    lines += [f"- {s['model']}: skipped ({s['reason']})" for s in skipped]
+    return lines
