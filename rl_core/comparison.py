@@ -11,7 +11,7 @@ names them; over all tasks the report's `val/<metric>`):
 | header | metric | meaning |
 | --- | --- | --- |
 | pass@1 (greedy) | `pass_at_1` | greedy (temperature 0) share of tasks solved |
-| pass@k, pass^k | `pass_at_k/<k>`, `pass_hat_k/<k>` | sampled episodes, per k of `pass_k`; when some model sampled |
+| pass@k, pass^k | `pass_at_k/<k>`, `pass_hat_k/<k>` | sampled, per k of `pass_k` (no pass^1: it is pass@1) |
 | reward | `reward_mean` | mean greedy reward |
 | reward: <name> | `reward_component/<name>` | mean of each reward component any report logged |
 | turns | `turns_mean` | mean policy turns of a greedy episode |
@@ -21,7 +21,8 @@ names them; over all tasks the report's `val/<metric>`):
 | env_error | `env_error_frac` | share that ended in an environment (or agent) failure |
 | tasks | (count) | tasks scored |
 
-A metric a report lacks (e.g. pass@k of a greedy-only evaluation) shows as "—". Shares, pass and
+A metric a report lacks shows as "—": pass@k of a greedy-only evaluation, or a reward component no task of
+that scope logged (a task without a component that others in its scope logged counts 0 in the mean). Shares, pass and
 reward values are written with 3 decimals, turns and tokens with 1, tasks as a whole number.
 
 Reports are comparable only when scored on the same tasks: `compare` raises ValueError naming the
@@ -69,18 +70,12 @@ def _ordered_union(lists: list[list]) -> list:
 def columns(reports: Mapping[str, EvalReport]) -> list[Column]:
     """The columns of a comparison of `reports` (module docstring), in table order."""
     ks = _ordered_union([list(r.pass_k) for r in reports.values()])
-    components = sorted(
-        {
-            name.removeprefix("val/reward_component/").split("/")[0]
-            for r in reports.values()
-            for name in r.metrics
-            if name.startswith("val/reward_component/")
-        }
-        | {c for r in reports.values() for o in r.outcomes.values() for c in o.reward_components}
-    )
+    components = sorted({name for r in reports.values() for name in _components(r)})
     cols = [Column("pass_at_1", "pass@1 (greedy)", 3)]
     for k in ks:
-        cols += [Column(f"pass_at_k/{k}", f"pass@{k}", 3), Column(f"pass_hat_k/{k}", f"pass^{k}", 3)]
+        cols.append(Column(f"pass_at_k/{k}", f"pass@{k}", 3))
+        if k > 1:  # pass^1 is pass@1 (both the share of sampled episodes that succeed)
+            cols.append(Column(f"pass_hat_k/{k}", f"pass^{k}", 3))
     cols.append(Column("reward_mean", "reward", 3))
     cols += [Column(f"reward_component/{name}", f"reward: {name}", 3) for name in components]
     cols += [
@@ -92,6 +87,16 @@ def columns(reports: Mapping[str, EvalReport]) -> list[Column]:
         Column(TASKS, "tasks", 0),
     ]
     return cols
+
+
+def _components(report: EvalReport) -> set[str]:
+    """The reward component names of a report (they may hold "/", e.g. "field/amount"): from its task outcomes,
+    or for a record without them, its `val/reward_component/<name>` metrics that end in no environment's name."""
+    if report.outcomes:
+        return {c for o in report.outcomes.values() for c in o.reward_components}
+    prefix = "val/reward_component/"
+    names = {n.removeprefix(prefix) for n in report.metrics if n.startswith(prefix)}
+    return {n for n in names if not any(n.endswith(f"/{env}") for env in report.environments)}
 
 
 def check_same_tasks(reports: Mapping[str, EvalReport]) -> None:

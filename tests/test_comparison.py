@@ -51,7 +51,6 @@ HEADER = [
     "model",
     "pass@1 (greedy)",
     "pass@1",
-    "pass^1",
     "pass@2",
     "pass^2",
     "reward",
@@ -77,12 +76,12 @@ def test_the_table_over_all_tasks_shows_each_model_with_hand_computed_cells():
     # start: pass@1 2/3; sampled pass@1 (1/2 + 0 + 1)/3 = 0.5; pass@2 (1 + 0 + 1)/3; pass^2 (0 + 0 + 1)/3;
     # reward (1 + 0.25 + 1)/3 = 0.75; format (0 + 0 + 0.5)/3; turns 11/3; tokens 70/3; r2 cut off: 1/3
     assert rows[0] == [
-        "start", "0.667", "0.500", "0.500", "0.667", "0.333", "0.750", "0.750", "0.167",
+        "start", "0.667", "0.500", "0.667", "0.333", "0.750", "0.750", "0.167",
         "3.7", "23.3", "0.333", "0.333", "0.000", "3",
     ]  # fmt: skip
     # candidate: greedy only (no pass@k), never logged a format component; i1 ended env_error (not truncation)
     assert rows[1] == [
-        "candidate", "0.667", "—", "—", "—", "—", "0.667", "0.667", "—",
+        "candidate", "0.667", "—", "—", "—", "0.667", "0.667", "—",
         "2.0", "10.7", "0.000", "0.000", "0.333", "3",
     ]  # fmt: skip
 
@@ -93,15 +92,15 @@ def test_each_environment_has_its_own_table():
     _, _, start, candidate = cells(comparison.table("refunds"))
     # refunds alone: pass@1 1/2, sampled pass@1 (1/2 + 0)/2, pass@2 1/2, pass^2 0; no task there logged `format`
     assert start == [
-        "start", "0.500", "0.250", "0.250", "0.500", "0.000", "0.625", "0.625", "—",
+        "start", "0.500", "0.250", "0.500", "0.000", "0.625", "0.625", "—",
         "4.0", "25.0", "0.500", "0.500", "0.000", "2",
     ]  # fmt: skip
     assert candidate == [
-        "candidate", "1.000", "—", "—", "—", "—", "1.000", "1.000", "—",
+        "candidate", "1.000", "—", "—", "—", "1.000", "1.000", "—",
         "2.5", "13.5", "0.000", "0.000", "0.000", "2",
     ]  # fmt: skip
     _, _, start, candidate = cells(comparison.table("inventory"))
-    assert start[1:3] + start[8:9] + start[-1:] == ["1.000", "1.000", "0.500", "1"]
+    assert start[1:3] + start[7:8] + start[-1:] == ["1.000", "1.000", "0.500", "1"]
     assert candidate[1] == "0.000" and candidate[-2:] == ["1.000", "1"]
 
 
@@ -143,3 +142,23 @@ def test_reports_on_different_tasks_are_refused_naming_the_models_that_differ():
     check_same_tasks({"start": start_report(), "candidate": candidate_report()})  # same tasks: no error
     with pytest.raises(ValueError, match="no evaluations"):
         compare({})
+
+
+def test_component_names_with_a_slash_and_records_without_outcomes():
+    report = EvalReport.from_outcomes(
+        [
+            outcome("refunds", "r1", True, 1.0, "answered", 2, 10, {"field/amount": 1.0, "field/decision": 1.0}),
+            outcome("refunds", "r2", False, 0.5, "answered", 2, 10, {"field/amount": 0.0, "field/decision": 1.0}),
+        ]
+    )
+    record = report.to_dict()
+    del record["outcomes"]  # an evaluation recorded before per-task outcomes were kept
+    old = EvalReport.from_dict(record)
+    comparison = compare({"new": report, "old": old})
+    header, _, new_row, old_row = cells(comparison.table(ALL))
+    assert header[1:4] == ["pass@1 (greedy)", "reward", "reward: field/amount"]
+    assert header[4] == "reward: field/decision" and "reward: field" not in header
+    assert new_row[1:5] == old_row[1:5] == ["0.500", "0.750", "0.500", "1.000"]
+    _, _, new_row, old_row = cells(comparison.table("refunds"))
+    assert new_row[1:3] == ["0.500", "0.750"] and old_row[1:3] == ["0.500", "—"]  # the old record: pass@1 only
+    assert new_row[-1] == old_row[-1] == "2"
