@@ -28,7 +28,7 @@ Contract of `evaluate_flow(settings)`:
   and `reports/<model>.json` (each `EvalReport.to_dict()`); the table and the PNG are also Prefect
   artifacts (`eval-comparison-<run_id>`, `eval-comparison-plot-<run_id>`), beside each model's
   metric summary (`eval-<run_id>-<model>-step-<step>`).
-- `run_id` defaults to `eval-<UTC time>`.
+- `run_id` defaults to `eval-<UTC time>-<6 hex digits>`.
 
 Returns {run_id, models: [{model (the spec), label, evaluated, version (registry version or None),
 step, run_id, mlflow_run_id, pass_at_1, eval_tasks_hash, metrics, report (`EvalReport.to_dict()`)},
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,9 +136,9 @@ def local_checkpoint(cfg: RunConfig, checkpoint: str) -> Path:
     folder = Path(_policy_config(cfg, checkpoint, "probe").resolved_policy_path())
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"model {checkpoint!r} is not {MODEL_SPEC_HELP.replace(' or a checkpoint folder', '')}, and no "
-            f"checkpoint folder {checkpoint!r} exists on this machine (a relative path is read against the "
-            f"repository root, then the working directory {Path.cwd()})"
+            f"model {checkpoint!r} is neither start, champion nor version:N, and no checkpoint folder "
+            f"{checkpoint!r} exists on this machine (a relative path is read against the repository root, then "
+            f"the working directory {Path.cwd()})"
         )
     return folder.resolve()
 
@@ -270,7 +271,9 @@ def _step_of(folder: Path) -> int:
 
 
 def _default_run_id() -> str:
-    return f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    """`eval-<UTC time>-<6 hex digits>`: two evaluations started in the same second (the promote flow's
+    candidate and champion) get runs and folders of their own."""
+    return f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def _evaluate_target(
@@ -333,7 +336,8 @@ def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, 
     targets, skipped = resolve_models(cfg, settings.model_specs(), read_registry_version_task, champion_version_task)
     for s in skipped:
         logger.info("%s skipped: %s", s["model"], s["reason"])
-    logger.info("evaluating %s on the %s held-out tasks", ", ".join(t.label for t in targets), settings.part)
+    which = "all the" if settings.part == "all" else f"the {settings.part} part of the"
+    logger.info("evaluating %s on %s held-out tasks", ", ".join(t.label for t in targets), which)
 
     folder = Path(cfg.storage.run_dir) / run_id
     (folder / "reports").mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def add_evaluate_command(subparsers: Any) -> None:
     evaluate.add_argument(
         "--part", choices=get_args(Part), default="all", help="all held-out tasks, or only the gate / selection part"
     )
-    evaluate.add_argument("--run-id", default=None, help="name of the evaluation (default: eval-<UTC time>)")
+    evaluate.add_argument("--run-id", default=None, help="name of the evaluation (default: eval-<UTC time>-<hex>)")
 
 
 def _fail(message: str) -> int:

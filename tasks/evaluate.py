@@ -129,10 +129,10 @@ def draw_comparison(comparison: Comparison, path: str | Path, title: str = "Held
     panels = _panels(comparison)
     scopes, labels = comparison.scopes, comparison.labels
     width = 0.8 / len(labels)
+    panel_width = max(4.8, 0.6 + 0.25 * len(scopes) * (len(labels) + 1))
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(max(4.8, 0.5 + 0.7 * len(scopes) * max(len(labels), 2) / 2) * len(panels), 4.2),
-        dpi=100, squeeze=False,
-    )  # fmt: skip
+        1, len(panels), figsize=(panel_width * len(panels), 4.2), dpi=100, squeeze=False, layout="constrained"
+    )
     for axis, (metric, panel_title) in zip(axes[0], panels):
         for i, label in enumerate(labels):
             heights = [comparison.values[scope][label].get(metric, math.nan) for scope in scopes]
@@ -145,11 +145,11 @@ def draw_comparison(comparison: Comparison, path: str | Path, title: str = "Held
         axis.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("share of tasks")
     handles, names = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, names, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    columns = 1 if max(len(n) for n in names) > 30 else min(len(names), 4)  # long checkpoint paths: one a line
+    figure.legend(handles, names, loc="outside lower center", ncol=columns, fontsize=8, frameon=False)
     figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0.08 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
     png = io.BytesIO()
-    figure.savefig(png, format="png")
+    figure.savefig(png, format="png", bbox_inches="tight")  # never cut off a long legend entry
     plt.close(figure)
     return write_bytes_atomically(path, png.getvalue())
 
