@@ -54,17 +54,26 @@ def evaluation_due(step_before: int, step_after: int, val_every: int) -> bool:
 class LoopResult:
     """What the loop did. records: every iteration's record, in order. manifests: those of the trained
     batches, in order (their lineage). candidates: evaluated steps > 0 with their registry versions.
-    pass_at_1: held-out pass@1 by evaluated step. findings: the doctor's findings. stopped: why the
-    doctor stopped the run. before / after: the held-out evaluations of the start and of the end."""
+    pass_at_1: held-out pass@1 by evaluated step (all held-out tasks: the curves, the summary).
+    selection_pass_at_1: pass@1 on the selection part of the held-out split by evaluated step: what the
+    training doctor reads, since its rollbacks choose a checkpoint and must not see the gate tasks.
+    findings: the doctor's findings. stopped: why the doctor stopped the run. before / after: the
+    held-out evaluations of the start and of the end."""
 
     records: list[IterationRecord] = field(default_factory=list)
     manifests: list[Manifest] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     pass_at_1: dict[int, float] = field(default_factory=dict)
+    selection_pass_at_1: dict[int, float] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     stopped: str | None = None
     before: EvalReport | None = None
     after: EvalReport | None = None
+
+    def note_evaluation(self, step: int, report: EvalReport) -> None:
+        """Keep the pass@1 of an evaluated step (all tasks, and the selection part)."""
+        self.pass_at_1[step] = report.pass_at_1
+        self.selection_pass_at_1[step] = report.selection_pass_at_1
 
     @property
     def skipped(self) -> list[IterationRecord]:
@@ -110,7 +119,7 @@ class TrainingLoop:
         """What a previous attempt of this run already evaluated: pass@1 per step, registered candidates."""
         result = LoopResult()
         for step, record in self.run.ledger.evaluations.items():
-            result.pass_at_1[step] = record.report.pass_at_1
+            result.note_evaluation(step, record.report)
             if step > 0 and record.version is not None and step <= self.run.policy.version:
                 result.candidates.append(Candidate(record.report, record.version, step))
         return result
@@ -212,7 +221,7 @@ class TrainingLoop:
         run, result = self.run, self.result
         reported = {f.symptom for f in result.findings}
         decision = self.stages.examine(
-            [*result.records, record], result.pass_at_1, reported, run.learner.rollback_targets()
+            [*result.records, record], result.selection_pass_at_1, reported, run.learner.rollback_targets()
         )
         result.findings += decision.new_findings
         if decision.new_findings:
@@ -255,7 +264,7 @@ class TrainingLoop:
         if recorded is None:
             self.stages.log_metrics(report.metrics, iteration)
             run.ledger.record_evaluation(step, report)
-        result.pass_at_1[step] = report.pass_at_1
+        result.note_evaluation(step, report)
         if step > 0:
             version = self.stages.register(step, report, list(result.manifests), result.validation_lineage())
             run.ledger.record_evaluation(step, report, version)
@@ -278,7 +287,7 @@ class TrainingLoop:
         report = self.stages.evaluate(load_start_policy(run.cfg))
         self.stages.log_metrics(report.metrics, 0)
         run.ledger.record_evaluation(0, report)
-        self.result.pass_at_1[0] = report.pass_at_1
+        self.result.note_evaluation(0, report)
         return report
 
     def _final_evaluation(self) -> EvalReport:
