@@ -118,6 +118,14 @@ def _gate_sentence(summary: dict[str, Any]) -> str:
     )
 
 
+def _champion_sentence(summary: dict[str, Any]) -> str:
+    version = summary.get("champion_version")
+    if version is None and "champion_version" in summary:
+        return f"none yet (no version of {summary['registered_model']} holds the alias champion)"
+    suffix = "" if version is None else f" (version {version})"
+    return f"models:/{summary['registered_model']}@champion{suffix}"
+
+
 def closing_summary(summary: dict[str, Any], seconds: float) -> str:
     """What a person needs after a run: results, where things are, how to look at them. Every sentence
     comes from the flow's summary, which the flow derives from the run's records (iteration records,
@@ -137,7 +145,7 @@ def closing_summary(summary: dict[str, Any], seconds: float) -> str:
         f"  Parquet trajectories:   {summary['trajectories']}",
         f"  checkpoints:            {summary['checkpoints']}",
         f"  MLflow store:           {mlflow_uri} (run {summary['mlflow_run_id']})",
-        f"  champion:               models:/{summary['registered_model']}@champion",
+        f"  champion:               {_champion_sentence(summary)}",
         f"  continue or re-run:     .venv/bin/turnstile resume {summary['run_id']} --run-dir {run_dir}",
         f"  curves:                 {Path(summary['checkpoints']).parent / 'curves'} (also in MLflow and Prefect)",
         *(

@@ -35,7 +35,7 @@ from tasks.curves import publish_curves_task
 from tasks.doctor import examine_step_task, publish_findings_task
 from tasks.evaluate import evaluate_checkpoint_task, evaluate_task
 from tasks.gate import gate_run
-from tasks.promote import Champion, download_champion_task, register_checkpoint_task
+from tasks.promote import Champion, champion_version_task, download_champion_task, register_checkpoint_task
 from tasks.tracking import (
     Tracker,
     end_tracking,
@@ -160,6 +160,7 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
             logger.warning("No candidate to gate: %s.", no_candidate_reason(result.records))
         publish_findings_task(run.run_id, result.findings, result.stopped)
         publish_curves_task(run.run_id, run.run_dir, result.records, result.pass_at_1, tracker)
+        champion_version = champion_version_task(run.cfg)
     except BaseException:
         end_tracking(tracker, "FAILED")
         raise
@@ -179,4 +180,5 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
         "mlflow_uri": tracking_uri(run.cfg),
         "mlflow_run_id": tracker.mlflow_run_id,
         "registered_model": run.cfg.tracking.registered_model,
+        "champion_version": champion_version,
     }

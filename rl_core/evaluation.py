@@ -26,7 +26,7 @@ import torch
 from rl_core.collector import load_environments, rollout_settings
 from rl_core.config import RunConfig
 from rl_core.environments.base import Environment, Task
-from rl_core.heldout_split import split_heldout
+from rl_core.heldout_split import limit_split, split_heldout
 from rl_core.metrics import pass_at_k, pass_hat_k
 from rl_core.model.policy import Policy
 from rl_core.rollout import RolloutSettings, collect_rollouts
@@ -293,16 +293,24 @@ def evaluate(
     gate_fraction: float | None = None,
     part: Part = "all",
 ) -> EvalReport:
-    """Evaluate `policy` on a split; sampled pass@k is skipped when num_samples is 0. `play` collects the
+    """Evaluate `policy` on a split (the first `max_tasks` per environment; with `gate_fraction`, that many taken
+    from each part of the held-out split so that no task changes part); sampled pass@k is skipped when
+    num_samples is 0. `play` collects the
     episodes (`collect_rollouts`, or `AgentGateway.collect` when agents play them); a rollout that gave several
     segments counts once (its last row). `gate_fraction` divides the tasks into selection and gate parts
     (`split_heldout`); `part` plays only one of them ("gate" or "selection"; needs `gate_fraction`).
     Raises ValueError for a k above num_samples or a part without a gate_fraction."""
-    work = heldout_work(envs, split, max_tasks)
     gate_keys: frozenset[str] = frozenset()
-    if gate_fraction is not None:
+    if gate_fraction is None:
+        work = heldout_work(envs, split, max_tasks)
+    else:  # split all the held-out tasks first, then keep max_tasks: a task never changes part (heldout_split.py)
+        work = heldout_work(envs, split, None)
         parts = split_heldout([task for _, task in work], gate_fraction)
+        if max_tasks is not None:
+            parts = limit_split(parts, max_tasks, gate_fraction)
         gate_keys = frozenset(task_key(t.env_name, t.task_id) for t in parts.gate)
+        kept = gate_keys | {task_key(t.env_name, t.task_id) for t in parts.selection}
+        work = [(env, t) for env, t in work if task_key(t.env_name, t.task_id) in kept]
     if part != "all":
         if not gate_keys:
             raise ValueError(f"evaluating the {part} part needs evaluation.gate_fraction")

@@ -140,7 +140,7 @@ class GateDecision:
                 f"| solved by the candidate only | {p['candidate_only']} |",
                 f"| solved by the {self.baseline or 'baseline'} only | {p['champion_only']} |",
                 f"| difference in pass@1 | {p['difference']:+.3f} |",
-                f"| one-sided p-value | {_p_value(p['p_value'])} |",
+                f"| one-sided exact McNemar p-value | {_p_value(p['p_value'])} |",
             ]
         if self.per_env:
             lines += ["", "| environment | candidate | baseline |", "| --- | --- | --- |"]
@@ -331,7 +331,8 @@ def _improvement_check(
     shown = test.shows_improvement(cfg.confidence, cfg.min_effect)
     evidence = (
         f"{test.candidate_only} gate tasks solved by the candidate alone and {test.champion_only} by the {name} "
-        f"alone out of {test.tasks}: pass@1 {test.difference:+.3f}, exact McNemar p = {_p_value(test.p_value)}"
+        f"alone out of {test.tasks}: pass@1 {test.difference:+.3f}, "
+        f"one-sided exact McNemar p = {_p_value(test.p_value)}"
     )
     if shown:
         reason = (
@@ -344,7 +345,7 @@ def _improvement_check(
         )
     else:
         reason = f"the improvement over the {name} is below gate.min_effect {cfg.min_effect:.3f} ({evidence})"
-    return Check("confidence", shown, test.p_value, 1.0 - cfg.confidence, reason), paired
+    return Check("confidence", shown, test.p_value, round(1.0 - cfg.confidence, 12), reason), paired
 
 
 @dataclass(frozen=True)

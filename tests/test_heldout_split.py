@@ -8,7 +8,7 @@ import pytest
 
 from rl_core.environments import load_environment
 from rl_core.environments.base import Task
-from rl_core.heldout_split import split_heldout
+from rl_core.heldout_split import gate_size, limit_split, split_heldout
 
 
 def heldout() -> list[Task]:
@@ -48,3 +48,24 @@ def test_small_environments_and_bad_arguments():
         split_heldout(one, 1.0)
     with pytest.raises(ValueError, match="more than once"):
         split_heldout(one + one, 0.5)
+
+
+def test_fewer_tasks_never_move_a_task_to_the_other_part():
+    """evaluation.max_tasks takes tasks from each part of the full split: a run evaluated on 5 or 40 tasks per
+    environment gates only on tasks the full split puts in the gate part."""
+    tasks = heldout()
+    full = split_heldout(tasks, 0.5)
+    full_gate = {(t.env_name, t.task_id) for t in full.gate}
+    for max_tasks in (1, 2, 5, 40, 60, 100):
+        limited = limit_split(full, max_tasks, 0.5)
+        assert {(t.env_name, t.task_id) for t in limited.gate} <= full_gate
+        assert not {(t.env_name, t.task_id) for t in limited.selection} & full_gate
+        for env in ("refunds", "inventory", "access"):
+            gate = sum(t.env_name == env for t in limited.gate)
+            selection = sum(t.env_name == env for t in limited.selection)
+            assert gate == min(gate_size(max_tasks, 0.5), 30) and gate + selection == min(max_tasks, 60)
+    assert [t.task_id for t in limit_split(full, 2, 0.5).gate if t.env_name == "access"] == [
+        next(t.task_id for t in full.gate if t.env_name == "access")
+    ]
+    with pytest.raises(ValueError, match="max_tasks must be >= 1"):
+        limit_split(full, 0, 0.5)

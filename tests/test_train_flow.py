@@ -84,7 +84,12 @@ def test_two_iterations_end_to_end(prefect_harness, tmp_path):
         reward_curve is not None and reward_curve.type == "image" and "data:image/png;base64," in str(reward_curve.data)
     )
     assert Artifact.get("doctor-e2e") is not None
-    assert "champion" not in {alias for v in versions for alias in v.aliases}
+    assert "champion" not in {alias for v in versions for alias in v.aliases} and summary["champion_version"] is None
+    from flows.cli import closing_summary
+
+    assert "  champion:               none yet (no version of turnstile-policy holds the alias champion)" in (
+        closing_summary(summary, 60).splitlines()
+    )
 
 
 def test_permanent_environment_failures_quarantine_the_batch(prefect_harness, tmp_path):

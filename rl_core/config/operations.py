@@ -221,9 +221,10 @@ class GateConfig(Section):
     )
     confidence: float = Field(
         0.95,
-        gt=0,
+        ge=0.5,
         lt=1,
-        description="Confidence at which the paired test must show the improvement (p-value <= 1 - confidence).",
+        description="Confidence at which the paired test must show the improvement (one-sided p-value <= 1 - "
+        "confidence); below 0.5 a candidate worse than the champion could pass.",
     )
     min_effect: float = Field(
         0.02,
