@@ -21,7 +21,7 @@ from rl_core.environments import load_environment
 from rl_core.environments.actions import ToolCall, format_answer, format_call
 from rl_core.environments.messages import AssistantTurn
 from rl_core.environments.sop import ANSWER_TOOL
-from rl_core.environments.sopbench import SOPBenchEnvironment, resolve_folder
+from rl_core.environments.sopbench import MAX_OBSERVATION_CHARS, SOPBenchEnvironment, resolve_folder
 from rl_core.paths import REPO_ROOT
 
 DOMAIN = REPO_ROOT / "data" / "sopbench" / "appliance_warranty"
@@ -91,8 +91,16 @@ def test_the_shipped_folder_loads_with_its_metadata(env):
     procedure = (DOMAIN / "sop.txt").read_text()
     assert len(procedure.encode()) > 6000  # several KB: the context budget has something to measure
     system = env.system_prompt()
-    assert system.startswith(procedure) and "get_registration(serial_number): Look up" in system
-    assert system.endswith('ANSWER {"decision": "...", "coverage": "...", "customer_charge": "..."}')
+    assert system.startswith(procedure) and "\nget_registration(serial_number: string): Look up" in system
+    # each argument's JSON type: customer_charge is an integer, and the CALL line does not ask for strings
+    assert (
+        "\nrecord_decision(claim_id: string, decision: string, coverage: string, customer_charge: integer): "
+        "Record the decision" in system
+    )
+    assert system.endswith(
+        'CALL <tool> {"<arg>": <value of its type>}\n'
+        'ANSWER {"decision": "...", "coverage": "...", "customer_charge": "..."}'
+    )
     assert env.tool_system_prompt() == f"{procedure}\nWhen you know the answer, call {ANSWER_TOOL} with it."
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in env.tools()}
     assert list(schemas) == [*env.domain.tools, ANSWER_TOOL]
@@ -193,7 +201,10 @@ def test_config_entries_take_heldout_fraction_and_nothing_else(tmp_path):
     # a plain string entry gets no env_kwargs (they are for class paths)
     cfg = load_config(None, values={"environment.domains": [ENTRY], "environment.env_kwargs": {"level": 3}})
     assert cfg.environment.entries() == [(ENTRY, {})]
-    with pytest.raises(ValueError, match=r"environment\.domains\[0\].*only the keyword argument heldout_fraction"):
+    with pytest.raises(
+        ValueError,
+        match=r"environment\.domains\[0\].*only the keyword arguments \['heldout_fraction', 'max_observation_chars'\]",
+    ):
         load_config(None, values={"environment.domains": [{"name": ENTRY, "kwargs": {"heldout": 0.25}}]})
     with pytest.raises(ValueError, match=r"environment\.domains\[0\].*heldout_fraction must be a number in \(0, 1\)"):
         load_config(None, values={"environment.domains": [{"name": ENTRY, "kwargs": {"heldout_fraction": 1.0}}]})
@@ -372,6 +383,214 @@ def test_tool_state_does_not_leak_between_episodes(env):
     assert json.loads(second.step(record).observation)["reference"] == "REC-WC-1043-1"
 
 
+# -- tools that misbehave: huge results, SystemExit, constructors, slow calls ------------------------------
+
+TOY_TOOLS = """
+import sys
+import time
+
+
+class ToyManager:
+    def __init__(self):
+        self.calls = 0
+
+    def big(self, size):
+        return "x" * size
+
+    def big_json(self, size):
+        return {"rows": ["y"] * size}
+
+    def fail_long(self, size):
+        raise ValueError("\\n" * size)
+
+    def leave(self, code):
+        sys.exit(code)
+
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    def nap(self, seconds):
+        time.sleep(seconds)
+        return "rested"
+
+    def note(self, text=None, extra=None):
+        return "noted"
+"""
+
+
+def toy_domain(tmp_path: Path, tools_py: str = TOY_TOOLS) -> Path:
+    """A small SOP-Bench-format folder whose tools misbehave on request (size, code, seconds are numbers)."""
+    folder = tmp_path / "toy"
+    folder.mkdir(parents=True)
+    (folder / "sop.txt").write_text("Answer the question.\n")
+    base = {"type": "object", "properties": {}, "required": []}
+    specs = []
+    for name, arguments in [
+        ("big", {"size": "integer"}),
+        ("big_json", {"size": "integer"}),
+        ("fail_long", {"size": "integer"}),
+        ("leave", {"code": "integer"}),
+        ("interrupt", {}),
+        ("nap", {"seconds": "number"}),
+    ]:
+        schema = {**base, "properties": {a: {"type": t} for a, t in arguments.items()}, "required": list(arguments)}
+        specs.append({"toolSpec": {"name": name, "description": f"{name} tool", "inputSchema": {"json": schema}}})
+    note = {"type": "object", "properties": {"text": {"type": ["string", "null"]}, "extra": {}}}
+    specs.append({"toolSpec": {"name": "note", "description": "note tool", "inputSchema": {"json": note}}})
+    (folder / "toolspecs.json").write_text(json.dumps(specs))
+    (folder / "tools.py").write_text(tools_py)
+    (folder / "test_set.csv").write_text("id,question,answer\nq1,one?,1\nq2,two?,2\n")
+    (folder / "metadata.json").write_text('{"output_columns": ["answer"], "id_column": "id"}')
+    return folder
+
+
+def toy_session(folder: Path, **kwargs):
+    toy = load_environment(f"sopbench:{folder}", **kwargs)
+    return toy, toy.start(task_of(toy, "q1"))
+
+
+def test_a_huge_tool_result_is_cut_to_the_cap_with_a_note_saying_how_much(tmp_path):
+    assert MAX_OBSERVATION_CHARS == 16_384
+    folder = toy_domain(tmp_path)
+    _, session = toy_session(folder)
+    result = session.step('CALL big {"size": 5000000}')
+    note = "\n[4983684 characters cut: a tool result is at most 16384 characters]"
+    assert (result.tool_ok, len(result.observation)) == (True, 16_384)
+    assert result.observation == "x" * (16_384 - len(note)) + note and 16_384 - len(note) + 4_983_684 == 5_000_000
+    assert session.step('CALL big {"size": 16384}').observation == "x" * 16_384  # at the cap: untouched
+    rows = session.step('CALL big_json {"size": 1000000}').observation  # a non-str result: its JSON is cut
+    assert (
+        len(rows) == 16_384
+        and rows.startswith('{"rows": ["y", "y"')
+        and rows.endswith(" characters cut: a tool result is at most 16384 characters]")
+    )
+    failed = session.step('CALL fail_long {"size": 5000000}')  # "\n" is 2 characters in JSON: cut inside
+    message = json.loads(failed.observation)["error"]  # still JSON
+    assert failed.tool_ok is False and len(failed.observation) <= 16_384 and len(failed.observation) >= 16_380
+    assert message.startswith("fail_long failed: ValueError: \n\n") and message.endswith(
+        " characters cut: a tool result is at most 16384 characters]"
+    )
+    # native tool calls get the same cut observation
+    _, native = toy_session(folder)
+    turn = AssistantTurn(tool_calls=(ToolCall("big", {"size": 5000000}, "c1"),))
+    assert native.respond(turn).tool_results[0].content == result.observation
+
+
+def test_max_observation_chars_is_an_entry_argument_checked_when_the_config_is_built(tmp_path):
+    folder = toy_domain(tmp_path)
+    _, session = toy_session(folder, max_observation_chars=300)
+    observation = session.step('CALL big {"size": 1000}').observation
+    note = "\n[762 characters cut: a tool result is at most 300 characters]"
+    assert observation == "x" * (300 - len(note)) + note and 300 - len(note) + 762 == 1000
+    entry = {"name": f"sopbench:{folder}", "kwargs": {"max_observation_chars": 4096}}
+    assert load_config(None, values={"environment.domains": [entry]}).environment.entries()[0][1] == {
+        "max_observation_chars": 4096
+    }
+    for bad in (255, True, 1000.0, "big"):
+        entry = {"name": f"sopbench:{folder}", "kwargs": {"max_observation_chars": bad}}
+        with pytest.raises(
+            ValueError, match=r"environment\.domains\[0\].*max_observation_chars must be a whole number .* >= 256"
+        ):
+            load_config(None, values={"environment.domains": [entry]})
+
+
+def test_a_tools_system_exit_is_an_error_observation_and_keyboard_interrupt_still_stops(tmp_path):
+    _, session = toy_session(toy_domain(tmp_path))
+    result = session.step('CALL leave {"code": 3}')
+    assert (result.tool_name, result.tool_ok, result.done) == ("leave", False, False)
+    assert json.loads(result.observation) == {"error": "leave failed: SystemExit: 3"}
+    assert session.step('CALL note {"text": "still here"}').observation == "noted"  # the episode goes on
+    with pytest.raises(KeyboardInterrupt):
+        session.step("CALL interrupt {}")
+
+
+CONSTRUCTORS = {
+    "needs an argument": (
+        "    def __init__(self, db_path):\n        self.db_path = db_path\n",
+        r"TypeError: .*missing 1 required positional argument: 'db_path'",
+    ),
+    "raises": ("    def __init__(self):\n        raise RuntimeError('no database')\n", "RuntimeError: no database"),
+    "exits": ("    def __init__(self):\n        raise SystemExit(2)\n", "SystemExit: 2"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONSTRUCTORS))
+def test_a_manager_that_cannot_be_made_is_refused_at_load_naming_tools_py_and_the_class(tmp_path, kind):
+    constructor, error = CONSTRUCTORS[kind]
+    tools_py = TOY_TOOLS.replace("    def __init__(self):\n        self.calls = 0\n", constructor)
+    folder = toy_domain(tmp_path, tools_py)
+    message = (
+        rf"toy/tools\.py: the manager class ToyManager cannot be made with no arguments \(one instance per "
+        rf"episode\): ToyManager\(\) raised {error}"
+    )
+    with pytest.raises(ValueError, match=message):
+        load_environment(f"sopbench:{folder}")
+    with pytest.raises(ValueError, match=r"environment\.domains\[0\] .*" + message):  # when the config is built
+        load_config(None, values={"environment.domains": [f"sopbench:{folder}"]})
+
+
+def test_a_system_exit_while_importing_tools_py_or_in_a_later_constructor_is_an_error(tmp_path):
+    folder = toy_domain(tmp_path, "raise SystemExit(4)\n" + TOY_TOOLS)
+    with pytest.raises(ValueError, match=r"importing .*toy/tools\.py raised SystemExit: 4"):
+        load_environment(f"sopbench:{folder}")
+    later = TOY_TOOLS.replace(
+        "    def __init__(self):\n        self.calls = 0\n",
+        "    made = 0\n\n    def __init__(self):\n        ToyManager.made += 1\n"
+        "        if ToyManager.made > 1:\n            raise SystemExit(5)\n",
+    )
+    toy = load_environment(f"sopbench:{toy_domain(tmp_path / 'later', later)}")  # the load's instance works
+    with pytest.raises(RuntimeError, match=r"ToyManager\(\) raised SystemExit\(5\)"):  # a fault the engine retries
+        toy.start(task_of(toy, "q1"))
+
+
+def test_the_tool_lines_show_each_arguments_json_type(tmp_path):
+    toy = load_environment(f"sopbench:{toy_domain(tmp_path)}")
+    lines = toy.system_prompt().splitlines()
+    assert lines[lines.index("Tools:") + 1 :] == [
+        "big(size: integer): big tool",
+        "big_json(size: integer): big_json tool",
+        "fail_long(size: integer): fail_long tool",
+        "leave(code: integer): leave tool",
+        "interrupt(): interrupt tool",
+        "nap(seconds: number): nap tool",
+        "note(text: string or null, extra): note tool",  # a union of types; no type given: the name alone
+        "Reply with one action per turn:",
+        'CALL <tool> {"<arg>": <value of its type>}',
+        'ANSWER {"answer": "..."}',
+    ]
+
+
+def test_a_slow_tool_runs_to_its_end_and_the_episode_then_ends_as_timeout(tmp_path, reference_policy):
+    """Tools run synchronously: rollout.timeout_s is checked between turns, after the call returns."""
+    import time
+
+    from rl_core.model.generation import Generation
+    from rl_core.rollout import RolloutSettings, collect_rollouts
+
+    toy = load_environment(f"sopbench:{toy_domain(tmp_path)}")
+    tokenizer, stop = reference_policy.tokenizer, reference_policy.episode_renderer().stop_id
+    moves = iter(['CALL nap {"seconds": 0.3}', 'ANSWER {"answer": "1"}'])
+
+    def sampler(keys, contexts, limits, temperature):
+        ids = [*tokenizer.encode(next(moves), add_special_tokens=False), stop]
+        return [Generation(ids, [-0.5] * len(ids), True)]
+
+    settings = RolloutSettings(max_turns=4, max_tokens_per_turn=40, context_window=2048, temperature=1.0, timeout_s=0.1)
+    started = time.monotonic()
+    (episode,) = collect_rollouts(
+        reference_policy,
+        [(toy, task_of(toy, "q1"))],
+        settings,
+        group_size=1,
+        run_id="slow",
+        iteration=1,
+        token_sampler=sampler,
+    )
+    assert time.monotonic() - started >= 0.3  # the nap was not interrupted
+    assert (episode.finish_reason, episode.reward, episode.num_turns) == ("timeout", pytest.approx(-0.1), 1)
+    assert [t.text for t in episode.turns if t.role == "tool"] == ["rested"]
+
+
 # -- the context budget -------------------------------------------------------------------------------------
 
 
@@ -387,17 +606,17 @@ def test_the_measured_prompt_of_the_long_procedure_fits_the_shipped_config(env, 
 
     cfg = load_config(CONFIG)
     budget = measure_context_budget(cfg, reference_policy.episode_renderer(), [env])
-    assert (budget.prompt_tokens, budget.tasks, budget.fits) == (4839, 52, True)
-    assert budget.total == 8 * (80 + 160) + 4839 <= cfg.policy.context_window <= reference_policy.max_positions
+    assert (budget.prompt_tokens, budget.tasks, budget.fits) == (4900, 52, True)
+    assert budget.total == 8 * (80 + 160) + 4900 <= cfg.policy.context_window <= reference_policy.max_positions
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["environment.prompt_tokens=4000"], r"over environment\.prompt_tokens \(4000\).*at least 4839"),
+        (["environment.prompt_tokens=4000"], r"over environment\.prompt_tokens \(4000\).*at least 4900"),
         (
             ["environment.prompt_tokens=100", "policy.context_window=6000"],
-            r"= 8 \* \(80 \+ 160\) \+ 4839 = 6759 > policy\.context_window \(6000\)",
+            r"= 8 \* \(80 \+ 160\) \+ 4900 = 6820 > policy\.context_window \(6000\)",
         ),
     ],
 )
@@ -425,10 +644,10 @@ def test_an_episode_that_outgrows_the_window_ends_as_context_overflow(env, refer
     from rl_core.model.generation import Generation
     from rl_core.rollout import collect_rollouts
 
-    overrides = ["rollout.max_turns=2", "environment.expected_tool_output=40", "policy.context_window=5120"]
+    overrides = ["rollout.max_turns=2", "environment.expected_tool_output=40", "policy.context_window=5184"]
     cfg = load_config(CONFIG, overrides)
     budget = measure_context_budget(cfg, reference_policy.episode_renderer(), [env])
-    assert budget.fits and budget.total == 2 * (80 + 40) + 4839 == 5079 <= 5120
+    assert budget.fits and budget.total == 2 * (80 + 40) + 4900 == 5140 <= 5184
     task = task_of(env, "WC-1043")
     moves = {
         0: ['CALL get_model_terms {"model_code": "AW-DSH-450"}', "unused"],
@@ -456,7 +675,7 @@ def test_an_episode_that_outgrows_the_window_ends_as_context_overflow(env, refer
     )
     assert overflow.prompt_tokens == answered.prompt_tokens <= budget.prompt_tokens <= cfg.environment.prompt_tokens
     assert (overflow.finish_reason, overflow.reward, overflow.num_turns) == ("context_overflow", pytest.approx(-0.1), 1)
-    assert len(overflow.tokens) <= 5120
+    assert len(overflow.tokens) <= 5184
     assert (answered.finish_reason, answered.reward) == ("answered", 1.0)
 
 

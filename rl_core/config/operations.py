@@ -27,7 +27,8 @@ class EnvironmentEntry(Section):
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword arguments for this entry's class, or heldout_fraction for a 'sopbench:' folder "
+        description="Keyword arguments for this entry's class, or heldout_fraction / max_observation_chars for a "
+        "'sopbench:' folder "
         "(built-in domains take none).",
     )
 

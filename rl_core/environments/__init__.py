@@ -87,7 +87,8 @@ def check_environment(name: str, kwargs: Mapping[str, Any] | None = None, domain
     `domains_dir`, which load_environment keeps for itself. A domain name must exist
     under `domains_dir` and, given explicitly with arguments, is refused: built-in domains
     take none. A "sopbench:<folder>" entry is loaded (`load_sopbench`: the folder's files are read
-    and checked, tools.py imported and its manager class found; only heldout_fraction is accepted).
+    and checked, tools.py imported and its manager class found and made once; only heldout_fraction and
+    max_observation_chars are accepted).
     Raises ValueError saying what is wrong.
     """
     kwargs = dict(kwargs or {})

@@ -1,8 +1,9 @@
 """SOP-Bench-format environments: a domain folder laid out like the public SOP-Bench benchmark's.
 
 Point a config at the folder: `environment.domains: ["sopbench:/path/to/domain"]`, or with arguments
-`{name: "sopbench:/path/to/domain", kwargs: {heldout_fraction: 0.3}}`. A relative path is resolved against
-the repository root when the folder is there (like `policy.path`), else against the working directory.
+`{name: "sopbench:/path/to/domain", kwargs: {heldout_fraction: 0.3, max_observation_chars: 8192}}` (the only
+two). A relative path is resolved against the repository root when the folder is there (like `policy.path`),
+else against the working directory.
 
 The folder (the file names are the benchmark's own: its registry requires sop.txt, tools.py, toolspecs.json
 and a test file, and its loader reads metadata.json):
@@ -13,6 +14,9 @@ and a test file, and its loader reads metadata.json):
                    metadata.json names (`manager_class`, a Turnstile addition), else the single class defined
                    in tools.py whose public methods include every tool name, else the single `...Manager` class
                    with a `process_tool_call(tool_name, arguments)` router (the benchmark's own convention).
+                   The class is made with no arguments (one instance per episode); the load (also run when
+                   the config is built) makes one to check that it can be: a constructor that needs arguments
+                   or raises is refused then, not at rollout time, where every episode would end as env_error.
   test_set.csv or test_set_with_outputs.csv (the first that exists, the benchmark's order)
                    one task a row, with a header: the input columns and the expected output columns.
   metadata.json    {"output_columns": [...] (required), "input_columns": [...] (default: every other column),
@@ -31,9 +35,26 @@ arguments become keyword arguments), then run as `manager.<tool>(**arguments)` (
 `process_tool_call` when the class has no such method) on a manager instantiated for that episode alone,
 so state a tool keeps (a recorded decision) never leaks into another episode. The result is the
 observation: a str as it is, anything else as JSON (`default=str` for what JSON cannot hold). A tool that
-raises is the policy's failed call, not an environment fault: the observation is {"error": "<tool> failed:
-<Exception>: <message>"}, tool_ok False, and the episode goes on. An unknown tool or arguments the schema
-refuses are error observations the same way.
+raises (any Exception, and SystemExit too: a tool's `sys.exit()` must not end the training run; only
+KeyboardInterrupt and the like pass through) is the policy's failed call, not an environment fault: the
+observation is {"error": "<tool> failed: <Exception>: <message>"}, tool_ok False, and the episode goes on.
+An unknown tool or arguments the schema refuses are error observations the same way.
+
+An observation is at most `max_observation_chars` characters (default MAX_OBSERVATION_CHARS = 16,384,
+about 4-5k tokens of English; at least MIN_OBSERVATION_CHARS = 256): a longer one keeps its beginning and
+ends with the note "[<n> characters cut: a tool result is at most <limit> characters]" on a line of its own,
+the whole still within the limit (an error observation is cut inside its message, so it stays JSON). This
+only keeps a runaway tool (a 5 MB string) from being tokenized whole; the context budget is not changed by
+it, and an observation that still does not fit the window ends the episode as context_overflow as before.
+
+Tools run synchronously inside `step()`/`respond()` with no time limit of their own: `rollout.timeout_s` is
+checked only between turns (a slow tool's episode ends as `timeout` after its call returns), so a call that
+never returns stalls the whole collection (no thread-based timeout, as a thread cannot be killed; give the
+network or subprocess calls in tools.py timeouts of their own).
+
+The system prompt of the text turn form lists each tool with the JSON type of every argument
+(`record_decision(claim_id: string, ..., customer_charge: integer): ...`, from the inputSchema's `type`)
+and asks for `CALL <tool> {"<arg>": <value of its type>}`, so an integer argument is not written as a string.
 
 Reward: the share of output fields answered exactly: a field matches when
 `str(answer).strip().lower() == str(expected).strip().lower()`, the comparison of the benchmark's metrics
@@ -82,7 +103,6 @@ from rl_core.environments.sop import (
     SPLITS,
     ProcedureSession,
     answer_tool_schema,
-    render_system_prompt,
     tool_system_prompt,
 )
 from rl_core.heldout_split import split_heldout
@@ -91,6 +111,9 @@ from rl_core.paths import REPO_ROOT
 PREFIX = "sopbench:"
 TEST_FILES = ("test_set.csv", "test_set_with_outputs.csv")
 DEFAULT_HELDOUT_FRACTION = 0.5
+MAX_OBSERVATION_CHARS = 16_384  # default cap on one observation, in characters (module docstring)
+MIN_OBSERVATION_CHARS = 256  # the smallest cap accepted: room for the note that says what was cut
+KWARGS = ("heldout_fraction", "max_observation_chars")  # what a "sopbench:" entry's kwargs may hold
 ROUTER = "process_tool_call"  # the benchmark's manager method that routes a call by tool name
 _TOOL_NAME = re.compile(r"[A-Za-z_]\w*\Z")  # a name the text action format (CALL <tool>) and a method can carry
 
@@ -170,55 +193,82 @@ class SOPBenchDomain:
             raise ValueError(f"SOP-Bench domain folder {folder} has no test file: expected one of {list(TEST_FILES)}")
         inputs, outputs, rows = _read_rows(test_file, metadata, folder / "metadata.json")
         manager_class = _manager_class(_import_tools(folder / "tools.py"), tools, metadata, folder)
+        try:  # made once here so that a constructor that cannot work is refused now, not in every episode
+            manager_class()
+        except (Exception, SystemExit) as err:
+            raise ValueError(
+                f"{folder / 'tools.py'}: the manager class {manager_class.__name__} cannot be made with no "
+                f"arguments (one instance per episode): {manager_class.__name__}() raised "
+                f"{type(err).__name__}: {err}"
+            ) from err
         return cls(folder, name.strip(), procedure, tools, manager_class, inputs, outputs, rows)
 
     def new_manager(self) -> Any:
-        """A fresh instance of the manager class (one per episode)."""
-        return self.manager_class()
+        """A fresh instance of the manager class (one per episode). A constructor's SystemExit is raised as
+        RuntimeError: an environment fault the rollout engine retries, never the end of the process."""
+        try:
+            return self.manager_class()
+        except SystemExit as err:
+            raise RuntimeError(f"{self.manager_class.__name__}() raised SystemExit({err.code!r})") from err
 
 
 class SOPBenchSession(ProcedureSession):
     """One episode: tool calls run on this episode's own manager instance."""
 
-    def __init__(self, domain: SOPBenchDomain, task: Task, manager: Any):
+    def __init__(
+        self, domain: SOPBenchDomain, task: Task, manager: Any, max_observation_chars: int = MAX_OBSERVATION_CHARS
+    ):
         super().__init__(domain.output_columns, task)
         self._domain = domain
         self.manager = manager
+        self.max_observation_chars = max_observation_chars
 
     def _call(self, call: ToolCall) -> StepResult:
         tool = self._domain.tools.get(call.tool)
         if tool is None:
             reason = f"unknown tool {call.tool!r}; the tools are {sorted(self._domain.tools)}"
-            return StepResult(observation=error_content(reason), tool_name=call.tool, tool_ok=False)
+            return self._failed(reason, call.tool)
         problem = tool.argument_problem(call.arguments)
         if problem is not None:
-            return StepResult(observation=error_content(problem), tool_name=tool.name, tool_ok=False)
+            return self._failed(problem, tool.name)
         method = getattr(self.manager, tool.name, None)
         try:
             if callable(method):
                 result = method(**call.arguments)
             else:
                 result = getattr(self.manager, ROUTER)(tool.name, dict(call.arguments))
-        except Exception as err:  # the policy's call failed: an observation, not an environment fault
-            reason = f"{tool.name} failed: {type(err).__name__}: {err}"
-            return StepResult(observation=error_content(reason), tool_name=tool.name, tool_ok=False)
-        return StepResult(observation=_observation(result), tool_name=tool.name, tool_ok=True)
+        except (Exception, SystemExit) as err:  # the policy's call failed: an observation, not an environment fault
+            return self._failed(f"{tool.name} failed: {type(err).__name__}: {err}", tool.name)
+        observation = cap_observation(_observation(result), self.max_observation_chars)
+        return StepResult(observation=observation, tool_name=tool.name, tool_ok=True)
+
+    def _failed(self, reason: str, tool_name: str) -> StepResult:
+        observation = capped_error(reason, self.max_observation_chars)
+        return StepResult(observation=observation, tool_name=tool_name, tool_ok=False)
 
 
 class SOPBenchEnvironment(Environment):
     """An Environment over one SOP-Bench-format folder (or a loaded `SOPBenchDomain`).
 
-    heldout_fraction: the share of rows in the `heldout` split, in (0, 1) (module docstring). Raises
-    ValueError for a bad folder (`SOPBenchDomain.load`) or fraction."""
+    heldout_fraction: the share of rows in the `heldout` split, in (0, 1); max_observation_chars: the most
+    characters of one observation, an int >= MIN_OBSERVATION_CHARS (module docstring). Raises ValueError for a
+    bad folder (`SOPBenchDomain.load`), fraction or cap."""
 
-    def __init__(self, domain: SOPBenchDomain | str | Path, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION):
+    def __init__(
+        self,
+        domain: SOPBenchDomain | str | Path,
+        heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+        max_observation_chars: int = MAX_OBSERVATION_CHARS,
+    ):
         check_heldout_fraction(heldout_fraction)
+        check_max_observation_chars(max_observation_chars)
         self.domain = domain if isinstance(domain, SOPBenchDomain) else SOPBenchDomain.load(resolve_folder(str(domain)))
         self.name = self.domain.name
         self.heldout_fraction = float(heldout_fraction)
+        self.max_observation_chars = int(max_observation_chars)
         tools = [ToolSchema(t.name, t.description, t.schema) for t in self.domain.tools.values()]
         self._tool_schemas = [*tools, answer_tool_schema(self.domain.output_columns)]
-        self._system_prompt = render_system_prompt(self.domain.procedure_text, tools, self.domain.output_columns)
+        self._system_prompt = render_typed_system_prompt(self.domain.procedure_text, tools, self.domain.output_columns)
         every = [self._task(task_id, row) for task_id, row in self.domain.rows]
         part = split_heldout(every, self.heldout_fraction)
         self._splits = {
@@ -257,7 +307,7 @@ class SOPBenchEnvironment(Environment):
         missing = [column for column in self.domain.output_columns if column not in task.expected]
         if missing:
             raise ValueError(f"task {task.task_id} has no expected value for {missing}")
-        return SOPBenchSession(self.domain, task, self.domain.new_manager())
+        return SOPBenchSession(self.domain, task, self.domain.new_manager(), self.max_observation_chars)
 
 
 def check_heldout_fraction(value: Any) -> None:
@@ -267,14 +317,91 @@ def check_heldout_fraction(value: Any) -> None:
         raise ValueError(f"heldout_fraction must be a number in (0, 1), got {value!r}")
 
 
+def check_max_observation_chars(value: Any) -> None:
+    """Raise ValueError unless `value` is an int (not a bool) >= MIN_OBSERVATION_CHARS."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= MIN_OBSERVATION_CHARS):
+        raise ValueError(
+            f"max_observation_chars must be a whole number of characters >= {MIN_OBSERVATION_CHARS}, got {value!r}"
+        )
+
+
 def load_sopbench(name: str, kwargs: Mapping[str, Any] | None = None) -> SOPBenchEnvironment:
-    """The environment of a "sopbench:<path>" entry with its keyword arguments (only `heldout_fraction`).
-    Raises ValueError naming an unknown argument, a bad value, or the folder's missing or invalid file."""
+    """The environment of a "sopbench:<path>" entry with its keyword arguments (`heldout_fraction`,
+    `max_observation_chars`). Raises ValueError naming an unknown argument, a bad value, or the folder's
+    missing or invalid file."""
     kwargs = dict(kwargs or {})
-    unknown = sorted(set(kwargs) - {"heldout_fraction"})
+    unknown = sorted(set(kwargs) - set(KWARGS))
     if unknown:
-        raise ValueError(f"SOP-Bench-format entries take only the keyword argument heldout_fraction, got {unknown}")
+        raise ValueError(f"SOP-Bench-format entries take only the keyword arguments {list(KWARGS)}, got {unknown}")
     return SOPBenchEnvironment(resolve_folder(name), **kwargs)
+
+
+def cut_note(cut: int, limit: int) -> str:
+    """The line that ends a cut observation: how many characters were cut and the limit."""
+    return f"\n[{cut} characters cut: a tool result is at most {limit} characters]"
+
+
+def cap_observation(text: str, limit: int) -> str:
+    """`text` when it has at most `limit` characters, else its beginning and `cut_note`, `limit` characters or
+    fewer in all (the note counts the characters of `text` that are not shown)."""
+    return _cut(text, limit, limit)
+
+
+def _cut(text: str, room: int, limit: int) -> str:
+    """`text` if it has at most `room` characters, else its beginning and the note (saying `limit`) in `room`
+    characters (in the note alone when `room` is shorter than it)."""
+    if len(text) <= room:
+        return text
+    keep = max(0, room - len(cut_note(len(text), limit)))  # the note for the largest possible cut: never too long
+    while (more := room - len(cut_note(len(text) - keep, limit))) > keep:  # a shorter count leaves room: use it
+        keep = more
+    return text[:keep] + cut_note(len(text) - keep, limit)
+
+
+def capped_error(reason: str, limit: int) -> str:
+    """`error_content(reason)` of at most `limit` characters: the reason is cut (`cap_observation`) to the
+    longest length whose JSON, which escapes may lengthen, fits (a binary search); always valid JSON."""
+    content = error_content(reason)
+    if len(content) <= limit:
+        return content
+    low, high = 0, min(len(reason), limit)  # the reason cut to `low` characters fits; to `high + 1`, not
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(error_content(_cut(reason, middle, limit))) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return error_content(_cut(reason, low, limit))
+
+
+def render_typed_system_prompt(procedure_text: str, tools: list[ToolSchema], answer_fields: tuple[str, ...]) -> str:
+    """The text-form system prompt: as sop.py's `render_system_prompt` (the procedure, a line per tool, the
+    CALL / ANSWER syntax), but each argument shows its JSON type (`name(serial_number: string, customer_charge:
+    integer): description`; the schema's `type`, alternatives joined by " or ", none shown when it has none)
+    and the CALL line asks for values of those types, as SOP-Bench tools take integers and numbers."""
+    lines = []
+    for tool in tools:
+        properties = tool.parameters.get("properties", {})
+        arguments = ", ".join(_typed_argument(name, schema) for name, schema in properties.items())
+        lines.append(f"{tool.name}({arguments}): {tool.description}")
+    answer = ", ".join(f'"{field}": "..."' for field in answer_fields)
+    return "\n".join(
+        [
+            procedure_text,
+            "Tools:",
+            *lines,
+            "Reply with one action per turn:",
+            'CALL <tool> {"<arg>": <value of its type>}',
+            f"ANSWER {{{answer}}}",
+        ]
+    )
+
+
+def _typed_argument(name: str, schema: Any) -> str:
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(kind, list) and kind and all(isinstance(k, str) for k in kind):
+        kind = " or ".join(kind)
+    return f"{name}: {kind}" if isinstance(kind, str) else name
 
 
 def _with_split(task: Task, split: str) -> Task:
@@ -421,7 +548,7 @@ def _import_tools(path: Path) -> ModuleType:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         sys.modules.pop(module_name, None)
         raise ValueError(f"importing {path} raised {type(err).__name__}: {err}") from err
     return module
