@@ -5,10 +5,14 @@ Contract of `evaluate_flow(settings)`:
   `champion` (the version of `tracking.registered_model` holding the alias `champion`; skipped with
   a logged note when there is none), `version:N` (version N of it) or a checkpoint folder on the
   machine that runs the flow (a relative path is resolved against the repository root, then the
-  working directory). Empty: `start` and `champion`. `settings.checkpoint` and `settings.version`
+  working directory, to an absolute path; the folder must hold a model a policy loads from:
+  `checkpoint_problem`). Empty: `start` and `champion`. `settings.checkpoint` and `settings.version`
   add that one model (given alone, only that model is evaluated, as before `models` existed). A
-  spec given twice is evaluated once. Registry versions are downloaded into a temporary folder
-  under the run directory (removed afterwards) and read, never changed.
+  model given twice (the same spec, two spellings of one folder, `start` and its own folder,
+  `champion` and `version:N` of the champion's version) is evaluated once, under the first spec and
+  label; each repeat is listed in `skipped` with the reason "given twice: ..." (logged, and a line of
+  the table's notes). Registry versions are downloaded into a temporary folder under the run
+  directory (removed afterwards) and read, never changed.
 - How: each model on the same tasks, the way the train flow evaluates (`evaluation.*`: greedy
   pass@1, and sampled pass@k / pass^k unless `samples` is off; `part`: all the held-out tasks, or
   only the gate or the selection part of them, `Evaluator.evaluate`). One `Evaluator` (one set of
@@ -25,30 +29,39 @@ Contract of `evaluate_flow(settings)`:
   (`comparison/comparison.md`, `comparison/comparison.png`): they belong to the job, not to any one
   model, and logging them on every model run would store copies that could disagree after a retry.
 - Where (files and Prefect): `<storage.run_dir>/<run_id>/` holds `comparison.md`, `comparison.png`
-  and `reports/<model>.json` (each `EvalReport.to_dict()`); the table and the PNG are also Prefect
+  and `reports/<model>.json`, each {"model" (the spec), "label", "evaluated", "version" (registry
+  version or null), "step", "part", "eval_tasks_hash", "report" (`EvalReport.to_dict()`: read it back
+  with `EvalReport.from_dict(data["report"])`)}; `<model>` is the label as a slug (`artifact_slug`,
+  made unique with -2, -3 when two labels share one); the table and the PNG are also Prefect
   artifacts (`eval-comparison-<run_id>`, `eval-comparison-plot-<run_id>`), beside each model's
   metric summary (`eval-<run_id>-<model>-step-<step>`).
-- `run_id` defaults to `eval-<UTC time>-<6 hex digits>`.
+- `run_id` defaults to `eval-<UTC time>-<6 hex digits>`. A run id already in use is refused
+  (`check_run_id_free`): an existing `<storage.run_dir>/<run_id>` folder (an earlier evaluation, or
+  a training run), or a run of that Turnstile run id (or of one of this job's model runs) in the
+  config's experiment. Reusing it would add a second set of metrics at the same steps to the old
+  MLflow runs and mix old and new files in the folder.
 
 Returns {run_id, models: [{model (the spec), label, evaluated, version (registry version or None),
 step, run_id, mlflow_run_id, pass_at_1, eval_tasks_hash, metrics, report (`EvalReport.to_dict()`)},
 ...] in the order given, skipped: [{model, reason}], table (markdown), plot (the PNG's path), folder,
 part, samples, mlflow_uri, mlflow_run_id (the parent run)}.
 
-Errors, raised before anything is evaluated: ValueError for a malformed spec (`version:x`) or no
-model left to evaluate, FileNotFoundError for a checkpoint folder that does not exist (an unknown
-word is read as a folder name), PermanentError (tasks/tracking.py) for a registry version that does
-not exist.
+Errors, raised before anything is created (no folder, no MLflow run): ValueError for a malformed
+spec (`version:x`), no model left to evaluate, a folder that is not a checkpoint (a run folder, say:
+"<path> is not a checkpoint folder (no config.json)") or a run id in use; FileNotFoundError for a
+checkpoint folder that does not exist (an unknown word is read as a folder name); PermanentError
+(tasks/tracking.py) for a registry version that does not exist.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -72,7 +85,7 @@ from tasks.promote import (
     read_registry_version_task,
 )
 from tasks.registry import RegistryVersion
-from tasks.tracking import Tracker, end_tracking, start_tracking, task_set_hash
+from tasks.tracking import RUN_ID_TAG, Tracker, end_tracking, mlflow_client, start_tracking, task_set_hash
 from tasks.validate import artifact_slug
 
 EVALUATED_TAG = "turnstile.evaluated"
@@ -119,20 +132,59 @@ def parse_model_spec(spec: str) -> ModelSpec:
 @dataclass(frozen=True)
 class Target:
     """A model resolved to something loadable: a local `path` (the starting policy's path or a checkpoint
-    folder) or a `registered` version to download. `label` names it in tables and run names; `evaluated` is
-    the `turnstile.evaluated` tag."""
+    folder) or a `registered` version to download. `label` names it in tables; `slug` (the label as
+    `artifact_slug`, unique among the targets) names its report file and MLflow run; `evaluated` is the
+    `turnstile.evaluated` tag; `identity` is the same for two specs naming one model (an absolute folder,
+    a hub id, or the registry version)."""
 
     spec: str
     label: str
     evaluated: str
+    identity: str
+    slug: str = ""
     path: str | None = None
     registered: RegistryVersion | None = None
 
 
-def local_checkpoint(cfg: RunConfig, checkpoint: str) -> Path:
-    """The folder `checkpoint` names (relative: against the repository root, then the working directory).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
-    Raises FileNotFoundError, naming the spec, when there is no such folder."""
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What keeps `folder` from loading as a policy (`rl_core.model.policy.load_policy`), in a few words, or None.
+
+    A checkpoint (rl_core/runs/checkpoint.py) or model folder holds `config.json`, weights (one of
+    `WEIGHT_FILES`) and a tokenizer (one of `TOKENIZER_FILES`); a LoRA checkpoint holds `adapter_config.json`
+    and the adapter weights (one of `ADAPTER_FILES`; its tokenizer may be its base's). A GGUF file is not
+    loaded directly: rl_core/model/gguf.py `convert_gguf` turns it into a model folder first."""
+
+    def has(*names: str) -> bool:
+        return any((folder / n).is_file() for n in names)
+
+    if has("adapter_config.json"):
+        return None if has(*ADAPTER_FILES) else f"no adapter weights ({' or '.join(ADAPTER_FILES)})"
+    if not has("config.json"):
+        if any(folder.glob("*.gguf")):
+            return "no config.json; a GGUF file loads only once rl_core/model/gguf.py convert_gguf made a folder of it"
+        return "no config.json"
+    if not has(*WEIGHT_FILES):
+        return f"no model weights ({' or '.join(WEIGHT_FILES)})"
+    if not has(*TOKENIZER_FILES):
+        return f"no tokenizer ({' or '.join(TOKENIZER_FILES)})"
+    return None
+
+
+def local_checkpoint(cfg: RunConfig, checkpoint: str) -> Path:
+    """The absolute folder `checkpoint` names (relative: against the repository root, then the working directory).
+
+    Raises FileNotFoundError, naming the spec, when there is no such folder, and ValueError when the folder
+    holds no model (`checkpoint_problem`: "<folder> is not a checkpoint folder (no config.json)")."""
     folder = Path(_policy_config(cfg, checkpoint, "probe").resolved_policy_path())
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -140,7 +192,30 @@ def local_checkpoint(cfg: RunConfig, checkpoint: str) -> Path:
             f"{checkpoint!r} exists on this machine (a relative path is read against the repository root, then "
             f"the working directory {Path.cwd()})"
         )
-    return folder.resolve()
+    folder = folder.resolve()
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise ValueError(f"model {checkpoint!r}: {folder} is not a checkpoint folder ({problem})")
+    return folder
+
+
+def _start_identity(cfg: RunConfig) -> str:
+    """The starting policy as a `Target.identity`: its absolute folder, or the hub id as given."""
+    path = Path(cfg.resolved_policy_path())
+    return str(path.resolve()) if path.is_dir() else cfg.policy.path
+
+
+def _unique_slugs(labels: list[str]) -> list[str]:
+    """`artifact_slug` of each label, with -2, -3, ... added to a slug an earlier label already has."""
+    slugs: list[str] = []
+    for label in labels:
+        base = slug = artifact_slug(label)
+        n = 1
+        while slug in slugs:
+            n += 1
+            slug = f"{base}-{n}"
+        slugs.append(slug)
+    return slugs
 
 
 def resolve_models(
@@ -149,23 +224,25 @@ def resolve_models(
     read_version: Callable[[RunConfig, int | str | None], RegistryVersion],
     read_champion: Callable[[RunConfig], str | None],
 ) -> tuple[list[Target], list[dict[str, str]]]:
-    """The targets of `specs` (each parsed by `parse_model_spec`; a repeated spec once) and the skipped ones
-    ({"model", "reason"}: `champion` when `read_champion` finds none).
+    """The targets of `specs` (each parsed by `parse_model_spec`) and the skipped ones ({"model", "reason"}:
+    `champion` when `read_champion` finds none; a spec naming a model an earlier spec names, "given twice").
 
     `read_version(cfg, n)` reads version n of `tracking.registered_model` (tasks.registry.registry_version,
     or its Prefect task); `read_champion(cfg)` the version holding `champion` (None: none). Raises
-    ValueError (malformed spec, nothing left), FileNotFoundError (no such checkpoint folder) or what
-    `read_version` raises for a missing version (PermanentError)."""
+    ValueError (malformed spec, nothing left, a folder that is not a checkpoint), FileNotFoundError (no such
+    checkpoint folder) or what `read_version` raises for a missing version (PermanentError)."""
     parsed = [parse_model_spec(s) for s in specs]
-    targets: list[Target] = []
+    found: list[Target] = []
     skipped: list[dict[str, str]] = []
     name = cfg.tracking.registered_model
-    for spec in dict.fromkeys(parsed):  # once each, in order
+    for spec in parsed:
         if spec.kind == "start":
-            targets.append(Target(spec.spec, "start", f"starting policy {cfg.policy.path}", path=cfg.policy.path))
+            target = Target(
+                spec.spec, "start", f"starting policy {cfg.policy.path}", _start_identity(cfg), path=cfg.policy.path
+            )
         elif spec.kind == "checkpoint":
             folder = local_checkpoint(cfg, spec.spec)
-            targets.append(Target(spec.spec, spec.spec, f"checkpoint {folder}", path=str(folder)))
+            target = Target(spec.spec, spec.spec, f"checkpoint {folder}", str(folder), path=str(folder))
         elif spec.kind == "champion":
             held = read_champion(cfg)
             if held is None:
@@ -176,11 +253,19 @@ def resolve_models(
             registered = read_version(cfg, held)
             label = f"champion (v{registered.version})"
             evaluated = f"{name} champion version {registered.version}"
-            targets.append(Target(spec.spec, label, evaluated, registered=registered))
+            target = Target(spec.spec, label, evaluated, f"{name} version {registered.version}", registered=registered)
         else:
             registered = read_version(cfg, spec.version)
             label = f"version {registered.version}"
-            targets.append(Target(spec.spec, label, f"{name} version {registered.version}", registered=registered))
+            evaluated = f"{name} version {registered.version}"
+            target = Target(spec.spec, label, evaluated, evaluated, registered=registered)
+        first = next((t for t in found if t.identity == target.identity), None)
+        if first is None:
+            found.append(target)
+        else:
+            same = "" if first.spec == spec.spec else f"the same model as {first.spec!r}, "
+            skipped.append({"model": spec.spec, "reason": f"given twice: {same}evaluated once as {first.label!r}"})
+    targets = [replace(t, slug=slug) for t, slug in zip(found, _unique_slugs([t.label for t in found]))]
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two models would share a name in the comparison: {labels}")
@@ -191,6 +276,33 @@ def resolve_models(
             + f"; give models ({MODEL_SPEC_HELP})"
         )
     return targets, skipped
+
+
+def model_run_id(run_id: str, target: Target) -> str:
+    """The Turnstile run id (and MLflow run name) of one model's evaluation in job `run_id`: `<run_id>-<slug>`."""
+    return f"{run_id}-{target.slug}"
+
+
+def check_run_id_free(cfg: RunConfig, run_id: str, targets: list[Target]) -> None:
+    """Raise ValueError, naming `run_id` and saying to choose another, when an evaluation job `run_id` of
+    `targets` would reuse something: the folder `<storage.run_dir>/<run_id>` exists, or the config's
+    experiment (`tracking.experiment`) holds a run tagged `turnstile.run_id` `run_id` (the job's parent run)
+    or `model_run_id(run_id, target)` of a target. Reads only: creates no folder, experiment or run (the
+    run directory itself is made if missing, for the SQLite store)."""
+    folder = Path(cfg.storage.run_dir) / run_id
+    again = "choose another run id (or give none for a fresh eval-<UTC time>-<hex>)"
+    if folder.exists():
+        raise ValueError(f"run id {run_id!r} is already used: {folder} exists; {again}")
+    client = mlflow_client(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return
+    for name in (run_id, *(model_run_id(run_id, t) for t in targets)):
+        if client.search_runs([experiment.experiment_id], f"tags.`{RUN_ID_TAG}` = '{name}'", max_results=1):
+            raise ValueError(
+                f"run id {run_id!r} is already used: MLflow experiment {cfg.tracking.experiment!r} has a run "
+                f"{name!r}; {again}"
+            )
 
 
 # --------------------------------------------------------------------------- the flow's parameters
@@ -239,13 +351,14 @@ class EvaluateSettings(RunSettings):
 
     def model_specs(self) -> list[str]:
         """The specs to evaluate, in order: `models` (default `start`, `champion` unless a checkpoint or
-        version is given), then `checkpoint` and `version:<version>`; each once."""
+        version is given), then `checkpoint` and `version:<version>`. A repeat stays (`resolve_models`
+        evaluates it once and notes it)."""
         specs = list(self.models or ([] if self.checkpoint or self.version is not None else DEFAULT_MODELS))
         if self.checkpoint:
             specs.append(self.checkpoint)
         if self.version is not None:
             specs.append(f"version:{self.version}")
-        return list(dict.fromkeys(s.strip() for s in specs))
+        return [s.strip() for s in specs]
 
     def typed_values(self) -> dict[str, Any]:
         extra = {} if self.max_tasks is None else {"evaluation.max_tasks": self.max_tasks}
@@ -336,26 +449,33 @@ def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, 
     targets, skipped = resolve_models(cfg, settings.model_specs(), read_registry_version_task, champion_version_task)
     for s in skipped:
         logger.info("%s skipped: %s", s["model"], s["reason"])
+    check_run_id_free(cfg, run_id, targets)
     which = "all the" if settings.part == "all" else f"the {settings.part} part of the"
     logger.info("evaluating %s on %s held-out tasks", ", ".join(t.label for t in targets), which)
 
     folder = Path(cfg.storage.run_dir) / run_id
-    (folder / "reports").mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True)  # not exist_ok: of two jobs started with one run id, the second stops here
+    except FileExistsError:
+        raise ValueError(f"run id {run_id!r} is already used: {folder} exists; choose another run id") from None
+    (folder / "reports").mkdir()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars per registry download
     parent = start_tracking(cfg, run_id)
     evaluator = Evaluator.from_config(cfg)
     models: list[dict[str, Any]] = []
     try:
         for target in targets:
-            model_run_id = f"{run_id}-{artifact_slug(target.label)}"
             with contextlib.ExitStack() as scratch:
                 if target.registered is not None:
                     download = scratch.enter_context(tempfile.TemporaryDirectory(dir=folder, prefix=".download-"))
                     local = download_registry_version_task(cfg, target.registered, download)
                 else:
                     local = Path(target.path)
-                entry = _evaluate_target(cfg, evaluator, target, local, model_run_id, parent, run_id, settings)
+                entry = _evaluate_target(
+                    cfg, evaluator, target, local, model_run_id(run_id, target), parent, run_id, settings
+                )
             write_text_atomically(
-                folder / "reports" / f"{artifact_slug(target.label)}.json", json.dumps(entry["report"], indent=1)
+                folder / "reports" / f"{target.slug}.json", json.dumps(report_file(entry, settings.part), indent=1)
             )
             models.append(entry)
         reports = {m["label"]: EvalReport.from_dict(m["report"]) for m in models}
@@ -392,19 +512,30 @@ def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, 
     }
 
 
+def report_file(entry: dict[str, Any], part: str) -> dict[str, Any]:
+    """The content of `reports/<model>.json` for one model's entry of the flow's result: which model, step,
+    part and task set, and the report (`EvalReport.from_dict(data["report"])` reads it back)."""
+    keys = ("model", "label", "evaluated", "version", "step")
+    return {
+        **{k: entry[k] for k in keys},
+        "part": part,
+        "eval_tasks_hash": entry["eval_tasks_hash"],
+        "report": entry["report"],
+    }
+
+
 def _notes(
     cfg: RunConfig, settings: EvaluateSettings, models: list[dict[str, Any]], skipped: list[dict[str, str]]
 ) -> list[str]:
     """The lines under the comparison's title: what was evaluated on which tasks, and what was skipped."""
     e = cfg.evaluation
     sampled = (
-        f"pass@k / pass^k from {e.num_samples} episodes per task at temperature {e.sample_temperature}"
+        f"{e.num_samples} sampled episodes per task at temperature {e.sample_temperature}"
         if settings.samples
         else "greedy only (no samples)"
     )
     lines = [
-        f"Tasks: {e.split} split, {settings.part} part, task-set hash {models[0]['eval_tasks_hash']}; "
-        f"pass@1 (greedy) at temperature 0; {sampled}.",
+        f"Tasks: {e.split} split, {settings.part} part, task-set hash {models[0]['eval_tasks_hash']}; {sampled}.",
         "",
         *(f"- {m['label']}: {m['evaluated']}, step {m['step']}" for m in models),
     ]

@@ -7,8 +7,9 @@ SPEC is `start` (the config's policy.path), `champion`, `version:N` (a registere
 a checkpoint folder; without `--model`: start and champion (the champion is skipped, with a note,
 when there is none). It runs the Prefect flow `turnstile-evaluate` (flows/evaluate.py) and prints
 the comparison table and where the results are. What is wrong with the request (a malformed spec,
-a missing checkpoint folder, a registry version that does not exist, a bad config value) is
-checked before the flow starts and printed as one line (`turnstile: ...`), exit code 2.
+a missing checkpoint folder or one that holds no model, a registry version that does not exist, a
+`--run-id` already used by an earlier run, a bad config value) is checked before the flow starts
+and printed as one line (`turnstile: ...`), exit code 2.
 
 Wire it into a parser with `add_evaluate_command(subparsers)` and dispatch with
 `run_evaluate_command(args)`.
@@ -75,7 +76,7 @@ def run_evaluate_command(args: Any) -> int:
         return _fail(f"bad config: {config_error_line(err)}")
     prepare_environment(cfg)  # before Prefect is imported
 
-    from flows.evaluate import EvaluateSettings, evaluate_flow, resolve_models
+    from flows.evaluate import EvaluateSettings, check_run_id_free, evaluate_flow, resolve_models
     from tasks.registry import champion_version, registry_version
     from tasks.tracking import PermanentError, mlflow_client
 
@@ -90,12 +91,14 @@ def run_evaluate_command(args: Any) -> int:
             run_id=args.run_id,
         )
         cfg = settings.load()
-        resolve_models(  # the same checks the flow makes, before a Prefect server starts
+        targets, _ = resolve_models(  # the same checks the flow makes, before a Prefect server starts
             cfg,
             settings.model_specs(),
             registry_version,
             lambda c: champion_version(mlflow_client(c), c.tracking.registered_model),
         )
+        if cfg.storage.run_id:  # a default run id is made fresh by the flow
+            check_run_id_free(cfg, cfg.storage.run_id, targets)
     except ValidationError as err:
         return _fail(config_error_line(err))
     except (ValueError, FileNotFoundError, PermanentError) as err:

@@ -11,7 +11,7 @@ names them; over all tasks the report's `val/<metric>`):
 | header | metric | meaning |
 | --- | --- | --- |
 | pass@1 (greedy) | `pass_at_1` | greedy (temperature 0) share of tasks solved |
-| pass@k, pass^k | `pass_at_k/<k>`, `pass_hat_k/<k>` | sampled, per k of `pass_k` (no pass^1: it is pass@1) |
+| pass@k (sampled), pass^k (sampled) | `pass_at_k/<k>`, `pass_hat_k/<k>` | per k of `pass_k` (no pass^1: it is pass@1) |
 | reward | `reward_mean` | mean greedy reward |
 | reward: <name> | `reward_component/<name>` | mean of each reward component any report logged |
 | turns | `turns_mean` | mean policy turns of a greedy episode |
@@ -22,8 +22,18 @@ names them; over all tasks the report's `val/<metric>`):
 | tasks | (count) | tasks scored |
 
 A metric a report lacks shows as "—": pass@k of a greedy-only evaluation, or a reward component no task of
-that scope logged (a task without a component that others in its scope logged counts 0 in the mean). Shares, pass and
-reward values are written with 3 decimals, turns and tokens with 1, tasks as a whole number.
+that scope logged. Shares, pass and reward values are written with 3 decimals, turns and tokens with 1,
+tasks as a whole number.
+
+`Comparison.markdown()` says so in words: a caption under the title (`caption()`: pass@1 greedy, pass@k /
+pass^k sampled, every other column of the greedy episodes) and a footnote under the table over all
+environments (`component_footnote()`). A reward component counts 0 on a task that does not log it (an
+environment's own answer fields, or an episode that never answered), exactly as the report's (and
+MLflow's) `val/reward_component/<name>` does; so over all environments a component that only some
+environments log is diluted by the other environments' tasks. The table keeps that mean rather than one
+over the logging tasks only, so that its cells are the numbers MLflow shows, and the footnote names, per
+such component, the environments that log it and their share of the tasks (the per-environment tables
+hold the undiluted value).
 
 Reports are comparable only when scored on the same tasks: `compare` raises ValueError naming the
 models whose task set differs from the first model's (`check_same_tasks`).
@@ -32,7 +42,7 @@ models whose task set differs from the first model's (`check_same_tasks`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rl_core.evaluation import EvalReport
 
@@ -73,9 +83,9 @@ def columns(reports: Mapping[str, EvalReport]) -> list[Column]:
     components = sorted({name for r in reports.values() for name in _components(r)})
     cols = [Column("pass_at_1", "pass@1 (greedy)", 3)]
     for k in ks:
-        cols.append(Column(f"pass_at_k/{k}", f"pass@{k}", 3))
+        cols.append(Column(f"pass_at_k/{k}", f"pass@{k} (sampled)", 3))
         if k > 1:  # pass^1 is pass@1 (both the share of sampled episodes that succeed)
-            cols.append(Column(f"pass_hat_k/{k}", f"pass^{k}", 3))
+            cols.append(Column(f"pass_hat_k/{k}", f"pass^{k} (sampled)", 3))
     cols.append(Column("reward_mean", "reward", 3))
     cols += [Column(f"reward_component/{name}", f"reward: {name}", 3) for name in components]
     cols += [
@@ -97,6 +107,21 @@ def _components(report: EvalReport) -> set[str]:
     prefix = "val/reward_component/"
     names = {n.removeprefix(prefix) for n in report.metrics if n.startswith(prefix)}
     return {n for n in names if not any(n.endswith(f"/{env}") for env in report.environments)}
+
+
+def _env_of(report: EvalReport, key: str) -> str | None:
+    """The environment of task `key` ("<env>/<task id>"; env names may not hold "/")."""
+    if key in report.outcomes:
+        return report.outcomes[key].env_name
+    return next((env for env in report.environments if key.startswith(f"{env}/")), None)
+
+
+def _component_environments(report: EvalReport, name: str) -> set[str]:
+    """The environments in which some task of `report` logged reward component `name` (for a record without
+    per-task outcomes: those with a `val/reward_component/<name>/<env>` metric)."""
+    if report.outcomes:
+        return {o.env_name for o in report.outcomes.values() if name in o.reward_components}
+    return {env for env in report.environments if f"val/reward_component/{name}/{env}" in report.metrics}
 
 
 def check_same_tasks(reports: Mapping[str, EvalReport]) -> None:
@@ -160,6 +185,10 @@ class Comparison:
     environments: list[str]
     columns: list[Column]
     values: dict[str, dict[str, dict[str, float]]]
+    component_envs: dict[str, list[str]] = field(default_factory=dict)
+    """Reward component name -> the environments where some report logged it (in `environments` order)."""
+    env_tasks: dict[str, int] = field(default_factory=dict)
+    """Environment -> how many tasks of it were scored (the same for every report)."""
 
     @property
     def scopes(self) -> list[str]:
@@ -178,14 +207,56 @@ class Comparison:
         lines += ["| " + " | ".join(_escape(cell) for cell in row) + " |" for row in self.rows(scope)]
         return "\n".join(lines)
 
+    @property
+    def sampled(self) -> bool:
+        """Whether some report has sampled metrics (pass@k / pass^k cells that are not "—")."""
+        sampled = [c.metric for c in self.columns if c.metric.startswith("pass_at_k/")]
+        return any(metric in row for metric in sampled for row in self.values[ALL].values())
+
+    def caption(self) -> str:
+        """The line under the title that says which episodes each column is of."""
+        sampled = "; pass@k / pass^k (sampled): from the sampled episodes of each task" if self.sampled else ""
+        return (
+            f"pass@1 (greedy): share of tasks the greedy (temperature 0) episode solved{sampled}; reward, its "
+            "components, turns, response tokens, truncated, max_turns and env_error: means and shares of the greedy "
+            "episodes (one per task)."
+        )
+
+    def component_footnote(self) -> str | None:
+        """The note under the table over all environments on how reward components are averaged (module
+        docstring), naming each component only some environments log; None without reward components."""
+        if not self.component_envs:
+            return None
+        total = sum(self.env_tasks.values())
+        partial = [
+            f"`{name}` in {', '.join(envs)} only ({sum(self.env_tasks.get(e, 0) for e in envs)} of {total} tasks)"
+            for name, envs in sorted(self.component_envs.items())
+            if set(envs) != set(self.environments)
+        ]
+        note = (
+            "Reward components: a task that does not log a component counts 0 in its mean (as MLflow's "
+            "`val/reward_component/<name>`)"
+        )
+        if not partial:
+            return note + "."
+        return (
+            f"{note}, so over all environments a component some environments lack is diluted by their tasks: "
+            + "; ".join(partial)
+            + ". The environment tables show it undiluted."
+        )
+
     def markdown(self, title: str = "Evaluation comparison", notes: list[str] | tuple[str, ...] = ()) -> str:
-        """The whole comparison: a `# title`, `notes` as lines under it, then a `## <scope>` section with its
-        table for all environments and for each environment."""
-        lines = [f"# {title}", ""]
+        """The whole comparison: a `# title`, the `caption()` and `notes` as lines under it, then a `## <scope>`
+        section with its table for all environments (and `component_footnote()` under it) and for each
+        environment."""
+        lines = [f"# {title}", "", self.caption(), ""]
         if notes:
             lines += [*notes, ""]
         for scope in self.scopes:
             lines += [f"## {scope}", "", self.table(scope), ""]
+            footnote = self.component_footnote() if scope == ALL else None
+            if footnote:
+                lines += [footnote, ""]
         return "\n".join(lines)
 
 
@@ -201,4 +272,17 @@ def compare(reports: Mapping[str, EvalReport]) -> Comparison:
     values = {ALL: {label: scope_metrics(r, None) for label, r in reports.items()}}
     for env in environments:
         values[env] = {label: scope_metrics(r, env) for label, r in reports.items()}
-    return Comparison(list(reports), environments, columns(reports), values)
+    cols = columns(reports)
+    component_envs = {}
+    for c in cols:
+        if c.metric.startswith("reward_component/"):
+            name = c.metric.removeprefix("reward_component/")
+            logged = set().union(*(_component_environments(r, name) for r in reports.values()))
+            component_envs[name] = [env for env in environments if env in logged]
+    first = next(iter(reports.values()))
+    env_tasks = {env: 0 for env in environments}
+    for key in first.task_success:
+        env = _env_of(first, key)
+        if env is not None:
+            env_tasks[env] += 1
+    return Comparison(list(reports), environments, cols, values, component_envs, env_tasks)

@@ -50,9 +50,9 @@ def candidate_report() -> EvalReport:
 HEADER = [
     "model",
     "pass@1 (greedy)",
-    "pass@1",
-    "pass@2",
-    "pass^2",
+    "pass@1 (sampled)",
+    "pass@2 (sampled)",
+    "pass^2 (sampled)",
     "reward",
     "reward: fields",
     "reward: format",
@@ -117,9 +117,9 @@ def test_values_are_the_reports_own_metrics():
 
 
 def test_markdown_has_a_section_per_scope_under_the_title():
-    text = compare({"start": start_report()}).markdown("Evaluation eval-1", notes=["champion: none yet"])
-    lines = text.splitlines()
-    assert lines[:3] == ["# Evaluation eval-1", "", "champion: none yet"]
+    comparison = compare({"start": start_report()})
+    lines = comparison.markdown("Evaluation eval-1", notes=["champion: none yet"]).splitlines()
+    assert lines[:5] == ["# Evaluation eval-1", "", comparison.caption(), "", "champion: none yet"]
     assert [line for line in lines if line.startswith("## ")] == ["## all environments", "## refunds", "## inventory"]
     assert sum(line.startswith("| start |") for line in lines) == 3
 
@@ -162,3 +162,51 @@ def test_component_names_with_a_slash_and_records_without_outcomes():
     _, _, new_row, old_row = cells(comparison.table("refunds"))
     assert new_row[1:3] == ["0.500", "0.750"] and old_row[1:3] == ["0.500", "—"]  # the old record: pass@1 only
     assert new_row[-1] == old_row[-1] == "2"
+
+
+def test_the_caption_says_which_episodes_each_column_is_of():
+    sampled = compare({"start": start_report(), "candidate": candidate_report()})
+    assert sampled.caption() == (
+        "pass@1 (greedy): share of tasks the greedy (temperature 0) episode solved; pass@k / pass^k (sampled): "
+        "from the sampled episodes of each task; reward, its components, turns, response tokens, truncated, "
+        "max_turns and env_error: means and shares of the greedy episodes (one per task)."
+    )
+    greedy = compare({"candidate": candidate_report()})
+    assert "sampled" not in greedy.caption() and "sampled" not in greedy.table(ALL)
+    lines = sampled.markdown("T").splitlines()
+    assert lines[2] == sampled.caption()
+
+
+def test_a_footnote_under_the_table_over_all_environments_names_the_diluted_components():
+    # `format` is logged in inventory only (1 of 3 tasks): over all tasks its mean counts refunds' 2 tasks as 0
+    comparison = compare({"start": start_report(), "candidate": candidate_report()})
+    assert comparison.component_envs == {"fields": ["refunds", "inventory"], "format": ["inventory"]}
+    assert comparison.env_tasks == {"refunds": 2, "inventory": 1}
+    footnote = (
+        "Reward components: a task that does not log a component counts 0 in its mean (as MLflow's "
+        "`val/reward_component/<name>`), so over all environments a component some environments lack is diluted "
+        "by their tasks: `format` in inventory only (1 of 3 tasks). The environment tables show it undiluted."
+    )
+    assert comparison.component_footnote() == footnote
+    lines = comparison.markdown().splitlines()
+    table_end = lines.index("## refunds") - 1
+    assert lines[table_end - 1] == footnote and lines[table_end - 3].startswith("| candidate |")
+    assert lines.count(footnote) == 1  # under the table over all environments only
+    # 0.167 over all tasks is inventory's 0.5 diluted by refunds' 2 tasks: 0.5 * 1/3
+    assert comparison.values[ALL]["start"]["reward_component/format"] == pytest.approx(0.5 / 3)
+    assert comparison.values["inventory"]["start"]["reward_component/format"] == 0.5
+
+
+def test_the_component_footnote_also_reads_records_without_outcomes_and_is_short_when_nothing_is_diluted():
+    record = start_report().to_dict()
+    del record["outcomes"]
+    old = compare({"old": EvalReport.from_dict(record)})
+    assert old.component_envs == {"fields": ["refunds", "inventory"], "format": ["inventory"]}
+    assert old.env_tasks == {"refunds": 2, "inventory": 1}
+    everywhere = compare({"candidate": candidate_report()})  # `fields` logged in both environments
+    assert everywhere.component_footnote() == (
+        "Reward components: a task that does not log a component counts 0 in its mean (as MLflow's "
+        "`val/reward_component/<name>`)."
+    )
+    no_components = EvalReport.from_outcomes([outcome("refunds", "r1", True, 1.0, "answered", 2, 10, {})])
+    assert compare({"x": no_components}).component_footnote() is None

@@ -20,6 +20,7 @@ import flows.cli
 from flows.evaluate import DEFAULT_MODELS, EvaluateSettings, parse_model_spec
 from rl_core.comparison import ALL, compare
 from rl_core.evaluation import EvalReport
+from tasks.validate import artifact_slug
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 
@@ -47,13 +48,103 @@ def test_model_specs_parse_and_default_to_start_and_champion():
     # checkpoint and version keep working: alone they are the one model; with models they are added
     assert EvaluateSettings(checkpoint="runs/a/step-1").model_specs() == ["runs/a/step-1"]
     assert EvaluateSettings(version=2).model_specs() == ["version:2"]
+    # a repeat stays in the specs: resolve_models evaluates it once and notes it
     assert EvaluateSettings(models=["start", "version:2"], version=2, checkpoint="c").model_specs() == [
         "start",
         "version:2",
         "c",
+        "version:2",
     ]
     with pytest.raises(ValueError, match="version:N"):
         EvaluateSettings(models=["version:two"])
+
+
+# --------------------------------------------------------------------------- resolving specs to models
+
+
+def fake_registry(champion: str | None = "3"):
+    """`read_version` and `read_champion` for resolve_models over a registry whose versions all exist."""
+    from tasks.registry import RegistryVersion
+
+    def read_version(cfg, version):
+        return RegistryVersion("turnstile-policy", str(version), f"file:///v{version}", None, str(version) == champion)
+
+    return read_version, lambda cfg: champion
+
+
+def test_one_model_named_twice_is_evaluated_once_with_a_note(tmp_path, monkeypatch):
+    from flows.evaluate import resolve_models
+    from rl_core.config import load_config
+
+    cfg = load_config(None)
+    checkpoint = perturbed_checkpoint(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    specs = [
+        "start",
+        "checkpoints/step-000005",
+        "./checkpoints/step-000005/",  # the same folder, spelled differently
+        str(checkpoint),
+        "start",
+        str(REFERENCE),  # the starting policy's own folder
+        "champion",
+        "version:3",  # the champion's version
+        "version:4",
+    ]
+    targets, skipped = resolve_models(cfg, specs, *fake_registry("3"))
+    assert [(t.spec, t.label, t.slug) for t in targets] == [
+        ("start", "start", "start"),
+        ("checkpoints/step-000005", "checkpoints/step-000005", "checkpoints-step-000005"),
+        ("champion", "champion (v3)", "champion-v3"),
+        ("version:4", "version 4", "version-4"),
+    ]
+    assert targets[1].path == str(checkpoint) and Path(targets[1].path).is_absolute()
+    assert skipped == [
+        {"model": "./checkpoints/step-000005/", "reason": "given twice: the same model as "
+         "'checkpoints/step-000005', evaluated once as 'checkpoints/step-000005'"},
+        {"model": str(checkpoint), "reason": "given twice: the same model as 'checkpoints/step-000005', "
+         "evaluated once as 'checkpoints/step-000005'"},
+        {"model": "start", "reason": "given twice: evaluated once as 'start'"},
+        {"model": str(REFERENCE), "reason": "given twice: the same model as 'start', evaluated once as 'start'"},
+        {"model": "version:3", "reason": "given twice: the same model as 'champion', evaluated once as "
+         "'champion (v3)'"},
+    ]  # fmt: skip
+
+
+def test_two_models_whose_names_make_one_slug_get_files_and_runs_of_their_own(tmp_path, monkeypatch):
+    from flows.evaluate import resolve_models
+    from rl_core.config import load_config
+
+    for name in ("a b", "a_b"):
+        shutil.copytree(REFERENCE, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    targets, _ = resolve_models(load_config(None), ["a b", "a_b"], *fake_registry(None))
+    assert [t.slug for t in targets] == ["a-b", "a-b-2"]
+
+
+def test_a_folder_without_a_model_is_not_a_checkpoint(tmp_path):
+    from flows.evaluate import checkpoint_problem
+
+    run_folder = tmp_path / "run"
+    (run_folder / "checkpoints").mkdir(parents=True)
+    (run_folder / "config.yaml").write_text("iterations: 2\n")
+    assert checkpoint_problem(run_folder) == "no config.json"
+    assert checkpoint_problem(REFERENCE) is None
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(REFERENCE, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert checkpoint_problem(no_weights).startswith("no model weights (model.safetensors or ")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(REFERENCE, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
+    assert checkpoint_problem(no_tokenizer).startswith("no tokenizer (tokenizer.json or ")
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "model.Q4_1.gguf").write_bytes(b"GGUF")
+    assert "convert_gguf" in checkpoint_problem(gguf)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert checkpoint_problem(adapter) == "no adapter weights (adapter_model.safetensors or adapter_model.bin)"
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert checkpoint_problem(adapter) is None
 
 
 # --------------------------------------------------------------------------- the command line's errors
@@ -85,6 +176,35 @@ def test_cli_refuses_a_missing_checkpoint_folder_in_one_line(capsys, run_dir):
     line = cli_error(capsys, run_dir, "--model", "no/such/checkpoint")
     assert "no checkpoint folder 'no/such/checkpoint' exists" in line
     assert line.startswith("turnstile: model 'no/such/checkpoint' is neither start, champion nor version:N")
+
+
+def test_cli_refuses_a_folder_that_is_not_a_checkpoint_before_anything_is_created(capsys, run_dir):
+    run_folder = run_dir / "trained"  # a training run's folder, not one of its checkpoints
+    (run_folder / "checkpoints").mkdir(parents=True)
+    line = cli_error(capsys, run_dir, "--model", str(run_folder), "--run-id", "eval-x")
+    assert line == f"turnstile: model {str(run_folder)!r}: {run_folder} is not a checkpoint folder (no config.json)"
+    assert not (run_dir / "eval-x").exists()
+
+
+def test_cli_refuses_a_run_id_already_used_before_anything_is_created(capsys, run_dir):
+    (run_dir / "eval-a" / "reports").mkdir(parents=True)  # an earlier evaluation's folder
+    line = cli_error(capsys, run_dir, "--model", "start", "--run-id", "eval-a")
+    assert line == (
+        f"turnstile: run id 'eval-a' is already used: {run_dir / 'eval-a'} exists; choose another run id (or give "
+        "none for a fresh eval-<UTC time>-<hex>)"
+    )
+    # no folder, but an MLflow run of that name in the config's experiment (the folder was removed)
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.create_experiment("turnstile")
+    client.create_run(experiment, run_name="eval-b", tags={"turnstile.run_id": "eval-b"})
+    line = cli_error(capsys, run_dir, "--model", "start", "--run-id", "eval-b")
+    assert line.startswith("turnstile: run id 'eval-b' is already used: MLflow experiment 'turnstile' has a run")
+    # ... or a model run the job would make
+    client.create_run(experiment, run_name="eval-c-start", tags={"turnstile.run_id": "eval-c-start"})
+    line = cli_error(capsys, run_dir, "--model", "start", "--run-id", "eval-c")
+    assert "has a run 'eval-c-start'; choose another run id" in line
+    assert not (run_dir / "eval-b").exists() and not (run_dir / "eval-c").exists()
+    assert len(client.search_runs([experiment])) == 2  # none made
 
 
 def test_cli_refuses_a_registry_version_that_does_not_exist_in_one_line(capsys, run_dir):
@@ -142,12 +262,14 @@ def test_evaluate_flow_scores_two_models_side_by_side(prefect_harness, tmp_path,
     run_dir.mkdir()
     shutil.copy(empty_store, run_dir / "mlflow.db")
     checkpoint = perturbed_checkpoint(tmp_path)
-    settings = EvaluateSettings(
-        overrides=SMALL, run_dir=str(run_dir), run_id="eval-two", models=["start", str(checkpoint)]
-    )
+    models = ["start", str(checkpoint), f"{checkpoint}/"]  # the checkpoint twice: evaluated once
+    settings = EvaluateSettings(overrides=SMALL, run_dir=str(run_dir), run_id="eval-two", models=models)
     result = evaluate_flow(settings)
 
     assert [m["label"] for m in result["models"]] == ["start", str(checkpoint)]
+    note = f"given twice: the same model as {str(checkpoint)!r}, evaluated once as {str(checkpoint)!r}"
+    assert result["skipped"] == [{"model": f"{checkpoint}/", "reason": note}]
+    assert f"- {checkpoint}/: skipped ({note})" in result["table"]
     assert [m["step"] for m in result["models"]] == [0, 5]
     reports = {m["label"]: EvalReport.from_dict(m["report"]) for m in result["models"]}
     assert all(len(r.task_success) == 6 and r.pass_k == (1, 2) for r in reports.values())  # 3 envs x 2 tasks
@@ -201,7 +323,23 @@ def test_evaluate_flow_scores_two_models_side_by_side(prefect_harness, tmp_path,
     # the PNG, on disk and in Prefect; the table in Prefect
     plot = Path(result["plot"])
     assert plot == folder / "comparison.png" and plot.read_bytes()[:8] == PNG_MAGIC
-    assert json.loads((folder / "reports" / "start.json").read_text()) == result["models"][0]["report"]
+    start = result["models"][0]
+    assert json.loads((folder / "reports" / "start.json").read_text()) == {
+        "model": "start",
+        "label": "start",
+        "evaluated": start["evaluated"],
+        "version": None,
+        "step": 0,
+        "part": "all",
+        "eval_tasks_hash": start["eval_tasks_hash"],
+        "report": start["report"],
+    }
+    stored = json.loads((folder / "reports" / f"{artifact_slug(str(checkpoint))}.json").read_text())
+    assert (stored["model"], stored["step"]) == (str(checkpoint), 5)
+    assert EvalReport.from_dict(stored["report"]).task_success == reports[str(checkpoint)].task_success
+    assert sorted(p.name for p in (folder / "reports").iterdir()) == sorted(
+        ["start.json", f"{artifact_slug(str(checkpoint))}.json"]
+    )
     table_artifact = Artifact.get("eval-comparison-eval-two")
     assert table_artifact is not None and table_artifact.type == "markdown"
     assert "## refunds" in str(table_artifact.data)
@@ -245,3 +383,13 @@ def test_evaluate_flow_defaults_to_start_and_champion(prefect_harness, tmp_path,
     gate = EvalReport.from_dict(both["models"][0]["report"])
     assert set(gate.task_success) < set(EvalReport.from_dict(alone["models"][0]["report"]).task_success)
     assert not list(run_dir.glob("eval-both/.download-*"))  # the downloaded champion is removed
+
+    # the same run id again: refused before anything is created, the first job's runs untouched
+    client = MlflowClient(both["mlflow_uri"])
+    experiment = client.get_experiment_by_name("turnstile").experiment_id
+    before = {r.info.run_id: r.data.metrics for r in client.search_runs([experiment])}
+    with pytest.raises(ValueError, match="run id 'eval-both' is already used: .* exists; choose another run id"):
+        evaluate_flow(EvaluateSettings(run_id="eval-both", **common))
+    assert {r.info.run_id: r.data.metrics for r in client.search_runs([experiment])} == before
+    [point] = client.get_metric_history(both["models"][0]["mlflow_run_id"], "val/pass_at_1")
+    assert point.value == both["models"][0]["pass_at_1"]
