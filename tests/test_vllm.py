@@ -38,7 +38,11 @@ def need_vllm() -> None:
 def server(tmp_path_factory):
     need_vllm()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with VLLMServer(python=VLLM_PYTHON, model=str(REFERENCE), port=8031, log_path=log, threads=1) as running:
+    # the served length as a run sets it (policy.context_window): the reference config allows 8192 positions, more
+    # than the default --max-num-batched-tokens 2048 that vLLM needs without chunked pre-fill
+    with VLLMServer(
+        python=VLLM_PYTHON, model=str(REFERENCE), port=8031, log_path=log, threads=1, max_model_len=1024
+    ) as running:
         yield running
 
 
@@ -181,6 +185,18 @@ def test_a_missing_vllm_venv_is_named_with_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="make vllm"):
         server.start()
     assert Path(tmp_path / "l").exists() is False
+
+
+def test_a_server_that_exits_while_starting_is_reported_with_its_status_and_log(tmp_path):
+    """This venv has no vLLM: `python -m vllm...` exits 1 at once, and the error says so with the log's tail."""
+    import sys
+
+    from rl_core.vllm.server import VLLMServerError
+
+    server = VLLMServer(python=Path(sys.executable), model=str(REFERENCE), port=8036, log_path=tmp_path / "log")
+    with pytest.raises(VLLMServerError, match=r"exited with status 1 while starting(.|\n)*No module named"):
+        server.start()
+    assert not server.alive()
 
 
 def test_turnstile_train_runs_two_iterations_on_a_vllm_server(prefect_harness, tmp_path):

@@ -148,10 +148,11 @@ class VLLMServer:
         deadline = time.monotonic() + self.startup_timeout_s
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    self.stop()  # its children too
+                status = self.process.poll()
+                if status is not None:
+                    self.stop()  # its children too (and forgets the process)
                     raise VLLMServerError(
-                        f"the vLLM server exited with status {self.process.returncode} while starting; "
+                        f"the vLLM server exited with status {status} while starting; "
                         f"{self.log_path}:\n{log_tail(self.log_path)}"
                     )
                 try:
