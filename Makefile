@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(PY) -m flows.cli demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
