@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,20 +273,25 @@ def tool_system_prompt(procedure_text: str) -> str:
     return f"{procedure_text}\nWhen you know the answer, call {ANSWER_TOOL} with it."
 
 
-def render_system_prompt(procedure_text: str, tools: list[ToolSchema], answer_fields: tuple[str, ...]) -> str:
-    """The text-format system prompt: the procedure, one line per tool (`name(arguments): description`, the
-    arguments being the names in its JSON schema's `properties`), and the CALL / ANSWER syntax."""
-    lines = [f"{t.name}({', '.join(t.parameters.get('properties', {}))}): {t.description}" for t in tools]
+def render_system_prompt(
+    procedure_text: str,
+    tools: list[ToolSchema],
+    answer_fields: tuple[str, ...],
+    *,
+    argument: Callable[[str, Any], str] = lambda name, schema: name,
+    call_line: str = 'CALL <tool> {"<arg>": "<value>"}',
+) -> str:
+    """The text-format system prompt: the procedure, one line per tool (`name(arguments): description`, each
+    argument of its JSON schema's `properties` written by `argument(name, schema)`: the name by default), and
+    the CALL (`call_line`) / ANSWER syntax."""
+    lines = [
+        f"{t.name}({', '.join(argument(name, schema) for name, schema in t.parameters.get('properties', {}).items())})"
+        f": {t.description}"
+        for t in tools
+    ]
     answer = ", ".join(f'"{field}": "..."' for field in answer_fields)
     return "\n".join(
-        [
-            procedure_text,
-            "Tools:",
-            *lines,
-            "Reply with one action per turn:",
-            'CALL <tool> {"<arg>": "<value>"}',
-            f"ANSWER {{{answer}}}",
-        ]
+        [procedure_text, "Tools:", *lines, "Reply with one action per turn:", call_line, f"ANSWER {{{answer}}}"]
     )
 
 

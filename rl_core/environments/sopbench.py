@@ -103,6 +103,7 @@ from rl_core.environments.sop import (
     SPLITS,
     ProcedureSession,
     answer_tool_schema,
+    render_system_prompt,
     tool_system_prompt,
 )
 from rl_core.heldout_split import split_heldout
@@ -268,7 +269,14 @@ class SOPBenchEnvironment(Environment):
         self.max_observation_chars = int(max_observation_chars)
         tools = [ToolSchema(t.name, t.description, t.schema) for t in self.domain.tools.values()]
         self._tool_schemas = [*tools, answer_tool_schema(self.domain.output_columns)]
-        self._system_prompt = render_typed_system_prompt(self.domain.procedure_text, tools, self.domain.output_columns)
+        # each argument with its JSON type: SOP-Bench tools take integers and numbers, not only strings
+        self._system_prompt = render_system_prompt(
+            self.domain.procedure_text,
+            tools,
+            self.domain.output_columns,
+            argument=_typed_argument,
+            call_line='CALL <tool> {"<arg>": <value of its type>}',
+        )
         every = [self._task(task_id, row) for task_id, row in self.domain.rows]
         part = split_heldout(every, self.heldout_fraction)
         self._splits = {
@@ -372,29 +380,6 @@ def capped_error(reason: str, limit: int) -> str:
         else:
             high = middle - 1
     return error_content(_cut(reason, low, limit))
-
-
-def render_typed_system_prompt(procedure_text: str, tools: list[ToolSchema], answer_fields: tuple[str, ...]) -> str:
-    """The text-form system prompt: as sop.py's `render_system_prompt` (the procedure, a line per tool, the
-    CALL / ANSWER syntax), but each argument shows its JSON type (`name(serial_number: string, customer_charge:
-    integer): description`; the schema's `type`, alternatives joined by " or ", none shown when it has none)
-    and the CALL line asks for values of those types, as SOP-Bench tools take integers and numbers."""
-    lines = []
-    for tool in tools:
-        properties = tool.parameters.get("properties", {})
-        arguments = ", ".join(_typed_argument(name, schema) for name, schema in properties.items())
-        lines.append(f"{tool.name}({arguments}): {tool.description}")
-    answer = ", ".join(f'"{field}": "..."' for field in answer_fields)
-    return "\n".join(
-        [
-            procedure_text,
-            "Tools:",
-            *lines,
-            "Reply with one action per turn:",
-            'CALL <tool> {"<arg>": <value of its type>}',
-            f"ANSWER {{{answer}}}",
-        ]
-    )
 
 
 def _typed_argument(name: str, schema: Any) -> str:
