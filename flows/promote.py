@@ -37,7 +37,7 @@ from flows.parameters import RunSettings
 from rl_core.config import RunConfig
 from rl_core.evaluation import EvalReport
 from rl_core.gate import GateDecision
-from tasks.gate import gate_baseline, gate_candidate
+from tasks.gate import gate_artifact_key, gate_baseline, gate_candidate
 from tasks.promote import (
     champion_version_task,
     promote_task,
@@ -116,6 +116,7 @@ def _gated_decider(
             baseline_name=name,
             champion_version=champion_version,
             label=f"version {registered.version}",
+            key=gate_artifact_key(f"{registered.name}-v{registered.version}"),
         )
         if not settings.reason:
             return decision
@@ -140,7 +141,7 @@ def _manual_decider(
             champion_version=champion_version_task(cfg),
         )
         create_markdown_artifact(
-            key="gate-decision",
+            key=gate_artifact_key(f"{registered.name}-v{registered.version}"),
             markdown=f"# Promotion: version {registered.version} promoted by hand\n\n{reasons[0]}",
             description=f"Version {registered.version} promoted by hand",
         )

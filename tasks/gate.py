@@ -2,8 +2,10 @@
 
 The rules are `rl_core.gate.decide` (pure). `gate_candidate` is the Prefect task: it decides on the
 candidate's and the baseline's greedy evaluations of the gate tasks, logs the decision and publishes it as
-a markdown artifact (key `gate-decision`). A decision is not a fault, so it never retries, and it is never
-cached (each gate publishes its own artifact). The baseline is the registry champion, re-evaluated on the
+a markdown artifact whose key names what was gated (`gate_artifact_key`: `gate-<run id>` for a training run,
+`gate-<registered model>-v<version>` for the promote flow), so each decision is found apart in the Prefect
+UI. A decision is not a fault, so it never retries, and it is never cached (each gate publishes its own
+artifact). The baseline is the registry champion, re-evaluated on the
 candidate's gate tasks (`gate_baseline`), or, with no champion yet, the starting policy. `gate_run` gates a
 training run's best candidate once and promotes it by compare-and-set, re-applying a recorded decision on a
 re-run.
@@ -30,6 +32,7 @@ from rl_core.gate import (
 )
 from rl_core.runs.ledger import RunLedger
 from tasks.promote import Champion, PromotionResult, champion_task, promote_task, settle_promotion
+from tasks.validate import artifact_slug
 
 
 @task(name="gate-candidate", cache_policy=NONE)
@@ -41,18 +44,25 @@ def gate_candidate(
     baseline_name: str | None = None,
     champion_version: str | None = None,
     label: str = "candidate",
+    key: str,
 ) -> GateDecision:
     """Decide (`rl_core.gate.decide`) on the candidate's and the baseline's greedy evaluations of the same gate
-    tasks, log the decision with its reasons and publish it as the `gate-decision` artifact.
+    tasks, log the decision with its reasons and publish it as the markdown artifact `key` (`gate_artifact_key`).
     `champion_version`: the registry version holding `champion` when deciding (None: none)."""
     decision = decide(candidate, baseline, cfg, baseline_name=baseline_name, champion_version=champion_version)
     get_run_logger().info("gate: %s %s (%s)", label, decision.outcome, "; ".join(decision.reasons))
     create_markdown_artifact(
-        key="gate-decision",
+        key=key,
         markdown=decision.to_markdown(label),
         description=f"Gate decision for {label}: {decision.outcome}",
     )
     return decision
+
+
+def gate_artifact_key(what: str) -> str:
+    """The Prefect artifact key of a gate decision on `what` (a run id, or "<registered model>-v<version>"):
+    "gate-" and `what` in lowercase letters, digits and dashes."""
+    return f"gate-{artifact_slug(what)}"
 
 
 def gate_baseline(
@@ -98,7 +108,13 @@ def gate_run(
         gate_report = best.report.part("gate")
         champion_version, name, baseline = gate_baseline(cfg, best.version, gate_report, starting, evaluate_champion)
         return gate_candidate(
-            gate_report, baseline, cfg.gate, baseline_name=name, champion_version=champion_version, label=label
+            gate_report,
+            baseline,
+            cfg.gate,
+            baseline_name=name,
+            champion_version=champion_version,
+            label=label,
+            key=gate_artifact_key(str(cfg.storage.run_id)),
         )
 
     def record_and_promote(decision: GateDecision) -> PromotionResult:

@@ -387,7 +387,7 @@ def test_prefect_tasks_retry_transient_failures_and_publish_the_gate(prefect_har
     from prefect import flow
     from prefect.artifacts import Artifact
 
-    from tasks.gate import gate_candidate
+    from tasks.gate import gate_artifact_key, gate_candidate
     from tasks.promote import champion_task, promote_task, register_checkpoint_task, rollback_task
     from tasks.tracking import end_tracking, log_metrics_task, start_tracking
 
@@ -411,7 +411,14 @@ def test_prefect_tasks_retry_transient_failures_and_publish_the_gate(prefect_har
         report = EvalReport.from_outcomes([TaskOutcome("refunds", "t1", True, 1.0, "answered")])
         start = EvalReport.from_outcomes([TaskOutcome("refunds", "t1", False, 0.0, "answered")])
         gate = cfg.gate.model_copy(update={"confidence": 0.5})  # one task solved that the start did not: p = 0.5
-        decision = gate_candidate(report, start, gate, baseline_name="starting policy", champion_version=None)
+        decision = gate_candidate(
+            report,
+            start,
+            gate,
+            baseline_name="starting policy",
+            champion_version=None,
+            key=gate_artifact_key("run-test"),
+        )
         assert promote_task(cfg, version, decision, decision.champion_version).applied
         refused = rollback_task(cfg, return_state=True)
         end_tracking(tracker)
@@ -426,5 +433,5 @@ def test_prefect_tasks_retry_transient_failures_and_publish_the_gate(prefect_har
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/pass_at_1")] == [(0, 0.5)]
     assert decision.promote and champion(client, MODEL) == Champion(version, 0.5)
     assert isinstance(refused, PromotionError)  # a permanent refusal: failed at once, not after 7 s of retries
-    artifact = Artifact.get("gate-decision")
+    artifact = Artifact.get("gate-run-test")
     assert artifact is not None and "candidate promoted" in artifact.data

@@ -84,6 +84,8 @@ def test_two_iterations_end_to_end(prefect_harness, tmp_path):
         reward_curve is not None and reward_curve.type == "image" and "data:image/png;base64," in str(reward_curve.data)
     )
     assert Artifact.get("doctor-e2e") is not None
+    gate_card = Artifact.get("gate-e2e")  # the gate's card carries the run in its key and shows its baseline
+    assert gate_card is not None and "| starting policy |" in str(gate_card.data)
     assert "champion" not in {alias for v in versions for alias in v.aliases} and summary["champion_version"] is None
     from flows.cli import closing_summary
 
