@@ -169,13 +169,9 @@ def _at_most(value: float, bound: float) -> bool:
 
 def _floor_check(candidate: float, cfg: GateConfig) -> Check:
     floor = cfg.min_pass_at_1
-    if _at_least(candidate, floor):
-        return Check(
-            "min_pass_at_1", True, candidate, floor, f"gate pass@1 {candidate:.3f} reaches the floor {floor:.3f}"
-        )
-    return Check(
-        "min_pass_at_1", False, candidate, floor, f"gate pass@1 {candidate:.3f} is below the floor {floor:.3f}"
-    )
+    passed = _at_least(candidate, floor)
+    reason = f"gate pass@1 {candidate:.3f} {'reaches' if passed else 'is below'} the floor {floor:.3f}"
+    return Check("min_pass_at_1", passed, candidate, floor, reason)
 
 
 def decide_simple(
