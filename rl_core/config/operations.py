@@ -202,6 +202,26 @@ class TrackingConfig(Section):
     )
     experiment: str = Field("turnstile", min_length=1, description="MLflow experiment name.")
     registered_model: str = Field("turnstile-policy", min_length=1, description="MLflow registry name of the policy.")
+    ui_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s]+$",
+        description="Base address of the MLflow UI that shows this store (links in logs, Prefect artifacts and the "
+        "closing summary); default: the tracking URI when it is an http(s) server, else http://127.0.0.1:5000 (what "
+        "`mlflow ui` serves).",
+    )
+    traced_episodes: int = Field(
+        4,
+        ge=0,
+        le=256,
+        description="Episodes of each training batch logged as MLflow traces (a deterministic sample; 0: none).",
+    )
+    traced_eval_episodes: int = Field(
+        16,
+        ge=0,
+        le=4096,
+        description="Greedy evaluation episodes logged as MLflow traces per evaluation (a deterministic sample of the "
+        "held-out tasks; 0: none).",
+    )
 
 
 class GateConfig(Section):
