@@ -69,14 +69,15 @@ class ValidationReport:
         return {c.name: c.passed for c in self.checks}
 
     def as_rows(self) -> list[dict[str, str]]:
-        """One row per check (plus the zero-variance group share), for a Prefect table artifact."""
+        """One row per check (plus the zero-variance group share), for a Prefect table artifact: check,
+        status, message (the plain-English explanation, early so it is on screen), observed, expected."""
         rows = [
             {
                 "check": c.name,
                 "status": "passed" if c.passed else "FAILED",
+                "message": c.message,
                 "observed": _display(c.observed),
                 "expected": c.expected,
-                "message": c.message,
             }
             for c in self.checks
         ]
@@ -85,14 +86,14 @@ class ValidationReport:
             {
                 "check": ZERO_VARIANCE_ROW,
                 "status": "info",
-                "observed": "n/a" if frac is None else f"{frac:.1%}",
-                "expected": "reported, not gated",
                 "message": (
                     "No groups to inspect."
                     if frac is None
                     else f"{frac:.1%} of {self.groups} groups are zero-variance groups (all rewards equal: "
                     "zero advantage, no learning signal)."
                 ),
+                "observed": "n/a" if frac is None else f"{frac:.1%}",
+                "expected": "reported, not gated",
             }
         )
         return rows

@@ -4,7 +4,7 @@
 typed iteration records, `diagnose`, and the action on a reward collapse from
 `doctor.on_collapse`) and logs each new symptom with its metric and first change to try, and the
 action. The loop (rl_core/loop.py) applies the decision. `publish_findings_task` publishes what
-was seen as a Prefect markdown artifact at the end of the run.
+was seen as a Prefect markdown card on the flow run at the end of the run.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from rl_core.config import RunConfig
 from rl_core.doctor import DoctorDecision, Finding, decide_after_step
 from rl_core.runs.records import IterationRecord
+from tasks.cards import publish_flow_run_card
 from tasks.validate import artifact_slug
 
 
@@ -69,9 +69,19 @@ def findings_markdown(run_id: str, findings: list[Finding], stopped: str | None)
 
 @task(name="publish-doctor-findings", cache_policy=NONE)
 def publish_findings_task(run_id: str, findings: list[Finding], stopped: str | None) -> None:
-    """Publish the run's doctor findings as the `doctor-<run>` markdown artifact."""
-    create_markdown_artifact(
-        markdown=findings_markdown(run_id, findings, stopped),
+    """Publish the run's doctor findings as the `doctor-<run>` markdown card on the flow run."""
+    publish_flow_run_card(
+        findings_markdown(run_id, findings, stopped),
         key=f"doctor-{artifact_slug(run_id)}",
-        description=f"training doctor: {len(findings)} symptom(s)" + (", run stopped" if stopped else ""),
+        description=doctor_description(findings, stopped),
     )
+
+
+def doctor_description(findings: list[Finding], stopped: str | None) -> str:
+    """One line for the doctor's card: how many symptoms, which, and whether the run was stopped."""
+    if not findings:
+        text = "Training doctor: no symptoms seen"
+    else:
+        names = ", ".join(dict.fromkeys(f.symptom for f in findings))
+        text = f"Training doctor: {len(findings)} symptom{'s' if len(findings) != 1 else ''} ({names})"
+    return text + ("; the run was stopped" if stopped else "")

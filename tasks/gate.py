@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from rl_core.config import GateConfig, RunConfig
@@ -31,6 +30,7 @@ from rl_core.gate import (
     recorded_decision,
 )
 from rl_core.runs.ledger import RunLedger
+from tasks.cards import publish_flow_run_card
 from tasks.promote import Champion, PromotionResult, champion_task, promote_task, settle_promotion
 from tasks.validate import artifact_slug
 
@@ -47,14 +47,15 @@ def gate_candidate(
     key: str,
 ) -> GateDecision:
     """Decide (`rl_core.gate.decide`) on the candidate's and the baseline's greedy evaluations of the same gate
-    tasks, log the decision with its reasons and publish it as the markdown artifact `key` (`gate_artifact_key`).
+    tasks, log the decision with its reasons and publish it as the markdown card `key` (`gate_artifact_key`) on
+    the flow run.
     `champion_version`: the registry version holding `champion` when deciding (None: none)."""
     decision = decide(candidate, baseline, cfg, baseline_name=baseline_name, champion_version=champion_version)
     get_run_logger().info("gate: %s %s (%s)", label, decision.outcome, "; ".join(decision.reasons))
-    create_markdown_artifact(
+    publish_flow_run_card(
+        decision.to_markdown(label),
         key=key,
-        markdown=decision.to_markdown(label),
-        description=f"Gate decision for {label}: {decision.outcome}",
+        description=f"Gate decision on {label}: {decision.outcome}",
     )
     return decision
 

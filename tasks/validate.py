@@ -14,8 +14,10 @@ Contract of `validate_trajectories(store_root, run_id, iteration, cfg, table=Non
 - on a failed report moves the batch into quarantine (`TrajectoryStore.quarantine`) and saves a
   copy of the report beside the quarantined manifest, so the batch is no longer listed by
   `store.iterations` and training skips it;
-- publishes a Prefect table artifact (one row per check) and a markdown artifact with the
-  one-sentence reason, and logs whether the batch passed through Prefect's run logger;
+- publishes one Prefect table artifact, `validation-<run>-iter-NNN` (`artifact_key`): one row per
+  check with its plain-English message next to its name, under a description that gives the
+  outcome, the one-sentence reason and, for a failed batch, where it was quarantined; and logs
+  whether the batch passed through Prefect's run logger;
 - has no retries: a failed validation is a result, not a fault. Returns the `ValidationReport`.
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 
@@ -47,6 +49,7 @@ __all__ = [
     "stored_report",
     "validate_batch",
     "validate_trajectories",
+    "validation_description",
 ]
 
 
@@ -61,8 +64,9 @@ def stored_report(store: TrajectoryStore, run_id: str, iteration: int) -> Valida
 
 
 def artifact_key(run_id: str, iteration: int, kind: str = "validation") -> str:
-    """A Prefect artifact key (lowercase letters, digits and dashes only)."""
-    return f"{kind}-{artifact_slug(run_id)}-iteration-{iteration}"
+    """The Prefect artifact key of `kind` for one iteration of a run: `<kind>-<run>-iter-NNN` (lowercase
+    letters, digits and dashes; the iteration zero-padded to 3 digits, so keys sort by iteration)."""
+    return f"{kind}-{artifact_slug(run_id)}-iter-{iteration:03d}"
 
 
 def artifact_slug(text: str) -> str:
@@ -102,30 +106,21 @@ def validate_trajectories(
     return report
 
 
-def _publish(report: ValidationReport, run_id: str, iteration: int) -> None:
+def validation_description(report: ValidationReport, iteration: int) -> str:
+    """The validation card's description (markdown, shown above its table): the outcome, the reason and,
+    for a quarantined batch, where it went."""
     outcome = "passed" if report.passed else "FAILED"
+    text = f"**Iteration {iteration}: validation {outcome}.** {report.reason}"
+    if report.quarantined_to:
+        text += f" Quarantined to `{report.quarantined_to}`; training skips this batch."
+    return text
+
+
+def _publish(report: ValidationReport, run_id: str, iteration: int) -> None:
     create_table_artifact(
         table=report.as_rows(),
         key=artifact_key(run_id, iteration),
-        description=f"Trajectory validation {outcome}: {run_id} iteration {iteration}",
-    )
-    lines = [
-        f"## Trajectory validation {outcome}: `{run_id}` iteration {iteration}",
-        "",
-        report.reason,
-        "",
-        f"- episodes: {report.rows}",
-        f"- failed checks: {', '.join(report.failed_checks) or 'none'}",
-        f"- report: `{report.report_path}`",
-    ]
-    if report.zero_variance_group_frac is not None:
-        lines.append(f"- zero-variance groups (all rewards equal): {report.zero_variance_group_frac:.1%}")
-    if report.quarantined_to:
-        lines.append(f"- quarantined to: `{report.quarantined_to}` (training skips this batch)")
-    create_markdown_artifact(
-        markdown="\n".join(lines) + "\n",
-        key=artifact_key(run_id, iteration, kind="validation-summary"),
-        description=report.reason,
+        description=validation_description(report, iteration),
     )
 
 

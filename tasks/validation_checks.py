@@ -155,7 +155,7 @@ def _batch_not_empty(results, frame, cfg) -> Check:
         "batch_not_empty",
         ok,
         rows,
-        ">= 1 row",
+        "at least 1 row",
         f"{rows} episodes in the batch." if ok else "The batch holds no episodes.",
     )
 
@@ -296,7 +296,7 @@ def _trainable_tokens(results, frame, cfg) -> Check:
         "trainable_tokens",
         ok,
         total,
-        ">= 1 loss_mask token outside env_error episodes",
+        "at least 1 loss_mask token outside env_error episodes",
         f"{total} trainable tokens (loss_mask == 1, env_error episodes left out)."
         if ok
         else f"No trainable tokens: no episode outside env_error holds a generated token (loss_mask == 1); "

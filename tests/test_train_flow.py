@@ -79,13 +79,17 @@ def test_two_iterations_end_to_end(prefect_harness, tmp_path):
     assert pictures == ["curves/pass_at_1.png", "curves/reward.png", "curves/truncation.png"]
     from prefect.artifacts import Artifact
 
-    reward_curve = Artifact.get("curve-e2e-reward")
-    assert (
-        reward_curve is not None and reward_curve.type == "image" and "data:image/png;base64," in str(reward_curve.data)
-    )
-    assert Artifact.get("doctor-e2e") is not None
+    curves = Artifact.get("curves-e2e")  # one markdown card showing the three pictures, no printed data URL
+    assert curves is not None and curves.type == "markdown"
+    assert str(curves.data).count("](data:image/png;base64,") == 3
+    doctor = Artifact.get("doctor-e2e")
+    assert doctor is not None
     gate_card = Artifact.get("gate-e2e")  # the gate's card carries the run in its key and shows its baseline
     assert gate_card is not None and "| starting policy |" in str(gate_card.data)
+    for card in (curves, doctor, gate_card):  # the run's story is on the flow run, not on a task run of it
+        assert card.flow_run_id is not None and card.task_run_id is None, card.key
+    validation = Artifact.get("validation-e2e-iter-001")
+    assert validation is not None and validation.task_run_id is not None
     assert "champion" not in {alias for v in versions for alias in v.aliases} and summary["champion_version"] is None
     from flows.cli import closing_summary
 

@@ -491,8 +491,9 @@ def test_report_round_trips_through_json(good_report):
 
 
 def test_artifact_keys_are_valid():
-    assert artifact_key("Run_2025.03-01", 1) == "validation-run-2025-03-01-iteration-1"
-    assert artifact_key("r", 12, kind="validation-summary") == "validation-summary-r-iteration-12"
+    assert artifact_key("Run_2025.03-01", 1) == "validation-run-2025-03-01-iter-001"
+    assert artifact_key("r", 12, kind="other") == "other-r-iter-012"
+    assert sorted(artifact_key("r", i) for i in (10, 2, 1)) == [artifact_key("r", i) for i in (1, 2, 10)]
 
 
 # -- the Prefect task ------------------------------------------------------------------
@@ -562,8 +563,9 @@ def test_task_quarantines_a_failing_batch_and_keeps_a_passing_one(tmp_path, pref
     assert table is not None and table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["check"]: r["status"] for r in rows}["env_error_rate"] == "FAILED"
-    summary = Artifact.get(artifact_key(RUN, 2, kind="validation-summary"))
-    assert summary is not None and failed.reason in summary.data
+    assert list(rows[0])[:3] == ["check", "status", "message"]  # the explanation next to the check's name
+    assert table.description.startswith("**Iteration 2: validation FAILED.**")
+    assert failed.reason in table.description and failed.quarantined_to in table.description
 
 
 def test_task_turns_a_corrupt_batch_into_a_failed_report(tmp_path, prefect_harness):
