@@ -63,8 +63,8 @@ def evaluate_task(
     )
     create_markdown_artifact(
         markdown=summary_markdown(run_id, step, report),
-        key=f"eval-{artifact_slug(run_id)}-step-{step}",
-        description="held-out evaluation",
+        key=f"eval-{artifact_slug(run_id)}-step-{step:03d}",
+        description=f"Held-out evaluation at step {step}: pass@1 {report.pass_at_1:.3f}",
     )
     return report
 
