@@ -11,11 +11,19 @@ environment, the selection or the gate part of the held-out split, `rl_core/held
 computed from the same episodes: `EvalReport.part`. Metric names: `val/<metric>` over all tasks and
 `val/<metric>/<env_name>` per environment; `val/selection/pass_at_1` and `val/gate/pass_at_1` for
 the two parts of the split (`evaluation.gate_fraction`).
+
+Episodes to read: the report keeps the greedy episodes of a deterministic sample of the tasks
+(`traced`, `tracking.traced_eval_episodes`; `sample_rollouts` spread over the environments, the same
+tasks at every evaluation of one config) in `EvalReport.traced_episodes`, for tasks/traces.py to log as
+MLflow traces; the other episodes are dropped once their outcome is counted, and records
+(`to_dict`) never hold episodes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -161,7 +169,9 @@ class EvalReport:
     `task_success`: greedy success per task key ("<env_name>/<task_id>"). `outcomes`: every number per
     task key (`TaskOutcome`; empty in records written before they were kept). `pass_k`: the k values
     the sampled metrics were computed for. `gate_tasks`: the task keys of the gate part of the
-    held-out split (the rest is the selection part; empty: no split).
+    held-out split (the rest is the selection part; empty: no split). `traced_episodes`: the greedy
+    episodes of a deterministic sample of the tasks, to log as traces (module docstring; in memory
+    only: never in `to_dict`, not compared, not kept by `part`).
     """
 
     metrics: dict[str, float]
@@ -170,6 +180,7 @@ class EvalReport:
     outcomes: dict[str, TaskOutcome] = field(default_factory=dict)
     pass_k: tuple[int, ...] = ()
     gate_tasks: frozenset[str] = frozenset()
+    traced_episodes: list[Episode] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def pass_at_1(self) -> float:
@@ -266,6 +277,45 @@ class EvalReport:
         )
 
 
+def stable_seed(*parts: object) -> int:
+    """A 64-bit seed from `parts` (their `str`s joined by "/"), the same in every process (unlike `hash`)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def sample_rollouts(
+    episodes: Sequence[Episode], k: int, seed: int, stratum: Callable[[Episode], str] = lambda e: e.group_id
+) -> list[Episode]:
+    """The rows of `k` rollouts of `episodes`, chosen deterministically and spread over strata.
+
+    A rollout is the rows sharing (`group_id`, `sample_index`): one row for in-process episodes, each
+    segment of an external agent's rollout otherwise; all rows of a chosen rollout are returned. Strata
+    (`stratum` of a rollout's first row: its group by default, e.g. `env_name` for evaluations) take
+    turns in an order shuffled by `seed`, each giving its next rollout in an order shuffled by `seed`,
+    so k rollouts come from k different strata while there are that many. The same `episodes`, `k` and
+    `seed` give the same rows. Returns them in the order of `episodes`; all of them when `k` is at least
+    the number of rollouts; none for k = 0. Raises ValueError for k < 0."""
+    if k < 0:
+        raise ValueError(f"cannot sample {k} rollouts")
+    rows: dict[tuple[str, int], list[int]] = {}
+    for position, e in enumerate(episodes):
+        rows.setdefault((e.group_id, e.sample_index), []).append(position)
+    strata: dict[str, list[tuple[str, int]]] = {}
+    for key, positions in rows.items():
+        strata.setdefault(stratum(episodes[positions[0]]), []).append(key)
+    rng = random.Random(seed)
+    order = list(strata)
+    rng.shuffle(order)
+    for name in order:
+        rng.shuffle(strata[name])
+    chosen: list[tuple[str, int]] = []
+    depth = 0
+    while len(chosen) < min(k, len(rows)):
+        chosen += [strata[name][depth] for name in order if depth < len(strata[name])][: k - len(chosen)]
+        depth += 1
+    return [episodes[p] for p in sorted(p for key in chosen for p in rows[key])]
+
+
 def heldout_work(envs: list[Environment], split: str, max_tasks: int | None) -> list[tuple[Environment, Task]]:
     """(env, task) pairs of a split, the first `max_tasks` per environment. Raises ValueError for an
     environment with no tasks in the split."""
@@ -292,6 +342,7 @@ def evaluate(
     play: Callable[..., list[Episode]] = collect_rollouts,
     gate_fraction: float | None = None,
     part: Part = "all",
+    traced: int = 0,
 ) -> EvalReport:
     """Evaluate `policy` on a split (the first `max_tasks` per environment; with `gate_fraction`, that many taken
     from each part of the held-out split so that no task changes part); sampled pass@k is skipped when
@@ -299,6 +350,8 @@ def evaluate(
     episodes (`collect_rollouts`, or `AgentGateway.collect` when agents play them); a rollout that gave several
     segments counts once (its last row). `gate_fraction` divides the tasks into selection and gate parts
     (`split_heldout`); `part` plays only one of them ("gate" or "selection"; needs `gate_fraction`).
+    The report keeps the greedy episodes of `traced` tasks (`sample_rollouts` over the environments,
+    seeded by `seed`) in `traced_episodes`.
     Raises ValueError for a k above num_samples or a part without a gate_fraction."""
     gate_keys: frozenset[str] = frozenset()
     if gate_fraction is None:
@@ -320,7 +373,10 @@ def evaluate(
             raise ValueError(f"pass@{k} needs at least {k} samples per task, got num_samples={num_samples}")
 
     greedy_settings = replace(settings, temperature=0.0)
-    greedy = _rollouts(play(policy, work, greedy_settings, group_size=1, run_id="eval", iteration=0))
+    greedy_rows = play(policy, work, greedy_settings, group_size=1, run_id="eval", iteration=0)
+    greedy = _rollouts(greedy_rows)
+    keep = sample_rollouts(greedy_rows, traced, stable_seed("traced-evaluation", seed), lambda e: e.env_name)
+    del greedy_rows  # the rest of the greedy rows are counted below, not kept
     sampled: dict[str, list[Episode]] = defaultdict(list)
     if num_samples:
         sample_settings = replace(settings, temperature=sample_temperature)
@@ -332,6 +388,7 @@ def evaluate(
             sampled[task_key(e.env_name, e.task_id)].append(e)
     outcomes = [TaskOutcome.of(e, sampled.get(task_key(e.env_name, e.task_id), ())) for e in greedy]
     report = EvalReport.from_outcomes(outcomes, (pass_k or [1]) if num_samples else (), gate_keys)
+    report.traced_episodes = keep
     if report.metrics["val/env_error_frac"] > 0.01:  # an environment or agent fault, not the policy's: say so
         log.warning(
             "held-out evaluation: %.0f%% of the greedy episodes ended as env_error (e.g. %s); pass@1 %.3f does not "
@@ -357,7 +414,8 @@ class Evaluator:
     `evaluate(policy)` plays `evaluation.split` (the first `evaluation.max_tasks` tasks per
     environment) greedily for pass@1 and, with `samples`, `evaluation.num_samples` episodes per
     task at `evaluation.sample_temperature` for pass@k / pass^k (`evaluation.pass_k`). The tasks are
-    divided into selection and gate parts by `evaluation.gate_fraction`."""
+    divided into selection and gate parts by `evaluation.gate_fraction`. The report keeps the greedy
+    episodes of `tracking.traced_eval_episodes` tasks (`EvalReport.traced_episodes`)."""
 
     def __init__(self, envs: list[Environment], cfg: RunConfig, play: Callable[..., list[Episode]] | None = None):
         self.envs, self.cfg = envs, cfg
@@ -383,7 +441,8 @@ class Evaluator:
 
     def evaluate(self, policy: Policy, *, samples: bool = True, part: Part = "all") -> EvalReport:
         """The held-out `EvalReport` of `policy` (greedy only when `samples` is False; only the gate or the
-        selection part of the tasks with `part`)."""
+        selection part of the tasks with `part`), keeping the greedy episodes of
+        `tracking.traced_eval_episodes` tasks."""
         e = self.cfg.evaluation
         return evaluate(
             policy,
@@ -398,4 +457,5 @@ class Evaluator:
             play=self.play,
             gate_fraction=e.gate_fraction,
             part=part,
+            traced=self.cfg.tracking.traced_eval_episodes,
         )

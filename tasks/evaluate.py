@@ -1,6 +1,7 @@
 """Evaluate stage: held-out pass@1 (greedy), pass@k / pass^k (sampled), as a retryable Prefect task.
 
-Publishes a markdown artifact with the summary, where a person looks for it.
+Publishes a markdown artifact with the summary, where a person looks for it. Given the MLflow run's
+`Tracker`, `evaluate_task` also logs a sample of the greedy episodes as MLflow traces (tasks/traces.py).
 `tag_evaluation_task` records on the evaluate flow's MLflow run what was evaluated;
 `record_evaluation_task` records one model's evaluation on its MLflow run (tags, metrics at its
 step, the report as `evaluation/report.json`).
@@ -31,6 +32,7 @@ from rl_core.comparison import ALL, Comparison  # noqa: E402
 from rl_core.evaluation import EvalReport, Evaluator, Part  # noqa: E402
 from rl_core.model.policy import Policy, load_policy  # noqa: E402
 from tasks.curves import png_data_url  # noqa: E402
+from tasks.traces import trace_evaluation  # noqa: E402
 from tasks.tracking import MLFLOW_RETRIES, Tracker  # noqa: E402
 from tasks.validate import artifact_slug  # noqa: E402
 
@@ -48,10 +50,17 @@ def summary_markdown(run_id: str, step: int, report: EvalReport) -> str:
 
 @task(name="evaluate", retries=2, retry_delay_seconds=[2, 8], cache_policy=NONE)
 def evaluate_task(
-    evaluator: Evaluator, policy: Policy, run_id: str, samples: bool = True, part: Part = "all"
+    evaluator: Evaluator,
+    policy: Policy,
+    run_id: str,
+    samples: bool = True,
+    part: Part = "all",
+    tracker: Tracker | None = None,
 ) -> EvalReport:
     """Evaluate `policy` on the held-out split (`Evaluator.evaluate`; only its gate or selection part with
-    `part`); publishes the summary artifact `eval-<run_id>-step-<version>`."""
+    `part`); publishes the summary artifact `eval-<run_id>-step-<version>`. With `tracker`, the greedy
+    episodes the report keeps (`tracking.traced_eval_episodes` tasks) are logged as MLflow traces of that
+    run (tasks/traces.py; a failure to log them is a warning)."""
     report = evaluator.evaluate(policy, samples=samples, part=part)
     step = policy.version
     get_run_logger().info(
@@ -66,6 +75,8 @@ def evaluate_task(
         key=f"eval-{artifact_slug(run_id)}-step-{step:03d}",
         description=f"Held-out evaluation at step {step}: pass@1 {report.pass_at_1:.3f}",
     )
+    if tracker is not None:
+        trace_evaluation(tracker, run_id, report)
     return report
 
 
