@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,59 @@ def present_deployments(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     return present
 
 
+def _settings_model(flow: Any) -> type | None:
+    """The RunSettings subclass of the flow's `settings` parameter (None when it has none)."""
+    from flows.parameters import RunSettings
+
+    try:
+        model = typing.get_type_hints(flow.fn).get("settings")
+    except (NameError, TypeError):
+        return None
+    return model if isinstance(model, type) and issubclass(model, RunSettings) else None
+
+
+def form_parameters(flow: Any, parameters: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A deployment's parameters with its `settings` filled in: every typed field at the value of the config the
+    deployment is served on (its `settings.config_path`, the shipped quickstart by default; read with its
+    `settings.overrides`), so that the Custom run form starts at what would run. Fields the prefect.yaml gives
+    stay as given. Flows whose settings are no RunSettings get `parameters` as they are. ServeError when the
+    config cannot be read."""
+    model = _settings_model(flow)
+    given = dict(parameters or {})
+    if model is None:
+        return given or None
+    settings = dict(given.get("settings") or {})
+    try:
+        full = model.deployment_parameters(settings.get("config_path"), settings.get("overrides"))
+    except (OSError, ValueError) as exc:
+        raise ServeError(f"cannot read the config of the {flow.name} deployment's settings: {exc}") from exc
+    return {**given, "settings": {**full, **settings}}
+
+
+def schedule_line(schedules: list[tuple[str, bool]]) -> str | None:
+    """The first line of a scheduled deployment's description: its schedules' state, so that the Deployments page
+    shows a paused schedule without hovering. `schedules`: (cron text, active) pairs; None when there are none."""
+    if not schedules:
+        return None
+    paused = [cron for cron, active in schedules if not active]
+    if paused:
+        return (
+            f"Schedule PAUSED ({', '.join(paused)}): no run starts until its toggle under Schedules on this "
+            "deployment's page is switched on (state when `turnstile serve` registered it)."
+        )
+    return f"Schedule ON ({', '.join(cron for cron, _ in schedules)}) (state when `turnstile serve` registered it)."
+
+
+def _described(description: str | None, schedules: list[tuple[str, bool]]) -> str | None:
+    line = schedule_line(schedules)
+    return "\n\n".join(part for part in (line, description) if part) or None
+
+
+def _cron_text(entry: Mapping[str, Any]) -> str:
+    text = entry.get("cron") or entry.get("rrule") or f"every {entry.get('interval')} s"
+    return f"{text} {entry.get('timezone', '')}".strip()
+
+
 # --------------------------------------------------------------------------- one machine: Runner
 
 
@@ -102,30 +156,39 @@ def _enabled_by_slug(client: SyncPrefectClient, full_name: str) -> dict[str, boo
     return {s.slug: s.active for s in deployment.schedules if s.slug}
 
 
+def _load_flow(entrypoint: str) -> Any:
+    """The flow at `entrypoint` ("flows/train.py:train_flow"); ServeError when its file fails to import."""
+    try:  # no placeholder flow: a flow file that fails to import is an error, shown as it is
+        return load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
+    except Exception as exc:
+        raise ServeError(f"cannot load the flow {entrypoint}: {exc!r}") from exc
+
+
 def served_deployments(api_url: str, prefect_file: Path = PREFECT_FILE) -> list[RunnerDeployment]:
     """The deployments of `prefect_file` (those whose entrypoint exists), ready for `serve`.
 
     Each is `flow.to_deployment(...)` of the flow at its entrypoint, with the file's name,
-    description, tags, parameters, version, enforce_parameter_schema and schedules. The work pool
+    description (after a first line saying whether its schedule is paused), tags, parameters (the
+    settings filled in from the config: `form_parameters`), version, enforce_parameter_schema and
+    schedules. The work pool
     is left out (the Runner runs them). A schedule whose slug is registered already keeps its
     current on/off state; a new one starts as the file says (`active: false`: paused). Must be
     called from the repository root (entrypoints are relative to it). ServeError on a bad file."""
     out = []
     with SyncPrefectClient(api_url) as client:
         for entry in present_deployments(load_prefect_file(prefect_file)):
-            try:  # no placeholder flow: a flow file that fails to import is an error, shown as it is
-                flow = load_flow_from_entrypoint(entry["entrypoint"], use_placeholder_flow=False)
-            except Exception as exc:
-                raise ServeError(f"cannot load the flow {entry['entrypoint']}: {exc!r}") from exc
+            flow = _load_flow(entry["entrypoint"])
             enabled = _enabled_by_slug(client, f"{flow.name}/{entry['name']}")
             schedules = [_schedule(s, enabled.get(s.get("slug"))) for s in entry.get("schedules") or []]
             options = {k: entry[k] for k in ("version", "enforce_parameter_schema") if k in entry}
+            entries = entry.get("schedules") or []
+            states = [(_cron_text(s), bool(schedule.active)) for s, schedule in zip(entries, schedules)]
             out.append(
                 flow.to_deployment(
                     name=entry["name"],
-                    description=entry.get("description"),
+                    description=_described(entry.get("description"), states),
                     tags=entry.get("tags"),
-                    parameters=entry.get("parameters"),
+                    parameters=form_parameters(flow, entry.get("parameters")),
                     schedules=schedules or None,
                     **options,
                 )
@@ -191,23 +254,36 @@ def _reenable(client: SyncPrefectClient, enabled_before: set[tuple[Any, str]]) -
                 client.update_deployment_schedule(deployment_id, schedule.id, active=True)
 
 
+def _filled_entry(client: SyncPrefectClient, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A prefect.yaml deployment entry as `deploy_all` registers it: parameters filled in (`form_parameters`), the
+    schedules' state as the description's first line (a schedule registered already keeps its state)."""
+    flow = _load_flow(entry["entrypoint"])
+    enabled = _enabled_by_slug(client, f"{flow.name}/{entry['name']}")
+    states = [(_cron_text(s), enabled.get(s.get("slug"), s.get("active", True))) for s in entry.get("schedules") or []]
+    filled = {**entry, "description": _described(entry.get("description"), states)}
+    parameters = form_parameters(flow, entry.get("parameters"))
+    return {**filled, "parameters": parameters} if parameters else filled
+
+
 def deploy_all(api_url: str, prefect_file: Path = PREFECT_FILE, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Register every deployment of `prefect_file` whose entrypoint file exists, on its work pool.
 
     Runs `prefect --no-prompt deploy --all` from the repository root; schedules enabled before
     stay enabled (`prefect deploy` would apply `active: false` again). Returns the registered
-    deployments as read back from the API, by full name (`turnstile-train/nightly`). ServeError
+    deployments as read back from the API, by full name (`turnstile-train/nightly`). The registered
+    entries are `_filled_entry`'s (parameters and description filled in). ServeError
     when the command fails or a deployment is missing afterwards."""
     config = load_prefect_file(prefect_file)
     pool = work_pool_name(config)
     present = present_deployments(config)
     with SyncPrefectClient(api_url) as client:
         enabled_before = _enabled_schedules(client, pool)
+        filled = [_filled_entry(client, entry) for entry in present]
     # A filtered copy rather than `--name`: Prefect matches `--name flow/deployment` against the
     # entrypoint's function name (train_flow), not the flow's name (turnstile-train).
     with tempfile.TemporaryDirectory(prefix="turnstile-deploy-") as scratch:
         deployable = Path(scratch) / "prefect.yaml"
-        deployable.write_text(yaml.safe_dump({**config, "deployments": present}, sort_keys=False))
+        deployable.write_text(yaml.safe_dump({**config, "deployments": filled}, sort_keys=False))
         command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(deployable)]
         result = subprocess.run(
             command, cwd=REPO_ROOT, env=child_environment(api_url, env), capture_output=True, text=True

@@ -86,8 +86,9 @@ def describe(api_url: str, deployments: Mapping[str, Any], pool: str | None, own
         ]
     lines += [
         "",
-        "Start a run in the UI (Deployments > the deployment > Run > Custom run shows the settings form), or:",
-        f"  {env} {prefect} deployment run 'turnstile-train/nightly' -p 'settings={{\"iterations\": "
+        "Start a training run in the UI (Deployments > train-now > Run > Custom run: the settings form, starting",
+        "at the config's values; run_id empty: a generated name), or (fields left out take the config's values):",
+        f"  {env} {prefect} deployment run 'turnstile-train/train-now' -p 'settings={{\"iterations\": "
         f'5, "run_id": "try-1"}}\'',
         "",
         f"Prefect's state: {os.environ.get('PREFECT_HOME', '~/.prefect')}"

@@ -125,6 +125,9 @@ class PrefectServer(SubprocessASGIServer):
             **os.environ,
             **get_current_settings().to_environment_variables(exclude_unset=True),
             "PREFECT__SERVER_FINAL": "1",
+            # the UI asks /ui-settings where the API is: this server, not the default port 4200
+            "PREFECT_SERVER_API_HOST": self.host,
+            "PREFECT_SERVER_API_PORT": str(self.port),
         }
         if self.log is None:
             return subprocess.Popen(command, env=env, start_new_session=True)

@@ -56,13 +56,13 @@ def test_every_typed_field_reaches_the_config_with_its_type():
     assert cfg.iterations == 3 and cfg.optimizer.lr == 1e-5
     assert (cfg.rollout.group_size, cfg.rollout.global_batch_size) == (4, 8)
     assert (cfg.algorithm.loss_fn, cfg.algorithm.advantage_method, cfg.doctor.on_collapse) == ("cispo", "rloo", "stop")
-    # an empty field leaves the config file's value
-    assert TrainSettings().typed_values() == {}
+    # a field left out takes the config file's value (read with the overrides)
+    assert TrainSettings(overrides=["iterations=2"]).load().iterations == 2
 
 
 def test_evaluate_settings_hand_over_typed_values():
     settings = EvaluateSettings(run_id="on", max_tasks=2)
-    assert settings.typed_values() == {"evaluation.max_tasks": 2, "storage.run_id": "on"}
+    assert settings.typed_values() == {"evaluation.max_tasks": 2, "storage.run_id": "on", "storage.run_dir": "runs"}
     cfg = settings.load()
     assert cfg.evaluation.max_tasks == 2 and cfg.storage.run_id == "on"
 
