@@ -89,8 +89,7 @@ class ValidationReport:
                 "message": (
                     "No groups to inspect."
                     if frac is None
-                    else f"{frac:.1%} of {self.groups} groups are zero-variance groups (all rewards equal: "
-                    "zero advantage, no learning signal)."
+                    else f"{frac:.1%} of {self.groups} groups are zero-variance (all rewards equal: no signal)."
                 ),
                 "observed": "n/a" if frac is None else f"{frac:.1%}",
                 "expected": "reported, not gated",

@@ -110,11 +110,11 @@ def draw_curves(run_dir: Path, records: list[IterationRecord], pass_at_1: dict[i
 
 def curves_markdown(run_id: str, paths: list[Path]) -> str:
     """The markdown of the curves card: a heading, then each PNG of `paths` (named `<curve>.png`) as an
-    inlined picture under its title, and where MLflow keeps the files."""
+    inlined picture (its title as the alternative text), and where MLflow keeps the files."""
     lines = [f"# Curves of `{run_id}`", ""]
     for path in paths:
         title = TITLES.get(path.stem, path.stem)
-        lines += [f"## {title}", "", markdown_image(path, title), ""]
+        lines += [markdown_image(path, title), ""]  # each picture carries its title
     lines.append(f"The PNG files are in the run folder and in MLflow under `{CURVES_DIR}/`.")
     return "\n".join(lines) + "\n"
 

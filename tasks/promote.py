@@ -8,7 +8,7 @@ Contract:
 - `promote` records the gate's decision on the candidate (`gate.decision` = promoted or
   rejected, `gate.reasons`, and `gate.champion_version`: the champion it was decided against)
   either way; only a promoted candidate moves the aliases. It is safe to repeat after a
-  partial failure.
+  partial failure. The decision is also added to the version's description (`with_gate_section`).
 - `rollback` makes `previous` the champion and the demoted champion `previous`.
 - Refusals (`PromotionError`) are deterministic: the Prefect tasks do not retry them; they
   retry transient registry failures (1, 2, 4 s).
@@ -65,6 +65,7 @@ from tasks.registry import (
     register_checkpoint,
     registry_version,
     tag_value,
+    with_gate_section,
 )
 from tasks.tracking import MLFLOW_RETRIES, Tracker, mlflow_client
 
@@ -134,6 +135,10 @@ def promote(
         client.set_model_version_tag(name, version, DECISION_TAG, decision.outcome)
         client.set_model_version_tag(name, version, REASONS_TAG, tag_value(decision.reasons))
         client.set_model_version_tag(name, version, AGAINST_TAG, "none" if expected is None else expected)
+        described = client.get_model_version(name, version).description
+        client.update_model_version(
+            name, version, description=with_gate_section(described, decision.outcome, expected, decision.reasons)
+        )
         return PromotionResult(applied=True, champion=current, expected=expected)
 
 

@@ -11,6 +11,11 @@ Contract:
   tasks (`champion_eval_tasks_hash`).
 - Refusals (`PromotionError`, a `PermanentError`) are deterministic: the Prefect tasks do not
   retry them. Moving the aliases is tasks/promote.py's job.
+- For a person, each version carries its MLflow run (`run_id`: the UI's "Source Run" shows the run's
+  name and links to it; a `run_link` would replace the name by a cut URL, so none is set) and a
+  markdown description of its lineage (`lineage_markdown`: step, run, trained batches, validation,
+  held-out pass@1); the gate's decision is added to it when it is recorded (`with_gate_section`).
+  The tags stay the machine-readable record.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from mlflow.exceptions import MlflowException
 
 from rl_core.config import RunConfig
 from rl_core.runs.checkpoint import STATE_FILE, read_checkpoint_state
+from tasks.links import mlflow_run_url
 from tasks.tracking import PermanentError, config_hash, mlflow_client, tracking_uri, truncate
 
 CHAMPION_ALIAS = "champion"
@@ -114,6 +120,60 @@ def lineage_tags(cfg: RunConfig, lineage: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+def lineage_markdown(run_name: str, run_url: str | None, lineage: Mapping[str, Any]) -> str:
+    """A model version's description (markdown): the step and run it comes from, the batches it was trained on,
+    their validation, its held-out pass@1 and where the full lineage is. `lineage`: as `lineage_tags` takes it
+    (`manifests` as Manifest objects or dicts, `validation` as a list of {iteration, passed, reason} or a mapping
+    of iteration -> outcome)."""
+    run = f"[{run_name}]({run_url})" if run_url else f"`{run_name}`"
+    step = lineage.get(STEP_TAG)
+    lines = [f"Checkpoint at step {step} of Turnstile run {run}.", ""]
+    manifests = manifest_refs(lineage.get(MANIFESTS_TAG, []))
+    if manifests:
+        iterations = [m["iteration"] for m in manifests]
+        contiguous = iterations == list(range(iterations[0], iterations[-1] + 1))
+        span = ", ".join(map(str, iterations))
+        if contiguous and len(iterations) > 2:
+            span = f"{iterations[0]}-{iterations[-1]}"
+        batches = f"{len(manifests)} batch{'es' if len(manifests) != 1 else ''}"
+        lines.append(f"- **Trained on:** {batches}, iterations {span} (sha256 of each: tag `manifests`)")
+    validation = lineage.get(VALIDATION_TAG)
+    if isinstance(validation, Mapping):
+        outcomes = [str(v) == "passed" for v in validation.values()]
+    elif isinstance(validation, list):
+        outcomes = [bool(v.get("passed")) if isinstance(v, Mapping) else bool(v) for v in validation]
+    else:
+        outcomes = []
+    if outcomes:
+        failed = outcomes.count(False)
+        lines.append(
+            f"- **Validation:** all {len(outcomes)} batches passed"
+            if not failed
+            else f"- **Validation:** {failed} of {len(outcomes)} batches failed"
+        )
+    if PASS_AT_1_TAG in lineage:
+        tasks = lineage.get(EVAL_TASKS_HASH_TAG)
+        lines.append(
+            f"- **Held-out pass@1 (greedy):** {float(lineage[PASS_AT_1_TAG]):.3f}"
+            + (f" on task set `{tasks}`" if tasks else "")
+        )
+    if step is not None:
+        lines.append(f"- **Full lineage:** the run's artifact `lineage/step-{int(step):06d}.json`")
+    return "\n".join(lines) + "\n"
+
+
+GATE_HEADING = "**Gate:**"
+
+
+def with_gate_section(description: str | None, outcome: str, against: str | None, reasons: list[str]) -> str:
+    """`description` with its gate line(s) replaced by the decision: outcome, the champion it was decided
+    against (None: none) and its reasons."""
+    kept = (description or "").split(f"\n{GATE_HEADING}")[0].rstrip("\n")
+    against_text = f"champion version {against}" if against else "no champion (the starting policy)"
+    lines = [f"{GATE_HEADING} **{outcome}**, decided against {against_text}"] + [f"- {r}" for r in reasons]
+    return (kept + "\n\n" if kept else "") + "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- registry glue
 
 
@@ -165,7 +225,15 @@ def register_checkpoint(
     client.log_artifacts(mlflow_run_id, str(checkpoint_dir), artifact_path)
     full_lineage = {**lineage, MANIFESTS_TAG: manifest_refs(lineage.get(MANIFESTS_TAG, []))}
     client.log_dict(mlflow_run_id, full_lineage, f"lineage/{checkpoint_dir.name}.json")
-    version = client.create_model_version(name, source=source, run_id=mlflow_run_id, tags=lineage_tags(cfg, lineage))
+    run = client.get_run(mlflow_run_id)
+    run_url = mlflow_run_url(cfg, run.info.experiment_id, mlflow_run_id)
+    version = client.create_model_version(
+        name,
+        source=source,
+        run_id=mlflow_run_id,
+        tags=lineage_tags(cfg, lineage),
+        description=lineage_markdown(run.info.run_name or mlflow_run_id, run_url, lineage),
+    )
     return str(version.version)
 
 

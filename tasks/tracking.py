@@ -14,6 +14,24 @@ Contract:
   active run is per thread and breaks under Prefect's thread pool).
 - Tasks that talk to MLflow retry transient failures 3 times (1, 2, 4 s); a rejected request
   (bad value, missing entity) or a Turnstile refusal (`PermanentError`) fails at once (`retry_if_transient`).
+
+What a person sees in the MLflow UI (3.17)
+------------------------------------------
+- The run's description (`mlflow.note.content`, markdown, on its Overview) says what the run is
+  and links to its Prefect flow run from the start (`start_description`); at the end it states
+  the outcome: held-out pass@1 before and after, the gate's decision and the champion
+  (`run_description`, set by `describe_run_task` from the flow's summary).
+- The UI's own chart layout cannot be set from outside: it makes one section per metric-name
+  prefix (everything before the last `/`), sorts the sections alphabetically (so `analysis/...`
+  comes first and `val/pass_at_1` last), titles each chart with the part after the last `/`
+  ("mean", "4"), shows no metric columns in the runs list, and keeps a person's changes in the
+  browser. What it does read from the store is a *view* saved on the experiment (an experiment
+  tag `mlflow.sharedViewState.<id>`, the same thing its Share button writes).
+  `Tracker.start` writes one, `turnstile` (`charts_view_state`): the held-out evaluation first,
+  then the training batch, the learner and the analysis, each chart titled in words ("held-out
+  pass@1 (greedy)", "pass@4 (sampled)"), and pass@1 and mean reward as columns of the runs list.
+  `charts_view_url` is its address (`.../#/experiments/<id>/runs?viewStateShareKey=turnstile`).
+- The metric names stay the ones README promises (`rollout/reward/mean`, `val/pass_at_k/4`).
 """
 
 from __future__ import annotations
@@ -37,10 +55,14 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from rl_core.config import RunConfig
+from tasks.links import mlflow_ui_url, prefect_flow_run_url
 
 RUN_ID_TAG = "turnstile.run_id"
 CONFIG_HASH_TAG = "turnstile.config_hash"
 FLOW_RUN_TAG = "prefect.flow_run_id"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # an experiment tag holding a saved view of the runs page
+VIEW_ID = "turnstile"  # the id of the view Turnstile saves (`charts_view_state`)
 VALIDATION_DIR = "validation"
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 _REMOTE_SCHEMES = ("http://", "https://", "databricks")
@@ -184,7 +206,9 @@ class Tracker:
             tags = {RUN_ID_TAG: run_id, CONFIG_HASH_TAG: config_hash(cfg)}
             if runtime.flow_run.id:
                 tags[FLOW_RUN_TAG] = runtime.flow_run.id
+            tags[DESCRIPTION_TAG] = start_description(run_id, runtime.flow_run.id)
             mlflow_run_id = client.create_run(experiment_id, run_name=run_id, tags=tags).info.run_id
+        client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_ID, json.dumps(charts_view_state(cfg)))
         tracker = cls(uri=tracking_uri(cfg), mlflow_run_id=mlflow_run_id, experiment_id=experiment_id)
         tracker.log_params(params)
         return tracker
@@ -234,6 +258,178 @@ class Tracker:
 
     def status(self) -> str:
         return self.client.get_run(self.mlflow_run_id).info.status
+
+
+# --------------------------------------------------------------------------- what the MLflow UI shows
+
+
+def _prefect_line(flow_run_id: str | None) -> str:
+    """Where the run's Prefect flow run is, as a markdown line."""
+    url = prefect_flow_run_url(flow_run_id)
+    if url:
+        return f"**Prefect flow run:** [{flow_run_id}]({url})"
+    if flow_run_id:
+        return (
+            f"**Prefect flow run:** `{flow_run_id}`, on Prefect's temporary server, which stopped with the "
+            "process (start `prefect server start` and set `PREFECT_API_URL` to keep flow runs to look at)"
+        )
+    return "**Prefect flow run:** none (run outside Prefect)"
+
+
+def start_description(run_id: str, flow_run_id: str | None) -> str:
+    """The MLflow run's description while it runs (markdown): what it is and where its flow run is."""
+    return f"Turnstile training run `{run_id}`: running.\n\n{_prefect_line(flow_run_id)}\n"
+
+
+def run_description(summary: Mapping[str, Any], charts_url: str | None = None) -> str:
+    """The MLflow run's description at its end (markdown), from the train flow's summary dict: first where
+    to look (the Prefect flow run, the charts view at `charts_url`), then the outcome, then the gate's reasons
+    (the UI shows the first lines and folds the rest under "Show more").
+
+    Uses `run_id`, `pass_at_1_before` / `pass_at_1_after`, `optimizer_steps`, `gate` (`GateDecision.as_dict()`
+    or None), `no_candidate`, `candidate_version` / `candidate_step`, `registered_model`,
+    `champion_version`, `stopped` and `prefect_flow_run_id`; missing keys are left out."""
+    head = f"Turnstile training run `{summary.get('run_id')}`: finished."
+    if charts_url:
+        head += f" [Charts, held-out pass@1 first]({charts_url})."
+    lines = [head, _prefect_line(summary.get("prefect_flow_run_id"))]
+    before, after = summary.get("pass_at_1_before"), summary.get("pass_at_1_after")
+    if before is not None and after is not None:
+        steps = summary.get("optimizer_steps")
+        lines.append(
+            f"**Held-out pass@1 (greedy):** {before:.3f} at step 0 → {after:.3f}"
+            + (f" at step {steps}" if steps is not None else "")
+        )
+    gate = summary.get("gate")
+    if gate:
+        version = summary.get("candidate_version")
+        what = f"version {version} (step {summary.get('candidate_step')})" if version else "the candidate"
+        score = gate.get("baseline_pass_at_1")
+        against = (gate.get("baseline") or "nothing") + ("" if score is None else f" {score:.3f}")
+        lines.append(
+            f"**Gate:** {what} **{gate.get('outcome')}**: gate pass@1 {gate.get('candidate_pass_at_1', 0):.3f} "
+            f"against {against}"
+        )
+    elif "gate" in summary:
+        lines.append(f"**Gate:** no candidate ({summary.get('no_candidate') or 'nothing evaluated after step 0'})")
+    if "champion_version" in summary:
+        model, champion = summary.get("registered_model", "the registered model"), summary.get("champion_version")
+        lines.append(f"**Champion:** {model} version {champion}" if champion else f"**Champion:** none yet ({model})")
+    if summary.get("stopped"):
+        lines.append(f"**Stopped by the training doctor:** {summary['stopped']}")
+    text = "  \n".join(lines) + "\n"
+    reasons = (gate or {}).get("reasons") or []
+    if reasons:
+        text += "\nThe gate's reasons:\n\n" + "\n".join(f"- {reason}" for reason in reasons) + "\n"
+    return text + "\nCurves: Artifacts, `curves/`. Gate record: the registered model version's description and tags.\n"
+
+
+_VIEW_SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    (
+        "Held-out evaluation (val/)",
+        (
+            ("val/pass_at_1", "held-out pass@1 (greedy)"),
+            ("val/gate/pass_at_1", "gate tasks: pass@1"),
+            ("val/selection/pass_at_1", "selection tasks: pass@1"),
+            ("val/reward_mean", "held-out mean reward"),
+            ("val/truncated_frac", "held-out truncated share"),
+        ),
+    ),
+    (
+        "Training batch (rollout/)",
+        (
+            ("rollout/reward/mean", "batch reward: mean"),
+            ("rollout/success/mean", "batch success rate"),
+            ("rollout/reward/zero_frac", "batch share of zero reward"),
+            ("rollout/finish/token_cap", "ended at the token cap"),
+            ("rollout/finish/max_turns", "ended at max_turns"),
+            ("rollout/turns/mean", "turns per episode: mean"),
+            ("rollout/tokens/response_mean", "response tokens per episode: mean"),
+            ("rollout/tool_parse_errors", "tool calls that did not parse, per episode"),
+        ),
+    ),
+    (
+        "Learner (train/)",
+        (
+            ("train/loss", "loss"),
+            ("train/clip_fraction", "clip fraction"),
+            ("train/approx_kl", "approx. KL"),
+            ("train/entropy", "entropy"),
+            ("train/grad_norm", "gradient norm"),
+        ),
+    ),
+    (
+        "Analysis (analysis/)",
+        (
+            ("analysis/zero_variance_groups", "zero-variance groups: share"),
+            ("analysis/zero_variance_groups/all_correct", "zero-variance groups: all correct"),
+            ("analysis/zero_variance_groups/all_wrong", "zero-variance groups: all wrong"),
+        ),
+    ),
+)
+"""The saved view's sections in order: (section title, ((metric, chart title), ...))."""
+
+VIEW_COLUMNS = ("val/pass_at_1", "val/gate/pass_at_1", "rollout/reward/mean")
+"""The metrics the saved view shows as columns of the runs list."""
+
+
+def charts_view_state(cfg: RunConfig) -> dict[str, Any]:
+    """The runs-page view Turnstile saves on its experiment (MLflow's ExperimentPageUIState, as its Share
+    button serialises it): sections in the order of `_VIEW_SECTIONS` plus pass@k / pass^k at each
+    `evaluation.pass_k`, charts titled in words, empty charts hidden, and `VIEW_COLUMNS` as columns.
+    Metrics not named here keep MLflow's own sections after these."""
+    sections = [(title, list(charts)) for title, charts in _VIEW_SECTIONS]
+    ks = sorted(set(cfg.evaluation.pass_k))
+    sections[0][1].extend(
+        [(f"val/pass_at_k/{k}", f"pass@{k} (sampled)") for k in ks]
+        + [(f"val/pass_hat_k/{k}", f"pass^{k}: all {k} samples succeed") for k in ks]
+    )
+    section_configs, charts = [], []
+    for number, (title, metrics) in enumerate(sections):
+        section_id = f"turnstile-section-{number}"
+        section_configs.append(
+            {
+                "uuid": section_id,
+                "name": title,
+                "display": True,
+                "isReordered": True,
+                "deleted": False,
+                "isGenerated": False,
+            }
+        )
+        for metric, chart_title in metrics:
+            charts.append(
+                {
+                    "uuid": f"turnstile-chart-{metric_key(metric).replace('/', '-')}",
+                    "type": "LINE",
+                    "runsCountToCompare": 10,
+                    "metricSectionId": section_id,
+                    "deleted": False,
+                    "isGenerated": False,
+                    "displayName": chart_title,
+                    "metricKey": metric_key(metric),
+                    "selectedMetricKeys": [metric_key(metric)],
+                    "lineSmoothness": 0,
+                    "scaleType": "linear",
+                    "xAxisScaleType": "linear",
+                    "xAxisKey": "step",
+                    "selectedXAxisMetricKey": "",
+                }
+            )
+    return {
+        "selectedColumns": [f"metrics.`{metric_key(m)}`" for m in VIEW_COLUMNS],
+        "compareRunCharts": charts,
+        "compareRunSections": section_configs,
+        "isAccordionReordered": True,
+        "hideEmptyCharts": True,
+    }
+
+
+def charts_view_url(mlflow_ui: str, experiment_id: str) -> str:
+    """The address of Turnstile's saved view of the experiment's runs (charts shown) in the MLflow UI at
+    `mlflow_ui` (its base address, e.g. `tasks.links.mlflow_ui_url(cfg)`)."""
+    query = f"compareRunsMode=CHART&viewStateShareKey={VIEW_ID}"
+    return f"{mlflow_ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 # --------------------------------------------------------------------------- Prefect tasks
@@ -292,3 +488,12 @@ def log_validation_report_task(tracker: Tracker, report: Mapping[str, Any] | str
 def end_tracking(tracker: Tracker, status: RunEndStatus = "FINISHED") -> None:
     tracker.end(status)
     get_run_logger().info("MLflow run %s ended %s", tracker.mlflow_run_id, status)
+
+
+@task(name="describe-mlflow-run", cache_policy=NONE, **MLFLOW_RETRIES)
+def describe_run_task(tracker: Tracker, summary: Mapping[str, Any], cfg: RunConfig) -> str:
+    """Set the MLflow run's description (`run_description` of the train flow's summary dict, with the
+    address of the charts view); returns the markdown."""
+    text = run_description(summary, charts_view_url(mlflow_ui_url(cfg), tracker.experiment_id))
+    tracker.client.set_tag(tracker.mlflow_run_id, DESCRIPTION_TAG, text)
+    return text

@@ -35,11 +35,14 @@ from tasks.registry import (
 from tasks.tracking import (
     Tracker,
     artifact_location,
+    charts_view_state,
+    charts_view_url,
     config_hash,
     flatten_config,
     is_transient,
     metric_key,
     retry_if_transient,
+    run_description,
     task_set_hash,
     tracking_uri,
 )
@@ -163,6 +166,13 @@ def test_start_creates_one_run_with_tags_and_the_flattened_config(cfg, client):
     assert experiment.artifact_location == artifact_location(cfg)
     assert run.info.artifact_uri.startswith(artifact_location(cfg))
 
+    # outside Prefect there is no flow run to link; the description says what the run is
+    assert run.data.tags["mlflow.note.content"].startswith("Turnstile training run `run-test`: running.")
+    assert "none (run outside Prefect)" in run.data.tags["mlflow.note.content"]
+    # the experiment carries Turnstile's saved view of the runs page (what its Share button writes)
+    view = json.loads(experiment.tags["mlflow.sharedViewState.turnstile"])
+    assert view == charts_view_state(cfg)
+
     again = Tracker.start(cfg, "run-test")
     assert again.mlflow_run_id == tracker.mlflow_run_id
     assert len(client.search_runs([tracker.experiment_id])) == 1
@@ -176,6 +186,53 @@ def test_long_param_values_are_cut_to_mlflow_limit(cfg):
     )
     value = flatten_config(long)["environment.env_kwargs"]
     assert len(value) == 6000 and value.endswith("chars]")
+
+
+def test_the_saved_view_puts_held_out_pass_at_1_first_and_names_each_sampled_k(cfg):
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"pass_k": [4, 1, 2]})})
+    view = charts_view_state(cfg)
+    sections = [s["name"] for s in view["compareRunSections"]]
+    assert sections[0].startswith("Held-out evaluation") and sections[1].startswith("Training batch")
+    assert view["isAccordionReordered"] is True  # MLflow keeps this order instead of sorting by name
+    first = view["compareRunSections"][0]["uuid"]
+    held_out = [c["metricKey"] for c in view["compareRunCharts"] if c["metricSectionId"] == first]
+    assert held_out[0] == "val/pass_at_1"
+    assert [k for k in held_out if k.startswith("val/pass_at_k/")] == [f"val/pass_at_k/{k}" for k in (1, 2, 4)]
+    charts, section_ids = view["compareRunCharts"], {s["uuid"] for s in view["compareRunSections"]}
+    assert len({c["uuid"] for c in charts}) == len(charts) and {c["metricSectionId"] for c in charts} == section_ids
+    assert view["selectedColumns"][0] == "metrics.`val/pass_at_1`"
+    assert charts_view_url("http://ui:5000/", "7") == (
+        "http://ui:5000/#/experiments/7/runs?compareRunsMode=CHART&viewStateShareKey=turnstile"
+    )
+
+
+def test_the_run_description_states_the_outcome_and_where_to_look():
+    summary = {
+        "run_id": "run-x",
+        "pass_at_1_before": 0.3389,
+        "pass_at_1_after": 0.36111,
+        "optimizer_steps": 2,
+        "candidate_version": "1",
+        "candidate_step": 2,
+        "gate": {
+            "outcome": "rejected",
+            "baseline": "starting policy",
+            "baseline_pass_at_1": 0.38889,
+            "candidate_pass_at_1": 0.4,
+            "reasons": ["gate pass@1 0.400 reaches the floor 0.000", "improvement is not shown"],
+        },
+        "registered_model": "turnstile-policy",
+        "champion_version": None,
+        "prefect_flow_run_id": None,
+    }
+    text = run_description(summary, "http://ui/#/experiments/1/runs?x")
+    assert text.startswith("Turnstile training run `run-x`: finished. [Charts, held-out pass@1 first](http://ui/#")
+    assert "**Held-out pass@1 (greedy):** 0.339 at step 0 → 0.361 at step 2" in text
+    assert "**Gate:** version 1 (step 2) **rejected**: gate pass@1 0.400 against starting policy 0.389" in text
+    assert "**Champion:** none yet (turnstile-policy)" in text
+    assert "- improvement is not shown" in text
+    no_candidate = run_description({**summary, "gate": None, "no_candidate": "no step was evaluated"})
+    assert "**Gate:** no candidate (no step was evaluated)" in no_candidate and "reasons" not in no_candidate
 
 
 def test_metrics_are_retrievable_by_name_and_step(tracker, client):
@@ -288,6 +345,15 @@ def test_registration_logs_the_checkpoint_and_tags_its_lineage(cfg, tracker, cli
     }
     assert mv.tags["pass_at_1"] == "0.5"
     assert mv.tags["eval_tasks_hash"] == task_set_hash(reversed(EVAL_TASKS))
+    # for a person: the lineage in words, the run named with a link to its page (no run_link: the UI names the run)
+    assert mv.description.startswith(
+        f"Checkpoint at step 3 of Turnstile run [run-test](http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}"
+        f"/runs/{tracker.mlflow_run_id})."
+    )
+    assert "**Trained on:** 3 batches, iterations 1-3" in mv.description
+    assert "**Validation:** all 3 batches passed" in mv.description
+    assert "**Held-out pass@1 (greedy):** 0.500 on task set" in mv.description
+    assert not mv.run_link
     lineage = json.loads(
         Path(client.download_artifacts(tracker.mlflow_run_id, "lineage/step-000003.json", str(tmp_path))).read_text()
     )
@@ -346,6 +412,11 @@ def test_rejected_candidate_keeps_the_aliases_and_carries_the_decision(cfg, trac
         assert mv.aliases == []
         assert mv.tags["gate.decision"] == "rejected"
         assert any(reason in r for r in json.loads(mv.tags["gate.reasons"]))
+        assert f"**Gate:** **rejected**, decided against champion version {first}" in mv.description
+        assert reason in mv.description and mv.description.startswith("Checkpoint at step")
+    # deciding again replaces the gate section instead of adding a second one
+    gate_and_promote(client, worse, 0.3)
+    assert client.get_model_version(MODEL, worse).description.count("**Gate:**") == 1
 
 
 def test_rollback_swaps_champion_and_previous(cfg, tracker, client, tmp_path):
