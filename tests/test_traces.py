@@ -53,7 +53,7 @@ def episode(
         behavior_logprobs=[-0.5 if i in generated else 0.0 for i in range(60)],
         turns=turns,
         reward=1.0,
-        reward_components={"decision": 1.0, "format": 0.5},
+        reward_components={"decision": 1.0, "format": 0.5, "tone": 1 / 3},
         success=True,
         finish_reason="answered",
         created_at=CREATED,
@@ -102,6 +102,7 @@ def test_the_trace_of_a_multi_turn_episode_shows_its_turns_tool_calls_reward_and
         ("success", None): True,
         ("reward/decision", None): 1.0,
         ("reward/format", None): 0.5,
+        ("reward/tone", None): 0.3333,  # shown to 4 places
         ("turn_reward", third.span_id): 0.25,
     }
     assert all(a.source.source_type == "CODE" for a in info.assessments)
