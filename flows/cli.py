@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from flows.environment import prepare_environment
 from flows.evaluate_cli import add_evaluate_command, run_evaluate_command
 from flows.parameters import TrainSettings
 from flows.replay_cli import add_replay_commands, run_replay_command
 from flows.serve import add_serve_command, run_serve_command
+from flows.summary import closing_summary
 from rl_core.config import config_error_line
-from rl_core.gate import SKIP_WORDS
+
+__all__ = ["closing_summary", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,82 +85,6 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
             run_id=args.run_id,
         )
     return TrainSettings(config_path=args.config, overrides=args.overrides)
-
-
-def _iterations_sentence(summary: dict[str, Any]) -> str:
-    """How many iterations ran, trained and were skipped (and why), from the run's iteration records."""
-    done = summary.get("iterations_run", summary["iterations"])
-    kinds = Counter(s.get("by", "validation") for s in summary["skipped"])
-    text = f"{done} of {summary['iterations']} ({summary['trained_steps']} trained"
-    if kinds:
-        text += f", {len(summary['skipped'])} skipped: " + ", ".join(f"{n} {SKIP_WORDS[k]}" for k, n in kinds.items())
-    return text + ")"
-
-
-def _pass_at_1_sentence(summary: dict[str, Any]) -> str:
-    before, after = summary["pass_at_1_before"], summary["pass_at_1_after"]
-    if not summary.get("optimizer_steps", summary["trained_steps"]):
-        return f"{before:.3f} at step 0 (no optimizer step was taken: the policy is the starting one)"
-    return f"{before:.3f} before -> {after:.3f} after"
-
-
-def _gate_sentence(summary: dict[str, Any]) -> str:
-    gate = summary["gate"]
-    if gate is None:
-        return f"no candidate: {summary.get('no_candidate') or 'no checkpoint after step 0 was evaluated'}"
-    checks = gate.get("checks") or []
-    failed = [c["reason"] for c in checks if not c["passed"]]
-    # the reasons that decided it: what failed, or (promoted) what it was compared with; all of them in gate.json
-    decisive = failed or (gate["reasons"][len(checks) - 1 :] if checks else gate["reasons"])
-    return (
-        f"version {summary['candidate_version']} (step {summary['candidate_step']}) {gate['outcome']}: "
-        f"{'; '.join(decisive)}"
-    )
-
-
-def _champion_sentence(summary: dict[str, Any]) -> str:
-    version = summary.get("champion_version")
-    if version is None and "champion_version" in summary:
-        return f"none yet (no version of {summary['registered_model']} holds the alias champion)"
-    suffix = "" if version is None else f" (version {version})"
-    return f"models:/{summary['registered_model']}@champion{suffix}"
-
-
-def closing_summary(summary: dict[str, Any], seconds: float) -> str:
-    """What a person needs after a run: results, where things are, how to look at them. Every sentence
-    comes from the flow's summary, which the flow derives from the run's records (iteration records,
-    evaluations, gate decision)."""
-    mlflow_uri = summary["mlflow_uri"]
-    run_dir = Path(summary["checkpoints"]).parent.parent
-    lines = [
-        "",
-        f"Run {summary['run_id']} finished in {seconds / 60:.1f} min",
-        f"  iterations run:         {_iterations_sentence(summary)}",
-        *(
-            f"    iteration {s['iteration']} {SKIP_WORDS[s.get('by', 'validation')]}: {s['reason']}"
-            for s in summary["skipped"]
-        ),
-        f"  held-out pass@1:        {_pass_at_1_sentence(summary)}",
-        f"  gate:                   {_gate_sentence(summary)}",
-        f"  Parquet trajectories:   {summary['trajectories']}",
-        f"  checkpoints:            {summary['checkpoints']}",
-        f"  MLflow store:           {mlflow_uri} (run {summary['mlflow_run_id']})",
-        f"  champion:               {_champion_sentence(summary)}",
-        f"  continue or re-run:     .venv/bin/turnstile resume {summary['run_id']} --run-dir {run_dir}",
-        f"  curves:                 {Path(summary['checkpoints']).parent / 'curves'} (also in MLflow and Prefect)",
-        *(
-            f"  doctor, step {f['step']}: {f['message']} First change to try: {f['first_change']}"
-            for f in summary["findings"]
-        ),
-        *([f"  stopped early: {summary['stopped']}"] if summary["stopped"] else []),
-        "",
-        "Look at it:",
-        f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --workers 1 --port 5000",
-        f"  Prefect UI:  .venv/bin/turnstile serve --run-dir {run_dir}",
-        "               (then open http://127.0.0.1:4200: this run's flow, the deployments, and runs "
-        "started from the UI)",
-    ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from pydantic import Field, field_validator
 
 from flows.parameters import RunSettings
@@ -77,6 +78,7 @@ from rl_core.evaluation import EvalReport, Evaluator, Part
 from rl_core.learner import load_start_policy
 from rl_core.runs.checkpoint import STATE_FILE
 from tasks.evaluate import evaluate_task, publish_comparison_task, record_evaluation_task, tag_evaluation_task
+from tasks.links import flow_run_parameter, name_flow_run
 from tasks.promote import (
     CHAMPION_ALIAS,
     champion_version_task,
@@ -384,9 +386,30 @@ def _step_of(folder: Path) -> int:
 
 
 def _default_run_id() -> str:
-    """`eval-<UTC time>-<6 hex digits>`: two evaluations started in the same second (the promote flow's
-    candidate and champion) get runs and folders of their own."""
-    return f"eval-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    """`eval-<UTC time>-<6 hex digits>`: in a flow run, its creation time and the start of its id (what
+    `evaluate_flow_run_name` names the flow run before the body starts; `-attempt-<n>` added when the flow
+    run is run again, whose first attempt's folder exists), else the time now and random digits. Two
+    evaluations started in the same second (the promote flow's candidate and champion) get runs and
+    folders of their own."""
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context else None
+    if flow_run is None:
+        return f"eval-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    created = flow_run.created or datetime.now(timezone.utc)
+    attempt = f"-attempt-{flow_run.run_count}" if flow_run.run_count > 1 else ""
+    return f"eval-{created:%Y%m%d-%H%M%S}-{flow_run.id.hex[:6]}{attempt}"
+
+
+def evaluate_flow_run_name() -> str:
+    """The evaluate flow run's name: its evaluation run id (`run_id`, else `_default_run_id()`), known before
+    the flow's body starts; settings that do not load fall back to the default id."""
+    settings = flow_run_parameter("settings")
+    try:
+        if not isinstance(settings, EvaluateSettings):
+            settings = EvaluateSettings.model_validate(settings or {})
+        return settings.load().storage.run_id or _default_run_id()
+    except (ValueError, FileNotFoundError):
+        return _default_run_id()
 
 
 def _evaluate_target(
@@ -406,7 +429,8 @@ def _evaluate_target(
     policy.version = _step_of(Path(run_cfg.resolved_policy_path()))
     tracker = start_tracking(run_cfg, run_id)
     try:
-        report = evaluate_task(evaluator, policy, run_id, samples=settings.samples, part=settings.part)
+        evaluate = evaluate_task.with_options(task_run_name=f"evaluate-{target.slug}")
+        report = evaluate(evaluator, policy, run_id, samples=settings.samples, part=settings.part, tracker=tracker)
         tasks_hash = task_set_hash(report.task_success)
         tags = {
             EVALUATED_TAG: target.evaluated,
@@ -418,7 +442,8 @@ def _evaluate_target(
         }
         if target.registered is not None:
             tags[EVALUATED_VERSION_TAG] = target.registered.version
-        record_evaluation_task(tracker, report, policy.version, tags)
+        record = record_evaluation_task.with_options(task_run_name=f"record-evaluation-{target.slug}")
+        record(tracker, report, policy.version, tags)
     except BaseException:
         end_tracking(tracker, "FAILED")
         raise
@@ -438,13 +463,14 @@ def _evaluate_target(
     }
 
 
-@flow(name="turnstile-evaluate")
+@flow(name="turnstile-evaluate", flow_run_name=evaluate_flow_run_name)
 def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, Any]:
     """Evaluate several models (the starting policy, the champion, registry versions, checkpoint folders) side
     by side on the same held-out tasks: an MLflow run each, and one comparison table and PNG."""
     logger = get_run_logger()
     cfg = settings.load()
     run_id = cfg.storage.run_id or _default_run_id()
+    name_flow_run(run_id)  # a no-op but for a flow run run again (its run id gets -attempt-<n>)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": run_id})})
     targets, skipped = resolve_models(cfg, settings.model_specs(), read_registry_version_task, champion_version_task)
     for s in skipped:
@@ -468,7 +494,10 @@ def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, 
             with contextlib.ExitStack() as scratch:
                 if target.registered is not None:
                     download = scratch.enter_context(tempfile.TemporaryDirectory(dir=folder, prefix=".download-"))
-                    local = download_registry_version_task(cfg, target.registered, download)
+                    download_version = download_registry_version_task.with_options(
+                        task_run_name=f"download-{target.slug}"
+                    )
+                    local = download_version(cfg, target.registered, download)
                 else:
                     local = Path(target.path)
                 entry = _evaluate_target(

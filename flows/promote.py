@@ -38,6 +38,7 @@ from rl_core.config import RunConfig
 from rl_core.evaluation import EvalReport
 from rl_core.gate import GateDecision
 from tasks.gate import gate_artifact_key, gate_baseline, gate_candidate
+from tasks.links import flow_run_parameter
 from tasks.promote import (
     champion_version_task,
     promote_task,
@@ -150,7 +151,28 @@ def _manual_decider(
     return decide_now
 
 
-@flow(name="turnstile-promote")
+def _registered_model_name(settings: Any) -> str:
+    """`tracking.registered_model` of a registry flow's settings (the shipped default when they do not load)."""
+    try:
+        return settings.load().tracking.registered_model
+    except (AttributeError, ValueError, FileNotFoundError):
+        return RunConfig().tracking.registered_model
+
+
+def promote_flow_run_name() -> str:
+    """`promote-<registered model>-v<version>-gated` (or `-by-hand`): what the promote flow run acts on."""
+    settings = flow_run_parameter("settings")
+    version = getattr(settings, "version", None)
+    how = "gated" if getattr(settings, "gate", False) else "by-hand"
+    return f"promote-{_registered_model_name(settings)}-v{version}-{how}"
+
+
+def rollback_flow_run_name() -> str:
+    """`rollback-<registered model>`: the model whose champion alias the rollback flow run moves back."""
+    return f"rollback-{_registered_model_name(flow_run_parameter('settings'))}"
+
+
+@flow(name="turnstile-promote", flow_run_name=promote_flow_run_name)
 def promote_flow(settings: PromoteSettings) -> dict[str, Any]:
     """Make a registry version the champion, by hand or through the gate; the decision is recorded either way."""
     cfg = settings.load()
@@ -168,7 +190,7 @@ def promote_flow(settings: PromoteSettings) -> dict[str, Any]:
     return {**outcome, "outcome": decision.outcome, "reasons": decision.reasons, "champion": result.champion}
 
 
-@flow(name="turnstile-rollback")
+@flow(name="turnstile-rollback", flow_run_name=rollback_flow_run_name)
 def rollback_flow(settings: RollbackSettings = RollbackSettings()) -> dict[str, Any]:
     """Make the previous champion the champion again."""
     cfg = settings.load()

@@ -33,6 +33,7 @@ from rl_core.replay import (
     run_config,
     select_batches,
 )
+from tasks.links import flow_run_parameter
 from tasks.replay import report_word, rescore_task, retrain_task, revalidate_task, transcript_task
 from tasks.validate import artifact_slug
 
@@ -142,7 +143,16 @@ def check_settings(settings: ReplaySettings) -> list[StoredBatch]:
 # -- the flow ----------------------------------------------------------------------------
 
 
-@flow(name="turnstile-replay")
+def replay_flow_run_name() -> str:
+    """`replay-<run id>` (the run whose batches are replayed), or `replay-<n>-manifests` for batches given by
+    their manifests."""
+    settings = flow_run_parameter("settings")
+    if getattr(settings, "run_id", None):
+        return f"replay-{settings.run_id}"
+    return f"replay-{len(getattr(settings, 'manifests', None) or [])}-manifests"
+
+
+@flow(name="turnstile-replay", flow_run_name=replay_flow_run_name)
 def replay_flow(settings: ReplaySettings = ReplaySettings()) -> dict[str, Any]:
     """Re-validate, re-score, re-train or read stored trajectory batches; no new rollouts."""
     logger = get_run_logger()
@@ -158,7 +168,12 @@ def replay_flow(settings: ReplaySettings = ReplaySettings()) -> dict[str, Any]:
     }
     if settings.revalidate:
         current = load_config(settings.config_path).validation if settings.validation == "current" else None
-        comparisons = [revalidate_task(b, current or run_config(b).validation) for b in batches]
+        comparisons = [
+            revalidate_task.with_options(task_run_name=f"revalidate-{artifact_slug(b.label)}")(
+                b, current or run_config(b).validation
+            )
+            for b in batches
+        ]
         _publish_revalidation(comparisons, key)
         summary["revalidation"] = [c.as_dict() for c in comparisons]
     if settings.scorer:

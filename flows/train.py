@@ -8,18 +8,30 @@ checkpoint is gated against the registry champion and promoted or not (tasks/gat
 reward / pass@1 / truncation curves go to MLflow and Prefect.
 
 Runs on Prefect's temporary server by default, or against PREFECT_API_URL when set.
+
+Following a run between the UIs: the flow run is named after the Turnstile run (its run id, fixed
+before the flow's body starts: `train_flow_run_name`), its task runs after their iteration
+(`collect-rollouts-iteration-3`, `train-step-iteration-3`, `log-metrics-iteration-3-train`), its log
+and a link artifact give the MLflow run's address, and the MLflow run's `prefect.flow_run_id` tag
+names the flow run. The flow's last log line is the closing summary `turnstile train` prints
+(flows/summary.py), with the addresses of the MLflow runs view, the traces view and the flow run.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact
 from prefect.context import FlowRunContext
 
+from flows.environment import NOT_ON_CONSOLE
 from flows.parameters import TrainSettings
+from flows.summary import closing_summary
 from rl_core.config import RunConfig
 from rl_core.doctor import DoctorDecision
 from rl_core.evaluation import EvalReport
@@ -35,9 +47,12 @@ from tasks.curves import publish_curves_task
 from tasks.doctor import examine_step_task, publish_findings_task
 from tasks.evaluate import evaluate_checkpoint_task, evaluate_task
 from tasks.gate import gate_run
+from tasks.links import current_flow_run_url, mlflow_run_url, mlflow_runs_url, mlflow_traces_url
 from tasks.promote import Champion, champion_version_task, download_champion_task, register_checkpoint_task
+from tasks.traces import trace_batch
 from tasks.tracking import (
     Tracker,
+    describe_run_task,
     end_tracking,
     log_metrics_task,
     log_validation_report_task,
@@ -46,7 +61,7 @@ from tasks.tracking import (
     tracking_uri,
 )
 from tasks.train import train_step_task
-from tasks.validate import ValidationReport, validate_trajectories
+from tasks.validate import ValidationReport, artifact_slug, validate_trajectories
 from tasks.write import write_trajectories_task
 
 
@@ -62,6 +77,57 @@ def _run_id(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"run_id": name})})
 
 
+def train_flow_run_name() -> str:
+    """The train flow run's name: the Turnstile run id it trains (`storage.run_id`, or the one `_run_id`
+    derives for an unnamed run), so that the Prefect runs list shows it and its search finds it.
+
+    Prefect calls this when the flow run starts, before the flow's body, in the flow run's context; a
+    retried flow run gets the same name (its settings, creation time and id are the same). Settings that
+    do not load fall back to the derived name (the flow's body then fails with the config error)."""
+    context = FlowRunContext.get()
+    settings = (context.parameters or {}).get("settings") if context else None
+    try:
+        if not isinstance(settings, TrainSettings):
+            settings = TrainSettings.model_validate(settings or {})
+        cfg = settings.load()
+    except (ValueError, FileNotFoundError):
+        cfg = RunConfig()
+    return str(_run_id(cfg).storage.run_id)
+
+
+def _metrics_task_run_name(parameters: Mapping[str, Any]) -> str:
+    """`log-metrics-iteration-<n>-<what>`: the iteration the metrics belong to (0: the starting policy) and
+    their sections (`rollout`, `train`, `val`, `validation`, `doctor`)."""
+    sections = sorted({str(name).split("/", 1)[0] for name in parameters["metrics"]})
+    return f"log-metrics-iteration-{parameters['step']}-{'-'.join(sections) or 'none'}"
+
+
+def _examine_task_run_name(parameters: Mapping[str, Any]) -> str:
+    return f"training-doctor-iteration-{parameters['records'][-1].iteration}"
+
+
+def _evaluate_task_run_name(parameters: Mapping[str, Any]) -> str:
+    return f"evaluate-step-{parameters['policy'].version}"
+
+
+def _register_task_run_name(parameters: Mapping[str, Any]) -> str:
+    return f"register-checkpoint-step-{parameters['lineage']['step']}"
+
+
+# the stages' tasks, their runs named after the iteration or step they work on
+collect_rollouts = collect_rollouts_task.with_options(task_run_name="collect-rollouts-iteration-{iteration}")
+write_trajectories = write_trajectories_task.with_options(task_run_name="write-trajectories-iteration-{iteration}")
+validate_batch = validate_trajectories.with_options(task_run_name="validate-trajectories-iteration-{iteration}")
+log_validation_report = log_validation_report_task.with_options(
+    task_run_name="log-validation-report-iteration-{iteration}"
+)
+train_step = train_step_task.with_options(task_run_name="train-step-iteration-{iteration}")
+examine_step = examine_step_task.with_options(task_run_name=_examine_task_run_name)
+evaluate_policy = evaluate_task.with_options(task_run_name=_evaluate_task_run_name)
+register_checkpoint = register_checkpoint_task.with_options(task_run_name=_register_task_run_name)
+log_metrics = log_metrics_task.with_options(task_run_name=_metrics_task_run_name)
+
+
 class PrefectStages:
     """The loop's stages (rl_core.stages.Stages) as the Prefect tasks of tasks/, tracked in MLflow."""
 
@@ -69,29 +135,31 @@ class PrefectStages:
         self.run, self.tracker = run, tracker
 
     def collect(self, iteration: int) -> list[Episode]:
-        return collect_rollouts_task(self.run, iteration)
+        return collect_rollouts(self.run, iteration)
 
     def collect_ahead(self, iteration: int, policy: Policy):
-        return collect_rollouts_task.submit(self.run, iteration, policy)
+        return collect_rollouts.submit(self.run, iteration, policy)
 
     def write(self, iteration: int, episodes: list[Episode]) -> CommittedBatch:
-        return write_trajectories_task(self.run, iteration, episodes)
+        committed = write_trajectories(self.run, iteration, episodes)
+        trace_batch(self.tracker, self.run.run_id, iteration, episodes, self.run.cfg.tracking.traced_episodes)
+        return committed
 
     def validate(self, iteration: int, batch: CommittedBatch | None) -> ValidationReport:
         run = self.run
         table = None if batch is None else batch.table
-        report = validate_trajectories(str(run.store.root), run.run_id, iteration, run.cfg.validation, table)
-        log_validation_report_task(self.tracker, report.to_dict(), iteration)
+        report = validate_batch(str(run.store.root), run.run_id, iteration, run.cfg.validation, table)
+        log_validation_report(self.tracker, report.to_dict(), iteration)
         return report
 
     def train(self, iteration: int, episodes: list[Episode]):
-        return train_step_task(self.run, iteration, episodes)[0]
+        return train_step(self.run, iteration, episodes)[0]
 
     def examine(self, records, pass_at_1, reported, rollback_targets) -> DoctorDecision:
-        return examine_step_task(records, pass_at_1, reported, rollback_targets, self.run.cfg)
+        return examine_step(records, pass_at_1, reported, rollback_targets, self.run.cfg)
 
     def evaluate(self, policy: Policy) -> EvalReport:
-        return evaluate_task(self.run.evaluator, policy, self.run.run_id)
+        return evaluate_policy(self.run.evaluator, policy, self.run.run_id, tracker=self.tracker)
 
     def register(self, step: int, report: EvalReport, manifests: list[Manifest], validation: list[dict]) -> str:
         lineage = {
@@ -101,12 +169,10 @@ class PrefectStages:
             "pass_at_1": report.pass_at_1,
             "eval_tasks_hash": task_set_hash(report.task_success),
         }
-        return register_checkpoint_task(
-            self.run.cfg, self.tracker, checkpoint_dir(self.run.checkpoints_dir, step), lineage
-        )
+        return register_checkpoint(self.run.cfg, self.tracker, checkpoint_dir(self.run.checkpoints_dir, step), lineage)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        log_metrics_task(self.tracker, metrics, step=step)
+        log_metrics(self.tracker, metrics, step=step)
 
     def log(self, message: str, *, warning: bool = False) -> None:
         logger = get_run_logger()
@@ -116,21 +182,45 @@ class PrefectStages:
         """The champion's greedy evaluation of this run's gate tasks (downloaded and evaluated now)."""
         with tempfile.TemporaryDirectory(prefix="turnstile-champion-") as scratch:
             folder = download_champion_task(self.run.cfg, scratch)
-            return evaluate_checkpoint_task(self.run.evaluator, str(folder), part="gate")
+            evaluate = evaluate_checkpoint_task.with_options(task_run_name="evaluate-champion-gate-tasks")
+            return evaluate(self.run.evaluator, str(folder), part="gate")
 
     def starting_gate_report(self, before: EvalReport | None) -> EvalReport:
         """The starting policy's greedy evaluation of the gate tasks: from its step-0 evaluation, or made now when
         that record keeps no per-task outcomes (written by an older Turnstile)."""
         if before is not None and before.outcomes:
             return before.part("gate")
-        return evaluate_checkpoint_task(self.run.evaluator, self.run.cfg.resolved_policy_path(), part="gate")
+        evaluate = evaluate_checkpoint_task.with_options(task_run_name="evaluate-starting-policy-gate-tasks")
+        return evaluate(self.run.evaluator, self.run.cfg.resolved_policy_path(), part="gate")
 
 
-@flow(name="turnstile-train")
+def _announce_mlflow_run(run: TrainingRun, tracker: Tracker) -> dict[str, str]:
+    """Log the MLflow run's address and put it on the flow run as a link artifact (`mlflow-<run id>`);
+    returns the run's MLflow addresses (mlflow_run_url, mlflow_runs_url, mlflow_traces_url)."""
+    cfg, experiment = run.cfg, tracker.experiment_id
+    links = {
+        "mlflow_run_url": mlflow_run_url(cfg, experiment, tracker.mlflow_run_id),
+        "mlflow_runs_url": mlflow_runs_url(cfg, experiment),
+        "mlflow_traces_url": mlflow_traces_url(cfg, experiment),
+    }
+    get_run_logger().info("MLflow run of %s: %s", run.run_id, links["mlflow_run_url"])
+    create_link_artifact(
+        key=f"mlflow-{artifact_slug(run.run_id)}",
+        link=links["mlflow_run_url"],
+        link_text=f"MLflow run {run.run_id}",
+        description=f"Run {run.run_id} in MLflow: params, metric charts, checkpoints' registry versions "
+        f"(all runs: {links['mlflow_runs_url']}, episodes: {links['mlflow_traces_url']})",
+    )
+    return links
+
+
+@flow(name="turnstile-train", flow_run_name=train_flow_run_name)
 def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
     """Train a policy: collect, validate and train for the configured iterations, then gate the best checkpoint.
 
-    Naming an existing run (run_id) continues it from its last completed stage."""
+    Naming an existing run (run_id) continues it from its last completed stage. Ends by logging the
+    closing summary (flows/summary.py) the command line prints; returns the dict it is made from."""
+    started = time.monotonic()
     logger = get_run_logger()
     cfg = _run_id(settings.load())
     run = TrainingRun.open(cfg)
@@ -140,12 +230,13 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
         )
     logger.info("%s", run.context_budget.describe())
     try:
-        tracker = start_tracking(run.cfg, run.run_id)
+        tracker = start_tracking.with_options(task_run_name="start-tracking")(run.cfg, run.run_id)
     except BaseException:
         run.close()
         raise
     stages = PrefectStages(run, tracker)
     try:
+        links = _announce_mlflow_run(run, tracker)
         result = TrainingLoop(run, stages).run_iterations()
         best, decision = None, None
         if result.candidates:
@@ -158,16 +249,21 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
             )
         else:
             logger.warning("No candidate to gate: %s.", no_candidate_reason(result.records))
-        publish_findings_task(run.run_id, result.findings, result.stopped)
-        publish_curves_task(run.run_id, run.run_dir, result.records, result.pass_at_1, tracker)
-        champion_version = champion_version_task(run.cfg)
+        publish_findings_task.with_options(task_run_name="publish-doctor-findings")(
+            run.run_id, result.findings, result.stopped
+        )
+        publish_curves_task.with_options(task_run_name="publish-curves")(
+            run.run_id, run.run_dir, result.records, result.pass_at_1, tracker
+        )
+        champion_version = champion_version_task.with_options(task_run_name="read-champion-version")(run.cfg)
     except BaseException:
-        end_tracking(tracker, "FAILED")
+        end_tracking.with_options(task_run_name="end-tracking")(tracker, "FAILED")
         raise
     finally:
         run.close()  # e.g. stop the vLLM server the run started
-    end_tracking(tracker, "FINISHED")
-    return {
+    end_tracking.with_options(task_run_name="end-tracking")(tracker, "FINISHED")
+    flow_run = FlowRunContext.get().flow_run
+    summary = {
         "run_id": run.run_id,
         "iterations": cfg.iterations,
         **result.summary(),
@@ -181,4 +277,10 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
         "mlflow_run_id": tracker.mlflow_run_id,
         "registered_model": run.cfg.tracking.registered_model,
         "champion_version": champion_version,
+        **links,
+        "prefect_flow_run_id": str(flow_run.id) if flow_run else None,
+        "prefect_flow_run_url": current_flow_run_url(),
     }
+    describe_run_task(tracker, summary, run.cfg)  # the MLflow run's description: outcome and links
+    logger.info("%s", closing_summary(summary, time.monotonic() - started).strip("\n"), extra=NOT_ON_CONSOLE)
+    return summary

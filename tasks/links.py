@@ -9,6 +9,7 @@ that Prefect starts when none is configured has no UI a person can open, so it g
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 from rl_core.config import RunConfig
@@ -48,15 +49,46 @@ def mlflow_model_version_url(cfg: RunConfig, name: str, version: int | str) -> s
 
 
 def prefect_flow_run_url(flow_run_id: str | None) -> str | None:
-    """The Prefect UI page of a flow run, or None with no flow run or no UI a person can reach.
+    """The Prefect UI page of a flow run (`<PREFECT_UI_URL>/runs/flow-run/<id>`, the address Prefect's own
+    `url_for` gives and its UI serves), or None with no flow run or no UI a person can reach.
 
     Uses `PREFECT_UI_URL` (Prefect derives it from `PREFECT_API_URL`); None on the temporary
     server Prefect starts when no API URL is set, which stops with the process."""
     if not flow_run_id:
         return None
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+    from prefect.settings import PREFECT_API_URL
+    from prefect.utilities.urls import url_for
 
     if not PREFECT_API_URL.value():
         return None
-    ui = PREFECT_UI_URL.value()
-    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
+    return url_for("flow-run", obj_id=str(flow_run_id))
+
+
+def current_flow_run_url() -> str | None:
+    """The Prefect UI page of the flow run this code runs in (None outside a flow run or without a UI)."""
+    from prefect.runtime import flow_run
+
+    return prefect_flow_run_url(flow_run.get_id())
+
+
+def flow_run_parameter(name: str) -> Any:
+    """The parameter `name` of the flow run this code runs in (None outside one, or when it has none):
+    what a flow's `flow_run_name` callable, which Prefect calls with no arguments, names the run after."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return (context.parameters or {}).get(name) if context else None
+
+
+def name_flow_run(name: str) -> None:
+    """Rename the flow run this code runs in to `name` (no-op outside a flow run or when it is so named):
+    for a flow whose run's name (a Turnstile run id) is known only once its body has started."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow_run.name == name:
+        return
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_name(context.flow_run.id, name)
+    context.flow_run.name = name

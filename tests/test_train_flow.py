@@ -96,6 +96,61 @@ def test_two_iterations_end_to_end(prefect_harness, tmp_path):
     assert "  champion:               none yet (no version of turnstile-policy holds the alias champion)" in (
         closing_summary(summary, 60).splitlines()
     )
+    _assert_followable_between_the_uis(summary, run.info.experiment_id)
+
+
+def _flow_run_logs(client, flow_run_id) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the log records still queued in this process go to the server first
+    logs, offset = [], 0
+    while True:
+        page = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+            limit=200,
+            offset=offset,
+            sort=LogSort.TIMESTAMP_ASC,
+        )
+        logs += [log.message for log in page]
+        offset += len(page)
+        if len(page) < 200:
+            return logs
+
+
+def _assert_followable_between_the_uis(summary, experiment_id):
+    """Item 2 of issue 15: the flow run is named after the Turnstile run, its task runs after their iteration,
+    its log and a link artifact give the MLflow run's address; the closing summary is in the flow run's log."""
+    from prefect.artifacts import Artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    mlflow_run = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{summary['mlflow_run_id']}"
+    assert summary["mlflow_run_url"] == mlflow_run
+    assert summary["mlflow_traces_url"] == f"http://127.0.0.1:5000/#/experiments/{experiment_id}/traces"
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(summary["prefect_flow_run_id"])
+        assert flow_run.name == "e2e"
+        assert summary["prefect_flow_run_url"].endswith(f"/runs/flow-run/{flow_run.id}")
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), limit=200
+        )
+        names = {t.name for t in task_runs}
+        assert {"collect-rollouts-iteration-1", "collect-rollouts-iteration-2", "train-step-iteration-2"} <= names
+        assert {"log-metrics-iteration-0-val", "log-metrics-iteration-2-rollout-train", "evaluate-step-2"} <= names
+        assert not [n for n in names if n.startswith("log-metrics") and "iteration" not in n]
+        logs = _flow_run_logs(client, flow_run.id)
+    assert f"MLflow run of e2e: {mlflow_run}" in logs
+    link = Artifact.get("mlflow-e2e")
+    assert link is not None and link.data == f"[MLflow run e2e]({mlflow_run})"  # Prefect keeps links as markdown
+    [logged_summary] = [m for m in logs if m.startswith("Run e2e finished in")]
+    from flows.summary import closing_summary
+
+    expected = closing_summary(summary, 0).strip("\n").splitlines()
+    assert logged_summary.splitlines()[1:] == expected[1:]  # the same summary the command line prints
+    assert f"  MLflow traces:    {summary['mlflow_traces_url']}  (the episodes, turn by turn)" in expected
+    assert f"  Prefect flow run: {summary['prefect_flow_run_url']}" in expected
 
 
 def test_permanent_environment_failures_quarantine_the_batch(prefect_harness, tmp_path):
