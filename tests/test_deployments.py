@@ -27,6 +27,7 @@ import pytest
 from prefect.states import AwaitingRetry
 
 from flows.deployments import PREFECT_FILE, deploy_all, ensure_work_pool, load_prefect_file, work_pool_name
+from flows.parameters import TrainSettings
 from flows.serving import api_url_for, child_environment, wait_healthy
 from rl_core.paths import REPO_ROOT
 from tests.test_train_flow import TINY
@@ -34,7 +35,12 @@ from tests.test_train_flow import TINY
 pytestmark = pytest.mark.slow
 
 HOST = "127.0.0.1"
-TRAIN = "turnstile-train/nightly"
+TRAIN = "turnstile-train/train-now"  # hand-started training
+NIGHTLY = "turnstile-train/nightly"  # the schedule only
+EVALUATE = "turnstile-evaluate/compare-models"
+PROMOTE = "turnstile-promote/promote-version"
+ROLLBACK = "turnstile-rollback/restore-previous-champion"
+REPLAY = "turnstile-replay/replay-batches"
 SERVED_BANNER = "Turnstile is served."
 STARTUP_TIMEOUT_S = 180
 RUN_TIMEOUT_S = 240
@@ -148,9 +154,9 @@ def _wait_until_final(client: Any, flow_run_id: Any, served: Served) -> Any:
 
 
 def test_every_deployment_is_registered_on_the_pool_with_the_portable_pull_step(served):
-    expected = {TRAIN, "turnstile-evaluate/on-demand", "turnstile-promote/on-demand", "turnstile-rollback/on-demand"}
+    expected = {TRAIN, NIGHTLY, EVALUATE, PROMOTE, ROLLBACK}
     if (REPO_ROOT / "flows" / "replay.py").is_file():
-        expected.add("turnstile-replay/on-demand")
+        expected.add(REPLAY)
     assert set(served.deployments) == expected
     for deployment in served.deployments.values():
         assert deployment.work_pool_name == served.pool
@@ -158,10 +164,12 @@ def test_every_deployment_is_registered_on_the_pool_with_the_portable_pull_step(
     assert ensure_work_pool(served.api_url, served.pool) is False  # serve created it; it is not made twice
 
 
-def test_the_nightly_train_schedule_is_registered_paused(served):
-    [schedule] = served.deployments[TRAIN].schedules
+def test_the_nightly_train_schedule_is_registered_paused_and_says_so_first(served):
+    [schedule] = served.deployments[NIGHTLY].schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
     assert schedule.active is False
+    assert served.deployments[NIGHTLY].description.startswith("Schedule PAUSED (0 2 * * * UTC)")
+    assert not served.deployments[TRAIN].schedules  # hand-started runs have a deployment of their own
 
 
 def test_parameters_are_typed_forms_with_descriptions(served):
@@ -173,10 +181,12 @@ def test_parameters_are_typed_forms_with_descriptions(served):
     assert {"run_id", "run_dir", "iterations", "learning_rate", "group_size", "global_batch_size", "overrides"} <= set(
         train
     )
-    assert train["iterations"]["anyOf"][0] == {"minimum": 1, "type": "integer"}
-    evaluate = _settings_schema(served.deployments["turnstile-evaluate/on-demand"])["properties"]
+    assert (train["iterations"]["type"], train["iterations"]["minimum"]) == ("integer", 1)  # no `int | None`
+    # the form starts at the served config's values (the shipped quickstart)
+    assert served.deployments[TRAIN].parameters == {"settings": TrainSettings().model_dump()}
+    evaluate = _settings_schema(served.deployments[EVALUATE])["properties"]
     assert {"checkpoint", "version", "samples", "max_tasks"} <= set(evaluate)
-    promote = _settings_schema(served.deployments["turnstile-promote/on-demand"])
+    promote = _settings_schema(served.deployments[PROMOTE])
     assert promote["required"] == ["version"] and "run_id" not in promote["properties"]
 
 
@@ -224,14 +234,15 @@ def test_a_custom_train_run_started_through_the_api_runs_on_the_worker_with_its_
 
 
 def test_registering_again_keeps_an_enabled_schedule_enabled(served):
-    deployment = served.deployments[TRAIN]
+    deployment = served.deployments[NIGHTLY]
     [schedule] = deployment.schedules
     with _client(served.api_url) as client:
         client.update_deployment_schedule(deployment.id, schedule.id, active=True)
     try:
         redeployed = deploy_all(served.api_url, PREFECT_FILE, served.env)
-        assert [s.active for s in redeployed[TRAIN].schedules] == [True]
-        assert redeployed[TRAIN].id == deployment.id
+        assert [s.active for s in redeployed[NIGHTLY].schedules] == [True]
+        assert redeployed[NIGHTLY].description.startswith("Schedule ON")
+        assert redeployed[NIGHTLY].id == deployment.id
     finally:
         with _client(served.api_url) as client:
             client.update_deployment_schedule(deployment.id, schedule.id, active=False)

@@ -25,7 +25,12 @@ from flows.deployments import PREFECT_FILE, load_prefect_file, served_deployment
 from flows.serving import api_url_for, child_environment
 from rl_core.paths import REPO_ROOT
 from tests.test_deployments import (
+    EVALUATE,
     HOST,
+    NIGHTLY,
+    PROMOTE,
+    REPLAY,
+    ROLLBACK,
     RUN_TIMEOUT_S,
     TRAIN,
     Served,
@@ -91,22 +96,22 @@ def _by_full_name(served: Served) -> dict[str, dict]:
 
 
 def test_the_deployments_of_prefect_yaml_are_served_without_a_work_pool(served):
-    expected = {TRAIN, "turnstile-evaluate/on-demand", "turnstile-promote/on-demand", "turnstile-rollback/on-demand"}
+    expected = {TRAIN, NIGHTLY, EVALUATE, PROMOTE, ROLLBACK}
     if (REPO_ROOT / "flows" / "replay.py").is_file():
-        expected.add("turnstile-replay/on-demand")
+        expected.add(REPLAY)
     assert set(served.deployments) == expected
     declared = _by_full_name(served)
     assert set(declared) == expected
     for name, deployment in served.deployments.items():
         assert deployment.work_pool_name is None  # the Runner in `turnstile serve` runs them
         assert deployment.entrypoint == declared[name]["entrypoint"]
-        assert deployment.description == declared[name]["description"]
+        assert deployment.description.endswith(declared[name]["description"])  # after the schedule's state
         assert deployment.tags == declared[name]["tags"]
         assert deployment.enforce_parameter_schema is True
 
 
 def test_the_nightly_train_schedule_is_served_paused(served):
-    [schedule] = served.deployments[TRAIN].schedules
+    [schedule] = served.deployments[NIGHTLY].schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
     assert schedule.slug == "nightly-0200-utc"
     assert schedule.active is False
@@ -118,15 +123,15 @@ def test_parameters_are_typed_forms_with_descriptions(served):
         assert fields and all(field.get("description") for field in fields.values()), name
     train = _settings_schema(served.deployments[TRAIN])["properties"]
     assert {"run_id", "run_dir", "iterations", "learning_rate", "group_size", "overrides"} <= set(train)
-    assert train["iterations"]["anyOf"][0] == {"minimum": 1, "type": "integer"}
-    promote = _settings_schema(served.deployments["turnstile-promote/on-demand"])
+    assert (train["iterations"]["type"], train["iterations"]["minimum"]) == ("integer", 1)
+    promote = _settings_schema(served.deployments[PROMOTE])
     assert promote["required"] == ["version"]
 
 
 def test_serving_again_keeps_an_enabled_schedule_enabled(served, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    deployment = served.deployments[TRAIN]
+    deployment = served.deployments[NIGHTLY]
     [schedule] = deployment.schedules
     monkeypatch.chdir(REPO_ROOT)
     with _client(served.api_url) as client:
