@@ -379,7 +379,8 @@ VIEW_COLUMNS = ("val/pass_at_1", "val/gate/pass_at_1", "rollout/reward/mean")
 def charts_view_state(cfg: RunConfig) -> dict[str, Any]:
     """The runs-page view Turnstile saves on its experiment (MLflow's ExperimentPageUIState, as its Share
     button serialises it): sections in the order of `_VIEW_SECTIONS` plus pass@k / pass^k at each
-    `evaluation.pass_k`, charts titled in words, empty charts hidden, and `VIEW_COLUMNS` as columns.
+    `evaluation.pass_k`, empty charts hidden, and `VIEW_COLUMNS` as columns. Each chart also carries a title in
+    words (`displayName`), which MLflow 3.17's runs page does not show: it titles charts by the metric's name.
     Metrics not named here keep MLflow's own sections after these."""
     sections = [(title, list(charts)) for title, charts in _VIEW_SECTIONS]
     ks = sorted(set(cfg.evaluation.pass_k))
