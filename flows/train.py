@@ -208,8 +208,7 @@ def _announce_mlflow_run(run: TrainingRun, tracker: Tracker) -> dict[str, str]:
         key=f"mlflow-{artifact_slug(run.run_id)}",
         link=links["mlflow_run_url"],
         link_text=f"MLflow run {run.run_id}",
-        description=f"Run {run.run_id} in MLflow: params, metric charts, checkpoints' registry versions "
-        f"(all runs: {links['mlflow_runs_url']}, episodes: {links['mlflow_traces_url']})",
+        description=f"Open run {run.run_id} in MLflow (params, metric charts, episodes as traces)",
     )
     return links
 
