@@ -60,6 +60,22 @@ def test_registry_and_replay_flow_runs_say_what_they_act_on(prefect_harness):
     assert replaying(ReplaySettings(run_id="nightly-7")) == "replay-nightly-7"
 
 
+def test_an_evaluate_flow_run_is_named_with_the_evaluation_id_its_body_uses(prefect_harness, tmp_path):
+    from prefect import flow
+    from prefect.context import FlowRunContext
+
+    from flows.evaluate import EvaluateSettings, _default_run_id, evaluate_flow_run_name
+
+    @flow(flow_run_name=evaluate_flow_run_name)
+    def evaluating(settings):
+        flow_run = FlowRunContext.get().flow_run
+        return flow_run.name, settings.load().storage.run_id or _default_run_id(), flow_run.id.hex
+
+    name, run_id, flow_run_hex = evaluating(EvaluateSettings(run_dir=str(tmp_path)))
+    assert name == run_id and run_id.startswith("eval-") and run_id.endswith(flow_run_hex[:6])
+    assert evaluating(EvaluateSettings(run_dir=str(tmp_path), run_id="compare-7"))[:2] == ("compare-7", "compare-7")
+
+
 def test_ui_addresses():
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
