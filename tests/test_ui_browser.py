@@ -18,7 +18,8 @@ and runs one `turnstile train` on the tiny config against them. Then, clicking w
 - Prefect: the train deployment's Custom run form, with Iterations changed from 2 to 1 and nothing
   else, starts a run that completes with 1 iteration.
 
-Screenshots of the pages visited (1440 px wide) go to $TURNSTILE_UI_SCREENSHOTS when it is set
+Screenshots of the pages visited (1440 x 900, `<n>-<page>.png` in visiting order; the pages of
+../shared/ui-review/ under the names they have there) go to $TURNSTILE_UI_SCREENSHOTS when it is set
 (e.g. ../shared/ui-review/after), else to the test's temporary folder; the last page of each test is
 saved too, so a failure shows where it stopped. Without Chromium the module is skipped with the
 command that installs it; under CI (CI set) that is a failure. About 3 minutes on 2 CPU cores.
@@ -331,7 +332,12 @@ def test_mlflow_lists_the_runs_episodes_as_traces(stack, page):
     assert traces, "the run logged no traces"
     trace = traces[0]
     spans = [span.name for span in trace.data.spans]
+    page.goto(stack.mlflow_ui)  # a new user's first click: the experiment on MLflow's home page
+    page.get_by_role("link", name="turnstile", exact=True).first.click()
+    expect(page.get_by_text("Traces", exact=True).first).to_be_visible()
+    stack.shot(page, "mlflow-03b-fresh-click-experiment")
     _open_run(stack, page)
+    stack.shot(page, "mlflow-06-run-overview")
     page.get_by_role("tab", name="Traces").click()
     expect(page.get_by_text(trace.info.trace_id, exact=True)).to_be_visible()
     stack.shot(page, "mlflow-run-traces")
@@ -366,6 +372,10 @@ def test_prefect_finds_the_flow_run_by_its_turnstile_run_id(stack, page):
     page.get_by_role("link", name=RUN_ID, exact=True).click()
     expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
     stack.shot(page, "prefect-flow-run")
+    # Prefect's tabs are list items of a tablist, with no tab role
+    page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+    expect(page.get_by_text(re.compile(r"^Gate decision")).first).to_be_visible()
+    stack.shot(page, "prefect-05-artifacts")
 
 
 def _form_field(page: Page, label: str):
@@ -384,12 +394,15 @@ def test_a_custom_run_from_the_form_with_one_changed_field_completes(stack, page
     from rl_core.store import TrajectoryStore
 
     page.goto(f"{stack.prefect_ui}/deployments")
+    expect(page.get_by_role("link", name=stack.train_deployment, exact=True).first).to_be_visible()
+    stack.shot(page, "prefect-14-deployments")
     page.get_by_role("link", name=stack.train_deployment, exact=True).first.click()
     stack.shot(page, "prefect-train-deployment")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_role("link", name="Custom run").click()
     iterations = _form_field(page, "Iterations")
     expect(iterations).to_have_value(str(TINY_CONFIG["iterations"]))  # the served config's value, not empty
+    stack.shot(page, "prefect-19-custom-run-form-top")
     iterations.fill("1")
     stack.shot(page, "prefect-custom-run-form")  # the changed field among the others' starting values
     before = set(os.listdir(stack.runs))
@@ -399,6 +412,9 @@ def test_a_custom_run_from_the_form_with_one_changed_field_completes(stack, page
     page.wait_for_url("**/runs/flow-run/**")
     expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=RUN_TIMEOUT_S * 1000)
     stack.shot(page, "prefect-custom-run-completed")
+    page.goto(f"{stack.prefect_ui}/runs")
+    expect(page.get_by_text("Completed", exact=True).nth(1)).to_be_visible()  # both runs
+    stack.shot(page, "prefect-27-runs-after-custom")
 
     [run_id] = [name for name in set(os.listdir(stack.runs)) - before if (stack.runs / name).is_dir()]
     assert TrajectoryStore(stack.runs).iterations(run_id) == [1]
