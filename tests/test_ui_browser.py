@@ -165,9 +165,10 @@ class Stack:
     counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def shot(self, page: Page, name: str) -> Path:
-        """Save what the page shows now (1440 px wide) as `<n>-<name>.png`, numbered in visiting order."""
+        """Save what the page shows now (1440 px wide) as `<n>-<name>.png`, numbered in visiting order; CSS
+        transitions are run to their end first (Prefect's pages fade in)."""
         path = self.shots / f"{next(self.counter):02d}-{name}.png"
-        page.screenshot(path=path)
+        page.screenshot(path=path, animations="disabled")
         return path
 
 
