@@ -10,7 +10,7 @@ Several models side by side (the evaluate flow): `draw_comparison` draws one PNG
 environment (grouped bars: greedy pass@1, and pass@k / pass^k at the largest k when sampled), and
 `publish_comparison_task` writes the comparison table (rl_core/comparison.py) and the PNG into the
 evaluation's folder, logs both to an MLflow run (artifacts under `comparison/`) and publishes them
-as Prefect artifacts (markdown, and the PNG inlined as an image).
+as one Prefect card on the flow run (the table, with the PNG inlined below it).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from prefect import get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_image_artifact, create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
 from rl_core.atomic import write_bytes_atomically, write_text_atomically  # noqa: E402
 from rl_core.comparison import ALL, Comparison  # noqa: E402
 from rl_core.evaluation import EvalReport, Evaluator, Part  # noqa: E402
 from rl_core.model.policy import Policy, load_policy  # noqa: E402
-from tasks.curves import png_data_url  # noqa: E402
+from tasks.cards import markdown_image, publish_flow_run_card  # noqa: E402
 from tasks.traces import trace_evaluation  # noqa: E402
 from tasks.tracking import MLFLOW_RETRIES, Tracker  # noqa: E402
 from tasks.validate import artifact_slug  # noqa: E402
@@ -171,8 +171,8 @@ def publish_comparison_task(
 ) -> tuple[Path, Path]:
     """Write `markdown` (the comparison table) and the PNG (`draw_comparison`) as `comparison.md` and
     `comparison.png` into `folder`, log both to `tracker`'s MLflow run under `comparison/`, and publish them
-    as the Prefect artifacts `eval-comparison-<run_id>` (markdown) and `eval-comparison-plot-<run_id>`
-    (image). Returns the two paths."""
+    as one Prefect card on the flow run, `eval-comparison-<run_id>` (the table with the picture inlined below
+    it). Returns the two paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table = write_text_atomically(folder / "comparison.md", markdown)
@@ -180,15 +180,11 @@ def publish_comparison_task(
     for path in (table, plot):
         tracker.log_file(path, COMPARISON_DIR)
     slug = artifact_slug(run_id)
-    create_markdown_artifact(
-        markdown=markdown,
+    publish_flow_run_card(
+        markdown=f"{markdown}\n\n{markdown_image(plot, 'models per environment')}\n",
         key=f"eval-comparison-{slug}",
-        description=f"models side by side on the same held-out tasks (also in MLflow under {COMPARISON_DIR}/)",
-    )
-    create_image_artifact(
-        image_url=png_data_url(plot),
-        key=f"eval-comparison-plot-{slug}",
-        description=f"models per environment (also in MLflow as {COMPARISON_DIR}/{plot.name})",
+        description=f"Models side by side on the same held-out tasks: table and picture (also in MLflow under "
+        f"{COMPARISON_DIR}/)",
     )
     get_run_logger().info("comparison: %s, %s", table, plot)
     return table, plot

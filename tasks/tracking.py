@@ -8,7 +8,9 @@ Contract:
   with that `turnstile.run_id` or creates it (named `run_id`), so a retried or resumed start
   never makes a second one. It logs the whole config as flattened params (`rollout.group_size`).
 - Metric names are kept as given (`rollout/reward/mean`, `val/pass_at_k/4`); only characters
-  MLflow rejects are replaced (`@` -> `_at_`, others -> `_`).
+  MLflow rejects are replaced (`@` -> `_at_`, others -> `_`). Values are stored as a person reads
+  them (`readable_value`: 0.3333 rather than 0.3333333333333333, which MLflow's UI prints as stored);
+  the exact values stay in the run folder (iteration records, `evaluations/*.json`).
 - `Tracker` is a frozen (URI, ids) record, picklable, so Prefect tasks can take it; each call
   talks to MLflow through `MlflowClient` with an explicit run id (never the fluent API, whose
   active run is per thread and breaks under Prefect's thread pool).
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -122,6 +125,22 @@ def truncate(text: str, limit: int) -> str:
         return text
     note = f"...[truncated {len(text)} chars]"
     return text[: limit - len(note)] + note
+
+
+METRIC_DECIMALS = 4
+"""Decimal places of a logged metric value of size 1 or more; significant digits of a smaller one."""
+
+
+def readable_value(value: float) -> float:
+    """`value` rounded for MLflow's UI, which prints stored values in full: 4 significant digits below 1 in
+    size (1/3 -> 0.3333, a KL of 1.23456e-05 -> 1.235e-05, never 0), 4 decimal places from 1 on
+    (43.7333333 -> 43.7333, 12345 stays 12345). NaN and infinities pass unchanged."""
+    value = float(value)
+    if not math.isfinite(value) or value == 0:
+        return value
+    if abs(value) < 1:
+        return float(f"{value:.{METRIC_DECIMALS}g}")
+    return round(value, METRIC_DECIMALS)
 
 
 def metric_key(name: str) -> str:
@@ -223,9 +242,9 @@ class Tracker:
             self.client.log_batch(self.mlflow_run_id, params=batch, synchronous=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log every metric at `step` (names kept unless MLflow rejects a character)."""
+        """Log every metric at `step` (names kept unless MLflow rejects a character; values as `readable_value`)."""
         now = int(time.time() * 1000)
-        entries = [Metric(metric_key(name), float(value), now, step) for name, value in metrics.items()]
+        entries = [Metric(metric_key(name), readable_value(value), now, step) for name, value in metrics.items()]
         for batch in _chunks(entries, METRICS_PER_BATCH):
             self.client.log_batch(self.mlflow_run_id, metrics=batch, synchronous=True)
 

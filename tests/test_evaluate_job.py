@@ -20,6 +20,7 @@ import flows.cli
 from flows.evaluate import DEFAULT_MODELS, EvaluateSettings, parse_model_spec
 from rl_core.comparison import ALL, compare
 from rl_core.evaluation import EvalReport
+from tasks.tracking import readable_value
 from tasks.validate import artifact_slug
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
@@ -289,8 +290,8 @@ def test_evaluate_flow_scores_two_models_side_by_side(prefect_harness, tmp_path,
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["turnstile.eval_tasks_hash"] == model["eval_tasks_hash"]
         [point] = client.get_metric_history(run.info.run_id, "val/pass_at_1")
-        assert (point.step, point.value) == (model["step"], model["pass_at_1"])
-        assert run.data.metrics["val/pass_at_k/2"] == model["metrics"]["val/pass_at_k/2"]
+        assert (point.step, point.value) == (model["step"], readable_value(model["pass_at_1"]))
+        assert run.data.metrics["val/pass_at_k/2"] == readable_value(model["metrics"]["val/pass_at_k/2"])
     assert parent.info.status == "FINISHED"
     assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "comparison")) == [
         "comparison/comparison.md",
@@ -342,9 +343,11 @@ def test_evaluate_flow_scores_two_models_side_by_side(prefect_harness, tmp_path,
     )
     table_artifact = Artifact.get("eval-comparison-eval-two")
     assert table_artifact is not None and table_artifact.type == "markdown"
-    assert "## refunds" in str(table_artifact.data)
-    image = Artifact.get("eval-comparison-plot-eval-two")
-    assert image is not None and image.type == "image" and "data:image/png;base64," in str(image.data)
+    assert "## refunds" in str(table_artifact.data) and "![models per environment](data:image/png;base64," in str(
+        table_artifact.data
+    )  # the picture inside the card, no separate image card printing its data URL
+    assert table_artifact.flow_run_id is not None and table_artifact.task_run_id is None  # on the flow run
+    assert Artifact.get("eval-comparison-plot-eval-two") is None
 
 
 def test_evaluate_flow_defaults_to_start_and_champion(prefect_harness, tmp_path, empty_store):
@@ -392,4 +395,4 @@ def test_evaluate_flow_defaults_to_start_and_champion(prefect_harness, tmp_path,
         evaluate_flow(EvaluateSettings(run_id="eval-both", **common))
     assert {r.info.run_id: r.data.metrics for r in client.search_runs([experiment])} == before
     [point] = client.get_metric_history(both["models"][0]["mlflow_run_id"], "val/pass_at_1")
-    assert point.value == both["models"][0]["pass_at_1"]
+    assert point.value == readable_value(both["models"][0]["pass_at_1"])

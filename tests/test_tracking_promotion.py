@@ -8,6 +8,7 @@ the Prefect tasks themselves inside a temporary Prefect server.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -241,6 +242,8 @@ def test_metrics_are_retrievable_by_name_and_step(tracker, client):
     tracker.log_metrics(
         {"rollout/reward/mean": 0.75, "val/pass_at_1": 0.4, "val/pass_at_k/4": 0.9, "val/pass@1": 0.4}, step=2
     )
+    readable = {"val/reward_mean": 1 / 3, "train/kl": 1.23456e-05, "perf/tokens": 123456.0, "train/loss": -43.7333333}
+    tracker.log_metrics({**readable, "train/grad_norm": float("nan")}, step=3)
 
     reward = client.get_metric_history(tracker.mlflow_run_id, "rollout/reward/mean")
     assert sorted((m.step, m.value) for m in reward) == [(1, 0.25), (2, 0.75)]
@@ -252,6 +255,15 @@ def test_metrics_are_retrievable_by_name_and_step(tracker, client):
     ] == [(1, 0.5)]
     latest = client.get_run(tracker.mlflow_run_id).data.metrics
     assert latest["val/pass_at_1"] == 0.4 and "val/pass@1" not in latest
+    # values as a person reads them in MLflow's UI (which prints what is stored): 4 significant digits below 1,
+    # 4 decimal places from 1 on, counts whole, NaN kept
+    assert {name: latest[name] for name in readable} == {
+        "val/reward_mean": 0.3333,
+        "train/kl": 1.235e-05,
+        "perf/tokens": 123456.0,
+        "train/loss": -43.7333,
+    }
+    assert math.isnan(latest["train/grad_norm"])
 
 
 def test_metric_names_are_kept_unless_mlflow_rejects_them():

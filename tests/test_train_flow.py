@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 
 from rl_core.store import TrajectoryStore
 from rl_core.trajectory import TRAJECTORY_SCHEMA
+from tasks.tracking import readable_value
 
 TINY = [
     "iterations=2",
@@ -72,8 +73,11 @@ def test_two_iterations_end_to_end(prefect_harness, tmp_path):
     evaluation = json.loads((tmp_path / "e2e" / "evaluations" / "step-000000.json").read_text())
     assert len(evaluation["gate_tasks"]) == 3 and len(evaluation["outcomes"]) == 6
     gate_curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/gate/pass_at_1")}
-    assert sorted(gate_curve) == [0, 1, 2] and gate_curve[summary["candidate_step"]] == gate["candidate_pass_at_1"]
-    assert gate["baseline_pass_at_1"] == gate_curve[0]  # the starting policy's step-0 evaluation, gate part
+    assert sorted(gate_curve) == [0, 1, 2] and gate_curve[summary["candidate_step"]] == readable_value(
+        gate["candidate_pass_at_1"]
+    )
+    # the starting policy's step-0 evaluation, gate part
+    assert readable_value(gate["baseline_pass_at_1"]) == gate_curve[0]
 
     pictures = sorted(a.path for a in client.list_artifacts(run.info.run_id, "curves"))
     assert pictures == ["curves/pass_at_1.png", "curves/reward.png", "curves/truncation.png"]
