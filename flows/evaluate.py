@@ -78,7 +78,7 @@ from rl_core.evaluation import EvalReport, Evaluator, Part
 from rl_core.learner import load_start_policy
 from rl_core.runs.checkpoint import STATE_FILE
 from tasks.evaluate import evaluate_task, publish_comparison_task, record_evaluation_task, tag_evaluation_task
-from tasks.links import flow_run_parameter, name_flow_run
+from tasks.links import flow_run_parameter, mlflow_run_url, mlflow_traces_url, name_flow_run
 from tasks.promote import (
     CHAMPION_ALIAS,
     champion_version_task,
@@ -527,6 +527,11 @@ def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, 
     finally:
         evaluator.close()
     end_tracking(parent, "FINISHED")
+    run_url = mlflow_run_url(cfg, parent.experiment_id, parent.mlflow_run_id)
+    traces_url = mlflow_traces_url(cfg, parent.experiment_id)
+    get_run_logger().info(
+        "MLflow run of %s (the models' runs nested under it): %s; traces: %s", run_id, run_url, traces_url
+    )
     return {
         "run_id": run_id,
         "models": models,
@@ -538,6 +543,8 @@ def evaluate_flow(settings: EvaluateSettings = EvaluateSettings()) -> dict[str, 
         "samples": settings.samples,
         "mlflow_uri": parent.uri,
         "mlflow_run_id": parent.mlflow_run_id,
+        "mlflow_run_url": run_url,
+        "mlflow_traces_url": traces_url,
     }
 
 

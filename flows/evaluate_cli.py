@@ -124,5 +124,7 @@ def closing_lines(result: dict[str, Any], seconds: float) -> str:
             f"  plot:         {result['plot']}",
             f"  reports:      {result['folder']}/reports/",
             f"  MLflow store: {result['mlflow_uri']} (parent run {result['mlflow_run_id']}; {runs})",
+            f"  MLflow run:   {result['mlflow_run_url']}  (the models' runs nested under it)",
+            f"  MLflow traces: {result['mlflow_traces_url']}  (the evaluation episodes, turn by turn)",
         ]
     )

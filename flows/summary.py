@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rl_core.gate import SKIP_WORDS
+from tasks.links import DEFAULT_MLFLOW_UI
 
 SERVED_PREFECT_UI = "http://127.0.0.1:4200"
 """Where `turnstile serve` shows the Prefect UI (its default port)."""
@@ -95,7 +97,8 @@ def _look_at_it(summary: dict[str, Any], run_dir: Path) -> list[str]:
     mlflow_uri = summary["mlflow_uri"]
     lines = []
     if not mlflow_uri.startswith(("http://", "https://")):
-        command = f".venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --workers 1 --port 5000"
+        port = urlsplit(summary.get("mlflow_runs_url") or DEFAULT_MLFLOW_UI).port or 5000  # tracking.ui_url's port
+        command = f".venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --workers 1 --port {port}"
         lines.append(f"  MLflow UI:        {command}")
     if summary.get("mlflow_runs_url"):
         lines += [

@@ -32,7 +32,7 @@ from prefect.context import FlowRunContext
 from flows.environment import NOT_ON_CONSOLE
 from flows.parameters import TrainSettings
 from flows.summary import closing_summary
-from rl_core.config import RunConfig
+from rl_core.config import RunConfig, config_error_line
 from rl_core.doctor import DoctorDecision
 from rl_core.evaluation import EvalReport
 from rl_core.gate import no_candidate_reason
@@ -83,7 +83,8 @@ def train_flow_run_name() -> str:
 
     Prefect calls this when the flow run starts, before the flow's body, in the flow run's context; a
     retried flow run gets the same name (its settings, creation time and id are the same). Settings that
-    do not load fall back to the derived name (the flow's body then fails with the config error)."""
+    do not load keep the run id they name, else fall back to the derived name (the flow's body then fails
+    with the config error), so a run started with a bad value is still found by the id that was typed."""
     context = FlowRunContext.get()
     settings = (context.parameters or {}).get("settings") if context else None
     try:
@@ -91,6 +92,9 @@ def train_flow_run_name() -> str:
             settings = TrainSettings.model_validate(settings or {})
         cfg = settings.load()
     except (ValueError, FileNotFoundError):
+        typed = settings.run_id if isinstance(settings, TrainSettings) else None
+        if typed:
+            return typed
         cfg = RunConfig()
     return str(_run_id(cfg).storage.run_id)
 
@@ -221,7 +225,10 @@ def train_flow(settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
     closing summary (flows/summary.py) the command line prints; returns the dict it is made from."""
     started = time.monotonic()
     logger = get_run_logger()
-    cfg = _run_id(settings.load())
+    try:
+        cfg = _run_id(settings.load())
+    except (ValueError, FileNotFoundError) as err:  # one line naming the field, as the command line prints it
+        raise ValueError(f"bad config: {config_error_line(err)}") from None
     run = TrainingRun.open(cfg)
     if run.last_iteration:
         logger.info(

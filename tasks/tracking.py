@@ -223,6 +223,8 @@ class Tracker:
         if found:  # a resumed run: params already logged keep their first value (MLflow params are write-once)
             mlflow_run_id = found[0].info.run_id
             client.update_run(mlflow_run_id, status="RUNNING")
+            if runtime.flow_run.id:  # the flow run now working on it, as the run description will link it
+                client.set_tag(mlflow_run_id, FLOW_RUN_TAG, runtime.flow_run.id)
             params = {k: v for k, v in params.items() if k not in found[0].data.params}
         else:
             tags = {RUN_ID_TAG: run_id, CONFIG_HASH_TAG: config_hash(cfg)}

@@ -282,6 +282,9 @@ def test_evaluate_flow_scores_two_models_side_by_side(prefect_harness, tmp_path,
     runs = client.search_runs([experiment.experiment_id], "tags.`turnstile.evaluation` = 'eval-two'")
     assert len(runs) == 3
     parent = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
+    assert result["mlflow_run_url"] == (
+        f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{result['mlflow_run_id']}"
+    )  # the address the evaluate command prints, as the train flow's closing summary does
     children = {r.data.tags["turnstile.model"]: r for r in runs if r.info.run_id != result["mlflow_run_id"]}
     assert set(children) == {"start", str(checkpoint)}
     for model in result["models"]:

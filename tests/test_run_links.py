@@ -11,6 +11,8 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import pytest
+
 from rl_core.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +41,26 @@ def test_an_unnamed_train_flow_run_is_named_with_the_run_id_its_body_uses(prefec
     named, flow_run_id = body_of_train_flow(TrainSettings(run_dir=str(tmp_path), run_id="my-run"))
     with get_client(sync_client=True) as client:
         assert named == "my-run" and client.read_flow_run(flow_run_id).name == "my-run"
+
+
+def test_a_train_run_with_a_bad_value_keeps_its_typed_name_and_fails_in_one_line(prefect_harness, tmp_path):
+    """A run started (e.g. from the Custom run form) with a value the config refuses is still found by the run id
+    that was typed, and its error names the field in one line (no pydantic dump)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from flows.parameters import TrainSettings
+    from flows.train import train_flow
+
+    settings = TrainSettings(run_dir=str(tmp_path), run_id="typed_id", group_size=7)  # 128 is not a multiple of 7
+    with pytest.raises(ValueError) as caught:
+        train_flow(settings)
+    message = str(caught.value)
+    assert message.startswith("bad config: ") and "multiple of rollout.group_size (7)" in message
+    assert "\n" not in message and "pydantic" not in message
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["typed_id"])))
+    assert flow_run.state.is_failed()
 
 
 def test_registry_and_replay_flow_runs_say_what_they_act_on(prefect_harness):

@@ -34,6 +34,7 @@ from tasks.registry import (
     register_checkpoint,
 )
 from tasks.tracking import (
+    FLOW_RUN_TAG,
     Tracker,
     artifact_location,
     charts_view_state,
@@ -140,7 +141,7 @@ def test_config_hash_is_stable_and_changes_with_any_value(cfg):
     assert config_hash(changed) != config_hash(cfg)
 
 
-def test_start_creates_one_run_with_tags_and_the_flattened_config(cfg, client):
+def test_start_creates_one_run_with_tags_and_the_flattened_config(cfg, client, monkeypatch):
     tracker = Tracker.start(cfg, "run-test")
     run = client.get_run(tracker.mlflow_run_id)
     assert run.info.run_name == "run-test"
@@ -175,9 +176,13 @@ def test_start_creates_one_run_with_tags_and_the_flattened_config(cfg, client):
     assert view["name"] == "Turnstile: held-out pass@1 first" and isinstance(view["createdAt"], int)
     assert json.loads(view["state"]) == charts_view_state(cfg)
 
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0f1e2d3c-0000-4000-8000-000000000001")  # a resume's flow run
     again = Tracker.start(cfg, "run-test")
     assert again.mlflow_run_id == tracker.mlflow_run_id
     assert len(client.search_runs([tracker.experiment_id])) == 1
+    # the tag names the flow run now working on it (the one the run description links), not the first
+    assert client.get_run(again.mlflow_run_id).data.tags[FLOW_RUN_TAG] == "0f1e2d3c-0000-4000-8000-000000000001"
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID")
     other = Tracker.start(cfg, "run-other")
     assert other.mlflow_run_id != tracker.mlflow_run_id
 
