@@ -268,10 +268,10 @@ def test_each_list_of_allowed_values_is_one_alias_used_everywhere():
     assert annotation(AlgorithmConfig, "loss_fn") is LossFn
     assert annotation(AlgorithmConfig, "loss_aggregation") is LossAggregation
     assert annotation(DoctorConfig, "on_collapse") is OnCollapse
-    # The Prefect form takes the same lists (optional: empty = the config file's value).
-    assert annotation(TrainSettings, "loss_fn") == LossFn | None
-    assert annotation(TrainSettings, "advantage_method") == AdvantageMethod | None
-    assert annotation(TrainSettings, "on_collapse") == OnCollapse | None
+    # The Prefect form takes the same lists (a dropdown starting at the config's value).
+    assert annotation(TrainSettings, "loss_fn") is LossFn
+    assert annotation(TrainSettings, "advantage_method") is AdvantageMethod
+    assert annotation(TrainSettings, "on_collapse") is OnCollapse
     # The functions' own tables cover exactly the allowed values.
     assert tuple(DTYPES) == get_args(DType)
     assert set(get_args(TruncatedFinishReason)) <= set(FINISH_REASONS)
