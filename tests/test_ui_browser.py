@@ -44,6 +44,7 @@ import psutil
 import pytest
 import yaml
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from tenacity import Retrying, retry_if_not_exception_type, stop_after_delay, wait_fixed
 
 from rl_core.config.run import DEFAULT_CONFIG_PATH
@@ -57,6 +58,7 @@ TRAIN_FLOW = "turnstile-train"
 STARTUP_TIMEOUT_S = 180  # the first start of a Prefect server migrates its database (about 30 s here)
 RUN_TIMEOUT_S = 240  # one tiny train run takes about 30 s on 2 cores
 UI_TIMEOUT_MS = 30_000  # a page, a search or a chart appearing
+expect.set_options(timeout=UI_TIMEOUT_MS)  # Playwright's assertions wait 5 s by default: too short on a busy machine
 INSTALL_CHROMIUM = "sudo apt-get install -y chromium"  # (`make chromium` does it as root)
 
 # The shipped quickstart, shrunk: 2 iterations of 8 episodes, an evaluation of 2 held-out tasks a
@@ -319,12 +321,29 @@ def _runs_view_url(stack: Stack) -> str:
 
 
 def _open_run(stack: Stack, page: Page) -> None:
-    """From the runs view the summary printed, open the run's page by its name."""
+    """From the runs view the summary printed, open the run's page by its name.
+
+    MLflow shows a first-visit pop-over ("Detect Issues in Your Traces") that is modal: while it is open
+    nothing else on the page can be reached, so the test clicks its "Got it" as a person does."""
     page.goto(_runs_view_url(stack))
-    expect(page.get_by_role("link", name=RUN_ID, exact=True).first).to_be_visible()
+    link = page.get_by_role("link", name=RUN_ID, exact=True).first
+    expect(link.or_(page.get_by_role("button", name="Got it")).first).to_be_visible()
+    _dismiss_guidance(page)
+    expect(link).to_be_visible()
     stack.shot(page, "mlflow-runs-view")
-    page.get_by_role("link", name=RUN_ID, exact=True).first.click()
+    link.click()
     expect(page.get_by_role("tab", name="Model metrics")).to_be_visible()
+
+
+def _dismiss_guidance(page: Page) -> None:
+    """Click MLflow's first-visit pop-over's "Got it" when it is open (MLflow may also close it itself as
+    the page changes: then there is nothing to click)."""
+    got_it = page.get_by_role("button", name="Got it").first
+    try:
+        if got_it.is_visible():
+            got_it.click(timeout=5_000)
+    except PlaywrightTimeoutError:  # closed by MLflow while being clicked
+        pass
 
 
 def test_mlflow_lists_the_runs_episodes_as_traces(stack, page):
@@ -339,6 +358,7 @@ def test_mlflow_lists_the_runs_episodes_as_traces(stack, page):
     # the default (GenAI) view counts the episodes logged as traces, where it said "Traces 0 / No data available"
     expect(page.get_by_text(str(logged), exact=True).first).to_be_visible()
     stack.shot(page, "mlflow-03b-fresh-click-experiment")
+    _dismiss_guidance(page)
     _open_run(stack, page)
     stack.shot(page, "mlflow-06-run-overview")
     page.get_by_role("tab", name="Traces").click()
@@ -376,6 +396,8 @@ def test_prefect_finds_the_flow_run_by_its_turnstile_run_id(stack, page):
     page.wait_for_url("**/runs/flow-run/**")
     expect(page.get_by_role("tablist").get_by_text("Logs", exact=True)).to_be_visible()  # the flow run's page
     expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+    # its log links the MLflow run (and the log has loaded for the screenshot)
+    expect(page.get_by_text(re.compile(rf"MLflow run of {re.escape(RUN_ID)}")).first).to_be_visible()
     stack.shot(page, "prefect-flow-run")
     # Prefect's tabs are list items of a tablist, with no tab role
     page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
