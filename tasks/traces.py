@@ -32,7 +32,8 @@ Trace layout (one trace per episode row; `build_trace`):
 - Feedback (MLflow assessments, source CODE `<env_name> environment`): `reward` (float, rationale:
   the finish reason), `success` (bool), `reward/<component>` per reward component, and
   `turn_reward` on a policy turn's span when the agent gave per-turn rewards. Rewards and log-probs
-  are shown to `DECIMALS` places; the exact values are in the Parquet trajectories.
+  are shown as MLflow metrics are (`tasks.tracking.readable_value`); the exact values are in the Parquet
+  trajectories.
 - Tags: `turnstile.run_id`, `turnstile.phase`, `turnstile.iteration` (training) or `turnstile.step`
   (evaluations: the policy version evaluated), `turnstile.group_id`, `turnstile.sample_index`,
   `turnstile.task_id`, `turnstile.env`, `turnstile.finish_reason`, `turnstile.success`,
@@ -100,7 +101,7 @@ from rl_core.environments.actions import ToolCall, parse_action
 from rl_core.evaluation import EvalReport, sample_rollouts, stable_seed
 from rl_core.model.tool_parsers import TOOL_PARSERS
 from rl_core.trajectory import Episode, Turn
-from tasks.tracking import MLFLOW_RETRIES, Tracker, truncate
+from tasks.tracking import MLFLOW_RETRIES, Tracker, readable_value, truncate
 
 Phase = Literal["train", "eval"]
 
@@ -111,8 +112,6 @@ MAX_TEXT_CHARS = 20_000
 NS_PER_TOKEN = 1_000
 """The time axis of a trace: 1 µs per token (module docstring)."""
 TIME_AXIS = "1 microsecond per token; per-turn wall-clock times are not recorded"
-DECIMALS = 4
-"""Decimal places of the rewards and log-probs a trace shows (exact values: the Parquet trajectories)."""
 
 
 @dataclass(frozen=True)
@@ -241,12 +240,7 @@ def _ns(moment: datetime) -> int:
 def _mean_logprob(episode: Episode, turn: Turn) -> float | None:
     values = [episode.behavior_logprobs[i] for i in range(turn.start, turn.end) if episode.loss_mask[i]]
     mean = sum(values) / len(values) if values else None
-    return _shown(mean) if mean is not None and math.isfinite(mean) else None
-
-
-def _shown(value: float) -> float:
-    """`value` rounded to `DECIMALS` places for reading (the exact values are in the Parquet trajectories)."""
-    return round(float(value), DECIMALS)
+    return readable_value(mean) if mean is not None and math.isfinite(mean) else None
 
 
 def build_trace(episode: Episode, context: TraceContext, experiment_id: str, mlflow_run_id: str) -> Trace:
@@ -280,7 +274,7 @@ def build_trace(episode: Episode, context: TraceContext, experiment_id: str, mlf
         outputs=answer,
         attributes={
             SpanAttributeKey.EXPERIMENT_ID: experiment_id,
-            f"{TAG}reward": _shown(episode.reward),
+            f"{TAG}reward": readable_value(episode.reward),
             f"{TAG}success": bool(episode.success),
             f"{TAG}finish_reason": episode.finish_reason,
             f"{TAG}env_error": episode.env_error,
@@ -323,12 +317,12 @@ def build_trace(episode: Episode, context: TraceContext, experiment_id: str, mlf
                     f"{TAG}finish_reason": turn.finish_reason,
                     f"{TAG}mean_logprob": _mean_logprob(episode, turn),
                     f"{TAG}parse_error": turn.parse_error,
-                    f"{TAG}turn_reward": None if turn.reward is None else _shown(turn.reward),
+                    f"{TAG}turn_reward": None if turn.reward is None else readable_value(turn.reward),
                 },
                 error=None if turn.parse_error is None else f"tool call not parsed: {turn.parse_error}",
             )
             if turn.reward is not None:
-                turn_rewards.append((span, _shown(turn.reward)))
+                turn_rewards.append((span, readable_value(turn.reward)))
         elif turn.role == "tool":
             tool = turn.tool_name or (last_policy.tool_name if last_policy else None) or "tool"
             call_text = last_policy.text if last_policy else ""
@@ -364,7 +358,7 @@ def build_trace(episode: Episode, context: TraceContext, experiment_id: str, mlf
     feedback = [
         Feedback(
             name="reward",
-            value=_shown(episode.reward),
+            value=readable_value(episode.reward),
             source=source,
             trace_id=trace_id,
             rationale=f"finish reason: {episode.finish_reason}",
@@ -383,7 +377,7 @@ def build_trace(episode: Episode, context: TraceContext, experiment_id: str, mlf
     feedback += [
         Feedback(
             name=f"reward/{name}",
-            value=_shown(value),
+            value=readable_value(value),
             source=source,
             trace_id=trace_id,
             create_time_ms=created_ms,
@@ -414,7 +408,7 @@ def build_trace(episode: Episode, context: TraceContext, experiment_id: str, mlf
         f"{TAG}env": episode.env_name,
         f"{TAG}finish_reason": episode.finish_reason,
         f"{TAG}success": str(bool(episode.success)).lower(),
-        f"{TAG}reward": f"{_shown(episode.reward):g}",
+        f"{TAG}reward": f"{readable_value(episode.reward):g}",
         f"{TAG}policy_version": str(episode.policy_version),
     }
     if context.phase == "train":
