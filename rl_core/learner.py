@@ -59,36 +59,57 @@ def load_run_checkpoint(cfg: RunConfig, folder: str | Path) -> tuple[Policy, dic
     )
 
 
+def reference_model(cfg: RunConfig) -> torch.nn.Module | None:
+    """A frozen copy of the starting policy's model, for the KL penalty (None when algorithm.kl_coef is 0)."""
+    if cfg.algorithm.kl_coef == 0:
+        return None
+    reference = load_start_policy(cfg).model.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def make_trainer(cfg: RunConfig, policy: Policy) -> Trainer:
+    """The config's `Trainer` over `policy` (in this process: one rank of a multi-rank learner, or the whole one)."""
+    return Trainer(
+        policy,
+        cfg.algorithm,
+        cfg.optimizer,
+        reference=reference_model(cfg),
+        trainer_cfg=cfg.trainer,
+        temperature=cfg.rollout.temperature,  # for episodes without a sampling record
+    )
+
+
 class Learner:
-    """The policy in training, its trainer, and the checkpoints in `checkpoints_dir`."""
+    """The policy in training, its trainer, and the checkpoints in `checkpoints_dir`.
+
+    With `trainer.num_processes` x `trainer.num_nodes` > 1 the trainer is a `RemoteTrainer`: torchrun-launched
+    ranks train (rl_core/distributed/), logging to `<checkpoints_dir>/../learner/ranks.log`, and `policy` is the
+    driver's copy they update after each step; `close` stops them."""
 
     def __init__(self, cfg: RunConfig, policy: Policy, checkpoints_dir: Path):
         self.cfg, self.policy, self.checkpoints_dir = cfg, policy, Path(checkpoints_dir)
-        self.trainer = Trainer(
-            policy,
-            cfg.algorithm,
-            cfg.optimizer,
-            reference=self._reference_model(),
-            trainer_cfg=cfg.trainer,
-            temperature=cfg.rollout.temperature,  # for episodes without a sampling record
-        )
+        if cfg.trainer.world_size > 1:
+            from rl_core.distributed.launch import RemoteTrainer
+
+            self.trainer = RemoteTrainer(cfg, policy, self.checkpoints_dir.parent / "learner")
+        else:
+            self.trainer = make_trainer(cfg, policy)
         self.checkpointed_version = policy.version  # version of the newest checkpoint (the start needs none)
         self.last_step: StepMetrics | None = None  # what the latest `train` call did
         self.protected_steps: set[int] = set()  # checkpoints kept whatever storage.keep_checkpoints says
-
-    def _reference_model(self) -> torch.nn.Module | None:
-        """A frozen copy of the starting policy, for the KL penalty (None when it is off)."""
-        if self.cfg.algorithm.kl_coef == 0:
-            return None
-        reference = load_start_policy(self.cfg).model.eval()
-        reference.requires_grad_(False)
-        return reference
 
     def train(self, episodes: list[Episode]) -> StepMetrics:
         """One training step on `episodes` (`Trainer.step`); `StepMetrics.skipped` says why when no
         optimizer step was applied (the policy version and weights are then unchanged)."""
         self.last_step = self.trainer.step(episodes)
         return self.last_step
+
+    def close(self) -> None:
+        """Stop the learner's ranks (a multi-rank learner); nothing to do for one in this process."""
+        close = getattr(self.trainer, "close", None)
+        if close is not None:
+            close()
 
     @property
     def moved(self) -> bool:
@@ -132,12 +153,10 @@ class Learner:
                     f"cannot roll back to step {step}: {folder} is gone (pruned by storage.keep_checkpoints?)"
                 )
             earlier, _ = load_run_checkpoint(self.cfg, folder)
-        with torch.no_grad():
-            trainable = dict(self.policy.model.named_parameters())
-            for name, value in earlier.model.named_parameters():
-                trainable[name].copy_(value)
+        trainable = {name for name, p in self.policy.model.named_parameters() if p.requires_grad}
+        self.trainer.load_weights({name: p for name, p in earlier.model.named_parameters() if name in trainable})
         if step == 0:
-            self.trainer.optimizer.state.clear()
+            self.trainer.reset_optimizer()
         else:
             self.restore_optimizer(folder)
 

@@ -85,6 +85,7 @@ class TrainingRun:
     def close(self) -> None:
         """Release what the run holds outside this process: the vLLM server it started (rollout.backend vllm)
         and the rollout gateway's server (rollout.agent)."""
+        self.learner.close()
         if self.collector.backend is not None:
             self.collector.backend.close()
         if self.collector.agents is not None:

@@ -39,6 +39,7 @@ weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -46,6 +47,7 @@ import torch
 
 from rl_core.advantages import compute_advantages
 from rl_core.config import AlgorithmConfig, OptimizerConfig, TrainerConfig
+from rl_core.distributed.ranks import Ranks, all_reduce_measures, rank_shares
 from rl_core.groups import group_episodes, rollouts
 from rl_core.losses import policy_loss, truncated_is_weights
 from rl_core.model.backends import make_backend
@@ -60,7 +62,7 @@ from rl_core.step_metrics import (
     add_mismatch,
     fill_step_metrics,
 )
-from rl_core.token_batch import pad_batch, pad_rows, rollout_turn_rewards, token_logprobs
+from rl_core.token_batch import batch_logprobs, micro_batch, pad_rows, rollout_turn_rewards, token_logprobs
 from rl_core.trajectory import Episode
 
 __all__ = ["SKIPPED_STEP_METRICS", "StepMetrics", "Trainer", "make_optimizer", "rollout_advantages"]
@@ -148,8 +150,35 @@ class Trainer:
             raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
         self.reference = reference
         self.temperature = temperature
+        self.trainer_cfg = trainer_cfg = trainer_cfg or TrainerConfig()
+        if trainer_cfg.gradient_checkpointing:
+            policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.backend = make_backend(trainer_cfg, policy.model, make_optimizer(policy, optimizer), optimizer)
         self.optimizer = self.backend.optimizer
+        self.ranks = Ranks.current() if trainer_cfg.backend == "deepspeed" else Ranks()
+        if self.ranks.world_size != trainer_cfg.world_size:
+            raise ValueError(
+                f"trainer.num_processes x trainer.num_nodes = {trainer_cfg.world_size} learner ranks, but this process "
+                f"group has {self.ranks.world_size}: a multi-rank learner is launched by rl_core.distributed "
+                "(Learner does it), one Trainer per rank"
+            )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context forward passes run in: torch.autocast(bfloat16) with trainer.precision bf16 (the weights stay
+        float32; token_logprobs takes log-probs in float32), else nothing."""
+        if self.trainer_cfg.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.policy.device).type, dtype=torch.bfloat16)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set trainable weights by name (`named_parameters` of the policy's model) in place, in the backend's
+        own copies too (ZeRO's fp32 master partitions): a rollback or a resume. Raises KeyError for a name the
+        model has no trainable parameter of, ValueError for a shape that differs."""
+        self.backend.load_weights(weights)
+
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's state (AdamW moments and step count): the next step is a fresh optimizer's."""
+        self.backend.reset_optimizer()
 
     def advantages(self, episodes: list[Episode]) -> list[torch.Tensor]:
         """Per episode, one advantage per policy turn (episode-level methods give one for all turns);
@@ -215,7 +244,7 @@ class Trainer:
         planned = len(plan) * self.optim_cfg.epochs_per_batch
         start_logprobs, measured = None, Measures()
         if self.algorithm.tis_cap is not None and planned > 1:  # pi_old = the trainer at the iteration's start
-            start_logprobs = self._start_logprobs(episodes, measured)
+            start_logprobs = self._start_logprobs(episodes, plan, measured)
         steps: list[OptimizerStep] = []
         for _ in range(self.optim_cfg.epochs_per_batch):
             for indices in plan:
@@ -237,27 +266,36 @@ class Trainer:
         self,
         episodes: list[Episode],
         advantages: list[torch.Tensor],
-        start_logprobs: list[torch.Tensor] | None,
+        start_logprobs: list[torch.Tensor | None] | None,
         measure_mismatch: bool,
     ) -> OptimizerStep:
         """Forward/backward one mini-batch in length-sorted micro-batches, then one optimizer step unless
-        its loss or gradient norm is not finite (then nothing changes but the logged warning)."""
+        its loss or gradient norm is not finite (then nothing changes but the logged warning).
+
+        With several ranks, this rank feeds only its share of the mini-batch (`rank_shares`) and runs as many
+        forward/backward passes as the busiest rank (ZeRO's collectives run inside them); the loss and the
+        statistics are added over the ranks, so every rank takes the same decision."""
         self.backend.zero_grad()
         total_tokens = sum(e.response_tokens for e in episodes)
         measures, loss = Measures(), 0.0
-        for chunk in length_sorted_micro_batches([len(e.tokens) for e in episodes], self.optim_cfg.micro_batch_size):
-            batch = pad_batch(
+        chunks, passes = self._my_micro_batches([len(e.tokens) for e in episodes])
+        for chunk in chunks:
+            batch = micro_batch(
                 [episodes[i] for i in chunk],
                 [advantages[i] for i in chunk],
                 self.policy.episode_renderer().pad_id,
                 self.policy.device,
                 self.temperature,
+                packed=self.trainer_cfg.packing,
             )
             if start_logprobs is not None:
                 batch["start_logprobs"] = pad_rows([start_logprobs[i] for i in chunk], batch["tokens"].shape[1]).to(
                     self.policy.device
                 )
             loss += self._accumulate(batch, total_tokens, len(episodes), measures, measure_mismatch)
+        for _ in range(passes - len(chunks)):
+            self._idle_pass(min(episodes, key=len_tokens), backward=True)
+        loss = all_reduce_measures(loss, measures, self.ranks)
         if not math.isfinite(loss):
             self.backend.discard()
             return self._skip(loss, math.nan, measures, f"non-finite loss ({loss})")
@@ -266,6 +304,34 @@ class Trainer:
             return self._skip(loss, grad_norm, measures, f"non-finite gradient norm ({grad_norm})")
         self.policy.version += 1
         return OptimizerStep(loss, grad_norm, measures, applied=True)
+
+    def _my_micro_batches(self, lengths: list[int], share: list[int] | None = None) -> tuple[list[list[int]], int]:
+        """This rank's micro-batches of the episodes with these token `lengths` (positions into them: its share
+        of whole episodes, or `share` when given; all of them with one rank), length-sorted and cut into
+        `optimizer.micro_batch_size`; and the number of passes the busiest rank makes, which every rank makes."""
+        size = self.optim_cfg.micro_batch_size
+        if not self.ranks.many:
+            chunks = length_sorted_micro_batches(lengths, size)
+            return chunks, len(chunks)
+        shares = rank_shares(lengths, self.ranks.world_size) if share is None else None
+        mine = shares[self.ranks.rank] if shares is not None else share
+        chunks = [[mine[i] for i in chunk] for chunk in length_sorted_micro_batches([lengths[i] for i in mine], size)]
+        if shares is None:  # `share` given: the other ranks' counts come from the ranks themselves
+            count = torch.tensor([len(chunks)], device=self.ranks.device())
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            return chunks, int(count)
+        return chunks, max(-(-len(s) // size) for s in shares)
+
+    def _idle_pass(self, episode: Episode, backward: bool) -> None:
+        """A forward pass (and, with `backward`, a backward pass of its loss times 0) that changes nothing: a
+        rank with fewer micro-batches than the busiest one makes these so that every rank joins every
+        collective ZeRO runs inside forward and backward passes (ZeRO-3 gathers weights in forward passes;
+        ZeRO-2/3 reduce gradients in backward passes)."""
+        tokens = torch.tensor([episode.tokens], device=self.policy.device)
+        with torch.set_grad_enabled(backward), self.autocast():
+            logprobs, _ = token_logprobs(self.backend.model, tokens, torch.ones_like(tokens))
+        if backward:
+            self.backend.backward(logprobs.sum() * 0.0)
 
     def _skip(self, loss: float, grad_norm: float, measures: Measures, problem: str) -> OptimizerStep:
         log.warning(
@@ -285,9 +351,8 @@ class Trainer:
     ) -> float:
         """Forward and backward one micro-batch (gradients add up across micro-batches); returns its loss."""
         a = self.algorithm
-        logprobs, entropy = token_logprobs(
-            self.backend.model, batch["tokens"], batch["attention"], batch["temperature"]
-        )
+        with self.autocast():
+            logprobs, entropy = batch_logprobs(self.backend.model, batch)
         mask, behavior = batch["mask"], batch["old_logprobs"]
         if measure_mismatch:
             add_mismatch(logprobs.detach(), behavior, mask, measures)
@@ -299,8 +364,8 @@ class Trainer:
             is_weights = truncated_is_weights(old, behavior, mask, a.tis_cap)
         reference = None
         if a.kl_coef > 0:
-            with torch.no_grad():
-                reference, _ = token_logprobs(self.reference, batch["tokens"], batch["attention"], batch["temperature"])
+            with torch.no_grad(), self.autocast():
+                reference, _ = batch_logprobs(self.reference, batch)
         loss, stats = policy_loss(
             a.loss_fn,
             logprobs,
@@ -322,24 +387,43 @@ class Trainer:
         measures.entropy_sum += float((entropy * mask).sum())
         return float(loss.detach())
 
-    def _start_logprobs(self, episodes: list[Episode], measured: Measures) -> list[torch.Tensor]:
-        """Every episode's log-probs [len(tokens)] under the iteration's starting weights (no gradient), for
-        tis_cap's pi_old across several optimizer steps; measures the token-sampler mismatch on the way."""
+    def _start_logprobs(
+        self, episodes: list[Episode], plan: list[list[int]], measured: Measures
+    ) -> list[torch.Tensor | None]:
+        """The log-probs [len(tokens)] under the iteration's starting weights (no gradient) of every episode this
+        rank trains on in the mini-batches of `plan` (None for the others' episodes), for tis_cap's pi_old across
+        several optimizer steps; measures the token-sampler mismatch on the way (added over the ranks)."""
         out: list[torch.Tensor | None] = [None] * len(episodes)
         zeros = [torch.zeros(1)] * len(episodes)
-        for chunk in length_sorted_micro_batches([len(e.tokens) for e in episodes], self.optim_cfg.micro_batch_size):
-            batch = pad_batch(
+        lengths = [len(e.tokens) for e in episodes]
+        mine = list(range(len(episodes)))
+        if self.ranks.many:
+            mine = sorted(
+                indices[i]
+                for indices in plan
+                for i in rank_shares([lengths[j] for j in indices], self.ranks.world_size)[self.ranks.rank]
+            )
+        chunks, passes = self._my_micro_batches(lengths, mine if self.ranks.many else None)
+        for chunk in chunks:
+            batch = micro_batch(
                 [episodes[i] for i in chunk],
                 [zeros[i] for i in chunk],
                 self.policy.episode_renderer().pad_id,
                 self.policy.device,
                 self.temperature,
+                packed=self.trainer_cfg.packing,
             )
-            with torch.no_grad():
-                logprobs, _ = token_logprobs(
-                    self.backend.model, batch["tokens"], batch["attention"], batch["temperature"]
-                )
+            with torch.no_grad(), self.autocast():
+                logprobs, _ = batch_logprobs(self.backend.model, batch)
             add_mismatch(logprobs, batch["old_logprobs"], batch["mask"], measured)
             for row, i in enumerate(chunk):
                 out[i] = logprobs[row, : len(episodes[i].tokens)].cpu()
+        for _ in range(passes - len(chunks)):
+            self._idle_pass(min(episodes, key=len_tokens), backward=False)
+        all_reduce_measures(0.0, measured, self.ranks)
         return out
+
+
+def len_tokens(episode: Episode) -> int:
+    """An episode's length in tokens (prompt, generated and environment tokens)."""
+    return len(episode.tokens)

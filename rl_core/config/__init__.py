@@ -10,11 +10,13 @@ are set as they are and checked against their field's type, never parsed again.
 The package, by concern (import everything from `rl_core.config`):
 
 - `choices`: the allowed values of enumerated fields, one `Literal` alias per list
-  (`ChatFormatName`, `DType`, `TrainerBackendName`, `ZeroStage`, `ZeroVarianceGroups`,
+  (`ChatFormatName`, `DType`, `TrainerBackendName`, `ZeroStage`, `TrainingPrecision`, `ZeroVarianceGroups`,
   `TruncatedFinishReason`, `OnCollapse`).
 - `section`: `Section`, the base of every section (unknown keys refused).
 - `training`: what is trained and how: `PolicyConfig` (with `LoraConfig`), `RolloutConfig`,
-  `AlgorithmConfig`, `OptimizerConfig`, `TrainerConfig`.
+  `AlgorithmConfig`, `OptimizerConfig`.
+- `trainer`: how the update is computed: `TrainerConfig` (backend, ZeRO stage, learner ranks,
+  precision, gradient checkpointing, packing).
 - `operations`: everything around training: `EnvironmentConfig` (with `EnvironmentEntry`),
   `EvaluationConfig`, `ValidationConfig`, `TrackingConfig`, `GateConfig`, `DoctorConfig`,
   `StorageConfig`.
@@ -30,6 +32,7 @@ from rl_core.config.choices import (
     OnCollapse,
     ToolParserName,
     TrainerBackendName,
+    TrainingPrecision,
     TruncatedFinishReason,
     ZeroStage,
     ZeroVarianceGroups,
@@ -56,6 +59,7 @@ from rl_core.config.operations import (
 )
 from rl_core.config.run import DEFAULT_CONFIG_PATH, RunConfig
 from rl_core.config.section import Section
+from rl_core.config.trainer import TrainerConfig
 from rl_core.config.training import (
     AgentConfig,
     AlgorithmConfig,
@@ -63,7 +67,6 @@ from rl_core.config.training import (
     OptimizerConfig,
     PolicyConfig,
     RolloutConfig,
-    TrainerConfig,
     VLLMConfig,
 )
 
@@ -90,6 +93,7 @@ __all__ = [
     "StorageConfig",
     "TrackingConfig",
     "TrainerBackendName",
+    "TrainingPrecision",
     "TrainerConfig",
     "TruncatedFinishReason",
     "ValidationConfig",

@@ -31,6 +31,9 @@ TrainerBackendName = Literal["torch", "deepspeed"]
 # trainer.zero_stage: the DeepSpeed ZeRO stage.
 ZeroStage = Literal[0, 1, 2, 3]
 
+# trainer.precision: the training compute precision (fp32, or bf16 autocast over fp32 weights).
+TrainingPrecision = Literal["fp32", "bf16"]
+
 # algorithm.zero_variance_groups: what happens to groups whose rewards are all equal
 # (keep and drop: rl_core/trainer.py; resample: the collector).
 ZeroVarianceGroups = Literal["keep", "drop", "resample"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from pydantic import Field, model_validator
 
 from rl_core.config.operations import (
@@ -16,10 +17,25 @@ from rl_core.config.operations import (
     ValidationConfig,
 )
 from rl_core.config.section import Section
-from rl_core.config.training import AlgorithmConfig, OptimizerConfig, PolicyConfig, RolloutConfig, TrainerConfig
+from rl_core.config.trainer import TrainerConfig
+from rl_core.config.training import AlgorithmConfig, OptimizerConfig, PolicyConfig, RolloutConfig
 from rl_core.paths import DATA_DIR, REPO_ROOT
 
 DEFAULT_CONFIG_PATH = DATA_DIR / "configs" / "quickstart.yaml"
+
+
+def bf16_unsupported(device: str) -> str | None:
+    """Why bfloat16 compute cannot run on torch `device` here (None when it can, or when the device is a CUDA
+    GPU this machine does not have: the run's machine decides then). CPU: needs the AVX512-BF16 or AMX
+    instructions (oneDNN's check); CUDA: compute capability 8.0 or newer (torch.cuda.is_bf16_supported)."""
+    kind = device.split(":", 1)[0]
+    if kind == "cpu":
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); use trainer.precision fp32"
+        return None
+    if kind == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return f"{torch.cuda.get_device_name()} has no bfloat16 support (compute capability below 8.0)"
+    return None
 
 
 class RunConfig(Section):
@@ -50,6 +66,15 @@ class RunConfig(Section):
             )
         if self.trainer.backend == "deepspeed" and p.dtype != "float32":
             raise ValueError(f"trainer.backend deepspeed trains in float32 only; policy.dtype is {p.dtype!r}")
+        if self.trainer.precision == "bf16":
+            if p.dtype != "float32":
+                raise ValueError(
+                    "trainer.precision bf16 keeps float32 master weights: policy.dtype must be float32, "
+                    f"not {p.dtype!r}"
+                )
+            problem = bf16_unsupported(p.device)
+            if problem:
+                raise ValueError(f"trainer.precision bf16 cannot run on policy.device {p.device!r}: {problem}")
         if r.overlap_collection and self.trainer.zero_stage == 3:
             raise ValueError(
                 "rollout.overlap_collection copies the model for sampling, which trainer.zero_stage 3 does not allow"

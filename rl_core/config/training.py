@@ -18,9 +18,7 @@ from rl_core.config.choices import (
     DType,
     RolloutBackendName,
     ToolParserName,
-    TrainerBackendName,
     TruncatedFinishReason,
-    ZeroStage,
     ZeroVarianceGroups,
 )
 from rl_core.config.section import Section
@@ -335,26 +333,4 @@ class OptimizerConfig(Section):
     def _betas_in_range(self) -> "OptimizerConfig":
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optimizer.betas must lie in [0, 1), got {self.betas}")
-        return self
-
-
-class TrainerConfig(Section):
-    backend: TrainerBackendName = Field(
-        "torch",
-        description="Training backend (rl_core/model/backends.py): plain torch, or a DeepSpeed engine on one process "
-        "(gloo on CPU) taking the same update.",
-    )
-    zero_stage: ZeroStage = Field(
-        0,
-        description="DeepSpeed ZeRO stage (backend deepspeed only); 0-3 all run on CPU and take the torch update; "
-        "on one process none saves memory, and 3 (weights kept whole for rollouts and checkpoints) "
-        "cannot deep-copy the policy, as rollout.overlap_collection does.",
-    )
-
-    @model_validator(mode="after")
-    def _zero_needs_deepspeed(self) -> "TrainerConfig":
-        if self.zero_stage and self.backend != "deepspeed":
-            raise ValueError(
-                f"trainer.zero_stage {self.zero_stage} needs trainer.backend 'deepspeed' (got {self.backend!r})"
-            )
         return self

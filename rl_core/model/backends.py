@@ -30,6 +30,7 @@ backend, so checkpoints (checkpoint.py) move between backends.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -76,6 +77,38 @@ class TorchBackend:
         """Drop the accumulated gradients without stepping."""
         self.zero_grad()
 
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy `weights` (trainable parameters by name) into the model (see `load_named_weights`)."""
+        load_named_weights(self.model, weights)
+
+    def reset_optimizer(self) -> None:
+        """Drop AdamW's state: the next step is a fresh optimizer's first."""
+        self.optimizer.state.clear()
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter by name, whole, as a detached float32 CPU copy."""
+        return {name: p.detach().float().cpu().clone() for name, p in trainable_parameters(self.model).items()}
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The model's trainable parameters by `named_parameters` name, in their order."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_named_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` into the model's trainable parameters of the same names, in place (no gradient).
+    Raises KeyError for a name that is no trainable parameter of the model, ValueError for a shape mismatch."""
+    params = trainable_parameters(model)
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise KeyError(f"no trainable parameter named {unknown[:3]} in the model ({len(unknown)} unknown names)")
+    with torch.no_grad():
+        for name, value in weights.items():
+            if tuple(value.shape) != tuple(params[name].shape):
+                expected = tuple(params[name].shape)
+                raise ValueError(f"weight {name} has shape {tuple(value.shape)}, the model's {expected}")
+            params[name].copy_(value)
+
 
 def single_process_env() -> None:
     """The environment variables torch.distributed needs for a one-process group, where unset."""
@@ -90,11 +123,12 @@ def single_process_env() -> None:
 
 
 def _import_deepspeed() -> Any:
-    """`deepspeed`, with a process group initialised (gloo on CPU) if there is none yet.
+    """`deepspeed`, with a process group initialised (NCCL on GPUs, gloo on CPU) if there is none yet: from
+    the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR...), else a one-process group.
 
-    With one rank there is nothing to all-reduce, so DeepSpeed's shared-memory CPU all-reduce
-    kernel (compiled with a C++ toolchain on first use, about a minute) is marked unavailable
-    before DeepSpeed's communication layer starts: it then uses plain torch.distributed.
+    On CPU, DeepSpeed's shared-memory all-reduce kernel (compiled with a C++ toolchain on first use, about
+    a minute, per machine) is marked unavailable before DeepSpeed's communication layer starts: the ranks
+    then all-reduce with plain torch.distributed over gloo, fast enough for the models CPUs train.
     """
     try:
         import deepspeed
@@ -104,7 +138,7 @@ def _import_deepspeed() -> Any:
             "trainer.backend 'deepspeed' needs the deepspeed package: pip install 'deepspeed>=0.19,<0.20'"
         ) from exc
     single_process_env()
-    if os.environ["WORLD_SIZE"] == "1":
+    if not torch.cuda.is_available():
         # deepspeed.ops.__compatible_ops__ is probed lazily and only read by build_shm_op
         # (deepspeed/comm/torch.py); an entry set to False skips that build.
         ops = deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})
@@ -115,10 +149,11 @@ def _import_deepspeed() -> Any:
     return deepspeed
 
 
-def deepspeed_config(optimizer_cfg: Any, zero_stage: ZeroStage) -> dict[str, Any]:
-    """DeepSpeed's config for the trainer's update: fp32, one accumulation boundary per step()."""
+def deepspeed_config(optimizer_cfg: Any, zero_stage: ZeroStage, world_size: int = 1) -> dict[str, Any]:
+    """DeepSpeed's config for the trainer's update: fp32 weights, one accumulation boundary per step().
+    With one rank ZeRO-3 keeps the weights whole; with several it partitions them (DeepSpeed's defaults)."""
     zero: dict[str, Any] = {"stage": zero_stage}
-    if zero_stage == 3:
+    if zero_stage == 3 and world_size == 1:
         # One process holds every partition anyway; keeping the weights whole outside the forward
         # pass lets rollouts and checkpoints read `policy.model` as with the other stages.
         zero["stage3_param_persistence_threshold"] = 2**62
@@ -151,6 +186,7 @@ class DeepSpeedBackend:
             )
         deepspeed = _import_deepspeed()
         self.zero_stage = zero_stage
+        self.world_size = torch.distributed.get_world_size()
         self.params = [p for p in model.parameters() if p.requires_grad]
         # A state-less copy of the optimizer over the model's own parameters (ZeRO re-points the
         # client optimizer at its flat partitions): the checkpoint format.
@@ -158,7 +194,7 @@ class DeepSpeedBackend:
         self.engine, engine_optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            config=deepspeed_config(optimizer_cfg, zero_stage),
+            config=deepspeed_config(optimizer_cfg, zero_stage, self.world_size),
         )
         self._model = model
         self._gather_whole_weights()  # now, not at the first forward
@@ -168,9 +204,9 @@ class DeepSpeedBackend:
         )
 
     def _gather_whole_weights(self) -> None:
-        """ZeRO-3: gather the (persistent, see deepspeed_config) weights so that they are whole outside the
-        forward pass. Its step gathers them after an update; its overflow skip leaves them partitioned."""
-        if self.zero_stage != 3:
+        """ZeRO-3 on one rank: gather the (persistent, see deepspeed_config) weights so that they are whole outside
+        the forward pass. Its step gathers them after an update; its overflow skip leaves them partitioned."""
+        if self.zero_stage != 3 or self.world_size > 1:
             return
         partitioned = [p for p in self._model.parameters() if hasattr(p, "ds_id")]
         if partitioned:
@@ -182,8 +218,10 @@ class DeepSpeedBackend:
             self.engine.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        # The loss is already normalised by batch-wide totals: no 1/gradient_accumulation_steps.
-        self.engine.backward(loss, scale_wrt_gas=False)
+        """Add this micro-batch's gradients. The loss is already normalised by the mini-batch's totals over all
+        ranks: no 1/gradient_accumulation_steps, and times the world size, since DeepSpeed averages the ranks'
+        gradients where the trainer's update is their sum."""
+        self.engine.backward(loss * self.world_size if self.world_size > 1 else loss, scale_wrt_gas=False)
 
     def step(self) -> float:
         """Reduce, clip (`gradient_clipping`), step; returns the norm before clipping.
@@ -221,6 +259,41 @@ class DeepSpeedBackend:
                 raise RuntimeError("DeepSpeed applied a step with NaN gradients while discarding them")
             self._gather_whole_weights()
         self.zero_grad()
+
+    def _partitioned(self) -> contextlib.AbstractContextManager:
+        """ZeRO-3 with several ranks: the weights gathered whole (every rank takes part), else nothing to do."""
+        if self.zero_stage == 3 and self.world_size > 1:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(self.params, modifier_rank=0)
+        return contextlib.nullcontext()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the trainable weights by name, everywhere the engine keeps them: the model's (ZeRO-3: gathered,
+        changed on rank 0 and re-partitioned) and ZeRO 1-3's fp32 master partitions. Every rank must call it
+        with the same `weights` (see `load_named_weights` for the errors)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with self._partitioned():
+            if self.zero_stage != 3 or self.world_size == 1 or torch.distributed.get_rank() == 0:
+                load_named_weights(self._model, weights)
+        if self.zero_stage > 0:
+            params = trainable_parameters(self._model)
+            for name, value in weights.items():
+                safe_set_full_fp32_param(params[name], value.to(torch.float32))
+
+    def reset_optimizer(self) -> None:
+        """Forget AdamW's state: a fresh optimizer's (zero moments, step 0, which AdamW's next step makes 1)."""
+        if self.zero_stage == 0:
+            self.optimizer.state.clear()
+        else:
+            self.optimizer.reset()
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter by name, whole, as a detached float32 CPU copy (ZeRO-3 with several ranks:
+        gathered, every rank taking part)."""
+        with self._partitioned():
+            return {name: p.detach().float().cpu().clone() for name, p in trainable_parameters(self._model).items()}
 
 
 class ZeroAdamWState:
@@ -291,6 +364,13 @@ class ZeroAdamWState:
                 group.update(saved)
         finally:
             self.template.state.clear()
+
+    def reset(self) -> None:
+        """A fresh optimizer's state: zero moments and step count on every flat partition."""
+        self._create_flat_state()
+        for flat in self._flat_states():
+            for value in flat.values():
+                value.zero_()
 
     def _create_flat_state(self) -> None:
         """Zero AdamW state for every flat partition that has none yet (AdamW then uses it as is),
