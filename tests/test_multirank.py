@@ -1,0 +1,129 @@
+"""The learner on two CPU ranks (torchrun, gloo) takes the single-process update: same parameters after three
+steps for ZeRO 1 and 3, the same optimizer state in checkpoints, and weights and optimizer state that load back.
+
+Each test launches its ranks through `Learner` exactly as a run does (rl_core/distributed/), from the shipped
+reference checkpoint (the ranks load the run's starting model from its path).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rl_core.config import load_config
+from rl_core.distributed.launch import LearnerRanksError
+from rl_core.learner import Learner, load_start_policy, make_trainer
+from tests.test_trainer import make_episodes
+
+pytestmark = pytest.mark.slow  # each test starts torchrun and two ranks (~10 s)
+
+STEPS = 3
+# lr 1e-2 moves every weight visibly (~3e-2 in three steps); CISPO's gradient is not cut off by ratio clipping on
+# random-token episodes, and grad_clip 1.0 clips every step (norms ~6-14), so clipping is exercised. Seven
+# episodes in micro-batches of 2: the ranks get 4 and 3 episodes (rank_shares), 2 micro-batches each.
+OVERRIDES = [
+    "optimizer.lr=1e-2",
+    "optimizer.micro_batch_size=2",
+    "optimizer.grad_clip=1.0",
+    "algorithm.loss_fn=cispo",
+    "algorithm.advantage_method=rloo",
+]
+# Tolerance. Two ranks add their gradients in another order than one process (and DeepSpeed averages them, the
+# backend scaling the loss by the world size), so gradients differ in the last bits (norms agree to ~1e-6
+# relative). Adam divides by sqrt(v) + eps: on a weight whose gradient is a near-cancelling sum (|g| ~ eps = 1e-8),
+# last-bit differences become update differences up to a fair share of lr. Measured after three steps against the
+# torch backend: mean |difference| 1e-8 or less, max 1.0e-5 (ZeRO-1) and one weight in 49152 at 8.7e-5 (ZeRO-3).
+# Hence every weight within MAX_ATOL = 3e-4 and the mean within MEAN_ATOL = 1e-6: one run moves the weights by
+# ~3e-2 (100x MAX_ATOL, 30000x MEAN_ATOL), so a wrong update (a rank's share counted twice or not at all, the
+# ranks' gradients averaged instead of summed: half the update, a missed clip) fails both.
+MAX_ATOL, MEAN_ATOL = 3e-4, 1e-6
+
+
+def config(**trainer):
+    values = {f"trainer.{key}": value for key, value in trainer.items()}
+    return load_config(None, overrides=OVERRIDES, values=values)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """The torch backend's three steps in this process: the update every multi-rank run must take."""
+    cfg = config()
+    start = load_start_policy(cfg)
+    episodes = make_episodes(start, n=7)
+    policy = copy.deepcopy(start)
+    trainer = make_trainer(cfg, policy)
+    metrics = [trainer.step(episodes) for _ in range(STEPS)]
+    return start, episodes, policy, trainer.optimizer.state_dict(), metrics
+
+
+def assert_same_params(a, b):
+    differences = [(x - y).abs() for x, y in zip(a.parameters(), b.parameters())]
+    for (name, _), difference in zip(a.named_parameters(), differences):
+        assert difference.max() <= MAX_ATOL, f"{name}: max |difference| {difference.max():.3g}"
+    mean = float(sum(d.sum() for d in differences) / sum(d.numel() for d in differences))
+    assert mean <= MEAN_ATOL, f"mean |difference| {mean:.3g}"
+
+
+def assert_same_optimizer_state(a, b, atol):
+    assert a["state"].keys() == b["state"].keys()
+    for index, state in a["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(value, b["state"][index][key], rtol=1e-4, atol=atol, msg=f"{index} {key}")
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_two_ranks_take_the_single_process_update(tmp_path, single_process, zero_stage):
+    start, episodes, expected, expected_state, expected_metrics = single_process
+    cfg = config(backend="deepspeed", zero_stage=zero_stage, num_processes=2)
+    policy = copy.deepcopy(start)
+    learner = Learner(cfg, policy, tmp_path / "checkpoints")
+    try:
+        metrics = [learner.train(episodes) for _ in range(STEPS)]
+        assert policy.version == STEPS
+        for got, want in zip(metrics, expected_metrics):
+            assert got.skipped is None and got.optimizer_steps == 1
+            assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-5)
+            assert got.loss == pytest.approx(want.loss, rel=1e-5, abs=1e-6)
+            assert got.loss_tokens == want.loss_tokens and got.episodes == want.episodes == 7
+            assert got.entropy == pytest.approx(want.entropy, rel=1e-5)
+        moved = max((a - b).abs().max().item() for a, b in zip(expected.model.parameters(), start.model.parameters()))
+        assert moved > 100 * MAX_ATOL
+        assert_same_params(policy.model, expected.model)
+        # the checkpoint's optimizer state (gathered from the ranks' ZeRO partitions) is the torch optimizer's
+        state = learner.trainer.optimizer.state_dict()
+        assert_same_optimizer_state(state, expected_state, atol=1e-6)
+
+        # a rollback: the start's weights and a fresh optimizer, then the same three steps again
+        learner.trainer.load_weights(dict(start.model.named_parameters()))
+        learner.trainer.reset_optimizer()
+        policy.version = 0
+        again = [learner.train(episodes) for _ in range(STEPS)]
+        assert [m.grad_norm for m in again] == pytest.approx([m.grad_norm for m in metrics], rel=1e-5)
+        assert_same_params(policy.model, expected.model)
+
+        # a resume: the optimizer state saved after step 3 loads back into the ranks
+        learner.trainer.optimizer.load_state_dict(state)
+        assert_same_optimizer_state(learner.trainer.optimizer.state_dict(), state, atol=0)
+    finally:
+        learner.close()
+    assert learner.trainer.ranks.process.returncode == 0
+
+
+def test_a_rank_that_raises_is_reported_with_its_traceback(tmp_path, single_process):
+    start, episodes, *_ = single_process
+    cfg = config(backend="deepspeed", zero_stage=1, num_processes=2)
+    learner = Learner(cfg, copy.deepcopy(start), tmp_path / "checkpoints")
+    try:
+        with pytest.raises(KeyError, match="no trainable parameter named"):  # refused by the driver's copy first
+            learner.trainer.load_weights({"model.no_such_weight": torch.zeros(1)})
+        with pytest.raises(LearnerRanksError, match="(?s)a learner rank raised during 'load_weights'.*KeyError"):
+            learner.trainer.ranks.call("load_weights", {"model.no_such_weight": torch.zeros(1)})
+        learner.trainer.ranks.process.wait(timeout=60)  # the rank that raised exits; torchrun stops the other
+        with pytest.raises(LearnerRanksError, match="torchrun exited|channel to rank 0 closed"):
+            learner.train(episodes)
+    finally:
+        learner.close()
+    assert learner.trainer.ranks.process.returncode != 0
+    assert "KeyError" in learner.trainer.ranks.log_tail(200)
