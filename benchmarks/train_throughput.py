@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from rl_core.config import RunConfig, load_config  # noqa: E402
 from rl_core.learner import load_start_policy, make_trainer  # noqa: E402
+from rl_core.model.packed_attention import PREFIX as PACKED_ATTENTION  # noqa: E402
 from rl_core.model.policy import Policy  # noqa: E402
 from rl_core.run import TrainingRun  # noqa: E402
 from rl_core.store import TrajectoryStore  # noqa: E402
@@ -112,10 +113,11 @@ class InputCounter:
     """Counts what every forward pass of `model` is fed (a forward pre-hook on input_ids [rows, width]):
     - cells: input_ids.numel(); real tokens: attention_mask.sum(), or all cells without an attention mask
       (the packed layout, which has no padding);
-    - attention cells: the query x key pairs the attention layers compute, rows x width^2 (sdpa and eager
-      attention compute every pair of a row, masked or not), and the pairs within episodes, the sum of the
-      episodes' length^2 (the episodes of a packed row are where `position_ids` restart at 0), which
-      `attention_cells` would equal with a varlen kernel (flash-attention) and no padding."""
+    - attention cells: the query x key pairs the attention layers compute: rows x width^2 (sdpa and eager
+      attention compute every pair of a row, masked or not), except for a packed row under Turnstile's packed
+      attention (rl_core/model/packed_attention.py, which `trainer.packing` sets) or flash-attention, which
+      compute each episode's own pairs; and the pairs within episodes, the sum of the episodes' length^2 (the
+      episodes of a packed row are where `position_ids` restart at 0)."""
 
     def __init__(self, model: torch.nn.Module):
         self.tokens = self.cells = self.attention_cells = self.episode_attention_cells = 0
@@ -135,6 +137,9 @@ class InputCounter:
             starts = torch.nonzero(positions[0] == 0).flatten().tolist() if positions is not None else [0]
             lengths = torch.diff(torch.tensor(starts + [width]))
             self.episode_attention_cells += int((lengths**2).sum())
+            implementation = getattr(module.config, "_attn_implementation", None) or ""
+            if implementation.startswith((PACKED_ATTENTION, "flash_attention")):  # episode by episode
+                self.attention_cells += int((lengths**2).sum()) - rows * width**2
 
     def close(self) -> None:
         self.handle.remove()

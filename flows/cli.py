@@ -7,6 +7,7 @@
     turnstile serve [--port 4200] [--work-pool]                      # Prefect server + the deployments, served here
     turnstile replay RUN_ID ... / turnstile transcript RUN_ID ...   # stored trajectories (flows/replay_cli.py)
     turnstile resume RUN_ID [--run-dir runs] [--set iterations=N]     # continue a run on the config it started with
+    turnstile learner-node --node-rank K [--config PATH] [--set ...]  # machine K's learner ranks of a multi-node run
 
 Without PREFECT_API_URL, Prefect runs the flow on a temporary local server whose database
 lives under the run directory (PREFECT_HOME defaults to `<storage.run_dir>/prefect`).
@@ -64,7 +65,37 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="change what a continued run may change, e.g. iterations=40",
     )
+    node = commands.add_parser(
+        "learner-node",
+        help="start this machine's learner ranks for a run whose trainer.num_nodes > 1 (node 0 is the run's machine)",
+    )
+    node.add_argument("--node-rank", type=int, required=True, help="this machine's node rank, 1..trainer.num_nodes-1")
+    node.add_argument("--config", default=None, help="the run's YAML config (the trainer section is read)")
+    node.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="as the run's --set"
+    )
     return parser
+
+
+def run_learner_node(args: argparse.Namespace) -> int:
+    """Run machine `--node-rank`'s learner ranks (torchrun, in the foreground) until the run's learner stops; they
+    join node 0's rendezvous at trainer.master_addr:master_port and take the run's config from rank 0.
+    Returns torchrun's exit code (2 for a bad config or node rank)."""
+    import subprocess
+
+    from rl_core.config import load_config
+    from rl_core.distributed.launch import torchrun_command
+
+    try:
+        cfg = load_config(args.config, overrides=args.overrides)
+        if args.node_rank == 0:
+            raise ValueError("node rank 0 is the run's own machine: its ranks start with the run (turnstile train)")
+        command = torchrun_command(cfg.trainer, args.node_rank, cfg.trainer.master_port)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"turnstile: bad learner node: {config_error_line(err)}", file=sys.stderr)
+        return 2
+    print(" ".join(command), flush=True)
+    return subprocess.call(command)
 
 
 def _settings(args: argparse.Namespace) -> TrainSettings:
@@ -95,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_serve_command(args)
     if args.command == "evaluate":
         return run_evaluate_command(args)
+    if args.command == "learner-node":
+        return run_learner_node(args)
     try:
         settings = _settings(args)
         cfg = settings.load()

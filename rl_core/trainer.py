@@ -51,6 +51,7 @@ from rl_core.distributed.ranks import Ranks, all_reduce_measures, rank_shares
 from rl_core.groups import group_episodes, rollouts
 from rl_core.losses import policy_loss, truncated_is_weights
 from rl_core.model.backends import make_backend
+from rl_core.model.packed_attention import use_packed_attention
 from rl_core.model.policy import Policy
 from rl_core.reasoning_mask import mask_reasoning
 from rl_core.selection import length_sorted_micro_batches, select_episodes, split_mini_batches
@@ -151,6 +152,10 @@ class Trainer:
         self.reference = reference
         self.temperature = temperature
         self.trainer_cfg = trainer_cfg = trainer_cfg or TrainerConfig()
+        if trainer_cfg.packing:  # a packed row's attention computed episode by episode (model/packed_attention.py)
+            use_packed_attention(policy.model)
+            if reference is not None:
+                use_packed_attention(reference)
         if trainer_cfg.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.backend = make_backend(trainer_cfg, policy.model, make_optimizer(policy, optimizer), optimizer)

@@ -8,13 +8,16 @@ reference checkpoint (the ranks load the run's starting model from its path).
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from rl_core.config import load_config
-from rl_core.distributed.launch import LearnerRanksError
+from rl_core.distributed.launch import LearnerRanksError, free_port
 from rl_core.learner import Learner, load_start_policy, make_trainer
+from rl_core.paths import REPO_ROOT
 from tests.test_trainer import make_episodes
 
 pytestmark = pytest.mark.slow  # each test starts torchrun and two ranks (~10 s)
@@ -127,3 +130,34 @@ def test_a_rank_that_raises_is_reported_with_its_traceback(tmp_path, single_proc
         learner.close()
     assert learner.trainer.ranks.process.returncode != 0
     assert "KeyError" in learner.trainer.ranks.log_tail(200)
+
+
+def test_two_machines_of_one_rank_each_take_the_same_update(tmp_path, single_process):
+    """trainer.num_nodes 2 on one machine: node 0's rank starts with the learner, node 1's with `turnstile
+    learner-node --node-rank 1`; together they take the single-process update (ZeRO-2 here)."""
+    start, episodes, expected, _, expected_metrics = single_process
+    port = free_port()
+    trainer = {"backend": "deepspeed", "zero_stage": 2, "num_nodes": 2, "master_port": port}
+    sets = [arg for o in [*OVERRIDES, *(f"trainer.{k}={v}" for k, v in trainer.items())] for arg in ("--set", o)]
+    node = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "learner-node", "--node-rank", "1", *sets],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        policy = copy.deepcopy(start)
+        learner = Learner(config(**trainer), policy, tmp_path / "checkpoints")
+        try:
+            metrics = [learner.train(episodes) for _ in range(STEPS)]
+        finally:
+            learner.close()
+        assert [m.grad_norm for m in metrics] == pytest.approx([m.grad_norm for m in expected_metrics], rel=1e-5)
+        assert_same_params(policy.model, expected.model)
+        output, _ = node.communicate(timeout=60)
+        assert node.returncode == 0, output[-3000:]
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()

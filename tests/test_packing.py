@@ -22,6 +22,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from rl_core.losses import policy_loss
+from rl_core.model.packed_attention import episode_bounds, use_packed_attention
 from rl_core.token_batch import PACKED_KEYS, batch_logprobs, micro_batch, pad_batch
 from rl_core.trajectory import Episode, Sampling, Turn
 from tests.test_trainer import make_episodes
@@ -128,9 +129,17 @@ def test_packed_layout_holds_the_padded_tensors_and_the_episodes_end_to_end(tiny
     assert packed["temperature"].tolist() == pytest.approx([0.5, 0.8, 1.0, 1.0, 2.0])
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def set_attention(model, attention: str) -> None:
+    """sdpa, eager, or "episodes": sdpa with a packed row's attention computed episode by episode (trainer.packing's
+    use_packed_attention)."""
+    model.set_attn_implementation("sdpa" if attention == "episodes" else attention)
+    if attention == "episodes":
+        use_packed_attention(model)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "episodes"])
 def test_packed_logprobs_and_entropies_equal_the_padded_ones(model, tiny_policy, attention):
-    model.set_attn_implementation(attention)
+    set_attention(model, attention)
     for name, episodes in mixes(model.config.vocab_size, tiny_policy).items():
         padded, packed = both_layouts(episodes)
         with torch.no_grad():
@@ -162,8 +171,10 @@ def test_without_position_reset_packing_leaks_across_episodes(model, tiny_policy
     assert (logp_leak - logp_pad)[later].abs().max() > 1000 * LOGPROB_ATOL
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "episodes"])
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
-def test_packed_loss_and_gradients_equal_the_padded_ones(model, tiny_policy, aggregation):
+def test_packed_loss_and_gradients_equal_the_padded_ones(model, tiny_policy, aggregation, attention):
+    set_attention(model, attention)
     episodes = with_temperatures(episodes_of_lengths(model.config.vocab_size, [4, 30, 9, 2, 21], seed=1), [0.8] * 5)
     padded, packed = both_layouts(episodes)
     total_tokens = sum(e.response_tokens for e in episodes)
@@ -234,3 +245,38 @@ def test_bad_micro_batches_are_rejected_with_the_problem_named(tiny_policy, pack
     short[0].loss_mask = short[0].loss_mask[:-1]
     with pytest.raises(ValueError, match=r"episode 0 .* loss_mask"):
         micro_batch(short, advantages_for(short), 0, CPU, packed=packed)
+
+
+def test_packed_attention_computes_each_episode_alone_and_leaves_other_inputs_to_the_model(
+    model, tiny_policy, monkeypatch
+):
+    """use_packed_attention: every attention call on a packed row covers one episode (its queries and keys), so no
+    pair across episodes or of padding is computed; padded batches (and generation) get the model's own
+    attention, with the same outputs as before."""
+    lengths = [5, 30, 9, 2, 21]
+    episodes = episodes_of_lengths(model.config.vocab_size, lengths, seed=2)
+    padded, packed = both_layouts(episodes)
+    with torch.no_grad():
+        before = model(input_ids=padded["tokens"], attention_mask=padded["attention"]).logits
+    set_attention(model, "episodes")
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        calls.append((query.shape[-2], key.shape[-2]))
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        batch_logprobs(model, packed)
+    layers = model.config.num_hidden_layers
+    assert calls == [(n, n) for _ in range(layers) for n in lengths]  # episode by episode, in every layer
+    calls.clear()
+    with torch.no_grad():
+        after = model(input_ids=padded["tokens"], attention_mask=padded["attention"]).logits
+    width = padded["tokens"].shape[1]
+    assert calls == [(width, width)] * layers  # the padded batch: the model's own sdpa over whole rows
+    inside = padded["attention"].bool()
+    torch.testing.assert_close(after[inside], before[inside], rtol=0, atol=1e-6)
+    assert episode_bounds(packed["position_ids"]) == [(0, 5), (5, 35), (35, 44), (44, 46), (46, 67)]
+    assert episode_bounds(torch.arange(12)[None]) is None  # one sequence: nothing to split

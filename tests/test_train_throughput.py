@@ -7,6 +7,7 @@ weights (the same loss). A quickstart batch of 16 episodes (group 4) keeps this 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from rl_core.config import load_config
+from rl_core.model.packed_attention import use_packed_attention
 from rl_core.store import TrajectoryStore
 from rl_core.token_batch import batch_logprobs, micro_batch
 
@@ -44,9 +46,12 @@ def collected(benchmark):
     return cfg, batches, start
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_input_counter_counts_real_tokens_cells_and_attention_pairs(benchmark, collected, packed):
+@pytest.mark.parametrize("packed, episode_attention", [(False, False), (True, False), (True, True)])
+def test_input_counter_counts_real_tokens_cells_and_attention_pairs(benchmark, collected, packed, episode_attention):
     _, batches, start = collected
+    if episode_attention:  # what trainer.packing sets: a packed row's attention computed episode by episode
+        start = copy.deepcopy(start)
+        use_packed_attention(start.model)
     episodes = batches[0][:5]
     lengths = [len(e.tokens) for e in episodes]
     assert len(set(lengths)) > 1  # some padding in the padded layout
@@ -59,7 +64,7 @@ def test_input_counter_counts_real_tokens_cells_and_attention_pairs(benchmark, c
     assert counter.episode_attention_cells == sum(n * n for n in lengths)
     if packed:
         assert counter.cells == sum(lengths)
-        assert counter.attention_cells == sum(lengths) ** 2
+        assert counter.attention_cells == (sum(n * n for n in lengths) if episode_attention else sum(lengths) ** 2)
     else:
         assert counter.cells == len(lengths) * max(lengths)
         assert counter.attention_cells == len(lengths) * max(lengths) ** 2
