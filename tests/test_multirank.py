@@ -98,6 +98,13 @@ def test_two_ranks_take_the_single_process_update(tmp_path, single_process, zero
         state = learner.trainer.optimizer.state_dict()
         assert_same_optimizer_state(state, expected_state, atol=1e-6)
 
+        # ZeRO shards: each rank holds half the optimizer state and fp32 master weights (stage 3: half the weights)
+        total = sum(p.numel() for p in start.model.parameters())
+        for sizes in learner.trainer.shard_sizes():
+            assert sizes["master_weights"] == pytest.approx(total / 2, rel=1e-3)
+            assert sizes["optimizer_state"] == 2 * sizes["master_weights"]
+            assert sizes["weights"] == (pytest.approx(total / 2, rel=1e-3) if zero_stage == 3 else total)
+
         # a rollback: the start's weights and a fresh optimizer, then the same three steps again
         learner.trainer.load_weights(dict(start.model.named_parameters()))
         learner.trainer.reset_optimizer()
@@ -111,7 +118,9 @@ def test_two_ranks_take_the_single_process_update(tmp_path, single_process, zero
         assert_same_optimizer_state(learner.trainer.optimizer.state_dict(), state, atol=0)
     finally:
         learner.close()
-    assert learner.trainer.ranks.process.returncode == 0
+    ranks = learner.trainer.ranks
+    assert ranks.process.returncode is not None  # torchrun and its ranks are gone
+    assert "Traceback" not in ranks.log_tail(400), ranks.log_tail(60)
 
 
 def test_a_rank_that_raises_is_reported_with_its_traceback(tmp_path, single_process):

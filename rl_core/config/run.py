@@ -75,9 +75,10 @@ class RunConfig(Section):
             problem = bf16_unsupported(p.device)
             if problem:
                 raise ValueError(f"trainer.precision bf16 cannot run on policy.device {p.device!r}: {problem}")
-        if r.overlap_collection and self.trainer.zero_stage == 3:
+        if r.overlap_collection and self.trainer.zero_stage == 3 and self.trainer.world_size == 1:
             raise ValueError(
-                "rollout.overlap_collection copies the model for sampling, which trainer.zero_stage 3 does not allow"
+                "rollout.overlap_collection copies the model for sampling, which trainer.zero_stage 3 does not allow "
+                "in the run's own process (with trainer.num_processes > 1 the run samples from its own plain copy)"
             )
         if r.overlap_collection and self.algorithm.max_steps_off_policy < 1:
             raise ValueError(

@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,8 @@ ADDRESS_ENV = "TURNSTILE_LEARNER_ADDRESS"  # host:port of the driver's listener,
 AUTHKEY_ENV = "TURNSTILE_LEARNER_AUTHKEY"  # hex of the channel's shared secret
 CONNECT_TIMEOUT_S = 600.0  # torchrun start, imports, model load, DeepSpeed's first initialize
 LOG_FILE = "ranks.log"
+
+log = logging.getLogger(__name__)
 
 
 def send(connection: Connection, message: Any) -> None:
@@ -170,8 +174,15 @@ class LearnerRanks:
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        if self.process.returncode:
+            log.warning(
+                "the learner's ranks exited with code %s on close; the end of %s:\n%s",
+                self.process.returncode,
+                self.log_path,
+                self.log_tail(20),
+            )
 
 
 def connect_to_driver() -> Connection:
@@ -241,6 +252,11 @@ class RemoteTrainer:
     def reset_optimizer(self) -> None:
         """A fresh optimizer on every rank."""
         self.ranks.call("reset_optimizer")
+
+    def shard_sizes(self) -> list[dict[str, int]]:
+        """What each rank holds, by rank (`DeepSpeedBackend.shard_sizes`: weights, master weights and optimizer
+        state, in elements): how much ZeRO shards."""
+        return self.ranks.call("shard_sizes")
 
     def close(self) -> None:
         """Stop the ranks."""

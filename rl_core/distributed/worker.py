@@ -5,7 +5,7 @@ every rank gets each command by broadcast (torch.distributed.broadcast_object_li
 out on its own `Trainer` (the same on every rank: the config, weights and version the driver
 sent with "start"); rank 0 answers ("ok", result) or ("error", traceback). A rank that raises
 exits non-zero, and torchrun then stops the others. Commands: start, step, optimizer_state,
-load_optimizer_state, load_weights, reset_optimizer, close.
+load_optimizer_state, load_weights, reset_optimizer, shard_sizes, close.
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ class RankServer:
             return trainer.load_weights(payload)
         if command == "reset_optimizer":
             return trainer.reset_optimizer()
+        if command == "shard_sizes":  # every rank's `DeepSpeedBackend.shard_sizes`, by rank
+            sizes: list[Any] = [None] * self.ranks.world_size
+            dist.all_gather_object(sizes, trainer.backend.shard_sizes())
+            return sizes
         raise ValueError(f"unknown learner command {command!r}")
 
 

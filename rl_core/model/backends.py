@@ -295,6 +295,18 @@ class DeepSpeedBackend:
         with self._partitioned():
             return {name: p.detach().float().cpu().clone() for name, p in trainable_parameters(self._model).items()}
 
+    def shard_sizes(self) -> dict[str, int]:
+        """What this rank holds, in elements: "weights" (its trainable weights as stored outside a forward pass:
+        ZeRO-3 with several ranks keeps only its partition), "master_weights" (ZeRO 1-3's fp32 partitions the
+        optimizer steps; 0 without ZeRO) and "optimizer_state" (AdamW's exp_avg and exp_avg_sq; 0 before the
+        first step). With N ranks ZeRO 1-2 hold ~1/N of the master weights and optimizer state, ZeRO-3 also of
+        the weights."""
+        weights = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.params)
+        state = self.engine.optimizer.optimizer.state if self.zero_stage > 0 else self.engine.optimizer.state
+        moments = sum(v.numel() for entry in state.values() for k, v in entry.items() if k in ZeroAdamWState.KEYS)
+        master = sum(f.numel() for f in self.optimizer._flat_params()) if self.zero_stage > 0 else 0
+        return {"weights": weights, "master_weights": master, "optimizer_state": moments}
+
 
 class ZeroAdamWState:
     """`state_dict()` / `load_state_dict()` of a ZeRO-wrapped AdamW in torch AdamW's per-parameter format.
