@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench reference-checkpoint domains clean vllm chromium
+.PHONY: demo test test-fast lint format bench reference-checkpoint domains clean vllm chromium gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,16 @@ domains: $(STAMP)
 
 reference-checkpoint: $(STAMP)
 	$(PY) scripts/make_reference_checkpoint.py
+
+# Wheels benchmarks/gpu_check.py needs on the GPU `device` machine (no package index there; cp312, manylinux x86_64,
+# ~21 MB): what rl_core imports beyond that machine's torch, and the transformers rl_core's decoder is written for.
+GPU_WHEELS = transformers==5.24.0 peft==0.21.2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing_extensions==4.16.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
+	referencing==0.37.0 rpds-py==2026.9.1 oss-harmony==0.0.11
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf runs .pytest_cache
