@@ -111,36 +111,40 @@ def retrain(
         notes=_retrain_notes(source_cfg, usable, overrides, cfg.rollout.temperature),
     )
     run = TrainingRun(cfg)
-    _write_lineage(run, report, usable)
-    for batch in usable:
-        version = run.policy.version
-        metrics = run.train(read_episodes(batch))
-        checkpoint = run.save_checkpoint(batch.iteration) if run.policy.version != version else None
-        step = RetrainStep(
-            batch.iteration,
-            run.policy.version,
-            str(checkpoint) if checkpoint else None,
-            metrics.as_dict(),
-            skipped=metrics.skipped,
-        )
-        original = checkpoint_dir(checkpoints_dir(source.run_folder), step.step)
-        if (
-            compare
-            and checkpoint is not None
-            and original.is_dir()
-            and _checkpoint_iteration(original, batch.iteration) == batch.iteration
-        ):
-            step.original_checkpoint, step.max_abs_diff = str(original), weights_difference(checkpoint, original)
-        report.steps.append(step)
-        if step.skipped:
-            log(
-                f"iteration {batch.iteration}: no optimizer step ({step.skipped}); the policy stays at step {step.step}"
+    try:
+        _write_lineage(run, report, usable)
+        for batch in usable:
+            version = run.policy.version
+            metrics = run.train(read_episodes(batch))
+            checkpoint = run.save_checkpoint(batch.iteration) if run.policy.version != version else None
+            step = RetrainStep(
+                batch.iteration,
+                run.policy.version,
+                str(checkpoint) if checkpoint else None,
+                metrics.as_dict(),
+                skipped=metrics.skipped,
             )
-            continue
-        log(
-            f"iteration {batch.iteration}: step {step.step}, loss {metrics.loss:.4f}"
-            + ("" if step.max_abs_diff is None else f", max |w - original| = {step.max_abs_diff:.3g}")
-        )
+            original = checkpoint_dir(checkpoints_dir(source.run_folder), step.step)
+            if (
+                compare
+                and checkpoint is not None
+                and original.is_dir()
+                and _checkpoint_iteration(original, batch.iteration) == batch.iteration
+            ):
+                step.original_checkpoint, step.max_abs_diff = str(original), weights_difference(checkpoint, original)
+            report.steps.append(step)
+            if step.skipped:
+                log(
+                    f"iteration {batch.iteration}: no optimizer step ({step.skipped}); "
+                    f"the policy stays at step {step.step}"
+                )
+                continue
+            log(
+                f"iteration {batch.iteration}: step {step.step}, loss {metrics.loss:.4f}"
+                + ("" if step.max_abs_diff is None else f", max |w - original| = {step.max_abs_diff:.3g}")
+            )
+    finally:
+        run.close()  # e.g. the learner's ranks (trainer.num_processes > 1)
     return report
 
 
