@@ -25,8 +25,13 @@
    untouched, a warning logged, `train/nonfinite_step` counted). `policy.version` counts the
    optimizer steps applied; the iteration's `StepMetrics` (step_metrics.py) say what happened.
 Backward, clipping and the step go through a backend (model/backends.py, `trainer.backend`):
-plain torch, or DeepSpeed (ZeRO) taking the same update. Padding and the forward pass that
-gives token log-probs live in token_batch.py.
+plain torch, or DeepSpeed (ZeRO) taking the same update. Padding (or, with `trainer.packing`,
+packing episodes end to end, attention computed episode by episode: model/packed_attention.py)
+and the forward pass that gives token log-probs live in token_batch.py. With `trainer.precision`
+bf16 the forward passes run under torch.autocast(bfloat16) over float32 weights; log-probs and
+the loss are float32. With several learner ranks (rl_core/distributed/), every rank runs this
+same step over the same episodes and feeds only its share of each mini-batch (ranks.py), the
+losses still divided by the mini-batch's totals, so the summed gradient is the one-process one.
 
 Log-probs and entropies are those of the distribution each episode was sampled from,
 softmax(logits / T), with T the episode's recorded `sampling.temperature` (see

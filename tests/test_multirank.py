@@ -36,12 +36,15 @@ OVERRIDES = [
 # Tolerance. Two ranks add their gradients in another order than one process (and DeepSpeed averages them, the
 # backend scaling the loss by the world size), so gradients differ in the last bits (norms agree to ~1e-6
 # relative). Adam divides by sqrt(v) + eps: on a weight whose gradient is a near-cancelling sum (|g| ~ eps = 1e-8),
-# last-bit differences become update differences up to a fair share of lr. Measured after three steps against the
-# torch backend: mean |difference| 1e-8 or less, max 1.0e-5 (ZeRO-1) and one weight in 49152 at 8.7e-5 (ZeRO-3).
-# Hence every weight within MAX_ATOL = 3e-4 and the mean within MEAN_ATOL = 1e-6: one run moves the weights by
-# ~3e-2 (100x MAX_ATOL, 30000x MEAN_ATOL), so a wrong update (a rank's share counted twice or not at all, the
-# ranks' gradients averaged instead of summed: half the update, a missed clip) fails both.
-MAX_ATOL, MEAN_ATOL = 3e-4, 1e-6
+# last-bit differences become update differences up to a fair share of lr. Measured against the torch backend:
+# mean |difference| below 1e-7; a few weights in 10^4 off by 1e-5 to 6e-4 (one weight at 8.7e-5 with ZeRO-3
+# after three steps; 0.13% of the weights beyond 1e-5, max 6e-4, with two steps under tis_cap and KL). That is
+# the float noise of this update itself: the same step in one process with micro-batches of 1 instead of 3
+# leaves 0.085% of the weights beyond 1e-5 (max 2.3e-4). Hence: mean |difference| within MEAN_ATOL = 1e-6, and at
+# most OUTLIERS = 0.5% of the weights further than NEAR = 1e-5. The runs move the weights by 8e-3 on average, so
+# a wrong update (a rank's share counted twice or not at all, the ranks' gradients averaged instead of summed:
+# half the update, a missed clip) moves most weights by far more and fails both.
+MEAN_ATOL, NEAR, OUTLIERS = 1e-6, 1e-5, 5e-3
 
 
 def config(**trainer):
@@ -62,11 +65,10 @@ def single_process():
 
 
 def assert_same_params(a, b):
-    differences = [(x - y).abs() for x, y in zip(a.parameters(), b.parameters())]
-    for (name, _), difference in zip(a.named_parameters(), differences):
-        assert difference.max() <= MAX_ATOL, f"{name}: max |difference| {difference.max():.3g}"
-    mean = float(sum(d.sum() for d in differences) / sum(d.numel() for d in differences))
-    assert mean <= MEAN_ATOL, f"mean |difference| {mean:.3g}"
+    difference = torch.cat([(x - y).detach().abs().flatten() for x, y in zip(a.parameters(), b.parameters())])
+    assert float(difference.mean()) <= MEAN_ATOL, f"mean |difference| {float(difference.mean()):.3g}"
+    far = float((difference > NEAR).float().mean())
+    assert far <= OUTLIERS, f"{far:.2%} of the weights differ by more than {NEAR} (max {float(difference.max()):.3g})"
 
 
 def assert_same_optimizer_state(a, b, atol):
@@ -92,7 +94,7 @@ def test_two_ranks_take_the_single_process_update(tmp_path, single_process, zero
             assert got.loss_tokens == want.loss_tokens and got.episodes == want.episodes == 7
             assert got.entropy == pytest.approx(want.entropy, rel=1e-5)
         moved = max((a - b).abs().max().item() for a, b in zip(expected.model.parameters(), start.model.parameters()))
-        assert moved > 100 * MAX_ATOL
+        assert moved > 1000 * NEAR
         assert_same_params(policy.model, expected.model)
         # the checkpoint's optimizer state (gathered from the ranks' ZeRO partitions) is the torch optimizer's
         state = learner.trainer.optimizer.state_dict()
@@ -170,3 +172,36 @@ def test_two_machines_of_one_rank_each_take_the_same_update(tmp_path, single_pro
         if node.poll() is None:
             node.kill()
             node.wait()
+
+
+def test_two_ranks_with_several_optimizer_steps_tis_and_kl_take_the_single_process_update(tmp_path):
+    """Two mini-batches per step (two optimizer steps), tis_cap's pi_old from the iteration's starting weights
+    (each rank computes it for its own share), a KL penalty against the starting model (on every rank) and an
+    odd micro-batch count (ranks with unequal numbers of passes): still the single-process update (ZeRO-3)."""
+    extra = {
+        "algorithm.tis_cap": 2.0,
+        "algorithm.kl_coef": 0.05,
+        "optimizer.mini_batches_per_step": 2,
+        "optimizer.micro_batch_size": 3,
+    }
+    cfg = load_config(None, overrides=OVERRIDES, values=extra)
+    start = load_start_policy(cfg)
+    episodes = make_episodes(start, n=8)
+    expected = copy.deepcopy(start)
+    want = [make_trainer(cfg, expected).step(episodes)]
+    multi = load_config(
+        None,
+        overrides=OVERRIDES,
+        values={**extra, "trainer.backend": "deepspeed", "trainer.zero_stage": 3, "trainer.num_processes": 2},
+    )
+    policy = copy.deepcopy(start)
+    learner = Learner(multi, policy, tmp_path / "checkpoints")
+    try:
+        got = [learner.train(episodes)]
+    finally:
+        learner.close()
+    assert got[0].optimizer_steps == want[0].optimizer_steps == 2 and policy.version == 2
+    for name in ("loss", "grad_norm", "ref_kl", "is_weight_mean", "logprob_mismatch_mean", "entropy"):
+        assert getattr(got[0], name) == pytest.approx(getattr(want[0], name), rel=1e-5, abs=1e-7), name
+    assert want[0].ref_kl > 0 and want[0].logprob_mismatch_mean > 0
+    assert_same_params(policy.model, expected.model)
