@@ -88,13 +88,23 @@ def run_learner_node(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, overrides=args.overrides)
+        nodes = cfg.trainer.num_nodes
+        if nodes == 1:
+            raise ValueError("learner-node is for a run whose trainer.num_nodes > 1 (this config has 1 machine)")
         if args.node_rank == 0:
             raise ValueError("node rank 0 is the run's own machine: its ranks start with the run (turnstile train)")
+        if not 0 < args.node_rank < nodes:
+            raise ValueError(f"--node-rank must be in 1..{nodes - 1} (trainer.num_nodes {nodes}), got {args.node_rank}")
         command = torchrun_command(cfg.trainer, args.node_rank, cfg.trainer.master_port)
     except (ValueError, FileNotFoundError) as err:
         print(f"turnstile: bad learner node: {config_error_line(err)}", file=sys.stderr)
         return 2
-    print(" ".join(command), flush=True)
+    t = cfg.trainer
+    print(
+        f"node {args.node_rank} of {nodes}: {t.num_processes} learner rank(s), waiting for node 0 (the run) at "
+        f"{t.master_addr}:{t.master_port}\n{' '.join(command)}",
+        flush=True,
+    )
     return subprocess.call(command)
 
 
@@ -154,9 +164,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:40s} {value:.4f}")
         return 0
     from flows.train import train_flow
+    from rl_core.distributed.launch import LearnerRanksError
 
     try:
         summary = train_flow(settings)
+    except LearnerRanksError as err:  # the learner's ranks died; the run resumes from its last checkpoint
+        print(f"turnstile: {str(err).splitlines()[0]}", file=sys.stderr)
+        if err.log_path is not None:
+            run = err.log_path.parent.parent
+            print(f"the ranks' log: {err.log_path}", file=sys.stderr)
+            print(f"continue the run with: turnstile resume {run.name} --run-dir {run.parent}", file=sys.stderr)
+        return 1
     except (
         ValueError,
         FileNotFoundError,

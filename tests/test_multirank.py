@@ -78,10 +78,12 @@ def assert_same_optimizer_state(a, b, atol):
             torch.testing.assert_close(value, b["state"][index][key], rtol=1e-4, atol=atol, msg=f"{index} {key}")
 
 
-@pytest.mark.parametrize("zero_stage", [1, 3])
-def test_two_ranks_take_the_single_process_update(tmp_path, single_process, zero_stage):
+@pytest.mark.parametrize("zero_stage, ranks", [(1, 2), (3, 2), (3, 3)])
+def test_several_ranks_take_the_single_process_update(tmp_path, single_process, zero_stage, ranks):
+    """Two ranks for ZeRO 1 and 3; and three for ZeRO-3, which does not divide most weight sizes (the last rank's
+    partition is padded)."""
     start, episodes, expected, expected_state, expected_metrics = single_process
-    cfg = config(backend="deepspeed", zero_stage=zero_stage, num_processes=2)
+    cfg = config(backend="deepspeed", zero_stage=zero_stage, num_processes=ranks)
     policy = copy.deepcopy(start)
     learner = Learner(cfg, policy, tmp_path / "checkpoints")
     try:
@@ -100,12 +102,14 @@ def test_two_ranks_take_the_single_process_update(tmp_path, single_process, zero
         state = learner.trainer.optimizer.state_dict()
         assert_same_optimizer_state(state, expected_state, atol=1e-6)
 
-        # ZeRO shards: each rank holds half the optimizer state and fp32 master weights (stage 3: half the weights)
+        # ZeRO shards: each rank holds 1/ranks of the optimizer state and fp32 master weights (stage 3: of the weights)
         total = sum(p.numel() for p in start.model.parameters())
-        for sizes in learner.trainer.shard_sizes():
-            assert sizes["master_weights"] == pytest.approx(total / 2, rel=1e-3)
+        shares = learner.trainer.shard_sizes()
+        assert len(shares) == ranks
+        for sizes in shares:
+            assert sizes["master_weights"] == pytest.approx(total / ranks, rel=1e-3)
             assert sizes["optimizer_state"] == 2 * sizes["master_weights"]
-            assert sizes["weights"] == (pytest.approx(total / 2, rel=1e-3) if zero_stage == 3 else total)
+            assert sizes["weights"] == (pytest.approx(total / ranks, rel=1e-3) if zero_stage == 3 else total)
 
         # a rollback: the start's weights and a fresh optimizer, then the same three steps again
         learner.trainer.load_weights(dict(start.model.named_parameters()))
@@ -135,8 +139,11 @@ def test_a_rank_that_raises_is_reported_with_its_traceback(tmp_path, single_proc
         with pytest.raises(LearnerRanksError, match="(?s)a learner rank raised during 'load_weights'.*KeyError"):
             learner.trainer.ranks.call("load_weights", {"model.no_such_weight": torch.zeros(1)})
         learner.trainer.ranks.process.wait(timeout=60)  # the rank that raised exits; torchrun stops the other
-        with pytest.raises(LearnerRanksError, match="torchrun exited|channel to rank 0 closed"):
+        with pytest.raises(LearnerRanksError, match="torchrun exited|channel to rank 0 closed") as failed:
             learner.train(episodes)
+        first = str(failed.value).splitlines()[0]  # what the command line prints: the rank's exception named
+        assert "a rank logged: [rank0]: KeyError" in first, first
+        assert failed.value.log_path == learner.trainer.ranks.log_path
     finally:
         learner.close()
     assert learner.trainer.ranks.process.returncode != 0

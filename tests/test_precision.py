@@ -97,3 +97,21 @@ def test_a_trainer_for_several_ranks_outside_a_process_group_is_refused(tiny_pol
     cfg = TrainerConfig(backend="deepspeed", zero_stage=1, num_processes=2)
     with pytest.raises(ValueError, match="2 learner ranks, but this process group has 1"):
         Trainer(copy.deepcopy(tiny_policy), ALGORITHM, OPTIMIZER, trainer_cfg=cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_cuda_device_on_a_machine_without_one_is_refused_with_the_field_named():
+    with pytest.raises(ValueError, match="policy.device 'cuda:1': this machine has no CUDA device"):
+        RunConfig.model_validate({"policy": {"device": "cuda:1"}, "trainer": {"precision": "bf16"}})
+
+
+def test_a_continued_run_may_change_its_learner_ranks_but_not_its_precision(tmp_path):
+    """The ranks, backend, ZeRO stage, checkpointing and packing compute the same update (checkpoints are torch
+    AdamW's whatever they are): a run may continue on other ones. bf16 changes the numbers: refused."""
+    from rl_core.runs.folder import record_run_config
+
+    record_run_config(RunConfig(), tmp_path)
+    ranks = {"backend": "deepspeed", "zero_stage": 3, "num_processes": 4, "packing": True}
+    record_run_config(RunConfig.model_validate({"trainer": ranks}), tmp_path)
+    with pytest.raises(ValueError, match=r"trainer.precision differ"):
+        record_run_config(RunConfig.model_validate({"trainer": {"precision": "bf16"}}), tmp_path)

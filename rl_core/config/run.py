@@ -24,6 +24,20 @@ from rl_core.paths import DATA_DIR, REPO_ROOT
 DEFAULT_CONFIG_PATH = DATA_DIR / "configs" / "quickstart.yaml"
 
 
+def device_missing(device: str) -> str | None:
+    """Why torch `device` cannot be used on this machine (None when it can): a CUDA device on a machine without
+    CUDA, or an index past its GPU count. The config is built on the machine that runs it (the CLI, the flow)."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA device (torch.cuda.is_available() is False); use cpu"
+    count = torch.cuda.device_count()
+    if index and (not index.isdigit() or int(index) >= count):
+        return f"this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
+    return None
+
+
 def bf16_unsupported(device: str) -> str | None:
     """Why bfloat16 compute cannot run on torch `device` here (None when it can, or when the device is a CUDA
     GPU this machine does not have: the run's machine decides then). CPU: needs the AVX512-BF16 or AMX
@@ -66,6 +80,9 @@ class RunConfig(Section):
             )
         if self.trainer.backend == "deepspeed" and p.dtype != "float32":
             raise ValueError(f"trainer.backend deepspeed trains in float32 only; policy.dtype is {p.dtype!r}")
+        problem = device_missing(p.device)
+        if problem:
+            raise ValueError(f"policy.device {p.device!r}: {problem}")
         if self.trainer.precision == "bf16":
             if p.dtype != "float32":
                 raise ValueError(

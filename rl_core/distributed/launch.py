@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import secrets
 import signal
 import socket
@@ -48,7 +49,15 @@ def receive(connection: Connection) -> Any:
 
 
 class LearnerRanksError(RuntimeError):
-    """The learner's ranks failed: one exited, raised, or never connected (the message holds their log's tail)."""
+    """The learner's ranks failed: one exited, raised, or never connected. The message says what happened, quotes
+    the first error a rank logged and the end of the ranks' log; `log_path` is that log (None when unknown)."""
+
+    def __init__(self, message: str, log_path: Path | None = None):
+        super().__init__(message)
+        self.log_path = log_path
+
+
+_RANK_ERROR = re.compile(r"^(\[rank\d+\]: )?\w*(Error|Exception|Interrupt)\b.*")
 
 
 def free_port() -> int:
@@ -135,21 +144,36 @@ class LearnerRanks:
         return accepted[0]
 
     def _failure(self, what: str) -> LearnerRanksError:
-        tail = self.log_tail()
-        return LearnerRanksError(f"the learner's ranks failed: {what}; the end of {self.log_path}:\n{tail}")
+        cause = self.first_error()
+        return LearnerRanksError(
+            f"the learner's ranks failed: {what}"
+            + (f"; a rank logged: {cause}" if cause else "")
+            + f"\nthe ranks' log: {self.log_path}; its end:\n{self.log_tail(25)}",
+            self.log_path,
+        )
+
+    def _this_launch(self) -> list[str]:
+        """The lines the ranks logged since this launch (the log is appended to by every launch of the run)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        starts = [i for i, line in enumerate(lines) if line.startswith("# ") and "torch.distributed.run" in line]
+        return lines[starts[-1] :] if starts else lines
+
+    def first_error(self) -> str | None:
+        """The first exception line a rank logged since this launch (e.g. `[rank2]: RuntimeError: ...`), or None."""
+        return next((line.strip() for line in self._this_launch() if _RANK_ERROR.match(line.strip())), None)
 
     def log_tail(self, lines: int = 40) -> str:
-        """The last `lines` lines of the ranks' log."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        """The last `lines` lines the ranks logged since this launch."""
+        return "\n".join(self._this_launch()[-lines:]) or "(no log)"
 
     def call(self, command: str, payload: Any = None) -> Any:
         """Send `command` (with its `payload`) to every rank through rank 0 and return rank 0's result.
         Raises LearnerRanksError when a rank raised (its traceback in the message) or the ranks died."""
         if self._connection is None:
-            raise LearnerRanksError("the learner's ranks are closed")
+            raise LearnerRanksError("the learner's ranks are closed", self.log_path)
         try:
             send(self._connection, (command, payload))
             while not self._connection.poll(1.0):
@@ -159,7 +183,8 @@ class LearnerRanks:
         except (EOFError, OSError) as exc:
             raise self._failure(f"the channel to rank 0 closed during {command!r} ({exc!r})") from exc
         if status == "error":
-            raise LearnerRanksError(f"a learner rank raised during {command!r}:\n{result}")
+            last = result.strip().splitlines()[-1] if result.strip() else "an exception"
+            raise LearnerRanksError(f"a learner rank raised during {command!r}: {last}\n{result}", self.log_path)
         return result
 
     def close(self, timeout_s: float = 60.0) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from rl_core.distributed.launch import receive, send
 from rl_core.distributed.ranks import Ranks
@@ -77,6 +78,7 @@ class RankServer:
         raise ValueError(f"unknown learner command {command!r}")
 
 
+@record  # torchrun's summary of a failed rank then names its exception and traceback
 def main() -> None:
     """Serve the driver's commands until "close" (or the driver's channel closes: the run died)."""
     from rl_core.distributed.launch import connect_to_driver

@@ -272,15 +272,13 @@ class DeepSpeedBackend:
         """Set the trainable weights by name, everywhere the engine keeps them: the model's (ZeRO-3: gathered,
         changed on rank 0 and re-partitioned) and ZeRO 1-3's fp32 master partitions. Every rank must call it
         with the same `weights` (see `load_named_weights` for the errors)."""
-        from deepspeed.utils import safe_set_full_fp32_param
-
         with self._partitioned():
             if self.zero_stage != 3 or self.world_size == 1 or torch.distributed.get_rank() == 0:
                 load_named_weights(self._model, weights)
         if self.zero_stage > 0:
             params = trainable_parameters(self._model)
             for name, value in weights.items():
-                safe_set_full_fp32_param(params[name], value.to(torch.float32))
+                set_full_fp32_state(params[name], value.to(torch.float32))
 
     def reset_optimizer(self) -> None:
         """Forget AdamW's state: a fresh optimizer's (zero moments, step 0, which AdamW's next step makes 1)."""
@@ -306,6 +304,29 @@ class DeepSpeedBackend:
         moments = sum(v.numel() for entry in state.values() for k, v in entry.items() if k in ZeroAdamWState.KEYS)
         master = sum(f.numel() for f in self.optimizer._flat_params()) if self.zero_stage > 0 else 0
         return {"weights": weights, "master_weights": master, "optimizer_state": moments}
+
+
+def set_full_fp32_state(param: torch.nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Set this rank's part of a ZeRO-held fp32 tensor of `param` from its whole `value` (shape of `param`): the
+    master weight (`key` None) or an optimizer state (`key`, e.g. "exp_avg"). ZeRO 1-2 and one-rank ZeRO-3 go
+    through DeepSpeed's safe_set_full_fp32_param / safe_set_full_optimizer_state. ZeRO-3 on several ranks is set
+    here: DeepSpeed 0.19's set_full_hp_param reads past the end of a parameter whose size the ranks do not divide
+    (the last rank's partition is zero-padded), e.g. any size not a multiple of 3 with 3 ranks."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    z3 = getattr(param, "_z3_optimizer", None) if hasattr(param, "ds_id") else None
+    if z3 is None or z3._get_param_partition_world_size(param) == 1:
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    partition, _ = z3._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = partition.numel() * z3._get_param_partition_rank(param)
+    piece = value.flatten()[start : start + partition.numel()]
+    with torch.no_grad():
+        partition.zero_()
+        partition[: piece.numel()].copy_(piece)
 
 
 class ZeroAdamWState:
@@ -353,8 +374,6 @@ class ZeroAdamWState:
             self.template.state.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from deepspeed.utils import safe_set_full_optimizer_state
-
         self.template.load_state_dict(state_dict)  # torch checks groups and sizes, casts to the params' device
         try:
             loaded = [self.template.state.get(p) for p in self.params]
@@ -368,7 +387,7 @@ class ZeroAdamWState:
             self._create_flat_state()
             for p, state in zip(self.params, loaded):
                 for key in self.KEYS:
-                    safe_set_full_optimizer_state(p, state[key].to(torch.float32), key)
+                    set_full_fp32_state(p, state[key].to(torch.float32), key)
             for flat in self._flat_states():
                 flat["step"] = loaded[0]["step"].detach().clone()
             saved = {k: v for k, v in self.template.param_groups[0].items() if k != "params"}

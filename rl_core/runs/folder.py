@@ -17,7 +17,8 @@ from rl_core.config import RunConfig, config_differences, dump_config, load_conf
 from rl_core.runs.checkpoint import checkpoints_dir, remove_unfinished_checkpoints
 
 RUN_CONFIG_FILE = "config.yaml"
-# Fields a resumed run may change: how long it runs, where it lives, how it is watched and gated.
+# Fields a resumed run may change: how long it runs, where it lives, how it is watched and gated, and on what
+# learner ranks it trains.
 # rollout.vllm and rollout.agent: where the sampler and the agents are reached, not what is trained (an agent's
 # reward function is not among them)
 RESUMABLE_CHANGES = (
@@ -33,6 +34,21 @@ RESUMABLE_CHANGES = (
     "rollout.agent.max_request_bytes",
     "rollout.agent.start_timeout_s",
     "rollout.agent.reward_wait_s",
+    # how the same update is computed (checkpoints hold torch AdamW's state whatever the backend and ranks); not
+    # trainer.precision, which changes the numbers
+    *(
+        f"trainer.{name}"
+        for name in (
+            "backend",
+            "zero_stage",
+            "num_processes",
+            "num_nodes",
+            "master_addr",
+            "master_port",
+            "gradient_checkpointing",
+            "packing",
+        )
+    ),
 )
 
 
