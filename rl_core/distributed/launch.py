@@ -105,12 +105,13 @@ class LearnerRanks:
         master_port = trainer_cfg.master_port or free_port()
         env = dict(os.environ, **{ADDRESS_ENV: f"{host}:{port}", AUTHKEY_ENV: authkey.hex()})
         self.command = torchrun_command(trainer_cfg, 0, master_port)
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.command)}\n".encode())
-            log.flush()
+        with open(self.log_path, "ab") as out:
+            out.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.command)}\n".encode())
+            out.flush()
             self.process = subprocess.Popen(
-                self.command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+        log.info("learner: %d torchrun rank(s) here, logging to %s", trainer_cfg.num_processes, self.log_path)
         self._connection: Connection | None = None
         try:
             self._connection = self._accept(connect_timeout_s)
