@@ -61,7 +61,8 @@ class RankServer:
         if command == "step":
             trainer.policy.version = payload["version"]
             metrics = trainer.step(payload["episodes"])
-            weights = trainer.backend.trainable_weights() if metrics.skipped is None else None
+            applied = metrics.skipped is None  # only rank 0's copy goes to the driver; every rank joins the gather
+            weights = trainer.backend.trainable_weights(keep=self.ranks.rank == 0) if applied else None
             return metrics, weights, trainer.policy.version
         if command == "optimizer_state":
             return trainer.optimizer.state_dict()
